@@ -1,0 +1,203 @@
+"""The ``onnxsnpe`` command: quantize an FP32 ONNX model for SNPE, or run the bundled demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .api import quantize
+from .calibration import ImageOptions
+from .errors import OnnxSnpeError
+from .ranges import ACTIVATION_METHODS
+from .report import summary_text
+
+DEMO_MODEL = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+DEMO_IMAGES = ImageOptions(resize=(48, 192), mean=(0.5,), std=(0.5,))  # the model's own preprocessing
+
+DESCRIPTION = """\
+Post-training quantization of an FP32 ONNX model for Qualcomm SNPE.
+
+From a model and a folder of representative inputs, `onnxsnpe quantize` writes what
+snpe-onnx-to-dlc and snpe-dlc-quantize need: the deploy ONNX, the --quantization_overrides
+JSON with every activation and weight encoding, the data.txt input list with its raw files,
+and report.json with the simulated accuracy of the quantized model against FP32.
+
+Try it on the bundled model:  onnxsnpe demo
+"""
+
+QUANTIZE_EPILOG = """\
+calibration data (--calib, --eval):
+  a folder of .npy files   one sample each, single-input models, batch dim optional
+  a folder of .npz files   one sample each, keys = the model's input names
+  a folder of images       .jpg/.jpeg/.png/.bmp, preprocessed by the image options below
+  an input list (.txt)     SNPE's data.txt of raw float32 files (4-D inputs in N,H,W,C)
+
+examples:
+  onnxsnpe quantize model.onnx --calib images/ --out snpe/ --resize 224,224 \\
+      --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+  onnxsnpe quantize model.onnx --calib samples_npz/ --eval heldout_npz/ --out snpe/ --act-bitwidth 16
+"""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got '{text}'")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _resize(text: str) -> tuple[int, int]:
+    values = _int_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH, got '{text}'")
+    return values[0], values[1]
+
+
+def _input_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    name, sep, dims = text.rpartition(":")
+    return (name if sep else None), _int_list(dims)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs on errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``onnxsnpe`` command."""
+    parser = argparse.ArgumentParser(
+        prog="onnxsnpe", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"onnxsnpe {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = commands.add_parser(
+        "quantize",
+        help="calibrate a model and write the SNPE deploy files",
+        description="Calibrate an FP32 ONNX model and write the files SNPE's converter and quantizer need.",
+        epilog=QUANTIZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("model", type=Path, help="the FP32 ONNX model")
+    q.add_argument("--calib", type=Path, required=True, help="calibration samples (see below)")
+    q.add_argument("--out", type=Path, required=True, help="output folder (created; files in it are replaced)")
+    q.add_argument("--eval", type=Path, help="held-out samples for the report (default: the calibration samples)")
+    q.add_argument("--num-samples", type=int, help="use only the first N calibration samples (sorted by name)")
+    q.add_argument("--method", choices=ACTIVATION_METHODS, default="minmax", help="activation range method")
+    q.add_argument("--act-bitwidth", type=int, choices=(8, 16), default=8, help="activation bits (default 8)")
+    q.add_argument("--weight-bitwidth", type=int, choices=(8, 16), default=8, help="weight bits (default 8)")
+    q.add_argument(
+        "--bias-bitwidth", type=int, choices=(8, 32), default=32,
+        help="bias bits, as snpe-dlc-quantize --bias_bitwidth (default 32)",
+    )
+    q.add_argument(
+        "--write-bias-encodings", action="store_true",
+        help="also write bias entries to the overrides (default: leave biases to snpe-dlc-quantize)",
+    )
+    q.add_argument(
+        "--input-shape", type=_input_shape, action="append", default=[], metavar="[NAME:]DIMS",
+        help="fix an input's shape, e.g. x:1,3,320,320 (needed for raw input lists with dynamic dims)",
+    )
+    images = q.add_argument_group("image preprocessing (folders of images)")
+    images.add_argument("--resize", type=_resize, metavar="H,W", help="resize to H,W (default: the model's size)")
+    images.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb", help="channel order (default rgb)")
+    images.add_argument("--scale", type=float, default=1 / 255, help="multiply pixels by this first (default 1/255)")
+    images.add_argument("--mean", type=_float_list, default=(0.0,), help="subtract, per channel (default 0)")
+    images.add_argument("--std", type=_float_list, default=(1.0,), help="then divide, per channel (default 1)")
+    images.add_argument("--layout", choices=("nchw", "nhwc"), help="model input layout (default: guessed)")
+    _add_common(q)
+
+    d = commands.add_parser(
+        "demo",
+        help="quantize the bundled PP-OCR text direction classifier on the bundled images",
+        description="Run `quantize` on the bundled model (PP-OCR mobile v2.0 text direction classifier, "
+        "Apache-2.0): calibrate on calib_data/calib, report on the held-out calib_data/eval.",
+    )
+    d.add_argument("--out", type=Path, default=Path("onnxsnpe_demo"), help="output folder (default ./onnxsnpe_demo)")
+    d.add_argument("--data", type=Path, help="the bundled calib_data/ folder (default: found beside the package)")
+    _add_common(d)
+    return parser
+
+
+def find_demo_data(explicit: Path | None) -> Path:
+    """The bundled calib_data/ folder: beside the package (editable install) or in the cwd."""
+    candidates = [explicit] if explicit else [Path(__file__).resolve().parents[1] / "calib_data", Path("calib_data")]
+    for folder in candidates:
+        if (folder / DEMO_MODEL).is_file():
+            return folder
+    raise OnnxSnpeError(
+        f"bundled demo data not found (looked for {DEMO_MODEL} in {', '.join(map(str, candidates))}); "
+        "run from the project's root or install it with 'pip install -e .'"
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        data = find_demo_data(args.data)
+        result = quantize(
+            data / DEMO_MODEL,
+            data / "calib",
+            args.out,
+            eval_data=data / "eval",
+            image_options=DEMO_IMAGES,
+            progress=not args.quiet,
+        )
+    else:
+        result = quantize(
+            args.model,
+            args.calib,
+            args.out,
+            eval_data=args.eval,
+            num_samples=args.num_samples,
+            method=args.method,
+            act_bitwidth=args.act_bitwidth,
+            weight_bitwidth=args.weight_bitwidth,
+            bias_bitwidth=args.bias_bitwidth,
+            write_bias_encodings=args.write_bias_encodings,
+            input_shapes=dict(args.input_shape),
+            image_options=ImageOptions(
+                resize=args.resize, color=args.color, scale=args.scale, mean=args.mean, std=args.std,
+                layout=args.layout,
+            ),
+            progress=not args.quiet,
+        )
+    if not args.quiet:
+        print(summary_text(result.report, result.out_dir, result.seconds))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run, and turn OnnxSnpeError into a one-line message and exit code 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    try:
+        return _run(args)
+    except OnnxSnpeError as exc:
+        if args.debug:
+            raise
+        print(f"onnxsnpe: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnxsnpe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Write what SNPE needs: overrides JSON, input list with raw files, deploy ONNX, report.
+
+Outputs are staged in a hidden folder beside the destination and moved into place only when all
+of them were written, so a failed run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .calibration import to_snpe_layout
+from .encoding import Encoding
+from .errors import OnnxSnpeError
+
+OVERRIDES_FILE = "snpe_clip_ranges.json"
+DEPLOY_FILE = "snpe_deploy.onnx"
+INPUT_LIST_FILE = "data.txt"
+RAW_DIR = "raw"
+REPORT_FILE = "report.json"
+
+
+class StagedOutput:
+    """A destination folder whose files are written to a staging folder, then published at once."""
+
+    def __init__(self, destination: str | os.PathLike) -> None:
+        self.destination = Path(destination).absolute()
+        if self.destination.exists() and not self.destination.is_dir():
+            raise OnnxSnpeError(f"output path is a file, not a folder: {self.destination}")
+        parent = self.destination.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=parent))
+        except OSError as exc:
+            raise OnnxSnpeError(
+                f"cannot write the output folder {self.destination}: {exc.strerror or exc}"
+            ) from exc
+
+    def stage(self, name: str) -> Path:
+        """Where to write ``name`` now."""
+        return self.staging / name
+
+    def final(self, name: str) -> Path:
+        """Where ``name`` will be after :meth:`publish` (for paths written into files)."""
+        return self.destination / name
+
+    def publish(self) -> None:
+        """Move every staged file into the destination."""
+        if not self.destination.exists():
+            os.rename(self.staging, self.destination)
+            return
+        for item in sorted(self.staging.iterdir()):
+            target = self.destination / item.name
+            if item.is_dir() and target.exists():
+                old = self.staging / f".old-{item.name}"
+                os.rename(target, old)
+            os.replace(item, target)
+        shutil.rmtree(self.staging)
+
+    def discard(self) -> None:
+        """Remove the staging folder and everything in it."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()
+
+
+class InputListWriter:
+    """Writes each calibration sample as raw float32 files (4-D in N,H,W,C) and lists them."""
+
+    def __init__(self, output: StagedOutput, input_names: list[str]) -> None:
+        self.output = output
+        self.input_names = input_names
+        self.lines: list[str] = []
+        output.stage(RAW_DIR).mkdir()
+
+    def add(self, sample: dict[str, np.ndarray]) -> None:
+        """Write one sample's raw files and remember its line."""
+        index = len(self.lines)
+        paths = {}
+        for k, name in enumerate(self.input_names):
+            if len(self.input_names) == 1:
+                file_name = f"{index:05d}.raw"
+            else:
+                file_name = f"{index:05d}_{k}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.raw"
+            relative = f"{RAW_DIR}/{file_name}"
+            np.ascontiguousarray(to_snpe_layout(sample[name]), dtype="<f4").tofile(self.output.stage(relative))
+            paths[name] = self.output.final(relative)
+        if len(self.input_names) == 1:
+            self.lines.append(str(paths[self.input_names[0]]))
+        else:
+            self.lines.append(" ".join(f"{name}:={path}" for name, path in paths.items()))
+
+    def finish(self) -> None:
+        """Write data.txt."""
+        self.output.stage(INPUT_LIST_FILE).write_text("".join(line + "\n" for line in self.lines))
+
+
+def overrides_json(
+    model: onnx.ModelProto, activations: dict[str, Encoding], params: dict[str, Encoding]
+) -> dict:
+    """The legacy ``--quantization_overrides`` document, entries in graph order."""
+    order = [v.name for v in model.graph.input] + [o for n in model.graph.node for o in n.output]
+    return {
+        "activation_encodings": {
+            name: [activations[name].to_snpe()] for name in dict.fromkeys(order) if name in activations
+        },
+        "param_encodings": {
+            init.name: [params[init.name].to_snpe()]
+            for init in model.graph.initializer
+            if init.name in params
+        },
+    }
+
+
+def write_json(path: Path, document: dict) -> None:
+    """JSON with a fixed layout, so identical inputs give identical bytes."""
+    path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def write_model(path: Path, model: onnx.ModelProto) -> None:
+    """Save an ONNX model in one file."""
+    onnx.save(model, str(path))

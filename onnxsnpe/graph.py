@@ -1,0 +1,207 @@
+"""Load an FP32 ONNX model and prepare the deploy graph SNPE's converter will see.
+
+Preparation fixes the input shapes (SNPE needs static shapes), folds constant subgraphs (shape
+arithmetic, Constant nodes become initializers whose names the param encodings use) and folds
+BatchNormalization into a preceding Conv, ConvTranspose or Gemm, as the converter does
+(SNPE.md section 4). Nothing else changes the model's meaning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import OnnxSnpeError
+
+log = logging.getLogger(__name__)
+ort.set_default_logger_severity(3)  # constant folding runs onnxruntime; keep its warnings quiet
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: its name, declared dimensions (int, or None where dynamic) and numpy dtype."""
+
+    name: str
+    dims: tuple[int | None, ...]
+    dtype: np.dtype
+
+    @property
+    def is_static(self) -> bool:
+        return all(d is not None for d in self.dims)
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX model, turning every failure into a one-line OnnxSnpeError."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxSnpeError(f"model not found: {path}")
+    if not path.is_file():
+        raise OnnxSnpeError(f"model is not a file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several types for a corrupt file
+        raise OnnxSnpeError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
+    if not model.graph.node:
+        raise OnnxSnpeError(f"not an ONNX model, or a model with no nodes: {path}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise OnnxSnpeError(f"invalid ONNX model {path}: {_first_line(exc)}") from exc
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that are fed at run time (initializers excluded)."""
+    constants = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tensor_type.shape.dim
+        )
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dims, dtype))
+    return specs
+
+
+def prepare_deploy_model(
+    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+) -> tuple[onnx.ModelProto, int]:
+    """The deploy model: static input shapes, constants folded, BatchNorms folded.
+
+    Returns the model and the number of BatchNormalization nodes folded.
+    """
+    graph = gs.import_onnx(_with_input_shapes(model, input_shapes))
+    previous = None
+    for _ in range(4):  # folding shapes can expose more constants; stop when nothing changes
+        graph.fold_constants(fold_shapes=True, error_ok=True)
+        graph.cleanup().toposort()
+        count = len(graph.nodes)
+        if count == previous:
+            break
+        previous = count
+        graph = gs.import_onnx(_infer_shapes(gs.export_onnx(graph)))
+    folded = fold_batchnorms(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    prepared = _infer_shapes(gs.export_onnx(graph))
+    prepared.producer_name = "onnxsnpe"
+    return prepared, folded
+
+
+def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[value.name]:
+                dims.add().dim_value = int(size)
+    # stale intermediate shapes from the exporter would contradict the fixed ones
+    del fixed.graph.value_info[:]
+    for output in fixed.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    return _infer_shapes(fixed)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # inference is a help, not a requirement
+        log.debug("shape inference failed: %s", exc)
+        return model
+
+
+def fold_batchnorms(graph: gs.Graph) -> int:
+    """Fold each BatchNormalization that follows a Conv, ConvTranspose or Gemm with constant weights.
+
+    The producer takes over the BatchNorm's output tensor (and so its name), as SNPE's converter
+    does. Returns how many were folded.
+    """
+    outputs = {t.name for t in graph.outputs}
+    folded = 0
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        if len(bn.outputs) != 1 or not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
+            continue
+        x = bn.inputs[0]
+        if len(x.inputs) != 1 or len(x.outputs) != 1 or x.name in outputs:
+            continue
+        producer = x.inputs[0]
+        if producer.op not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        if len(producer.inputs) < 2 or not isinstance(producer.inputs[1], gs.Constant):
+            continue
+        if len(producer.inputs) > 2 and not isinstance(producer.inputs[2], gs.Constant):
+            continue
+        gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
+        factor = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        if not _fold_into(producer, factor, beta - mean * factor):
+            continue
+        producer.outputs = [bn.outputs[0]]
+        bn.outputs.clear()
+        bn.inputs.clear()
+        folded += 1
+    return folded
+
+
+def _fold_into(node: gs.Node, factor: np.ndarray, shift: np.ndarray) -> bool:
+    """Make ``node`` compute ``factor * node(x) + shift`` per output channel; False if it cannot."""
+    weight = node.inputs[1].values.astype(np.float64)
+    channels = factor.shape[0]
+    bias = node.inputs[2].values.astype(np.float64) if len(node.inputs) > 2 else np.zeros(channels)
+    if node.op == "Conv":
+        if weight.shape[0] != channels:
+            return False
+        weight = weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
+    elif node.op == "ConvTranspose":
+        group = int(node.attrs.get("group", 1))
+        if weight.shape[1] * group != channels:
+            return False
+        grouped = weight.reshape((group, weight.shape[0] // group, *weight.shape[1:]))
+        per_group = factor.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+        weight = (grouped * per_group).reshape(weight.shape)
+    else:  # Gemm: Y = alpha * A @ B + beta * C
+        trans_b = int(node.attrs.get("transB", 0))
+        if weight.ndim != 2 or weight.shape[0 if trans_b else 1] != channels:
+            return False
+        weight = weight * (factor[:, None] if trans_b else factor[None, :])
+        if bias.size not in (1, channels):
+            return False
+        bias = np.broadcast_to(bias.reshape(-1), (channels,)) * float(node.attrs.get("beta", 1.0))
+        node.attrs["beta"] = 1.0
+    if bias.shape != (channels,):
+        return False
+    new_bias = bias * factor + shift
+    _set_constant(node, 1, weight.astype(np.float32))
+    if len(node.inputs) > 2:
+        _set_constant(node, 2, new_bias.astype(np.float32))
+    else:
+        node.inputs.append(gs.Constant(f"{node.outputs[0].name}_bias", new_bias.astype(np.float32)))
+    return True
+
+
+def _set_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
+    """Replace a constant input's values, copying it first if other nodes share it."""
+    constant = node.inputs[index]
+    if len(constant.outputs) > 1:
+        node.inputs[index] = gs.Constant(f"{constant.name}_bnfolded_{node.name}", values)
+    else:
+        constant.values = values

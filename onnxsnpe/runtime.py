@@ -1,0 +1,35 @@
+"""onnxruntime sessions that also return chosen intermediate tensors."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+
+def make_session(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:
+    """A CPU session over ``model`` whose outputs are its own followed by ``extra_outputs``.
+
+    Graph optimizations stay at the basic level so that fusions cannot change the values of the
+    tensors we observe.
+    """
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    types = {v.name: v.type for v in exposed.graph.value_info}
+    for name in extra_outputs:
+        if name in present:
+            continue
+        value = exposed.graph.output.add()
+        value.name = name
+        if name in types:
+            value.type.CopyFrom(types[name])
+        else:
+            value.type.CopyFrom(helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
+        present.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        exposed.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+    )

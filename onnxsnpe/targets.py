@@ -1,0 +1,120 @@
+"""Which tensors SNPE quantizes in a prepared graph (SNPE.md section 4).
+
+- Every float32 graph input and node output gets an activation encoding, except a tensor whose
+  only consumer is a Relu or Clip squashed into its producer (only the post-activation tensor
+  survives conversion).
+- Outputs of data-movement ops keep their input's grid: they reuse (alias) its encoding.
+- Constant weights of Conv, ConvTranspose and Gemm, and constant MatMul operands, get param
+  encodings; biases of Conv, ConvTranspose and Gemm are listed for 32-bit bias quantization.
+- Integer and shape tensors are never quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from .graph import FLOAT_TYPES
+
+SQUASHING_PRODUCERS = frozenset(
+    {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div"}
+)
+"""Ops a following activation is squashed into."""
+
+SQUASHED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+DATA_MOVEMENT = frozenset(
+    {
+        "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Split", "Slice",
+        "Pad", "MaxPool", "Identity", "DepthToSpace", "SpaceToDepth", "Dropout", "Expand", "Tile",
+    }
+)
+"""Ops whose output reuses the encoding of their (first) input."""
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+@dataclass(frozen=True)
+class BiasRef:
+    """A bias initializer with the tensors its 32-bit encoding derives from."""
+
+    bias: str
+    weight: str
+    input: str
+
+
+@dataclass
+class QuantTargets:
+    """What gets an encoding, in graph order."""
+
+    activations: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    squashed: dict[str, str] = field(default_factory=dict)
+    weights: list[str] = field(default_factory=list)
+    biases: list[BiasRef] = field(default_factory=list)
+
+    def root(self, tensor: str) -> str:
+        """The tensor whose encoding ``tensor`` uses (itself unless it is an alias)."""
+        return self.aliases.get(tensor, tensor)
+
+
+def find_targets(model: onnx.ModelProto) -> QuantTargets:
+    """List the tensors SNPE will quantize in a prepared (static, folded) model."""
+    graph = model.graph
+    constants = {init.name for init in graph.initializer}
+    elem_types = _elem_types(model)
+    graph_outputs = {o.name for o in graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    targets = QuantTargets()
+    encoded: set[str] = set()
+    for value in graph.input:
+        if value.name not in constants and elem_types.get(value.name) in FLOAT_TYPES:
+            targets.activations.append(value.name)
+            encoded.add(value.name)
+
+    for node in graph.node:
+        for out in node.output:
+            if not out or elem_types.get(out) not in FLOAT_TYPES:
+                continue
+            users = consumers.get(out, [])
+            if node.op_type in DATA_MOVEMENT and node.input and node.input[0] in encoded:
+                targets.aliases[out] = targets.root(node.input[0])
+            elif (
+                out not in graph_outputs
+                and node.op_type in SQUASHING_PRODUCERS
+                and len(users) == 1
+                and users[0].op_type in SQUASHED_ACTIVATIONS
+                and users[0].input[0] == out
+            ):
+                targets.squashed[out] = users[0].output[0]
+                continue
+            else:
+                targets.activations.append(out)
+            encoded.add(out)
+
+    weights: dict[str, None] = {}
+    for node in graph.node:
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in constants:
+            weights[node.input[1]] = None
+            if len(node.input) > 2 and node.input[2] in constants:
+                targets.biases.append(BiasRef(node.input[2], node.input[1], node.input[0]))
+        elif node.op_type == "MatMul":
+            for name in node.input:
+                if name in constants:
+                    weights[name] = None
+    targets.weights = list(weights)
+    return targets
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
