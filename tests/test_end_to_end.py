@@ -1,0 +1,207 @@
+"""The whole command on the four real models, and what SNPE will read from its outputs."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxsnpe import ImageOptions, quantize
+from onnxsnpe.calibration import open_dataset
+from onnxsnpe.cli import main
+from onnxsnpe.graph import load_model, model_inputs
+from onnxsnpe.runtime import make_session
+
+from .conftest import CALIB_DATA, shared_model
+
+IMAGENET = {"mean": "0.485,0.456,0.406", "std": "0.229,0.224,0.225"}
+HALF = {"mean": "0.5", "std": "0.5"}
+REAL_MODELS = {
+    "efficientnet_lite0.onnx": ("224,224", IMAGENET),
+    "ch_PP-OCRv4_det_infer.onnx": ("160,160", IMAGENET),
+    "ch_PP-OCRv4_rec_infer.onnx": ("48,320", HALF),
+    "ch_ppocr_mobile_v2.0_cls_infer.onnx": ("48,192", HALF),
+}
+
+
+def check_overrides(path, deploy):
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"activation_encodings", "param_encodings"}
+    initializers = {i.name for i in deploy.graph.initializer}
+    tensors = {v.name for v in deploy.graph.input} | {o for n in deploy.graph.node for o in n.output}
+    assert doc["param_encodings"] and set(doc["param_encodings"]) <= initializers
+    assert doc["activation_encodings"] and set(doc["activation_encodings"]) <= tensors
+    for entries in [*doc["activation_encodings"].values(), *doc["param_encodings"].values()]:
+        (entry,) = entries
+        assert set(entry) == {"bitwidth", "dtype", "is_symmetric", "min", "max", "scale", "offset"}
+        assert entry["dtype"] == "int" and entry["is_symmetric"] == "False"
+        levels = 2 ** entry["bitwidth"] - 1
+        assert isinstance(entry["offset"], int) and -levels <= entry["offset"] <= 0
+        assert entry["min"] == pytest.approx(entry["offset"] * entry["scale"], rel=1e-12, abs=1e-30)
+        assert entry["max"] == pytest.approx(entry["min"] + levels * entry["scale"], rel=1e-12, abs=1e-12)
+    return doc
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+def test_quantize_real_model(capsys, tmp_path, name):
+    model = shared_model(name)
+    resize, norm = REAL_MODELS[name]
+    out = tmp_path / "out"
+    code = main(["quantize", str(model), "--calib", str(CALIB_DATA / "calib"), "--eval", str(CALIB_DATA / "eval"),
+                 "--num-samples", "4", "--out", str(out), "--resize", resize, "--mean", norm["mean"],
+                 "--std", norm["std"]])
+    summary = capsys.readouterr().out
+    assert code == 0
+    assert "SQNR" in summary and str(out) in summary
+
+    deploy = onnx.load(str(out / "snpe_deploy.onnx"))
+    onnx.checker.check_model(deploy)
+    assert "BatchNormalization" not in [n.op_type for n in deploy.graph.node] or name.startswith("ch_PP-OCRv4_det")
+    check_overrides(out / "snpe_clip_ranges.json", deploy)
+
+    # the deploy model computes what the input model computes
+    original = load_model(model)
+    spec = model_inputs(original)[0]
+    h, w = map(int, resize.split(","))
+    evals = open_dataset(CALIB_DATA / "eval", model_inputs(original),
+                         ImageOptions(resize=(h, w), mean=tuple(map(float, norm["mean"].split(","))),
+                                      std=tuple(map(float, norm["std"].split(",")))), num_samples=2)
+    for sample in evals:
+        want = make_session(original).run(None, sample)
+        got = make_session(deploy).run(None, sample)
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max())))
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["num_samples"] == 4
+    assert report["evaluation"] == {**report["evaluation"], "num_samples": 8, "held_out": True}
+    assert report["model"]["inputs"] == [{"name": spec.name, "shape": [1, 3, h, w], "dtype": "float32"}]
+    (output,) = report["outputs"]
+    assert output["name"] == original.graph.output[0].name
+    assert output["sqnr_db"] is not None and output["max_abs_error"] > 0
+
+    lines = (out / "data.txt").read_text().splitlines()
+    assert len(lines) == 4
+    raw = np.fromfile(lines[0], dtype="<f4")
+    assert raw.size == 3 * h * w
+
+
+def test_raw_files_are_nhwc_copies_byte_for_byte(tmp_path, tiny_model, npy_folder):
+    result = quantize(tiny_model, npy_folder, tmp_path / "out", progress=False)
+    lines = (result.out_dir / "data.txt").read_text().splitlines()
+    arrays = [np.load(p) for p in sorted(npy_folder.glob("*.npy"))]
+    assert len(lines) == len(arrays)
+    for line, array in zip(lines, arrays, strict=True):
+        assert line.startswith("/")
+        expected = array[np.newaxis].transpose(0, 2, 3, 1).astype("<f4").tobytes()
+        with open(line, "rb") as f:
+            assert f.read() == expected
+
+
+def test_image_raw_files_match_the_preprocessed_images(tmp_path):
+    model = shared_model("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    options = ImageOptions(resize=(48, 192), mean=(0.5,), std=(0.5,))
+    result = quantize(model, CALIB_DATA / "calib", tmp_path / "out", num_samples=3, image_options=options,
+                      progress=False)
+    dataset = open_dataset(CALIB_DATA / "calib", model_inputs(load_model(model)), options, num_samples=3)
+    lines = (result.out_dir / "data.txt").read_text().splitlines()
+    for line, sample in zip(lines, dataset, strict=True):
+        with open(line, "rb") as f:
+            assert f.read() == sample["x"].transpose(0, 2, 3, 1).astype("<f4").tobytes()
+
+
+def test_input_list_round_trip_gives_same_encodings(tmp_path, tiny_model, npy_folder):
+    first = quantize(tiny_model, npy_folder, tmp_path / "a", progress=False)
+    second = quantize(tiny_model, first.out_dir / "data.txt", tmp_path / "b", progress=False)
+    assert second.report["calibration"]["format"] == "input_list"
+    a = json.loads((first.out_dir / "snpe_clip_ranges.json").read_text())
+    b = json.loads((second.out_dir / "snpe_clip_ranges.json").read_text())
+    assert a == b
+
+
+def test_same_inputs_give_byte_identical_outputs(tmp_path, tiny_model, npy_folder):
+    out = tmp_path / "out"
+    files = ["snpe_deploy.onnx", "snpe_clip_ranges.json", "data.txt", "report.json", "raw/00000.raw"]
+    quantize(tiny_model, npy_folder, out, progress=False)
+    first = {name: (out / name).read_bytes() for name in files}
+    quantize(tiny_model, npy_folder, out, progress=False)
+    assert {name: (out / name).read_bytes() for name in files} == first
+
+
+def test_batch_dimension_optional_and_num_samples(tmp_path, tiny_model):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    np.save(folder / "a.npy", rng.normal(size=(3, 8, 8)).astype(np.float32))
+    np.save(folder / "b.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float64))
+    np.save(folder / "c.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    result = quantize(tiny_model, folder, tmp_path / "out", num_samples=2, progress=False)
+    assert result.report["calibration"]["num_samples"] == 2
+    assert len((result.out_dir / "data.txt").read_text().splitlines()) == 2
+    assert result.report["evaluation"]["held_out"] is False and result.report["evaluation"]["note"]
+
+
+def test_dynamic_model_shapes_fixed_from_data(tmp_path):
+    from .conftest import conv_model
+
+    model = conv_model(tmp_path / "dyn.onnx", dynamic=True)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"{i}.npy", np.random.default_rng(i).normal(size=(3, 8, 8)).astype(np.float32))
+    result = quantize(model, folder, tmp_path / "out", progress=False)
+    deploy = onnx.load(str(result.out_dir / "snpe_deploy.onnx"))
+    assert model_inputs(deploy)[0].dims == (1, 3, 8, 8)
+
+
+def test_two_input_model_with_npz_and_input_list(tmp_path):
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 4, 4]) for n in ("a", "b/in")]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b/in"], ["s"]), helper.make_node("Relu", ["s"], ["y"])],
+        "two", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+    )
+    model_path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(model_path))
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(3):
+        sample = {"a": rng.normal(size=(2, 4, 4)).astype(np.float32),
+                  "b/in": rng.normal(size=(1, 2, 4, 4)).astype(np.float32)}
+        np.savez(folder / f"{i}.npz", **sample)
+        samples.append(sample)
+    result = quantize(model_path, folder, tmp_path / "out", progress=False)
+    lines = (result.out_dir / "data.txt").read_text().splitlines()
+    assert len(lines) == 3
+    tokens = lines[0].split()
+    assert [t.split(":=")[0] for t in tokens] == ["a", "b/in"]
+    with open(tokens[1].split(":=")[1], "rb") as f:
+        assert f.read() == samples[0]["b/in"].transpose(0, 2, 3, 1).astype("<f4").tobytes()
+    again = quantize(model_path, result.out_dir / "data.txt", tmp_path / "out2", progress=False)
+    assert again.report["outputs"] == result.report["outputs"]
+
+
+def test_bias_encodings_on_request(tmp_path, tiny_model, npy_folder):
+    result = quantize(tiny_model, npy_folder, tmp_path / "out", write_bias_encodings=True, progress=False)
+    params = json.loads((result.out_dir / "snpe_clip_ranges.json").read_text())["param_encodings"]
+    assert set(params) == {"conv.w", "conv.b", "fc.w", "fc.b"}
+    assert params["conv.b"][0]["bitwidth"] == 32 and params["conv.b"][0]["offset"] == -(2**31)
+    default = quantize(tiny_model, npy_folder, tmp_path / "out2", progress=False)
+    params = json.loads((default.out_dir / "snpe_clip_ranges.json").read_text())["param_encodings"]
+    assert set(params) == {"conv.w", "fc.w"}
+
+
+def test_sixteen_bit_activations_are_more_accurate(tmp_path, tiny_model, npy_folder):
+    a8 = quantize(tiny_model, npy_folder, tmp_path / "a8", progress=False)
+    a16 = quantize(tiny_model, npy_folder, tmp_path / "a16", act_bitwidth=16, weight_bitwidth=16, progress=False)
+    assert a16.outputs[0].sqnr_db > a8.outputs[0].sqnr_db + 20
+    enc = json.loads((a16.out_dir / "snpe_clip_ranges.json").read_text())["activation_encodings"]
+    assert {e[0]["bitwidth"] for e in enc.values()} == {16}
+
+
+def test_demo_runs(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert "SQNR" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "snpe_clip_ranges.json").is_file()

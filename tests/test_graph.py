@@ -1,0 +1,112 @@
+"""Graph preparation: BatchNorm folding keeps the outputs, shapes become static, names survive."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsnpe.errors import OnnxSnpeError
+from onnxsnpe.graph import load_model, model_inputs, prepare_deploy_model
+from onnxsnpe.runtime import make_session
+from onnxsnpe.targets import find_targets
+
+
+def _bn_after(op, weight, x_shape, attrs, channels, *, bias=True, gemm_c=None):
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if op == "Gemm" and gemm_c is not None:
+        inits.append(numpy_helper.from_array(gemm_c.astype(np.float32), "b"))
+        inputs.append("b")
+    elif bias:
+        inits.append(numpy_helper.from_array(rng.normal(size=channels).astype(np.float32), "b"))
+        inputs.append("b")
+    for name, values in [("s", rng.uniform(0.5, 2, channels)), ("o", rng.normal(size=channels)),
+                         ("m", rng.normal(size=channels)), ("v", rng.uniform(0.2, 3, channels))]:
+        inits.append(numpy_helper.from_array(values.astype(np.float32), name))
+    nodes = [helper.make_node(op, inputs, ["y0"], **attrs),
+             helper.make_node("BatchNormalization", ["y0", "s", "o", "m", "v"], ["y"], epsilon=1e-3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+CASES = {
+    "conv": ("Conv", (6, 3, 3, 3), (1, 3, 9, 9), {"pads": [1, 1, 1, 1]}, 6, {}),
+    "conv_no_bias": ("Conv", (6, 3, 3, 3), (1, 3, 9, 9), {}, 6, {"bias": False}),
+    "depthwise": ("Conv", (4, 1, 3, 3), (1, 4, 7, 7), {"group": 4}, 4, {}),
+    "conv_transpose_grouped": ("ConvTranspose", (4, 3, 2, 2), (1, 4, 5, 5), {"group": 2, "strides": [2, 2]}, 6, {}),
+    "gemm": ("Gemm", (10, 7), (2, 10), {"alpha": 0.5, "beta": 2.0}, 7, {"gemm_c": np.arange(7.0)}),
+    "gemm_trans_b": ("Gemm", (7, 10), (2, 10), {"transB": 1}, 7, {"gemm_c": np.array([0.3])}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_batchnorm_folding_keeps_outputs(case):
+    op, w_shape, x_shape, attrs, channels, extra = CASES[case]
+    weight = np.random.default_rng(1).normal(size=w_shape)
+    model = _bn_after(op, weight, x_shape, attrs, channels, **extra)
+    deploy, folded = prepare_deploy_model(model, {"x": x_shape})
+    assert folded == 1
+    assert [n.op_type for n in deploy.graph.node] == [op]
+    assert deploy.graph.node[0].output[0] == "y"  # the fused tensor takes the BatchNorm output's name
+    x = np.random.default_rng(2).normal(size=x_shape).astype(np.float32)
+    want = make_session(model).run(None, {"x": x})[0]
+    got = make_session(deploy).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_shared_weight_is_copied_not_changed():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), "w")
+    bn = [numpy_helper.from_array(rng.uniform(1, 2, 4).astype(np.float32), n) for n in "somv"]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "s", "o", "m", "v"], ["b"]),
+             helper.make_node("Conv", ["b", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, *bn])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    deploy, folded = prepare_deploy_model(model, {"x": (1, 4, 3, 3)})
+    assert folded == 1
+    x = rng.normal(size=(1, 4, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(make_session(deploy).run(None, {"x": x})[0], make_session(model).run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    second = [n for n in deploy.graph.node][1]
+    assert second.input[1] == "w"
+
+
+def test_dynamic_shapes_are_fixed_and_shape_arithmetic_folded(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Reshape", ["x", "s"], ["y0"]),
+             helper.make_node("Relu", ["y0"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    deploy, _ = prepare_deploy_model(model, {"x": (1, 3, 4, 5)})
+    assert "Shape" not in [n.op_type for n in deploy.graph.node]
+    assert model_inputs(deploy)[0].dims == (1, 3, 4, 5)
+    targets = find_targets(deploy)
+    assert targets.activations == ["x", "y"] and targets.aliases == {"y0": "x"}
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(OnnxSnpeError, match="not found"):
+        load_model(tmp_path / "missing.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage that is not protobuf \xff\xff")
+    with pytest.raises(OnnxSnpeError, match=r"corrupt\.onnx"):
+        load_model(corrupt)
+    with pytest.raises(OnnxSnpeError, match="not a file"):
+        load_model(tmp_path)
+
+
+def test_tiny_model_targets(tiny_model):
+    deploy, folded = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    assert folded == 1
+    targets = find_targets(deploy)
+    assert targets.activations == ["x", "relu_out", "out"]
+    assert targets.squashed == {"bn_out": "relu_out"}
+    assert targets.aliases == {"flat": "relu_out"}
+    assert targets.weights == ["conv.w", "fc.w"]
+    assert [(b.bias, b.weight, b.input) for b in targets.biases] == [("conv.b", "conv.w", "x"), ("fc.b", "fc.w", "flat")]
+    onnx.checker.check_model(deploy)
