@@ -108,5 +108,6 @@ def test_tiny_model_targets(tiny_model):
     assert targets.squashed == {"bn_out": "relu_out"}
     assert targets.aliases == {"flat": "relu_out"}
     assert targets.weights == ["conv.w", "fc.w"]
-    assert [(b.bias, b.weight, b.input) for b in targets.biases] == [("conv.b", "conv.w", "x"), ("fc.b", "fc.w", "flat")]
+    biases = [(b.bias, b.weight, b.input) for b in targets.biases]
+    assert biases == [("conv.b", "conv.w", "x"), ("fc.b", "fc.w", "flat")]
     onnx.checker.check_model(deploy)
