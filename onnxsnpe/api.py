@@ -13,13 +13,15 @@ from tqdm import tqdm
 from . import export
 from .calibration import Dataset, ImageOptions, Sample, open_dataset
 from .errors import OnnxSnpeError
+from .evaluation import evaluate
 from .graph import load_model, model_inputs, prepare_deploy_model
+from .html_report import write_html_report
 from .metrics import OutputComparison
 from .ranges import ACTIVATION_METHODS, activation_encodings, bias_encodings, weight_encodings
 from .report import build_report
-from .simulate import build_simulation_model, compare_outputs
 from .statistics import collect_statistics
 from .targets import find_targets
+from .weight_analysis import analyze_weights
 
 
 @dataclass
@@ -47,15 +49,19 @@ def quantize(
     write_bias_encodings: bool = False,
     input_shapes: dict[str | None, tuple[int, ...]] | None = None,
     image_options: ImageOptions | None = None,
+    analysis_samples: int = 4,
     progress: bool = True,
 ) -> QuantizeResult:
     """Calibrate ``model`` on the samples at ``calib`` and write SNPE's inputs into ``out``.
 
-    Writes snpe_deploy.onnx, snpe_clip_ranges.json, data.txt with raw/ and report.json.
-    ``eval_data`` holds held-out samples for the report (default: the calibration samples).
+    Writes snpe_deploy.onnx, snpe_clip_ranges.json, data.txt with raw/, report.json and report.html.
+    ``eval_data`` holds held-out samples for the report (default: the calibration samples);
+    the isolated per-tensor errors use the first ``analysis_samples`` of them (0 skips them).
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     start = time.perf_counter()
+    if analysis_samples < 0:
+        raise OnnxSnpeError(f"--analysis-samples must be 0 or more, got {analysis_samples}")
     if method not in ACTIVATION_METHODS:
         raise OnnxSnpeError(f"unknown method '{method}'; choose from {', '.join(ACTIVATION_METHODS)}")
     for flag, value, allowed in (
@@ -89,12 +95,16 @@ def quantize(
         act_encodings = activation_encodings(stats, targets, method, act_bitwidth)
         param_encodings = weight_encodings(deploy, targets, weight_bitwidth)
         biases = bias_encodings(deploy, targets, act_encodings, param_encodings, bias_bitwidth)
-        simulated, output_map = build_simulation_model(
-            deploy, targets, act_encodings, {**param_encodings, **biases}
+        evaluation = evaluate(
+            deploy,
+            targets,
+            act_encodings,
+            {**param_encodings, **biases},
+            {name: (stats[name].min, stats[name].max) for name in targets.activations},
+            _progress(eval_set, "evaluation", progress),
+            isolated_samples=analysis_samples,
         )
-        comparisons = compare_outputs(
-            deploy, simulated, output_map, _progress(eval_set, "evaluation", progress)
-        )
+        weights = analyze_weights(deploy, param_encodings)
         written_params = {**param_encodings, **(biases if write_bias_encodings else {})}
 
         export.write_model(staged.stage(export.DEPLOY_FILE), deploy)
@@ -103,7 +113,7 @@ def quantize(
             export.overrides_json(deploy, act_encodings, written_params),
         )
         files = [export.DEPLOY_FILE, export.OVERRIDES_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/",
-                 export.REPORT_FILE]
+                 export.REPORT_FILE, export.HTML_REPORT_FILE]
         report = build_report(
             model_path=model_path,
             input_shapes=shapes,
@@ -133,16 +143,18 @@ def quantize(
                 "squashed_into_activation": targets.squashed,
                 "params": list(written_params),
             },
-            outputs=comparisons,
+            evaluation_figures=evaluation,
+            weights=weights,
             files=files,
         )
         export.write_json(staged.stage(export.REPORT_FILE), report)
+        write_html_report(report, staged.stage(export.HTML_REPORT_FILE))
     out_dir = staged.destination
     return QuantizeResult(
         out_dir=out_dir,
         files={name.rstrip("/"): out_dir / name.rstrip("/") for name in files},
         report=report,
-        outputs=comparisons,
+        outputs=evaluation.outputs,
         seconds=time.perf_counter() - start,
     )
 

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write bias entries to the overrides (default: leave biases to snpe-dlc-quantize)",
     )
     q.add_argument(
+        "--analysis-samples", type=int, default=4, metavar="N",
+        help="evaluation samples for the per-tensor isolated errors (one run per tensor each; 0 skips; default 4)",
+    )
+    q.add_argument(
         "--input-shape", type=_input_shape, action="append", default=[], metavar="[NAME:]DIMS",
         help="fix an input's shape, e.g. x:1,3,320,320 (needed for raw input lists with dynamic dims)",
     )
@@ -168,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
             bias_bitwidth=args.bias_bitwidth,
             write_bias_encodings=args.write_bias_encodings,
             input_shapes=dict(args.input_shape),
+            analysis_samples=args.analysis_samples,
             image_options=ImageOptions(
                 resize=args.resize, color=args.color, scale=args.scale, mean=args.mean, std=args.std,
                 layout=args.layout,

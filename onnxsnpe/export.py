@@ -25,6 +25,7 @@ DEPLOY_FILE = "snpe_deploy.onnx"
 INPUT_LIST_FILE = "data.txt"
 RAW_DIR = "raw"
 REPORT_FILE = "report.json"
+HTML_REPORT_FILE = "report.html"
 
 
 class StagedOutput:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import __version__
-from .metrics import OutputComparison
+from .evaluation import Evaluation, worst_isolated
+from .weight_analysis import WeightFigures
+
+WORST_COUNT = 10
 
 
 def build_report(
@@ -18,7 +21,8 @@ def build_report(
     settings: dict,
     graph: dict,
     encodings: dict,
-    outputs: list[OutputComparison],
+    evaluation_figures: Evaluation,
+    weights: list[WeightFigures],
     files: list[str],
 ) -> dict:
     """The machine-readable report; contains nothing that changes between identical runs."""
@@ -34,7 +38,17 @@ def build_report(
         "settings": settings,
         "graph": graph,
         "encodings": encodings,
-        "outputs": [c.to_dict() for c in outputs],
+        "outputs": [c.to_dict() for c in evaluation_figures.outputs],
+        "tensors": {
+            "isolated_samples": evaluation_figures.isolated_samples,
+            "worst_isolated": [f.name for f in worst_isolated(evaluation_figures.tensors, WORST_COUNT)],
+            "figures": [f.to_dict() for f in evaluation_figures.tensors],
+        },
+        "weights": {
+            "most_gain_per_channel": [w.name for w in _top(weights, "per_channel_gain_db")],
+            "most_gain_16_bit": [w.name for w in _top(weights, "sixteen_bit_gain_db")],
+            "figures": [w.to_dict() for w in weights],
+        },
         "files": files,
     }
 
@@ -55,8 +69,15 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
     width = max(len(o["name"]) for o in report["outputs"])
     for o in report["outputs"]:
         sqnr = "exact" if o["sqnr_db"] is None else f"{o['sqnr_db']:7.2f} dB"
-        lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}   max |err| {o['max_abs_error']:.4g}")
-    lines.append(f"  wrote {out_dir}/")
+        agreement = f"   top-1 agree {100 * o['top1_agreement']:.1f}%" if "top1_agreement" in o else ""
+        lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}   max |err| {o['max_abs_error']:.4g}{agreement}")
+    worst = report["tensors"]["worst_isolated"][:3]
+    if worst:
+        figures = {t["name"]: t for t in report["tensors"]["figures"]}
+        lines.append("  tensors whose quantization alone costs the most (output SQNR):")
+        for name in worst:
+            lines.append(f"    {name}  {figures[name]['isolated_output_sqnr_db']:.2f} dB")
+    lines.append(f"  wrote {out_dir}/  (open report.html for the full report)")
     for name in report["files"]:
         lines.append(f"    {name}")
     lines.append("  next, with the SNPE SDK:")
@@ -66,3 +87,9 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
     lines.append(f"        --override_params --bias_bitwidth {report['settings']['bias_bitwidth']}")
     return "\n".join(lines)
 
+
+
+def _top(weights: list[WeightFigures], attribute: str) -> list[WeightFigures]:
+    """The weights that gain the most by ``attribute``, at most WORST_COUNT, largest gain first."""
+    gains = [(getattr(w, attribute), w.name, w) for w in weights if getattr(w, attribute) is not None]
+    return [w for gain, _, w in sorted(gains, key=lambda g: (-g[0], g[1])) if gain > 0][:WORST_COUNT]

@@ -6,6 +6,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from .errors import OnnxSnpeError
+
 
 def make_session(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:
     """A CPU session over ``model`` whose outputs are its own followed by ``extra_outputs``.
@@ -30,6 +32,10 @@ def make_session(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.I
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
-    return ort.InferenceSession(
-        exposed.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    try:
+        return ort.InferenceSession(
+            exposed.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxSnpeError(f"onnxruntime cannot run the model: {message}") from exc

@@ -22,36 +22,40 @@ from .targets import QuantTargets
 SUFFIX = "__onnxsnpe_fq"
 
 
-def fake_quant_nodes(tensor: str, enc: Encoding, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """ONNX nodes computing ``output = fake_quantize(tensor, enc)`` in float32."""
+def fake_quant_nodes(
+    tensor: str, enc: Encoding, output: str, opset: int = 13
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """ONNX nodes computing ``output = fake_quantize(tensor, enc)`` in float32.
+
+    Clamping ``x / scale`` to [offset, offset + 2^bw - 1] before rounding equals rounding then
+    clamping the codes (the bounds are integers), and saves three ops per tensor. Rounding half
+    away from zero is done exactly: ``floor(|v|)`` plus one where the exact fraction is >= 0.5.
+    """
     p = f"{tensor}{SUFFIX}/"
-    consts = {
-        "scale": enc.scale,
-        "offset": enc.offset,
-        "half": 0.5,
-        "one": 1.0,
-        "zero": 0.0,
-        "levels": enc.levels,
-    }
+    consts = {"scale": enc.scale, "half": 0.5, "one": 1.0, "low": enc.offset, "high": enc.offset + enc.levels}
     inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), p + k) for k, v in consts.items()]
     n = helper.make_node
+    if opset >= 11:
+        clip = n("Clip", [p + "v", p + "low", p + "high"], [p + "c"])
+    else:
+        clip = n("Clip", [p + "v"], [p + "c"], min=float(enc.offset), max=float(enc.offset + enc.levels))
     nodes = [
         n("Div", [tensor, p + "scale"], [p + "v"]),
-        n("Abs", [p + "v"], [p + "abs"]),
+        clip,
+        n("Abs", [p + "c"], [p + "abs"]),
         n("Floor", [p + "abs"], [p + "whole"]),
         n("Sub", [p + "abs", p + "whole"], [p + "frac"]),
         n("Less", [p + "frac", p + "half"], [p + "down"]),
         n("Add", [p + "whole", p + "one"], [p + "up"]),
         n("Where", [p + "down", p + "whole", p + "up"], [p + "rabs"]),
-        n("Sign", [p + "v"], [p + "sign"]),
+        n("Sign", [p + "c"], [p + "sign"]),
         n("Mul", [p + "rabs", p + "sign"], [p + "round"]),
-        n("Sub", [p + "round", p + "offset"], [p + "q0"]),
-        n("Max", [p + "q0", p + "zero"], [p + "q1"]),
-        n("Min", [p + "q1", p + "levels"], [p + "q"]),
-        n("Add", [p + "q", p + "offset"], [p + "qo"]),
-        n("Mul", [p + "qo", p + "scale"], [output]),
+        n("Mul", [p + "round", p + "scale"], [output]),
     ]
     return nodes, inits
+
+
+SWITCH_INPUT = "onnxsnpe_quantize_enabled"
 
 
 def build_simulation_model(
@@ -60,12 +64,15 @@ def build_simulation_model(
     activations: dict[str, Encoding],
     params: dict[str, Encoding],
     quantize_activations: Iterable[str] | None = None,
+    switchable: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The deploy model with quantized params and fake-quant after each chosen activation.
 
     ``quantize_activations`` defaults to every activation with its own encoding (aliases need none:
-    data movement keeps the grid). Returns the model and a map from each original output name to
-    the name that carries its simulated value.
+    data movement keeps the grid). With ``switchable``, the model takes one more input,
+    ``SWITCH_INPUT``: a bool vector, one entry per chosen activation in order, that turns each
+    fake quantization on or off, so one session serves every combination. Returns the model and a
+    map from each original tensor name to the name that carries its simulated value.
     """
     sim = onnx.ModelProto()
     sim.CopyFrom(model)
@@ -81,20 +88,42 @@ def build_simulation_model(
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-    new_nodes, new_inits = [], []
-    for name in chosen:
-        nodes, inits = fake_quant_nodes(name, activations[name], renamed[name])
-        new_nodes.append((name, nodes))
+    opset = next((o.version for o in sim.opset_import if o.domain in ("", "ai.onnx")), 13)
+    chains, new_inits = [], []
+    for index, name in enumerate(chosen):
+        if switchable:
+            nodes, inits = _switched_fake_quant(name, activations[name], renamed[name], index, opset)
+        else:
+            nodes, inits = fake_quant_nodes(name, activations[name], renamed[name], opset)
+        chains.append((name, nodes))
         new_inits.extend(inits)
-    _insert_after_producers(graph, new_nodes)
+    _insert_after_producers(graph, chains)
     graph.initializer.extend(new_inits)
+    if switchable:
+        graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, onnx.TensorProto.BOOL, [len(chosen)]))
 
-    output_map = {}
+    output_map = {name: renamed.get(name, name) for name in [*chosen, *(o.name for o in graph.output)]}
     for output in graph.output:
-        output_map[output.name] = renamed.get(output.name, output.name)
-        if output.name in renamed:
-            output.name = renamed[output.name]
+        output.name = output_map[output.name]
     return sim, output_map
+
+
+def _switched_fake_quant(
+    name: str, enc: Encoding, output: str, index: int, opset: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``output = fake_quantize(name)`` if ``SWITCH_INPUT[index]`` else ``name``, computing only one branch."""
+    quantized = f"{output}/on"
+    nodes, inits = fake_quant_nodes(name, enc, quantized, opset)
+    value = helper.make_tensor_value_info
+    then_branch = helper.make_graph(nodes, f"{output}/then", [], [value(quantized, onnx.TensorProto.FLOAT, None)],
+                                    inits)
+    else_branch = helper.make_graph([helper.make_node("Identity", [name], [f"{output}/off"])], f"{output}/else", [],
+                                    [value(f"{output}/off", onnx.TensorProto.FLOAT, None)])
+    index_name = f"{output}/index"
+    flag = helper.make_node("Gather", [SWITCH_INPUT, index_name], [f"{output}/enabled"])
+    branch = helper.make_node("If", [f"{output}/enabled"], [output], then_branch=then_branch,
+                              else_branch=else_branch)
+    return [flag, branch], [numpy_helper.from_array(np.array(index, dtype=np.int64), index_name)]
 
 
 def _insert_after_producers(graph: onnx.GraphProto, chains: list[tuple[str, list[onnx.NodeProto]]]) -> None:
