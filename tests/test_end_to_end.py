@@ -49,8 +49,8 @@ def test_quantize_real_model(capsys, tmp_path, name):
     resize, norm = REAL_MODELS[name]
     out = tmp_path / "out"
     code = main(["quantize", str(model), "--calib", str(CALIB_DATA / "calib"), "--eval", str(CALIB_DATA / "eval"),
-                 "--num-samples", "4", "--analysis-samples", "1", "--out", str(out), "--resize", resize, "--mean", norm["mean"],
-                 "--std", norm["std"]])
+                 "--num-samples", "4", "--analysis-samples", "1", "--out", str(out), "--resize", resize,
+                 "--mean", norm["mean"], "--std", norm["std"]])
     summary = capsys.readouterr().out
     assert code == 0
     assert "SQNR" in summary and str(out) in summary
