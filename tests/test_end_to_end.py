@@ -122,7 +122,7 @@ def test_input_list_round_trip_gives_same_encodings(tmp_path, tiny_model, npy_fo
 
 def test_same_inputs_give_byte_identical_outputs(tmp_path, tiny_model, npy_folder):
     out = tmp_path / "out"
-    files = ["snpe_deploy.onnx", "snpe_clip_ranges.json", "data.txt", "report.json", "raw/00000.raw"]
+    files = ["snpe_deploy.onnx", "snpe_clip_ranges.json", "data.txt", "report.json", "report.html", "raw/00000.raw"]
     quantize(tiny_model, npy_folder, out, progress=False)
     first = {name: (out / name).read_bytes() for name in files}
     quantize(tiny_model, npy_folder, out, progress=False)
