@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxsnpe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. piped into head: the outputs are written, only the summary was cut
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
