@@ -1,4 +1,14 @@
-"""From statistics and weights to SNPE encodings: the range methods, calling encoding.py."""
+"""From statistics and weights to SNPE encodings: the range methods, calling encoding.py.
+
+- ``minmax``: the global min and max over all samples.
+- ``percentile``: each end clipped at a percentile (default 99.99) of an exact streaming histogram.
+- ``mse``: the range minimising the expected squared error of SNPE's quantization (range_search).
+- ``tf_enhanced``: what ``snpe-dlc-quantize --use_enhanced_quantizer`` picks, as AIMET implements it;
+  it depends on the first calibration sample, as SNPE's does.
+
+Outputs of Sigmoid and Softmax get [0, 1] and Tanh [-1, 1], the ranges the functions fix (as in
+AIMET's HTP configs), unless ``fixed_ranges`` is off.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +18,95 @@ from onnx import numpy_helper
 
 from .encoding import Encoding, asymmetric_encoding, bias_encoding
 from .errors import OnnxSnpeError
-from .statistics import Observer
+from .range_search import mse_range, percentile_range
+from .statistics import TensorStats
 from .targets import QuantTargets
 
-ACTIVATION_METHODS = ("minmax",)
-WEIGHT_METHODS = ("minmax",)
+ACTIVATION_METHODS = ("minmax", "percentile", "mse", "tf_enhanced")
+WEIGHT_METHODS = ACTIVATION_METHODS
+DEFAULT_PERCENTILE = 99.99
+FIXED_RANGES = {"Sigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
+"""Output ranges fixed by the function itself."""
 INT32_MAX = 2**31 - 1
 
 
-def observed_range(observer: Observer, method: str) -> tuple[float, float]:
-    """The range a method chooses from a tensor's statistics."""
+def check_method(method: str, percentile: float = DEFAULT_PERCENTILE, flag: str = "--method") -> None:
+    """Raise OnnxSnpeError for an unknown method or a percentile outside [50, 100]."""
+    if method not in ACTIVATION_METHODS:
+        raise OnnxSnpeError(f"unknown {flag} '{method}'; choose from {', '.join(ACTIVATION_METHODS)}")
+    if method == "percentile" and not 50.0 <= percentile <= 100.0:
+        raise OnnxSnpeError(f"--percentile must be between 50 and 100, got {percentile}")
+
+
+def chosen_range(
+    stats: TensorStats, method: str, bitwidth: int, percentile: float = DEFAULT_PERCENTILE
+) -> tuple[float, float]:
+    """The range a method chooses from a tensor's statistics (collected for that method)."""
+    check_method(method, percentile)
     if method == "minmax":
-        return observer.min, observer.max
-    raise OnnxSnpeError(f"unknown range method '{method}'; choose from {', '.join(ACTIVATION_METHODS)}")
+        return stats.min, stats.max
+    if method == "tf_enhanced":
+        if stats.tf_enhanced is None:
+            raise OnnxSnpeError("tf_enhanced needs statistics collected for it")
+        return stats.tf_enhanced.chosen_range(bitwidth)
+    if stats.histogram is None:
+        raise OnnxSnpeError(f"{method} needs statistics collected with a histogram")
+    if method == "percentile":
+        return percentile_range(stats.histogram, percentile)
+    return mse_range(stats.histogram, bitwidth)
+
+
+def fixed_range_tensors(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """Outputs of Sigmoid, Softmax and Tanh with the ranges those functions fix."""
+    return {
+        node.output[0]: FIXED_RANGES[node.op_type] for node in model.graph.node if node.op_type in FIXED_RANGES
+    }
 
 
 def activation_encodings(
-    stats: dict[str, Observer], targets: QuantTargets, method: str, bitwidth: int
+    stats: dict[str, TensorStats],
+    targets: QuantTargets,
+    method: str,
+    bitwidth: int,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    fixed: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Encoding]:
-    """An encoding for every activation, aliases included (they share their root's encoding)."""
+    """An encoding for every activation, aliases included (they share their root's encoding).
+
+    ``fixed`` maps tensors to ranges that override the statistics (see fixed_range_tensors).
+    """
+    fixed = fixed or {}
     encodings = {}
     for name in targets.activations:
+        if name in fixed:
+            encodings[name] = asymmetric_encoding(*fixed[name], bitwidth)
+            continue
         observer = stats[name]
         if observer.count == 0:
             raise OnnxSnpeError(f"tensor '{name}' produced no values on the calibration data")
-        encodings[name] = asymmetric_encoding(*observed_range(observer, method), bitwidth)
+        encodings[name] = asymmetric_encoding(*chosen_range(observer, method, bitwidth, percentile), bitwidth)
     for alias, root in targets.aliases.items():
         encodings[alias] = encodings[root]
     return encodings
 
 
 def weight_encodings(
-    model: onnx.ModelProto, targets: QuantTargets, bitwidth: int, method: str = "minmax"
+    model: onnx.ModelProto,
+    targets: QuantTargets,
+    bitwidth: int,
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
 ) -> dict[str, Encoding]:
-    """Per-tensor asymmetric encodings of the weights (the seed's SNPE default)."""
-    if method not in WEIGHT_METHODS:
-        raise OnnxSnpeError(f"unknown weight method '{method}'; choose from {', '.join(WEIGHT_METHODS)}")
+    """Per-tensor asymmetric encodings of the weights, each range chosen by ``method``."""
+    check_method(method, percentile, "--weight-method")
     values = initializer_values(model, targets.weights)
-    return {
-        name: asymmetric_encoding(float(array.min()), float(array.max()), bitwidth)
-        for name, array in values.items()
-    }
+    encodings = {}
+    for name, array in values.items():
+        stats = TensorStats([method])
+        stats.update(array[np.newaxis])  # the whole weight is one sample
+        encodings[name] = asymmetric_encoding(*chosen_range(stats, method, bitwidth, percentile), bitwidth)
+    return encodings
 
 
 def bias_encodings(

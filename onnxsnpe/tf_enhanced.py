@@ -1,0 +1,221 @@
+"""SNPE's enhanced quantizer (``snpe-dlc-quantize --use_enhanced_quantizer``) as AIMET implements it.
+
+SNPE's own quantizer is closed source; AIMET's TF-enhanced analyzer is its public twin
+(SNPE.md section 5; quic/aimet ``TfEnhancedEncodingAnalyzer`` and ``UpdatePdf``). This module
+reproduces it, including its float32/float64 mix and its quirks:
+
+- A 512-bucket histogram over a range fixed by the first sample that is not all zeros: that
+  sample's [min, max], widened 3x around its centre. Values outside are dropped but still count
+  in the sample's size. A value goes to bucket ``round(x / size - left0 / size)``.
+- Each sample's bucket counts divided by its size, averaged over samples, make the PDF.
+- Candidates: 17 scales ``f * d0`` (f = 1/16 ... 17/16) times 21 offsets, each clamped to the
+  observed range, plus the observed range itself; the cost is 3 x saturation + quantization error
+  at bucket midpoints; the first strictly lowest cost wins.
+
+The result depends on which sample comes first, by definition, as with SNPE reading ``data.txt`` in
+order: samples are fed one at a time in dataset order, so the batch size does not matter, but the
+order does. Two observers merge only if they share the grid (the same first sample).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .encoding import MIN_RANGE, round_half_away
+from .histogram import CHUNK, tally_slots
+
+PDF_SIZE = 512
+GAMMA = 3.0
+"""Weight of the saturation (clipping) cost against the quantization cost."""
+
+_F32 = np.float32
+_LOWEST = _F32(np.finfo(np.float32).min)
+_HIGHEST = _F32(np.finfo(np.float32).max)
+
+
+class TfEnhancedObserver:
+    """AIMET's per-tensor PDF: bucket counts over a grid fixed by the first non-zero sample."""
+
+    def __init__(self) -> None:
+        self.x_left: np.ndarray | None = None  # float64 left edges of the 512 buckets
+        self.counts = np.zeros(PDF_SIZE, dtype=np.int64)
+        self.elements = 0  # values in all samples since the grid was fixed, dropped ones included
+        self.updated = False  # any sample seen, even if all were zeros
+
+    def update(self, batch: np.ndarray) -> None:
+        """Feed a batch sample by sample along its first axis, in order."""
+        for sample in batch.reshape(batch.shape[0], -1) if batch.ndim > 1 else batch[None]:
+            self.update_sample(sample)
+
+    def update_sample(self, sample: np.ndarray) -> None:
+        """Add one sample (any shape) to the PDF, as AIMET's ``UpdatePdf`` does for one batch."""
+        flat = np.ascontiguousarray(sample, dtype=np.float32).reshape(-1)
+        self.updated = True
+        if flat.size == 0:
+            return
+        if self.x_left is None:
+            low, high = flat.min(), flat.max()
+            if low == 0 and high == 0:
+                return  # AIMET waits for a sample that is not all zeros to fix the grid
+            self.x_left = initial_grid(low, high)
+        size = _F32(self.x_left[1] - self.x_left[0])
+        _bucket_counts(flat, size, _F32(_F32(self.x_left[0]) / size), self.counts)
+        self.elements += flat.size
+
+    def merge(self, other: TfEnhancedObserver) -> None:
+        """Add another observer's samples; both must have fixed the same grid (or one none)."""
+        self.updated |= other.updated
+        if other.x_left is None:
+            return
+        if self.x_left is None:
+            self.x_left = other.x_left.copy()
+        elif not np.array_equal(self.x_left, other.x_left):
+            raise ValueError("tf_enhanced statistics merge only when both runs start from the same first sample")
+        self.counts += other.counts
+        self.elements += other.elements
+
+    def pdf(self) -> np.ndarray:
+        """Bucket probabilities: the average of the per-sample PDFs (samples of a tensor have one size)."""
+        return self.counts / max(self.elements, 1)
+
+    def chosen_range(self, bitwidth: int) -> tuple[float, float] | None:
+        """The [min, max] AIMET's asymmetric TF-enhanced search picks; None if nothing was seen.
+
+        Only zeros seen: [-1, 1], as AIMET returns.
+        """
+        if self.x_left is None:
+            return (-1.0, 1.0) if self.updated else None
+        return search(self.x_left, self.pdf(), bitwidth)
+
+
+def initial_grid(low: float, high: float) -> np.ndarray:
+    """Bucket left edges from a first sample's min and max: the range widened 3x around its centre."""
+    low, high = _F32(low), _F32(high)
+    with np.errstate(over="ignore"):
+        if low == high:
+            high = max(high, _F32(low + _F32(MIN_RANGE)))
+        center = _F32((high + low) / 2)
+        low = max(_LOWEST, _F32(center - 3 * _F32(center - low)))
+        high = min(_HIGHEST, _F32(center + 3 * _F32(high - center)))
+    size = (np.float64(high) - np.float64(low)) / PDF_SIZE
+    return np.float64(low) + np.arange(PDF_SIZE, dtype=np.float64) * size
+
+
+def search(x_left: np.ndarray, pdf: np.ndarray, bitwidth: int) -> tuple[float, float]:
+    """AIMET's asymmetric candidate search over a PDF; returns the winning [min, max]."""
+    steps = _F32(2**bitwidth - 1)
+    observed_min, observed_max = _aggregate_range(x_left, pdf)
+    delta, offset = _candidates(observed_min, observed_max, steps)
+    best = int(np.argmin(_costs(x_left, pdf, steps, delta, offset)))  # first of equal costs wins
+    d, o = delta[best], _F32(offset[best])
+    with np.errstate(over="ignore"):
+        return float(max(_LOWEST, _F32(d * o))), float(min(_HIGHEST, _F32(d * _F32(o + steps))))
+
+
+def _aggregate_range(x_left: np.ndarray, pdf: np.ndarray) -> tuple[np.float32, np.float32]:
+    """Left edges of the lowest and highest non-empty buckets, widened to include 0 and MIN_RANGE."""
+    nonzero = np.flatnonzero(pdf > 0)
+    low = _F32(x_left[nonzero[0]]) if nonzero.size else _F32(x_left[0])
+    top = nonzero[nonzero > 0]  # AIMET's downward scan stops before bucket 0
+    high = _F32(x_left[top[-1]]) if top.size else _F32(x_left[-1])
+    low, high = min(low, _F32(0)), max(high, _F32(0))
+    return low, max(high, _F32(low + _F32(MIN_RANGE)))
+
+
+def _candidates(observed_min: np.float32, observed_max: np.float32, steps: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The (delta, offset) pairs AIMET tests: 17 deltas x 21 offsets clamped, plus the observed one."""
+    observed_delta = _F32((np.float64(observed_max) - np.float64(observed_min)) / np.float64(steps))
+    observed_offset = int(round_half_away(_F32(observed_min / observed_delta)))
+    with np.errstate(over="ignore"):
+        observed_min = max(_LOWEST, _F32(observed_delta * _F32(observed_offset)))
+        observed_max = min(_HIGHEST, _F32(observed_delta * _F32(observed_offset + steps)))
+    deltas, offsets = [], []
+    for k in range(1, 18):  # f = k/16: exact in float32, as AIMET's loop f += 1/16
+        for i in range(21):
+            delta = _F32(_F32(k / 16) * observed_delta)
+            offset = int(-np.float64(steps) + np.float64(steps) / 20.0 * i)  # C++ truncation
+            clamped = _clamp(observed_min, observed_max, steps, delta, offset)
+            if clamped is not None:
+                deltas.append(clamped[0])
+                offsets.append(clamped[1])
+    deltas.append(observed_delta)
+    offsets.append(observed_offset)
+    return np.array(deltas, dtype=np.float32), np.array(offsets, dtype=np.int64)
+
+
+def _clamp(
+    observed_min: np.float32, observed_max: np.float32, steps: np.float32, delta: np.float32, offset: int
+) -> tuple[np.float32, int] | None:
+    """Shrink a candidate to the observed range; None if it covers it entirely or collapses."""
+    with np.errstate(over="ignore"):
+        test_min = max(_LOWEST, _F32(delta * _F32(offset)))
+        test_max = min(_HIGHEST, _F32(delta * _F32(_F32(offset) + steps)))
+    if test_min < observed_min and test_max > observed_max:
+        return None
+    test_min, test_max = max(observed_min, test_min), min(observed_max, test_max)
+    if test_min == test_max:
+        return None
+    delta = _F32((np.float64(test_max) - np.float64(test_min)) / np.float64(steps))
+    return delta, int(round_half_away(_F32(test_min / delta)))
+
+
+def _costs(x_left: np.ndarray, pdf: np.ndarray, steps: np.float32, delta: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """3 x saturation + quantization cost of every candidate, summed in bucket order in float64."""
+    start = _F32(x_left[0])
+    step = np.float64(x_left[1] - x_left[0])
+    buckets = np.arange(PDF_SIZE)
+    mid = np.float64(start) + buckets * step + step / 2
+    offset_f = offset.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        low = delta * offset_f
+        high = delta * (offset_f + steps)
+        low_index = _bucket_index(low, start, step)
+        high_index = _bucket_index(high, start, step)
+        low_mid = (np.float64(start) + low_index * step + step / 2).astype(np.float32).astype(np.float64)
+        high_mid = (np.float64(start) + high_index * step + step / 2).astype(np.float32).astype(np.float64)
+        below = buckets[None, :] < low_index[:, None]
+        above = buckets[None, :] >= high_index[:, None]
+        value = mid.astype(np.float32)[None, :]
+        code = round_half_away(value / delta[:, None] - offset_f[:, None])
+        error = (value - delta[:, None] * (code + offset_f[:, None])).astype(np.float64)
+    saturation_low = np.where(below, pdf * (mid - low_mid[:, None]) ** 2, 0.0)
+    saturation_high = np.where(above, pdf * (mid - high_mid[:, None]) ** 2, 0.0)
+    quantization = np.where(~below & ~above, pdf * error**2, 0.0)
+
+    def in_order(terms: np.ndarray) -> np.ndarray:  # a running sum, as AIMET's loops add
+        return np.cumsum(terms, axis=1)[:, -1]
+
+    return GAMMA * (in_order(saturation_low) + in_order(saturation_high)) + in_order(quantization)
+
+
+def _bucket_index(value: np.ndarray, start: np.float32, step: np.float64) -> np.ndarray:
+    """``clamp(floor((value - start) / step), 0, 511)`` with AIMET's float32 subtraction."""
+    index = np.floor((value - start).astype(np.float64) / step)
+    return np.clip(np.nan_to_num(index, nan=0.0), 0, PDF_SIZE - 1).astype(np.int64)
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
+    """AIMET's ``GetHistogram``: bucket ``round(x / size - offset)`` in float32, half away from zero.
+
+    Values outside the 512 buckets (and NaN) are dropped. Per chunk, a vectorized loop computes the
+    buckets, then four interleaved sub-histograms count them.
+    """
+    drop = PDF_SIZE
+    parts = np.zeros((4, PDF_SIZE + 1), dtype=np.int64)
+    slots = np.empty(CHUNK, dtype=np.int32)
+    n = values.shape[0]
+    for start in range(0, n, CHUNK):
+        chunk = min(CHUNK, n - start)
+        for k in range(chunk):
+            shifted = values[start + k] / size - offset  # float32 arithmetic throughout
+            magnitude = abs(shifted)
+            whole = np.floor(magnitude)
+            rounded = whole + (np.float32(1.0) if magnitude - whole >= np.float32(0.5) else np.float32(0.0))
+            rounded = -rounded if shifted < 0 else rounded
+            slots[k] = np.int32(rounded) if (rounded >= 0 and rounded < PDF_SIZE) else np.int32(drop)
+        tally_slots(slots, chunk, parts)
+    for lane in range(4):
+        for b in range(PDF_SIZE):
+            counts[b] += parts[lane, b]

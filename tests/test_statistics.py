@@ -1,0 +1,211 @@
+"""Streaming statistics: exact histograms, independence of order and batching, merging, the onnxruntime pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from onnxsnpe.errors import OnnxSnpeError
+from onnxsnpe.graph import load_model, prepare_deploy_model
+from onnxsnpe.histogram import Histogram, fitting_exponent
+from onnxsnpe.ranges import activation_encodings
+from onnxsnpe.statistics import TensorStats, batch_dynamic_copy, collect_statistics
+from onnxsnpe.targets import find_targets
+
+from .conftest import conv_model
+
+METHODS = ("minmax", "percentile", "mse")
+
+
+def assert_same_histogram(a: Histogram, b: Histogram) -> None:
+    def state(h: Histogram) -> tuple:
+        return h.exponent, h.first, h.zeros, h.count, h.min, h.max
+
+    assert state(a) == state(b)
+    np.testing.assert_array_equal(a.counts, b.counts)
+
+
+def test_histogram_counts_are_exact() -> None:
+    rng = np.random.default_rng(0)
+    bulk = np.clip(rng.normal(0, 3, 20_000), -7, 12)
+    values = np.concatenate([bulk, np.zeros(500), [-7.25, 12.5]]).astype(np.float32)
+    hist = Histogram(max_bins=1024)
+    hist.update(values)
+    nonzero = values[values != 0].astype(np.float64)
+    expected, _ = np.histogram(nonzero, bins=hist.edges)
+    np.testing.assert_array_equal(hist.counts, expected)
+    assert hist.zeros == 500 and hist.count == values.size
+    assert (hist.min, hist.max) == (-7.25, 12.5)
+    assert len(hist.counts) <= 1024 and hist.edges[0] <= -7.25 and hist.edges[-1] > 12.5
+    assert hist.width == 2.0 ** fitting_exponent(-7.25, 12.5, 1024)
+    assert (12.5 + 7.25) / hist.width > 1024 / 2 - 2  # resolution: at least about half the bins used
+
+
+def test_histogram_rejects_nan_and_inf() -> None:
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            Histogram().update(np.array([1.0, bad], dtype=np.float32))
+
+
+def test_histogram_of_only_zeros_then_growth() -> None:
+    hist = Histogram()
+    hist.update(np.zeros(10, np.float32))
+    hist.update(np.array([1e-30, 3.0e3], dtype=np.float32))
+    whole = Histogram()
+    whole.update(np.concatenate([np.zeros(10), [1e-30, 3.0e3]]).astype(np.float32))
+    assert_same_histogram(hist, whole)
+
+
+chunks = st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), sizes=chunks, scale=st.sampled_from([1e-3, 1.0, 300.0]))
+def test_histogram_independent_of_order_batching_and_merging(seed: int, sizes: list[int], scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_t(2, sum(sizes)) * scale).astype(np.float32)
+    values[rng.random(values.size) < 0.3] = 0.0
+    whole = Histogram(max_bins=256)
+    whole.update(values)
+    shuffled = rng.permutation(values)
+    streamed, left, right = Histogram(max_bins=256), Histogram(max_bins=256), Histogram(max_bins=256)
+    for part in np.split(shuffled, np.cumsum(sizes)[:-1]):
+        streamed.update(part)
+    half = len(sizes) // 2
+    cut = int(np.sum(sizes[:half]))
+    left.update(values[:cut]) if cut else None
+    right.update(values[cut:])
+    right.merge(left)
+    assert_same_histogram(streamed, whole)
+    assert_same_histogram(right, whole)
+
+
+def _encodings(stats: dict[str, TensorStats], targets, method: str) -> dict:
+    return activation_encodings(stats, targets, method, 8)
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    model, _ = prepare_deploy_model(load_model(conv_model(tmp_path / "m.onnx")), {"x": (1, 3, 8, 8)})
+    return model
+
+
+def _samples(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("method", [*METHODS, "tf_enhanced"])
+def test_encodings_independent_of_batch_size(deploy, method: str) -> None:
+    targets = find_targets(deploy)
+    samples = _samples(11)
+    results = [
+        _encodings(collect_statistics(deploy, targets.activations, samples, [method], batch_size=size), targets, method)
+        for size in (1, 3, 8)
+    ]
+    assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_encodings_independent_of_order(deploy, method: str) -> None:
+    targets = find_targets(deploy)
+    samples = _samples(9)
+    forward = collect_statistics(deploy, targets.activations, samples, [method], batch_size=4)
+    backward = collect_statistics(deploy, targets.activations, samples[::-1], [method], batch_size=2)
+    assert _encodings(forward, targets, method) == _encodings(backward, targets, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_partial_runs_merge_into_one(deploy, method: str) -> None:
+    targets = find_targets(deploy)
+    samples = _samples(10)
+    whole = collect_statistics(deploy, targets.activations, samples, [method])
+    first = collect_statistics(deploy, targets.activations, samples[:3], [method])
+    second = collect_statistics(deploy, targets.activations, samples[3:], [method])
+    for name in targets.activations:
+        first[name].merge(second[name])
+        assert first[name].count == whole[name].count
+        if method != "minmax":
+            assert_same_histogram(first[name].histogram, whole[name].histogram)
+    assert _encodings(first, targets, method) == _encodings(whole, targets, method)
+
+
+def test_tf_enhanced_runs_with_other_first_samples_do_not_merge(deploy) -> None:
+    """AIMET's grid comes from the first sample, so a run over later samples has another grid."""
+    targets = find_targets(deploy)
+    samples = _samples(6)
+    first = collect_statistics(deploy, targets.activations, samples[:3], ["tf_enhanced"])
+    rest = collect_statistics(deploy, targets.activations, samples[3:], ["tf_enhanced"])
+    with pytest.raises(ValueError, match="first sample"):
+        first[targets.activations[1]].merge(rest[targets.activations[1]])
+
+
+def test_batched_statistics_match_the_static_model(deploy) -> None:
+    targets = find_targets(deploy)
+    samples = _samples(5)
+    dynamic = batch_dynamic_copy(deploy)
+    assert dynamic is not None
+    reshapes = [n for n in dynamic.graph.node if n.op_type == "Reshape"]
+    assert reshapes and all(
+        onnx.numpy_helper.to_array(next(i for i in dynamic.graph.initializer if i.name == n.input[1]))[0] == 0
+        for n in reshapes
+    )
+    batched = collect_statistics(deploy, targets.activations, samples, batch_size=5)
+    single = collect_statistics(deploy, targets.activations, samples, batch_size=1)
+    for name in targets.activations:
+        assert (batched[name].min, batched[name].max, batched[name].count) == (
+            single[name].min, single[name].max, single[name].count
+        )
+
+
+def test_models_that_do_not_batch_fall_back_to_one_sample_at_a_time() -> None:
+    """A Reshape that folds the batch into features: the batched copy computes something else."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+        helper.make_node("ReduceSum", ["flat"], ["total"], keepdims=1),
+        helper.make_node("Mul", ["x", "total"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mixing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [onnx.numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.normal(size=(1, 4)).astype(np.float32)} for _ in range(6)]
+    batched = collect_statistics(model, ["total", "y"], samples, batch_size=3)
+    single = collect_statistics(model, ["total", "y"], samples, batch_size=1)
+    for name in ("total", "y"):
+        assert (batched[name].min, batched[name].max) == pytest.approx((single[name].min, single[name].max))
+
+
+def test_inputs_are_observed_from_the_feed_and_every_sample_is_consumed(deploy) -> None:
+    samples = _samples(4)
+    seen = []
+
+    def tee():
+        for sample in samples:
+            seen.append(sample)
+            yield sample
+
+    stats = collect_statistics(deploy, ["x"], tee(), ["mse"])
+    assert len(seen) == 4 and stats["x"].count == 4 * 3 * 8 * 8
+    assert stats["x"].max == max(float(s["x"].max()) for s in samples)
+    assert collect_statistics(deploy, [], iter(samples)) == {}
+
+
+def test_nan_activations_are_reported(deploy) -> None:
+    targets = find_targets(deploy)
+    samples = _samples(3)
+    samples[1]["x"][0, 0, 0, 0] = np.nan
+    with pytest.raises(OnnxSnpeError, match="NaN or Inf"):
+        collect_statistics(deploy, targets.activations, samples, ["percentile"], batch_size=1)
+
+
+def test_stats_for_other_methods_do_not_merge() -> None:
+    with pytest.raises(ValueError, match="different methods"):
+        TensorStats(["minmax"]).merge(TensorStats(["mse"]))

@@ -1,0 +1,202 @@
+"""tf_enhanced against a line-by-line transcription of AIMET's TF-enhanced analyzer (SNPE.md section 5).
+
+The reference below follows quic/aimet ``UpdatePdf``/``GetHistogram_cpu``/``InitializePdf`` and
+``TfEnhancedEncodingAnalyzer`` with plain loops and the same float32 (C++ ``float``) and float64
+(``double``) steps, so that the vectorized implementation is checked bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnxsnpe.encoding import asymmetric_encoding
+from onnxsnpe.tf_enhanced import TfEnhancedObserver
+
+F = np.float32
+PDF_SIZE = 512
+
+
+def cpp_round(x: float) -> float:
+    """std::round: half away from zero."""
+    whole = math.floor(abs(x))
+    return math.copysign(whole + (abs(x) - whole >= 0.5), x)
+
+
+class ReferencePdf:
+    """AIMET's PDF struct and UpdatePdf, one batch (here: one sample) per call."""
+
+    def __init__(self) -> None:
+        self.x_left: list[float] = []
+        self.pdf = [0.0] * PDF_SIZE
+        self.iterations = 0
+
+    def update(self, data: np.ndarray) -> None:
+        data = data.astype(np.float32).ravel()
+        if not self.x_left:
+            min_val, max_val = F(data.min()), F(data.max())
+            if min_val == 0 and max_val == 0:
+                return
+            if min_val == max_val:
+                max_val = max(max_val, F(min_val + F(0.01)))
+            center = F((max_val + min_val) / F(2))
+            min_val = F(center - F(F(3) * F(center - min_val)))
+            max_val = F(center + F(F(3) * F(max_val - center)))
+            bucket_size = (float(max_val) - float(min_val)) / PDF_SIZE
+            self.x_left = [float(min_val) + i * bucket_size for i in range(PDF_SIZE)]
+        bucket_size = F(self.x_left[1] - self.x_left[0])
+        pdf_offset = F(F(self.x_left[0]) / bucket_size)
+        histogram = [0] * PDF_SIZE
+        for value in data:
+            index = int(cpp_round(float(F(F(value / bucket_size) - pdf_offset))))
+            if 0 <= index < PDF_SIZE:
+                histogram[index] += 1
+        for i in range(PDF_SIZE):
+            prob = histogram[i] / len(data)
+            self.pdf[i] = (self.pdf[i] * self.iterations + prob) / (self.iterations + 1)
+        self.iterations += 1
+
+
+def reference_encoding(ref: ReferencePdf, bw: int) -> tuple[float, float]:
+    """TfEnhancedEncodingAnalyzer::computeEncoding, asymmetric branch."""
+    x_left, pdf = ref.x_left, ref.pdf
+    # _findRangeOfAggregateStats
+    min_val, max_val = F(x_left[0]), F(x_left[PDF_SIZE - 1])
+    for i in range(PDF_SIZE):
+        if pdf[i] > 0:
+            min_val = F(x_left[i])
+            break
+    for i in range(PDF_SIZE - 1, 0, -1):
+        if pdf[i] > 0:
+            max_val = F(x_left[i])
+            break
+    min_val, max_val = min(min_val, F(0)), max(max_val, F(0))
+    max_val = max(max_val, F(min_val + F(0.01)))
+    num_steps = F(2**bw - 1)
+    # _pickTestCandidatesAsymmetric
+    observed_delta = F((float(max_val) - float(min_val)) / float(num_steps))
+    observed_offset = int(cpp_round(float(F(min_val / observed_delta))))
+    observed_min = F(observed_delta * F(observed_offset))
+    observed_max = F(observed_delta * F(F(observed_offset) + num_steps))
+    candidates = []
+    f = F(1.0 / 16)
+    while f <= 1 + 1.0 / 16:
+        for i in range(21):
+            test_delta = F(f * observed_delta)
+            test_offset = int(-float(num_steps) + float(num_steps) / 20.0 * i)
+            # _clampToObservedMinMax
+            test_min = F(test_delta * F(test_offset))
+            test_max = F(test_delta * F(F(test_offset) + num_steps))
+            if test_min < observed_min and test_max > observed_max:
+                continue
+            test_min, test_max = max(observed_min, test_min), min(observed_max, test_max)
+            if test_min == test_max:
+                continue
+            test_delta = F((float(test_max) - float(test_min)) / float(num_steps))
+            test_offset = int(cpp_round(float(F(test_min / test_delta))))
+            candidates.append((test_delta, test_offset))
+        f = F(f + F(1.0 / 16))
+    candidates.append((observed_delta, observed_offset))
+    # _findBestCandidate with _quantAndSatCost
+    best_cost, best = np.finfo(np.float64).max, None
+    pdf_start, pdf_step = F(x_left[0]), x_left[1] - x_left[0]
+    for delta, offset in candidates:
+        low = F(delta * F(offset))
+        high = F(delta * F(F(offset) + num_steps))
+        min_ind = min(max(0, math.floor(float(F(low - pdf_start)) / pdf_step)), PDF_SIZE - 1)
+        max_ind = min(max(0, math.floor(float(F(high - pdf_start)) / pdf_step)), PDF_SIZE - 1)
+        min_mid = F(float(pdf_start) + min_ind * pdf_step + pdf_step / 2)
+        max_mid = F(float(pdf_start) + max_ind * pdf_step + pdf_step / 2)
+        sat_bottom = sat_top = quant = 0.0
+        for i in range(min_ind):
+            mid = float(pdf_start) + i * pdf_step + pdf_step / 2
+            sat_bottom += pdf[i] * (mid - float(min_mid)) ** 2
+        for i in range(max_ind, PDF_SIZE):
+            mid = float(pdf_start) + i * pdf_step + pdf_step / 2
+            sat_top += pdf[i] * (mid - float(max_mid)) ** 2
+        for i in range(min_ind, max_ind):
+            value = F(float(pdf_start) + i * pdf_step + pdf_step / 2)
+            quantized = int(cpp_round(float(F(F(value / delta) - F(offset)))))
+            dequantized = F(delta * F(quantized + offset))
+            quant += pdf[i] * float(F(value - dequantized)) ** 2
+        cost = 3.0 * (sat_bottom + sat_top) + quant
+        if cost < best_cost:
+            best_cost, best = cost, (delta, offset)
+    delta, offset = best
+    return float(F(delta * F(offset))), float(F(delta * F(F(offset) + num_steps)))
+
+
+def _samples(kind: str, rng: np.random.Generator) -> list[np.ndarray]:
+    shape = (4, 700)
+    if kind == "uniform":
+        data = rng.uniform(-1.0, 3.0, shape)
+    elif kind == "gaussian":
+        data = rng.normal(0.5, 2.0, shape)
+    elif kind == "relu":
+        data = np.maximum(rng.normal(0.0, 1.0, shape), 0.0)
+    else:  # heavy-tailed with outliers, and a first sample of zeros that AIMET skips
+        data = rng.standard_t(2, shape)
+        data[1, :5] = [40.0, -35.0, 60.0, 55.0, -80.0]
+        data[0] = 0.0
+    return list(data.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "relu", "heavy"])
+@pytest.mark.parametrize("bitwidth", [4, 8, 16])  # 4 bits: clipping trade-offs show
+def test_matches_transcription_of_aimet(kind: str, bitwidth: int) -> None:
+    samples = _samples(kind, np.random.default_rng(7))
+    ours, ref = TfEnhancedObserver(), ReferencePdf()
+    for sample in samples:
+        ours.update_sample(sample)
+        ref.update(sample)
+    assert ours.x_left is not None
+    np.testing.assert_array_equal(ours.x_left, ref.x_left)
+    np.testing.assert_allclose(ours.pdf(), ref.pdf, rtol=1e-12, atol=1e-15)
+    low, high = ours.chosen_range(bitwidth)
+    ref_low, ref_high = reference_encoding(ref, bitwidth)
+    assert (low, high) == (ref_low, ref_high)
+    # the SNPE encoding of AIMET's choice keeps AIMET's offset
+    delta = (high - low) / (2**bitwidth - 1)
+    assert asymmetric_encoding(low, high, bitwidth).offset == round(low / delta)
+
+
+def test_batches_are_fed_sample_by_sample() -> None:
+    samples = _samples("gaussian", np.random.default_rng(3))
+    one, batched = TfEnhancedObserver(), TfEnhancedObserver()
+    for sample in samples:
+        one.update_sample(sample)
+    batched.update(np.stack(samples[:3]))
+    batched.update(np.stack(samples[3:]))
+    np.testing.assert_array_equal(one.counts, batched.counts)
+    assert one.chosen_range(8) == batched.chosen_range(8)
+
+
+def test_first_sample_fixes_the_grid() -> None:
+    """Order dependence by definition: values beyond 3x the first sample's range are dropped."""
+    small, big = np.linspace(-1, 1, 100, dtype=np.float32), np.linspace(-100, 100, 100, dtype=np.float32)
+    forward, backward = TfEnhancedObserver(), TfEnhancedObserver()
+    for sample in (small, big):
+        forward.update_sample(sample)
+    for sample in (big, small):
+        backward.update_sample(sample)
+    assert forward.chosen_range(8)[1] < 5 < backward.chosen_range(8)[1]
+
+
+def test_only_zeros_gives_aimets_default_range() -> None:
+    observer = TfEnhancedObserver()
+    observer.update_sample(np.zeros(10, np.float32))
+    assert observer.chosen_range(8) == (-1.0, 1.0)
+    assert TfEnhancedObserver().chosen_range(8) is None
+
+
+def test_merge_needs_the_same_grid() -> None:
+    a, b, empty = TfEnhancedObserver(), TfEnhancedObserver(), TfEnhancedObserver()
+    a.update_sample(np.arange(10, dtype=np.float32))
+    b.update_sample(np.arange(20, dtype=np.float32))
+    with pytest.raises(ValueError, match="first sample"):
+        a.merge(b)
+    empty.merge(a)
+    np.testing.assert_array_equal(empty.counts, a.counts)
+    assert empty.chosen_range(8) == a.chosen_range(8)
