@@ -1,27 +1,108 @@
-"""The whole job in one call: FP32 ONNX + samples -> everything SNPE needs, plus a report."""
+"""The whole job in one call: FP32 ONNX + samples -> everything SNPE needs, plus a report.
+
+The stages shared by ``quantize`` and ``compare``: prepare (load, fix shapes, fold, find targets,
+open the datasets), calibrate (one pass: statistics and the input list), encode, evaluate.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import onnx
 from tqdm import tqdm
 
 from . import export
 from .calibration import Dataset, ImageOptions, Sample, open_dataset
+from .encoding import Encoding
 from .errors import OnnxSnpeError
-from .evaluation import evaluate
+from .evaluation import Evaluation, evaluate
 from .graph import load_model, model_inputs, prepare_deploy_model
 from .html_report import write_html_report
 from .metrics import OutputComparison
-from .ranges import ACTIVATION_METHODS, activation_encodings, bias_encodings, weight_encodings
+from .ranges import (
+    DEFAULT_PERCENTILE,
+    activation_encodings,
+    bias_encodings,
+    check_method,
+    fixed_range_tensors,
+    weight_encodings,
+)
 from .report import build_report
-from .statistics import collect_statistics
-from .targets import find_targets
+from .statistics import TensorStats, collect_statistics
+from .targets import QuantTargets, find_targets
 from .weight_analysis import analyze_weights
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How ranges and encodings are chosen."""
+
+    method: str = "minmax"
+    percentile: float = DEFAULT_PERCENTILE
+    weight_method: str = "minmax"
+    fixed_ranges: bool = True
+    act_bitwidth: int = 8
+    weight_bitwidth: int = 8
+    bias_bitwidth: int = 32
+    write_bias_encodings: bool = False
+
+    def check(self) -> None:
+        """Raise OnnxSnpeError for a setting SNPE or this tool does not support."""
+        check_method(self.method, self.percentile)
+        check_method(self.weight_method, self.percentile, "--weight-method")
+        for flag, value, allowed in (
+            ("--act-bitwidth", self.act_bitwidth, (8, 16)),
+            ("--weight-bitwidth", self.weight_bitwidth, (8, 16)),
+            ("--bias-bitwidth", self.bias_bitwidth, (8, 32)),
+        ):
+            if value not in allowed:
+                raise OnnxSnpeError(f"{flag} must be one of {', '.join(map(str, allowed))}, got {value}")
+
+    def to_dict(self) -> dict:
+        settings = asdict(self)
+        if "percentile" not in (self.method, self.weight_method):
+            settings["percentile"] = None
+        settings["bias_encodings_written"] = settings.pop("write_bias_encodings")
+        return settings
+
+
+@dataclass
+class Prepared:
+    """The deploy model, what gets encodings, and the datasets, ready to calibrate."""
+
+    model_path: Path
+    deploy: onnx.ModelProto
+    batchnorms_folded: int
+    targets: QuantTargets
+    input_names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    calib_set: Dataset
+    eval_set: Dataset
+    held_out: bool
+
+    def describe_data(self) -> tuple[dict, dict]:
+        """The report's calibration and evaluation sections."""
+        evaluation = {
+            **_describe(self.eval_set),
+            "held_out": self.held_out,
+            "note": None if self.held_out else
+            "no --eval data: figures are measured on the calibration samples and flatter the result",
+        }
+        return _describe(self.calib_set), evaluation
+
+
+@dataclass
+class Encodings:
+    """Every encoding of one configuration."""
+
+    activations: dict[str, Encoding]
+    weights: dict[str, Encoding]
+    biases: dict[str, Encoding]
+    written_params: dict[str, Encoding]
 
 
 @dataclass
@@ -43,6 +124,9 @@ def quantize(
     eval_data: str | os.PathLike | None = None,
     num_samples: int | None = None,
     method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    weight_method: str = "minmax",
+    fixed_ranges: bool = True,
     act_bitwidth: int = 8,
     weight_bitwidth: int = 8,
     bias_bitwidth: int = 32,
@@ -60,88 +144,43 @@ def quantize(
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     start = time.perf_counter()
-    if analysis_samples < 0:
-        raise OnnxSnpeError(f"--analysis-samples must be 0 or more, got {analysis_samples}")
-    if method not in ACTIVATION_METHODS:
-        raise OnnxSnpeError(f"unknown method '{method}'; choose from {', '.join(ACTIVATION_METHODS)}")
-    for flag, value, allowed in (
-        ("--act-bitwidth", act_bitwidth, (8, 16)),
-        ("--weight-bitwidth", weight_bitwidth, (8, 16)),
-        ("--bias-bitwidth", bias_bitwidth, (8, 32)),
-    ):
-        if value not in allowed:
-            raise OnnxSnpeError(f"{flag} must be one of {', '.join(map(str, allowed))}, got {value}")
-
-    model_path = Path(model).absolute()
-    onnx_model = load_model(model_path)
-    inputs = model_inputs(onnx_model)
-    calib_set = open_dataset(calib, inputs, image_options, input_shapes, num_samples)
-    calib_set.load(0)  # fixes the input shapes from the data
-    shapes = dict(calib_set.shapes)
-    eval_set = calib_set
-    if eval_data is not None:
-        eval_set = open_dataset(eval_data, inputs, image_options, input_shapes)
-        eval_set.shapes.update(shapes)  # the deploy model is static: eval samples must match
-
-    deploy, batchnorms_folded = prepare_deploy_model(onnx_model, shapes)
-    targets = find_targets(deploy)
+    settings = Settings(method, percentile, weight_method, fixed_ranges, act_bitwidth, weight_bitwidth,
+                        bias_bitwidth, write_bias_encodings)
+    settings.check()
+    check_analysis_samples(analysis_samples)
+    prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
 
     with export.StagedOutput(out) as staged:
-        raw_writer = export.InputListWriter(staged, [spec.name for spec in inputs])
-        samples = _progress(calib_set, "calibration", progress)
-        stats = collect_statistics(deploy, targets.activations, _teed(samples, raw_writer.add))
-        raw_writer.finish()
-
-        act_encodings = activation_encodings(stats, targets, method, act_bitwidth)
-        param_encodings = weight_encodings(deploy, targets, weight_bitwidth)
-        biases = bias_encodings(deploy, targets, act_encodings, param_encodings, bias_bitwidth)
-        evaluation = evaluate(
-            deploy,
-            targets,
-            act_encodings,
-            {**param_encodings, **biases},
-            {name: (stats[name].min, stats[name].max) for name in targets.activations},
-            _progress(eval_set, "evaluation", progress),
-            isolated_samples=analysis_samples,
-        )
-        weights = analyze_weights(deploy, param_encodings)
-        written_params = {**param_encodings, **(biases if write_bias_encodings else {})}
-
-        export.write_model(staged.stage(export.DEPLOY_FILE), deploy)
+        stats = calibrate(prepared, staged, [method], progress)
+        encodings = encode(prepared, stats, settings)
+        evaluation = evaluate_encodings(prepared, stats, encodings, analysis_samples, progress)
+        weights = analyze_weights(prepared.deploy, encodings.weights)
+        export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         export.write_json(
             staged.stage(export.OVERRIDES_FILE),
-            export.overrides_json(deploy, act_encodings, written_params),
+            export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params),
         )
         files = [export.DEPLOY_FILE, export.OVERRIDES_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/",
                  export.REPORT_FILE, export.HTML_REPORT_FILE]
+        calibration, evaluation_section = prepared.describe_data()
+        targets = prepared.targets
         report = build_report(
-            model_path=model_path,
-            input_shapes=shapes,
-            output_names=[o.name for o in deploy.graph.output],
-            calibration=_describe(calib_set),
-            evaluation={
-                **_describe(eval_set),
-                "held_out": eval_data is not None,
-                "note": None if eval_data is not None else
-                "no --eval data: figures are measured on the calibration samples and flatter the result",
-            },
-            settings={
-                "method": method,
-                "act_bitwidth": act_bitwidth,
-                "weight_bitwidth": weight_bitwidth,
-                "bias_bitwidth": bias_bitwidth,
-                "bias_encodings_written": write_bias_encodings,
-            },
-            graph={"nodes": len(deploy.graph.node), "batchnorms_folded": batchnorms_folded},
+            model_path=prepared.model_path,
+            input_shapes=prepared.shapes,
+            output_names=[o.name for o in prepared.deploy.graph.output],
+            calibration=calibration,
+            evaluation=evaluation_section,
+            settings=settings.to_dict(),
+            graph={"nodes": len(prepared.deploy.graph.node), "batchnorms_folded": prepared.batchnorms_folded},
             encodings={
-                "activation_count": len(act_encodings),
+                "activation_count": len(encodings.activations),
                 "alias_count": len(targets.aliases),
                 "squashed_count": len(targets.squashed),
-                "param_count": len(written_params),
+                "param_count": len(encodings.written_params),
                 "activations": targets.activations,
                 "aliases": targets.aliases,
                 "squashed_into_activation": targets.squashed,
-                "params": list(written_params),
+                "params": list(encodings.written_params),
             },
             evaluation_figures=evaluation,
             weights=weights,
@@ -156,6 +195,75 @@ def quantize(
         report=report,
         outputs=evaluation.outputs,
         seconds=time.perf_counter() - start,
+    )
+
+
+def check_analysis_samples(count: int) -> None:
+    """--analysis-samples must not be negative."""
+    if count < 0:
+        raise OnnxSnpeError(f"--analysis-samples must be 0 or more, got {count}")
+
+
+def prepare(
+    model: str | os.PathLike,
+    calib: str | os.PathLike,
+    eval_data: str | os.PathLike | None,
+    num_samples: int | None,
+    input_shapes: dict[str | None, tuple[int, ...]] | None,
+    image_options: ImageOptions | None,
+) -> Prepared:
+    """Load the model, open the datasets, fix the shapes from the first sample, fold the graph."""
+    model_path = Path(model).absolute()
+    onnx_model = load_model(model_path)
+    inputs = model_inputs(onnx_model)
+    calib_set = open_dataset(calib, inputs, image_options, input_shapes, num_samples)
+    calib_set.load(0)  # fixes the input shapes from the data
+    shapes = dict(calib_set.shapes)
+    eval_set = calib_set
+    if eval_data is not None:
+        eval_set = open_dataset(eval_data, inputs, image_options, input_shapes)
+        eval_set.shapes.update(shapes)  # the deploy model is static: eval samples must match
+    deploy, batchnorms_folded = prepare_deploy_model(onnx_model, shapes)
+    return Prepared(model_path, deploy, batchnorms_folded, find_targets(deploy), [spec.name for spec in inputs],
+                    shapes, calib_set, eval_set, eval_data is not None)
+
+
+def calibrate(
+    prepared: Prepared, staged: export.StagedOutput, methods: Iterable[str], progress: bool
+) -> dict[str, TensorStats]:
+    """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files."""
+    raw_writer = export.InputListWriter(staged, prepared.input_names)
+    samples = _teed(_progress(prepared.calib_set, "calibration", progress), raw_writer.add)
+    stats = collect_statistics(prepared.deploy, prepared.targets.activations, samples, methods=list(methods))
+    raw_writer.finish()
+    return stats
+
+
+def encode(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings) -> Encodings:
+    """Activation, weight and bias encodings for one configuration."""
+    deploy, targets = prepared.deploy, prepared.targets
+    fixed = fixed_range_tensors(deploy) if settings.fixed_ranges else None
+    activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
+                                       percentile=settings.percentile, fixed=fixed)
+    weights = weight_encodings(deploy, targets, settings.weight_bitwidth, settings.weight_method,
+                               settings.percentile)
+    biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
+    written = {**weights, **(biases if settings.write_bias_encodings else {})}
+    return Encodings(activations, weights, biases, written)
+
+
+def evaluate_encodings(
+    prepared: Prepared, stats: dict[str, TensorStats], encodings: Encodings, analysis_samples: int, progress: bool
+) -> Evaluation:
+    """The simulated model against FP32 on the evaluation samples, per output and per tensor."""
+    return evaluate(
+        prepared.deploy,
+        prepared.targets,
+        encodings.activations,
+        {**encodings.weights, **encodings.biases},
+        {name: (stats[name].min, stats[name].max) for name in prepared.targets.activations},
+        _progress(prepared.eval_set, "evaluation", progress),
+        isolated_samples=analysis_samples,
     )
 
 

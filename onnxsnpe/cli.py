@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .api import quantize
+from .api import Settings, quantize
 from .calibration import ImageOptions
+from .compare import compare, comparison_summary
 from .errors import OnnxSnpeError
-from .ranges import ACTIVATION_METHODS
+from .ranges import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
 from .report import summary_text
 
 DEMO_MODEL = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
@@ -76,6 +77,63 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
 
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="the FP32 ONNX model")
+    parser.add_argument("--calib", type=Path, required=True, help="calibration samples (see below)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created; files in it are replaced)")
+    parser.add_argument("--eval", type=Path, help="held-out samples for the report (default: the calibration samples)")
+    parser.add_argument("--num-samples", type=int, help="use only the first N calibration samples (sorted by name)")
+    parser.add_argument(
+        "--input-shape", type=_input_shape, action="append", default=[], metavar="[NAME:]DIMS",
+        help="fix an input's shape, e.g. x:1,3,320,320 (needed for raw input lists with dynamic dims)",
+    )
+    images = parser.add_argument_group("image preprocessing (folders of images)")
+    images.add_argument("--resize", type=_resize, metavar="H,W", help="resize to H,W (default: the model's size)")
+    images.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb", help="channel order (default rgb)")
+    images.add_argument("--scale", type=float, default=1 / 255, help="multiply pixels by this first (default 1/255)")
+    images.add_argument("--mean", type=_float_list, default=(0.0,), help="subtract, per channel (default 0)")
+    images.add_argument("--std", type=_float_list, default=(1.0,), help="then divide, per channel (default 1)")
+    images.add_argument("--layout", choices=("nchw", "nhwc"), help="model input layout (default: guessed)")
+
+
+def _add_setting_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--percentile", type=float, default=DEFAULT_PERCENTILE,
+        help=f"for the percentile method: clip each end at this percentile (default {DEFAULT_PERCENTILE})",
+    )
+    parser.add_argument(
+        "--weight-method", choices=WEIGHT_METHODS, default="minmax", help="weight range method (default minmax)"
+    )
+    parser.add_argument(
+        "--no-fixed-ranges", dest="fixed_ranges", action="store_false",
+        help="calibrate Sigmoid/Softmax outputs and Tanh too (default: fixed [0, 1] and [-1, 1])",
+    )
+    parser.add_argument("--weight-bitwidth", type=int, choices=(8, 16), default=8, help="weight bits (default 8)")
+    parser.add_argument(
+        "--bias-bitwidth", type=int, choices=(8, 32), default=32,
+        help="bias bits, as snpe-dlc-quantize --bias_bitwidth (default 32)",
+    )
+    parser.add_argument(
+        "--write-bias-encodings", action="store_true",
+        help="also write bias entries to the overrides (default: leave biases to snpe-dlc-quantize)",
+    )
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ACTIVATION_METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"methods are {', '.join(ACTIVATION_METHODS)}; got '{text}'")
+    return methods
+
+
+def _bitwidth_list(text: str) -> list[int]:
+    values = list(_int_list(text))
+    if any(v not in (8, 16) for v in values):
+        raise argparse.ArgumentTypeError(f"activation bitwidths are 8 and 16; got '{text}'")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``onnxsnpe`` command."""
     parser = argparse.ArgumentParser(
@@ -91,38 +149,42 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=QUANTIZE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    q.add_argument("model", type=Path, help="the FP32 ONNX model")
-    q.add_argument("--calib", type=Path, required=True, help="calibration samples (see below)")
-    q.add_argument("--out", type=Path, required=True, help="output folder (created; files in it are replaced)")
-    q.add_argument("--eval", type=Path, help="held-out samples for the report (default: the calibration samples)")
-    q.add_argument("--num-samples", type=int, help="use only the first N calibration samples (sorted by name)")
-    q.add_argument("--method", choices=ACTIVATION_METHODS, default="minmax", help="activation range method")
+    _add_data_args(q)
+    q.add_argument(
+        "--method", choices=ACTIVATION_METHODS, default="minmax",
+        help="activation range method: minmax, percentile, mse, or tf_enhanced (what snpe-dlc-quantize "
+        "--use_enhanced_quantizer picks; depends on the first sample) (default minmax)",
+    )
     q.add_argument("--act-bitwidth", type=int, choices=(8, 16), default=8, help="activation bits (default 8)")
-    q.add_argument("--weight-bitwidth", type=int, choices=(8, 16), default=8, help="weight bits (default 8)")
-    q.add_argument(
-        "--bias-bitwidth", type=int, choices=(8, 32), default=32,
-        help="bias bits, as snpe-dlc-quantize --bias_bitwidth (default 32)",
-    )
-    q.add_argument(
-        "--write-bias-encodings", action="store_true",
-        help="also write bias entries to the overrides (default: leave biases to snpe-dlc-quantize)",
-    )
+    _add_setting_args(q)
     q.add_argument(
         "--analysis-samples", type=int, default=4, metavar="N",
         help="evaluation samples for the per-tensor isolated errors (one run per tensor each; 0 skips; default 4)",
     )
-    q.add_argument(
-        "--input-shape", type=_input_shape, action="append", default=[], metavar="[NAME:]DIMS",
-        help="fix an input's shape, e.g. x:1,3,320,320 (needed for raw input lists with dynamic dims)",
-    )
-    images = q.add_argument_group("image preprocessing (folders of images)")
-    images.add_argument("--resize", type=_resize, metavar="H,W", help="resize to H,W (default: the model's size)")
-    images.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb", help="channel order (default rgb)")
-    images.add_argument("--scale", type=float, default=1 / 255, help="multiply pixels by this first (default 1/255)")
-    images.add_argument("--mean", type=_float_list, default=(0.0,), help="subtract, per channel (default 0)")
-    images.add_argument("--std", type=_float_list, default=(1.0,), help="then divide, per channel (default 1)")
-    images.add_argument("--layout", choices=("nchw", "nhwc"), help="model input layout (default: guessed)")
     _add_common(q)
+
+    c = commands.add_parser(
+        "compare",
+        help="calibrate once and report several methods and bitwidths side by side",
+        description="Calibrate once, then encode, simulate and report every combination of --methods and "
+        "--act-bitwidth in one table (compare.json, compare.html), with one overrides file per configuration.",
+        epilog=QUANTIZE_EPILOG.split("examples:")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_data_args(c)
+    c.add_argument(
+        "--methods", type=_method_list, default=list(ACTIVATION_METHODS), metavar="M1,M2",
+        help=f"activation range methods to compare (default {','.join(ACTIVATION_METHODS)})",
+    )
+    c.add_argument(
+        "--act-bitwidth", type=_bitwidth_list, default=[8], metavar="B1,B2", help="activation bits, e.g. 8,16"
+    )
+    _add_setting_args(c)
+    c.add_argument(
+        "--analysis-samples", type=int, default=1, metavar="N",
+        help="evaluation samples for finding each configuration's costliest tensors (0 skips; default 1)",
+    )
+    _add_common(c)
 
     d = commands.add_parser(
         "demo",
@@ -149,6 +211,8 @@ def find_demo_data(explicit: Path | None) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "compare":
+        return _run_compare(args)
     if args.command == "demo":
         data = find_demo_data(args.data)
         result = quantize(
@@ -167,20 +231,39 @@ def _run(args: argparse.Namespace) -> int:
             eval_data=args.eval,
             num_samples=args.num_samples,
             method=args.method,
+            percentile=args.percentile,
+            weight_method=args.weight_method,
+            fixed_ranges=args.fixed_ranges,
             act_bitwidth=args.act_bitwidth,
             weight_bitwidth=args.weight_bitwidth,
             bias_bitwidth=args.bias_bitwidth,
             write_bias_encodings=args.write_bias_encodings,
             input_shapes=dict(args.input_shape),
             analysis_samples=args.analysis_samples,
-            image_options=ImageOptions(
-                resize=args.resize, color=args.color, scale=args.scale, mean=args.mean, std=args.std,
-                layout=args.layout,
-            ),
+            image_options=_image_options(args),
             progress=not args.quiet,
         )
     if not args.quiet:
         print(summary_text(result.report, result.out_dir, result.seconds))
+    return 0
+
+
+def _image_options(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(resize=args.resize, color=args.color, scale=args.scale, mean=args.mean, std=args.std,
+                        layout=args.layout)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
+                    weight_bitwidth=args.weight_bitwidth, bias_bitwidth=args.bias_bitwidth,
+                    write_bias_encodings=args.write_bias_encodings)
+    result = compare(
+        args.model, args.calib, args.out, methods=args.methods, act_bitwidths=args.act_bitwidth, base=base,
+        eval_data=args.eval, num_samples=args.num_samples, input_shapes=dict(args.input_shape),
+        image_options=_image_options(args), analysis_samples=args.analysis_samples, progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(comparison_summary(result.report, result.out_dir, result.seconds))
     return 0
 
 

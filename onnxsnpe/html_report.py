@@ -208,3 +208,67 @@ def _histogram(tensor: dict) -> str:
 
 def _shorten(name: str, limit: int = 60) -> str:
     return name if len(name) <= limit else "..." + name[-(limit - 3):]
+
+
+def write_comparison_html(comparison: dict, path: Path) -> None:
+    """Write the page for ``onnxsnpe compare`` (the dict written to compare.json)."""
+    path.write_text(render_comparison(comparison))
+
+
+def render_comparison(comparison: dict) -> str:
+    """Every configuration in one table and one chart; identical inputs give identical pages."""
+    configs = comparison["configurations"]
+    title = f"onnxsnpe comparison: {Path(comparison['model']['path']).name}"
+    evaluation = comparison["evaluation"]
+    rows = []
+    for config in configs:
+        for output in config["outputs"]:
+            top1, top5 = output.get("top1_agreement"), output.get("top5_agreement")
+            worst = config["worst_isolated"][:1]
+            rows.append(
+                f"<tr><td>{_e(config['name'])}</td><td class='name'>{_e(output['name'])}</td>"
+                f"<td>{_db(output['sqnr_db'])}</td><td>{output['cosine']:.5f}</td>"
+                f"<td>{output['max_abs_error']:.4g}</td>"
+                f"<td>{'' if top1 is None else f'{100 * top1:.1f}%'}</td>"
+                f"<td>{'' if top5 is None else f'{100 * top5:.1f}%'}</td>"
+                f"<td class='name'>{_e(worst[0]) if worst else ''}</td>"
+                f"<td class='name'>{_e(config['overrides'])}</td></tr>"
+            )
+    table = (
+        "<table><tr><th>configuration</th><th>output</th><th>SQNR dB</th><th>cosine</th><th>max |err|</th>"
+        "<th>top-1 agree</th><th>top-5 agree</th><th>costliest tensor (isolated)</th><th>overrides file</th></tr>"
+        + "".join(rows) + "</table>"
+    )
+    body = "\n".join([
+        f"<h1>{_e(title)}</h1>",
+        f"<p>Calibrated once on {comparison['calibration']['num_samples']} samples; every configuration "
+        f"evaluated on {evaluation['num_samples']} {'held-out' if evaluation['held_out'] else 'calibration'} "
+        f"samples from <code>{_e(evaluation['path'])}</code>.</p>",
+        f"<p class='note'>{_e(evaluation['note'])}</p>" if evaluation.get("note") else "",
+        table,
+        f"<div class='charts'>{_comparison_bars(configs)}</div>",
+    ])
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_e(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def _comparison_bars(configs: list[dict]) -> str:
+    outputs = [o["name"] for o in configs[0]["outputs"]]
+    figure = Figure(figsize=(11, 0.45 * len(configs) * len(outputs) + 1.4))
+    ax = figure.add_subplot()
+    height = 0.8 / len(outputs)
+    for k, name in enumerate(outputs):
+        values = _finite([next(o["sqnr_db"] for o in c["outputs"] if o["name"] == name) for c in configs], 100.0)
+        positions = [i + k * height for i in range(len(configs))]
+        ax.barh(positions, values, height=height, label=_shorten(name, 40))
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(configs))], [c["name"] for c in configs])
+    ax.invert_yaxis()
+    ax.set_xlabel("output SQNR against FP32 (dB); higher is better")
+    ax.set_title("Configurations compared")
+    ax.grid(axis="x", alpha=0.3)
+    if len(outputs) > 1:
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    return _svg(figure)
