@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from onnxsnpe import ImageOptions, quantize
+from onnxsnpe import ImageOptions
+from onnxsnpe.compare import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -70,15 +71,16 @@ def main() -> None:
             make_crops(calib, size, args.calib, "top", seed=1)
             make_crops(held_out, size, args.eval, "bottom", seed=2)
             options = ImageOptions(resize=size, **norm)
+            result = compare(SHARED / "models" / name, calib, Path(tmp, name, "out"), methods=methods,
+                             act_bitwidths=[8], eval_data=held_out, image_options=options, analysis_samples=2,
+                             progress=False)
             cells = []
-            for method in methods:
-                result = quantize(SHARED / "models" / name, calib, Path(tmp, name, method), eval_data=held_out,
-                                  method=method, image_options=options, analysis_samples=2, progress=False)
-                output = result.report["outputs"][0]
-                worst = result.report["tensors"]["worst_isolated"][:3]
+            for config in result.report["configurations"]:
+                output = config["outputs"][0]
                 top1 = output.get("top1_agreement")
                 cells.append(f"{output['sqnr_db']:.2f}" + (f" ({100 * top1:.0f}%)" if top1 is not None else ""))
-                print(json.dumps({"model": name, "method": method, "output": output, "worst_isolated": worst}))
+                print(json.dumps({"model": name, "configuration": config["name"], "output": output,
+                                  "worst_isolated": config["worst_isolated"][:3]}), flush=True)
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
     print()
     print("| model | " + " | ".join(methods) + " |")
