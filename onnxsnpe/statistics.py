@@ -13,6 +13,7 @@ order-independent histogram for ``percentile`` and ``mse``, AIMET's first-sample
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -120,9 +121,11 @@ def collect_statistics(
     """
     methods = tuple(methods)
     stats = {name: TensorStats(methods) for name in tensors}
-    # Counting histograms costs the worker about as much as onnxruntime's run: one core each. For
-    # min/max alone the worker is light and onnxruntime gets both cores (measured, bench_calibration).
-    threads = 1 if set(methods) & (HISTOGRAM_METHODS | {"tf_enhanced"}) else 0
+    # Counting histograms keeps the worker busy: it gets a core of its own, onnxruntime the others
+    # (on 2 cores, one each: balanced, see tools/bench_calibration.py). For min/max alone the worker
+    # is light and onnxruntime uses every core (0: its default).
+    heavy = bool(set(methods) & (HISTOGRAM_METHODS | {"tf_enhanced"}))
+    threads = max(1, (os.cpu_count() or 2) - 1) if heavy else 0
     runner = _Runner(model, tensors, batch_size, threads)
     with _Updater(stats) as updater:
         for batch in _batches(samples, runner.batch_size):

@@ -1,0 +1,188 @@
+"""Benchmark calibration cost against plain FP32 inference, in one process and one run.
+
+On EfficientNet-Lite0 (../shared/models) with real image crops (../shared/images and calib_data/),
+it prints the time of
+- plain FP32 onnxruntime inference over the samples (default session, batch 1 and batch 4),
+- onnxruntime with the observed tensors as outputs but no statistics (the floor of our pass),
+- our calibration with each method (statistics pass plus the range choice), and minmax at batch 4,
+- onnxruntime's own quantize_static with MinMax and Percentile on the same samples,
+each with its ratio to the faster plain inference; then the peak memory (RSS high-water mark,
+reset before each run through /proc/self/clear_refs) of our calibration at 64 and 512 samples.
+
+Usage: python tools/bench_calibration.py [--samples 256] [--repeats 3] [--skip-ort]
+This is not a test: timings depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from PIL import Image
+
+from onnxsnpe.graph import load_model, prepare_deploy_model
+from onnxsnpe.ranges import ACTIVATION_METHODS, activation_encodings
+from onnxsnpe.statistics import DEFAULT_BATCH_SIZE, _Runner, batch_dynamic_copy, collect_statistics
+from onnxsnpe.targets import find_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
+IMAGE_DIRS = [ROOT.parent / "shared" / "images", ROOT / "calib_data" / "calib", ROOT / "calib_data" / "eval"]
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+SIZE = 224
+
+
+def images() -> list[Image.Image]:
+    """Every real photograph available, as RGB."""
+    paths = sorted(p for folder in IMAGE_DIRS for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg"))
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def samples(count: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Random square crops (a third of the short side or more), resized, maybe mirrored; made lazily."""
+    photos = images()
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        side = int(rng.integers(min(photo.size) // 3, min(photo.size) + 1))
+        left = int(rng.integers(0, photo.width - side + 1))
+        top = int(rng.integers(0, photo.height - side + 1))
+        crop = photo.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+        pixels = (np.asarray(crop, dtype=np.float32) / 255 - MEAN) / STD
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        yield {"input": np.ascontiguousarray(pixels.transpose(2, 0, 1)[np.newaxis])}
+
+
+def timed(run: Callable[[], object]) -> float:
+    """The wall time of one run."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def plain_inference(model: onnx.ModelProto, data: list[dict[str, np.ndarray]], batch: int) -> None:
+    """What a user's FP32 inference costs: a default onnxruntime session over the samples."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for start in range(0, len(data), batch):
+        session.run(None, {"input": np.concatenate([s["input"] for s in data[start : start + batch]])})
+
+
+def exposed_inference(deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], threads: int) -> None:
+    """Our onnxruntime side alone: the observed tensors written out for every sample, no statistics."""
+    runner = _Runner(deploy, find_targets(deploy).activations, 1, threads)
+    for sample in data:
+        for _, release in runner.run([sample]):
+            release()
+
+
+def calibrate(deploy: onnx.ModelProto, data, method: str, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    """Our calibration: the statistics pass and the range choice of every activation."""
+    targets = find_targets(deploy)
+    stats = collect_statistics(deploy, targets.activations, data, [method], batch_size)
+    activation_encodings(stats, targets, method, 8)
+
+
+class Reader:
+    """onnxruntime's CalibrationDataReader over our samples."""
+
+    def __init__(self, data: list[dict[str, np.ndarray]]) -> None:
+        self.data = iter(data)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.data, None)
+
+
+def ort_quantize_static(path: Path, data: list[dict[str, np.ndarray]], method: str) -> None:
+    """onnxruntime's own static quantization (QDQ) calibrated on the same samples; its chatter muted."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    logging.getLogger().setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(path), str(Path(tmp) / "q.onnx"), Reader(data), quant_format=QuantFormat.QDQ,
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
+
+
+def peak_rss_mb(run: Callable[[], object]) -> tuple[float, float]:
+    """(peak RSS during ``run``, RSS before it), in MB; the kernel's high-water mark is reset first."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    run()
+    return _status("VmHWM"), before
+
+
+def _status(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the best of each is kept")
+    parser.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's quantize_static (slow)")
+    args = parser.parse_args()
+
+    deploy, _ = prepare_deploy_model(load_model(MODEL), {"input": (1, 3, SIZE, SIZE)})
+    targets = find_targets(deploy)
+    print(f"model: {MODEL.name}, {len(targets.activations)} observed tensors, "
+          f"{len(list(images()))} source photos; onnxruntime {ort.__version__}, numpy {np.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+    for method in ACTIVATION_METHODS:  # compile the kernels outside the timings
+        calibrate(deploy, list(samples(2)), method)
+
+    print("\npeak memory of our calibration (RSS high-water mark, MB)")
+    print(f"{'method':<14}{'64 samples':>12}{'512 samples':>13}{'ratio':>8}   (RSS before: 64 / 512)")
+    for method in ACTIVATION_METHODS:
+        peak64, before64 = peak_rss_mb(lambda m=method: calibrate(deploy, samples(64), m))
+        peak512, before512 = peak_rss_mb(lambda m=method: calibrate(deploy, samples(512), m))
+        print(f"{method:<14}{peak64:>12.0f}{peak512:>13.0f}{peak512 / peak64:>8.3f}"
+              f"   ({before64:.0f} / {before512:.0f})")
+
+    data = list(samples(args.samples))
+    dynamic = batch_dynamic_copy(deploy)
+    batch = 4
+    runs: dict[str, Callable[[], object]] = {
+        "plain FP32, batch 1": lambda: plain_inference(deploy, data, 1),
+        f"plain FP32, batch {batch}": lambda: plain_inference(dynamic, data, batch),
+        "tensors exposed, no statistics, 2 threads": lambda: exposed_inference(deploy, data, 0),
+        "tensors exposed, no statistics, 1 thread": lambda: exposed_inference(deploy, data, 1),
+        **{f"onnxsnpe {m}": (lambda m=m: calibrate(deploy, data, m)) for m in ACTIVATION_METHODS},
+        f"onnxsnpe minmax, batch {batch}": lambda: calibrate(deploy, data, "minmax", batch),
+    }
+    best = dict.fromkeys(runs, np.inf)
+    for _ in range(args.repeats):  # interleaved, best of each: other load on the machine hits all alike
+        for name, run in runs.items():
+            best[name] = min(best[name], timed(run))
+    rows = list(best.items())
+    baseline = min(best["plain FP32, batch 1"], best[f"plain FP32, batch {batch}"])
+    if not args.skip_ort:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "deploy.onnx"
+            onnx.save(deploy, str(path))
+            rows += [(f"onnxruntime quantize_static {m}", timed(lambda m=m: ort_quantize_static(path, data, m)))
+                     for m in ("MinMax", "Percentile")]
+
+    print(f"\ntime over {len(data)} samples (ratio: to the faster plain inference)")
+    print(f"{'what':<40}{'seconds':>9}{'ms/sample':>11}{'ratio':>8}")
+    for name, seconds in rows:
+        print(f"{name:<40}{seconds:>9.2f}{1000 * seconds / len(data):>11.2f}{seconds / baseline:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
