@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from onnxsnpe import ImageOptions
+from onnxsnpe.api import Settings
 from onnxsnpe.compare import compare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=128)
     parser.add_argument("--eval", type=int, default=32)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--weight-bitwidth", type=int, default=8, help="16 isolates the activation methods' effect")
     args = parser.parse_args()
     methods = args.methods.split(",")
     rows = []
@@ -72,7 +74,7 @@ def main() -> None:
             make_crops(held_out, size, args.eval, "bottom", seed=2)
             options = ImageOptions(resize=size, **norm)
             result = compare(SHARED / "models" / name, calib, Path(tmp, name, "out"), methods=methods,
-                             act_bitwidths=[8], eval_data=held_out, image_options=options, analysis_samples=2,
+                             act_bitwidths=[8], base=Settings(weight_bitwidth=args.weight_bitwidth), eval_data=held_out, image_options=options, analysis_samples=2,
                              progress=False)
             cells = []
             for config in result.report["configurations"]:
