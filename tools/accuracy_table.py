@@ -74,8 +74,8 @@ def main() -> None:
             make_crops(held_out, size, args.eval, "bottom", seed=2)
             options = ImageOptions(resize=size, **norm)
             result = compare(SHARED / "models" / name, calib, Path(tmp, name, "out"), methods=methods,
-                             act_bitwidths=[8], base=Settings(weight_bitwidth=args.weight_bitwidth), eval_data=held_out, image_options=options, analysis_samples=2,
-                             progress=False)
+                             act_bitwidths=[8], base=Settings(weight_bitwidth=args.weight_bitwidth),
+                             eval_data=held_out, image_options=options, analysis_samples=2, progress=False)
             cells = []
             for config in result.report["configurations"]:
                 output = config["outputs"][0]
