@@ -1,0 +1,189 @@
+"""Run a QDQ model on Qualcomm's HTP backend through onnxruntime-qnn, and measure agreement with it.
+
+onnxruntime-qnn (the optional extra ``onnxsnpe[qnn]``, version 2.x) is a plugin execution provider:
+it registers ``QNNExecutionProvider`` with a standard onnxruntime and ships ``libQnnHtp.so``, which
+on x86-64 Linux is Qualcomm's HTP emulator. Sessions run with the default
+``offload_graph_io_quantization``: the QuantizeLinear of each graph input and the DequantizeLinear
+of each graph output run on the CPU, everything else in the HTP graph.
+
+Inputs are fake-quantized with onnxsnpe's own rounding before they reach any runtime: onnxruntime's
+CPU QuantizeLinear rounds half to even, SNPE rounds half away from zero, and real inputs do hit exact
+ties (``pixel / 127.5 - 1`` lands on one at every odd pixel value with the usual [-1, 1] encoding).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .encoding import Encoding, fake_quantize
+from .errors import OnnxSnpeError
+from .metrics import OutputComparison, json_db
+from .runtime import make_session
+
+QNN_EP = "QNNExecutionProvider"
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+INSTALL_HINT = "pip install 'onnxsnpe[qnn]' (onnxruntime-qnn 2.x)"
+
+Sample = dict[str, np.ndarray]
+Runner = Callable[[Sample], list[np.ndarray]]
+
+
+def qnn_unavailable_reason() -> str | None:
+    """Why the HTP backend cannot run here, or None when it can."""
+    try:
+        qnn = importlib.import_module("onnxruntime_qnn")
+    except ImportError:
+        return f"onnxruntime-qnn is not installed: {INSTALL_HINT}"
+    if not hasattr(ort, "register_execution_provider_library"):
+        return f"onnxruntime {ort.__version__} cannot load plugin execution providers; upgrade it"
+    try:
+        _qnn_devices(qnn)
+    except Exception as exc:  # the plugin library fails to load in many ways
+        return f"onnxruntime-qnn is installed but its QNN execution provider does not load: {exc}"
+    return None
+
+
+def _qnn_devices(qnn) -> list:
+    """The QNN EP devices, registering the plugin library on first use."""
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if not devices:
+        ort.register_execution_provider_library(QNN_EP, qnn.get_library_path())
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if not devices:
+        raise RuntimeError("no QNN device was found after registering the library")
+    return devices
+
+
+@dataclass
+class HtpSession:
+    """An onnxruntime session running a QDQ model on the QNN HTP backend.
+
+    ``cpu_nodes`` lists (op type, node name) of the compute nodes that fell back to onnxruntime's
+    CPU provider, ``io_nodes`` the QuantizeLinear/DequantizeLinear nodes it runs there (by design
+    the graph input and output conversions; the QNN provider renames the ones it moves). Both are
+    None when this onnxruntime cannot report node placement.
+    """
+
+    model: onnx.ModelProto
+    input_encodings: dict[str, Encoding]
+    session: ort.InferenceSession = field(init=False)
+    cpu_nodes: list[tuple[str, str]] | None = field(init=False)
+    io_nodes: list[tuple[str, str]] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        reason = qnn_unavailable_reason()
+        if reason:
+            raise OnnxSnpeError(reason)
+        qnn = importlib.import_module("onnxruntime_qnn")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        options.add_provider_for_devices(_qnn_devices(qnn), {"backend_path": qnn.get_qnn_htp_path()})
+        try:
+            self.session = ort.InferenceSession(self.model.SerializeToString(), sess_options=options)
+        except Exception as exc:
+            raise OnnxSnpeError(f"the QNN HTP backend rejected the model: {_first_line(exc)}") from exc
+        self.cpu_nodes = self.io_nodes = None
+        if hasattr(self.session, "get_provider_graph_assignment_info"):
+            cpu = [
+                (node.op_type, node.name)
+                for subgraph in self.session.get_provider_graph_assignment_info()
+                if subgraph.ep_name != QNN_EP
+                for node in subgraph.get_nodes()
+            ]
+            self.cpu_nodes = [n for n in cpu if n[0] not in QDQ_OPS]
+            self.io_nodes = [n for n in cpu if n[0] in QDQ_OPS]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, sample: Sample) -> list[np.ndarray]:
+        """The HTP outputs for one sample (inputs fake-quantized first, see the module docstring)."""
+        return self.session.run(None, quantize_inputs(sample, self.input_encodings))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def quantize_inputs(sample: Sample, encodings: dict[str, Encoding]) -> Sample:
+    """``sample`` with each encoded input fake-quantized (rounding half away from zero)."""
+    return {name: fake_quantize(value, encodings[name]) if name in encodings else value
+            for name, value in sample.items()}
+
+
+def cpu_runner(model: onnx.ModelProto, input_encodings: dict[str, Encoding], names: list[str]) -> Runner:
+    """onnxruntime's own CPU execution of ``model`` (all graph optimizations on, as a user gets it)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    return lambda sample: session.run(names, quantize_inputs(sample, input_encodings))
+
+
+@dataclass
+class Agreement:
+    """How closely one execution of a quantized model follows another on one output."""
+
+    name: str
+    comparison: OutputComparison
+    scale: float
+
+    @property
+    def sqnr_db(self) -> float:
+        return self.comparison.sqnr_db
+
+    @property
+    def max_error_lsb(self) -> float:
+        """The largest difference in steps of the output's encoding."""
+        return self.comparison.max_abs_error / self.scale
+
+    @property
+    def top1(self) -> float | None:
+        """Share of rows (samples or time steps) whose best class agrees; None if not class scores."""
+        rows = self.comparison.rows
+        return self.comparison.top1 / rows if rows else None
+
+    def to_dict(self) -> dict:
+        """Figures for report.json."""
+        return {
+            "name": self.name,
+            "sqnr_db": json_db(self.sqnr_db),
+            "max_error_lsb": round(self.max_error_lsb, 3),
+            "top1_agreement": self.top1,
+            "values_compared": self.comparison.count,
+        }
+
+
+def measure_agreement(
+    reference: Runner,
+    candidate: Runner,
+    names: list[str],
+    output_encodings: dict[str, Encoding],
+    samples: Iterable[Sample],
+) -> list[Agreement]:
+    """Per output, the error of ``candidate`` against ``reference`` over ``samples``, streaming.
+
+    Both runners return the outputs ``names`` in that order. Typically the reference is an
+    HtpSession's ``run`` and the candidate the simulation or onnxruntime's CPU execution.
+    """
+    results = [Agreement(name, OutputComparison(name), output_encodings[name].scale) for name in names]
+    for sample in samples:
+        for result, ref, got in zip(results, reference(sample), candidate(sample), strict=True):
+            result.comparison.update(ref, got)
+    return results
+
+
+def simulation_runner(model: onnx.ModelProto, output_map: dict[str, str], names: list[str]) -> Runner:
+    """A runner over a simulation model (simulate.build_simulation_model or htp_model's)."""
+    session = make_session(model)
+    mapped = [output_map[name] for name in names]
+    return lambda sample: session.run(mapped, sample)

@@ -1,0 +1,234 @@
+"""Export the deploy model as a QDQ ONNX model carrying exactly onnxsnpe's encodings.
+
+Every quantized tensor gets a QuantizeLinear/DequantizeLinear pair with ``scale`` = the encoding's
+scale and ``zero_point = -offset``, so onnxruntime (CPU) and onnxruntime-qnn (HTP) run the same
+integer grids the simulation uses:
+
+- Activations: a Q/DQ pair after the producer; the dequantized value keeps the tensor's name, so
+  graph outputs and intermediate tensors keep theirs.
+- Aliases (outputs of data-movement ops) get a pair with their input's encoding: QNN builds a
+  quantized op only from a DQ -> op -> Q group, and data movement keeps the grid anyway.
+- A tensor squashed into a following Relu/Clip gets the post-activation encoding, so the op runs
+  quantized (QNN has no Conv+Relu fusion across Q/DQ) and the activation changes nothing after it.
+- Params are stored quantized with a DequantizeLinear: unsigned with ``zero_point = -offset`` when
+  asymmetric, signed with zero point 0 when symmetric (int32 biases among them).
+
+8-bit Q/DQ use the standard domain (opset >= 10; older models are upgraded to opset 13 with
+onnx.version_converter). 16-bit activations need opset 21, so when any encoding is 16-bit and the
+model is older, the Q/DQ nodes use onnxruntime's ``com.microsoft`` domain, which both onnxruntime
+and its QNN execution provider accept; the float graph is never rewritten for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+
+from .encoding import Encoding, asymmetric_encoding, quantize
+from .graph import FLOAT_TYPES
+from .targets import QuantTargets
+
+SUFFIX = "__onnxsnpe_qdq"
+MS_DOMAIN = "com.microsoft"
+
+STRUCTURAL_INPUTS = {
+    "Clip": {1, 2},
+    "Pad": {1, 2, 3},
+    "Resize": {1, 2, 3},
+    "Upsample": {1},
+    "Reshape": {1},
+    "Expand": {1},
+    "Tile": {1},
+    "Slice": {1, 2, 3, 4},
+    "ConstantOfShape": {0},
+}
+"""Float constant inputs that are settings rather than data (never quantized on the device)."""
+
+
+def constant_encodings(
+    model: onnx.ModelProto, targets: QuantTargets, params: dict[str, Encoding], bitwidth: int = 8
+) -> dict[str, Encoding]:
+    """Min-max encodings of the float constants that feed quantized ops but have no param encoding.
+
+    SNPE's quantizer gives every static input of a quantized op (the constant operand of an Add or
+    Mul, a LayerNorm gamma, a Pow exponent) an encoding from its own min and max; a QNN graph has
+    to carry them quantized too, or the op would run in float. Biases covered by ``targets`` are
+    skipped even when ``params`` lacks them (e.g. float biases). *Inferred* for SNPE: this is what
+    its converter does with static tensors, not confirmed by a source.
+    """
+    bias_names = {ref.bias for ref in targets.biases}
+    values = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
+    found: dict[str, Encoding] = {}
+    for node in model.graph.node:
+        structural = STRUCTURAL_INPUTS.get(node.op_type, set())
+        for index, name in enumerate(node.input):
+            if name not in values or name in params or name in bias_names or name in found:
+                continue
+            if index in structural:
+                continue
+            array = numpy_helper.to_array(values[name])
+            found[name] = asymmetric_encoding(float(array.min()), float(array.max()), bitwidth)
+    return found
+
+
+def build_qdq_model(
+    deploy: onnx.ModelProto,
+    targets: QuantTargets,
+    activations: dict[str, Encoding],
+    params: dict[str, Encoding],
+) -> onnx.ModelProto:
+    """The deploy model with Q/DQ pairs carrying ``activations`` and DQ-stored ``params``.
+
+    ``activations`` maps every activation and alias to its encoding (as ranges.activation_encodings
+    returns); ``params`` maps initializer names to encodings (weights, biases, constants). A param
+    initializer that also feeds a structural input (a Clip bound, a Resize scale) keeps a float
+    copy there.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(deploy)
+    if _default_opset(model) < 10:
+        model = version_converter.convert_version(model, 13)
+    wide = any(enc.bitwidth == 16 for enc in [*activations.values(), *params.values()])
+    domain = MS_DOMAIN if wide and _default_opset(model) < 21 else ""
+    graph = model.graph
+    inputs = {v.name for v in graph.input}
+
+    pairs: dict[str, list[onnx.NodeProto]] = {}
+    new_inits: list[onnx.TensorProto] = []
+    for tensor, enc in _activation_plan(graph, targets, activations):
+        nodes, inits = _qdq_pair(tensor, enc, domain)
+        pairs[tensor] = nodes
+        new_inits.extend(inits)
+
+    # graph inputs: consumers read the dequantized copy; node outputs: the producer writes the float
+    # value under a new name and the DQ writes the original name, so names seen outside stay.
+    read_as = {name: nodes[-1].output[0] for name, nodes in pairs.items() if name in inputs}
+    float_names = {name: name + SUFFIX + "/float" for name in pairs if name not in inputs}
+    for name, float_name in float_names.items():
+        pairs[name][0].input[0] = float_name
+        pairs[name][-1].output[0] = name
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = read_as.get(name, name)
+        for i, name in enumerate(node.output):
+            node.output[i] = float_names.get(name, name)
+
+    param_nodes, kept = _quantize_params(graph, params, domain)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    quantized = {node.output[0] for node in param_nodes}
+    kept_inputs = [v for v in graph.input if v.name not in quantized]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+
+    producer_of = {float_name: name for name, float_name in float_names.items()}
+    ordered = list(param_nodes)
+    for name in read_as:
+        ordered.extend(pairs[name])
+    for node in graph.node:
+        ordered.append(node)
+        for out in node.output:
+            if out in producer_of:
+                ordered.extend(pairs[producer_of[out]])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    if domain and not any(op.domain == domain for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    model.producer_name = "onnxsnpe"
+    return model
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 1)
+
+
+def _activation_plan(
+    graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
+) -> list[tuple[str, Encoding]]:
+    """Each tensor that gets a Q/DQ pair, with its encoding, in graph order."""
+    plan = []
+    for value in graph.input:
+        if value.name in activations:
+            plan.append((value.name, activations[value.name]))
+    for node in graph.node:
+        for out in node.output:
+            if out in targets.squashed and targets.squashed[out] in activations:
+                plan.append((out, activations[targets.squashed[out]]))
+            elif out in activations:
+                plan.append((out, activations[out]))
+    return plan
+
+
+def _structural_uses(graph: onnx.GraphProto) -> set[str]:
+    """Initializers read as settings (Clip bounds, Resize scales, Pad values) by some node."""
+    uses = set()
+    for node in graph.node:
+        for index in STRUCTURAL_INPUTS.get(node.op_type, ()):
+            if index < len(node.input) and node.input[index]:
+                uses.add(node.input[index])
+    return uses
+
+
+def _storage(enc: Encoding) -> tuple[np.dtype, int]:
+    """Integer dtype and zero point for an encoding: signed with zero point 0 when symmetric."""
+    if enc.is_symmetric:
+        return np.dtype(f"int{enc.bitwidth}"), 0
+    return np.dtype(f"uint{enc.bitwidth}"), -enc.offset
+
+
+def _qparams(prefix: str, enc: Encoding) -> list[onnx.TensorProto]:
+    dtype, zero_point = _storage(enc)
+    return [
+        numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), prefix + "scale"),
+        numpy_helper.from_array(np.array(zero_point, dtype=dtype), prefix + "zero_point"),
+    ]
+
+
+def _qdq_pair(tensor: str, enc: Encoding, domain: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Q then DQ of ``tensor`` with ``enc``; the caller wires the pair's first input and last output."""
+    p = f"{tensor}{SUFFIX}/"
+    inits = _qparams(p, enc)
+    q = helper.make_node(
+        "QuantizeLinear", [tensor, p + "scale", p + "zero_point"], [p + "q"], name=p + "Q", domain=domain
+    )
+    dq = helper.make_node(
+        "DequantizeLinear", [p + "q", p + "scale", p + "zero_point"], [p + "dq"], name=p + "DQ", domain=domain
+    )
+    return [q, dq], inits
+
+
+def _quantize_params(
+    graph: onnx.GraphProto, params: dict[str, Encoding], domain: str
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """DequantizeLinear nodes over quantized copies of the param initializers, and the initializers to keep.
+
+    Each DQ output takes the initializer's name; nodes reading the initializer as a setting (a Clip
+    bound, a Resize scale) get a float copy instead.
+    """
+    structural = _structural_uses(graph)
+    nodes, kept = [], []
+    for init in graph.initializer:
+        enc = params.get(init.name)
+        if enc is None:
+            kept.append(init)
+            continue
+        dtype, _ = _storage(enc)
+        values = numpy_helper.to_array(init)
+        codes = quantize(values, enc) + (enc.offset if enc.is_symmetric else 0)
+        p = f"{init.name}{SUFFIX}/"
+        kept.append(numpy_helper.from_array(codes.astype(dtype), p + "q"))
+        kept.extend(_qparams(p, enc))
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear", [p + "q", p + "scale", p + "zero_point"], [init.name],
+                name=p + "DQ", domain=domain,
+            )
+        )
+        if init.name in structural:
+            kept.append(numpy_helper.from_array(values, p + "float"))
+            for node in graph.node:
+                for index in STRUCTURAL_INPUTS.get(node.op_type, ()):
+                    if index < len(node.input) and node.input[index] == init.name:
+                        node.input[index] = p + "float"
+    return nodes, kept

@@ -1,0 +1,173 @@
+"""The QDQ export carries exactly onnxsnpe's encodings and runs on onnxruntime's CPU."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsnpe.encoding import Encoding, asymmetric_encoding, bias_encoding, fake_quantize, quantize
+from onnxsnpe.graph import load_model, prepare_deploy_model
+from onnxsnpe.qdq import MS_DOMAIN, SUFFIX, build_qdq_model, constant_encodings
+from onnxsnpe.runtime import make_session
+from onnxsnpe.simulate import build_simulation_model
+from onnxsnpe.targets import find_targets
+
+
+def _encodings(deploy, targets, bitwidth=8):
+    """Min-max encodings from a few random samples, as the pipeline makes them."""
+    rng = np.random.default_rng(0)
+    names = targets.activations
+    session = make_session(deploy, names)
+    outputs = [o.name for o in session.get_outputs()]
+    lows, highs = {n: np.inf for n in names}, {n: -np.inf for n in names}
+    for _ in range(4):
+        values = dict(zip(outputs, session.run(None, {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)}),
+                          strict=True))
+        for name in names:
+            lows[name] = min(lows[name], float(values[name].min()))
+            highs[name] = max(highs[name], float(values[name].max()))
+    acts = {n: asymmetric_encoding(lows[n], highs[n], bitwidth) for n in names}
+    acts.update({alias: acts[root] for alias, root in targets.aliases.items()})
+    params = {}
+    for init in deploy.graph.initializer:
+        if init.name in targets.weights:
+            w = numpy_helper.to_array(init)
+            params[init.name] = asymmetric_encoding(float(w.min()), float(w.max()), 8)
+    for ref in targets.biases:
+        params[ref.bias] = bias_encoding(acts[ref.input].scale * params[ref.weight].scale)
+    return acts, params
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    targets = find_targets(deploy)
+    acts, params = _encodings(deploy, targets)
+    return deploy, targets, acts, params
+
+
+def _qparams(model):
+    """{quantized tensor: (scale, zero point)} read from the Q and DQ nodes of a QDQ model."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            found.setdefault(node.name, (node.op_type, node.input[0], inits[node.input[1]], inits[node.input[2]]))
+    return found, inits
+
+
+def test_qdq_model_is_valid_and_keeps_input_and_output_names(tiny):
+    deploy, targets, acts, params = tiny
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    onnx.checker.check_model(qdq)
+    assert [v.name for v in qdq.graph.input] == [v.name for v in deploy.graph.input]
+    assert [v.name for v in qdq.graph.output] == [v.name for v in deploy.graph.output]
+    assert qdq.opset_import[0].version == deploy.opset_import[0].version  # 8-bit needs no upgrade
+
+
+def test_activation_qdq_pairs_carry_exactly_our_encodings(tiny):
+    deploy, targets, acts, params = tiny
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    found, _ = _qparams(qdq)
+    tensors = [*targets.activations, *targets.aliases, *targets.squashed]
+    for tensor in tensors:
+        enc = acts[targets.squashed.get(tensor, tensor)]  # squashed tensors use the post-activation grid
+        for kind in ("Q", "DQ"):
+            _, _, scale, zero_point = found[f"{tensor}{SUFFIX}/{kind}"]
+            assert scale.dtype == np.float32 and scale == np.float32(enc.scale)
+            assert zero_point.dtype == np.uint8 and int(zero_point) == -enc.offset
+
+
+def test_params_are_stored_quantized_with_their_encodings(tiny):
+    deploy, targets, acts, params = tiny
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    found, inits = _qparams(qdq)
+    originals = {i.name: numpy_helper.to_array(i) for i in deploy.graph.initializer}
+    for name, enc in params.items():
+        op, stored, scale, zero_point = found[f"{name}{SUFFIX}/DQ"]
+        assert op == "DequantizeLinear" and scale == np.float32(enc.scale)
+        codes = inits[stored]
+        if enc.bitwidth == 32:  # biases: signed, zero point 0
+            assert codes.dtype == np.int32 and int(zero_point) == 0
+            np.testing.assert_array_equal(codes, quantize(originals[name], enc) + enc.offset)
+        else:
+            assert codes.dtype == np.uint8 and int(zero_point) == -enc.offset
+            np.testing.assert_array_equal(codes, quantize(originals[name], enc))
+        assert name not in inits  # the float original is gone
+
+
+def test_cpu_execution_follows_the_simulation(tiny):
+    """Float ops between Q/DQ (basic optimizations) differ from the simulation only at exact ties."""
+    deploy, targets, acts, params = tiny
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    sim, output_map = build_simulation_model(deploy, targets, acts, params)
+    qdq_session, sim_session = make_session(qdq), make_session(sim)
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        x = fake_quantize(rng.normal(size=(1, 3, 8, 8)).astype(np.float32), acts["x"])
+        got = qdq_session.run(["out"], {"x": x})[0]
+        want = sim_session.run([output_map["out"]], {"x": x})[0]
+        assert np.abs(got - want).max() <= acts["out"].scale * 1.001
+
+
+def test_sixteen_bit_uses_the_contrib_domain_and_runs(tiny):
+    deploy, targets, _, params = tiny
+    acts, _ = _encodings(deploy, targets, bitwidth=16)
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    q_nodes = [n for n in qdq.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert {n.domain for n in q_nodes} == {MS_DOMAIN}
+    assert any(op.domain == MS_DOMAIN for op in qdq.opset_import)
+    found, _ = _qparams(qdq)
+    assert found[f"x{SUFFIX}/Q"][3].dtype == np.uint16
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    assert make_session(qdq).run(["out"], {"x": x})[0].shape == (1, 5)
+
+
+def _elementwise_model():
+    """x -> Add(const vector) -> Clip(0, 6) -> Mul(scalar) = y."""
+    inits = [
+        numpy_helper.from_array(np.array([0.5, -1.0, 2.0], dtype=np.float32).reshape(1, 3, 1, 1), "shift"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "low"),
+        numpy_helper.from_array(np.array(6.0, dtype=np.float32), "high"),
+        numpy_helper.from_array(np.array(6.0, dtype=np.float32), "factor"),  # also a Clip bound below
+    ]
+    nodes = [
+        helper.make_node("Add", ["x", "shift"], ["a"]),
+        helper.make_node("Clip", ["a", "low", "factor"], ["c"]),
+        helper.make_node("Mul", ["c", "factor"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "ew", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_constants_of_elementwise_ops_get_encodings_but_clip_bounds_stay_float():
+    model = _elementwise_model()
+    targets = find_targets(model)
+    found = constant_encodings(model, targets, {}, 8)
+    assert set(found) == {"shift", "factor"}
+    assert found["shift"] == asymmetric_encoding(-1.0, 2.0, 8)
+    acts = {name: asymmetric_encoding(-3.0, 40.0, 8) for name in targets.activations}
+    qdq = build_qdq_model(model, targets, acts, found)
+    clip = next(n for n in qdq.graph.node if n.op_type == "Clip")
+    mul = next(n for n in qdq.graph.node if n.op_type == "Mul")
+    inits = {i.name: i for i in qdq.graph.initializer}
+    assert clip.input[2] in inits and inits[clip.input[2]].data_type == TensorProto.FLOAT  # float copy
+    assert mul.input[1] == "factor" and "factor" not in inits  # read from its DequantizeLinear
+    x = np.random.default_rng(2).normal(size=(1, 3, 4, 4)).astype(np.float32)
+    sim, output_map = build_simulation_model(model, targets, acts, found)
+    np.testing.assert_allclose(make_session(qdq).run(["y"], {"x": x})[0],
+                               make_session(sim).run([output_map["y"]], {"x": x})[0], atol=acts["y"].scale)
+
+
+def test_symmetric_weights_are_signed_with_zero_point_zero(tiny):
+    deploy, targets, acts, params = tiny
+    weight = targets.weights[0]
+    values = next(numpy_helper.to_array(i) for i in deploy.graph.initializer if i.name == weight)
+    params = {**params, weight: Encoding(8, float(np.abs(values).max()) / 127, -128, True)}
+    found, inits = _qparams(build_qdq_model(deploy, targets, acts, params))
+    _, stored, _, zero_point = found[f"{weight}{SUFFIX}/DQ"]
+    assert inits[stored].dtype == np.int8 and zero_point.dtype == np.int8 and int(zero_point) == 0
+    assert np.abs(inits[stored].astype(int)).max() == 127

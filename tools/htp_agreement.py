@@ -1,0 +1,221 @@
+"""How closely onnxruntime's CPU and onnxsnpe's simulations follow Qualcomm's HTP, on the four real models.
+
+    python tools/htp_agreement.py [--models effnet,det,rec,cls] [--extra-crops 56]
+
+Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
+calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
+32-bit biases, 8-bit min-max encodings for the other constants), exported as a QDQ model, and run
+on the HTP emulator over calib_data/eval plus ``--extra-crops`` deterministic crops of the
+photographs in ../shared/images (agreement between two executions of one quantized model does not
+need held-out data). Every execution is compared with the HTP's outputs:
+
+- ``ort-cpu``: onnxruntime's CPU execution of the same QDQ model;
+- ``simulate``: simulate.build_simulation_model, onnxsnpe's simulation;
+- ``htp-model``: htp_model.htp_simulation_model, the simulation with the HTP's measured arithmetic.
+
+Prints a Markdown table: SQNR in dB and the largest error in steps of the output encoding, top-1
+agreement for class-score outputs (per sample, or per time step for the recogniser), and the nodes
+onnxruntime kept on the CPU besides the graph input/output (de)quantization.
+
+With ``--per-op``, also each op in isolation: every quantized op (with a Relu/Clip squashed into it)
+is cut out of the model, fed the same on-grid inputs (taken from the htp-model simulation of the
+first evaluation sample) on the HTP and in both simulations, and the share of its output values
+that differ from the HTP's is summed per op type. This separates the arithmetic of single ops from
+the way differences grow through a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from PIL import Image
+
+from onnxsnpe.calibration import ImageOptions, open_dataset
+from onnxsnpe.graph import load_model, model_inputs, prepare_deploy_model
+from onnxsnpe.htp import HtpSession, cpu_runner, measure_agreement, qnn_unavailable_reason, simulation_runner
+from onnxsnpe.htp_model import htp_simulation_model
+from onnxsnpe.qdq import build_qdq_model, constant_encodings
+from onnxsnpe.ranges import activation_encodings, bias_encodings, fixed_range_tensors, weight_encodings
+from onnxsnpe.runtime import make_session
+from onnxsnpe.simulate import SUFFIX, build_simulation_model
+from onnxsnpe.statistics import collect_statistics
+from onnxsnpe.targets import QuantTargets, find_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+HALF = {"mean": (0.5,), "std": (0.5,)}
+MODELS = {
+    "effnet": ("efficientnet_lite0.onnx", (224, 224), IMAGENET),
+    "det": ("ch_PP-OCRv4_det_infer.onnx", (320, 320), IMAGENET),
+    "rec": ("ch_PP-OCRv4_rec_infer.onnx", (48, 320), HALF),
+    "cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (48, 192), HALF),
+}
+RUNS = ("ort-cpu", "simulate", "htp-model")
+
+
+def write_crops(folder: Path, count: int, seed: int = 0) -> None:
+    """``count`` crops of random size, position and mirroring from the shared photographs, as PNG."""
+    rng = np.random.default_rng(seed)
+    photos = sorted(p for p in (SHARED / "images").iterdir() if p.suffix in (".png", ".jpg"))
+    for index in range(count):
+        photo = Image.open(photos[index % len(photos)]).convert("RGB")
+        width, height = photo.size
+        crop_w, crop_h = int(width * rng.uniform(0.3, 1.0)), int(height * rng.uniform(0.3, 1.0))
+        x, y = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+        crop = photo.crop((x, y, x + crop_w, y + crop_h))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop.save(folder / f"crop_{index:03d}.png")
+
+
+def calibrate(key: str):
+    """The deploy model, targets, encodings and datasets of one model, calibrated as the docstring says."""
+    file, size, norm = MODELS[key]
+    model = load_model(SHARED / "models" / file)
+    inputs = model_inputs(model)
+    options = ImageOptions(resize=size, **norm)
+    calib = open_dataset(ROOT / "calib_data" / "calib", inputs, options)
+    calib.load(0)
+    deploy, _ = prepare_deploy_model(model, dict(calib.shapes))
+    targets = find_targets(deploy)
+    stats = collect_statistics(deploy, targets.activations, calib, methods=["minmax"])
+    acts = activation_encodings(stats, targets, "minmax", 8, fixed=fixed_range_tensors(deploy))
+    weights = weight_encodings(deploy, targets, 8)
+    params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
+    params.update(constant_encodings(deploy, targets, params, 8))
+    return deploy, targets, acts, params, inputs, options, calib
+
+
+def measure(key: str, crops: Path | None) -> list[dict]:
+    """Calibrate one model, run it on the HTP, and compare every execution with it."""
+    deploy, targets, acts, params, inputs, options, calib = calibrate(key)
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    input_encodings = {spec.name: acts[spec.name] for spec in inputs}
+    htp = HtpSession(qdq, input_encodings)
+    names = htp.output_names
+    candidates = {
+        "ort-cpu": cpu_runner(qdq, input_encodings, names),
+        "simulate": simulation_runner(*build_simulation_model(deploy, targets, acts, params), names),
+        "htp-model": simulation_runner(*htp_simulation_model(deploy, targets, acts, params), names),
+    }
+    folders = [ROOT / "calib_data" / "eval"] + ([crops] if crops else [])
+    datasets = [open_dataset(folder, inputs, options) for folder in folders]
+    for dataset in datasets:
+        dataset.shapes.update(calib.shapes)
+    samples = [sample for dataset in datasets for sample in dataset]
+    htp_outputs = [htp.run(sample) for sample in samples]  # the emulator is the slow part: run it once
+    rows = []
+    for run, candidate in candidates.items():
+        outputs = iter(htp_outputs)
+        for agreement in measure_agreement(lambda _s, it=outputs: next(it), candidate, names, acts, samples):
+            rows.append({"model": key, "run": run, "samples": len(samples), **agreement.to_dict(),
+                         "cpu_nodes": htp.cpu_nodes})
+    return rows
+
+
+def per_op(key: str) -> dict[str, list[int]]:
+    """Per op type: [ops, output values, values where simulate differs, values where htp-model differs]."""
+    deploy, targets, acts, params, inputs, options, _ = calibrate(key)
+    sample = open_dataset(ROOT / "calib_data" / "eval", inputs, options).load(0)
+    modeled, _ = htp_simulation_model(deploy, targets, acts, params)
+    visible = [name + SUFFIX for name in targets.activations] + list(targets.aliases)
+    session = make_session(modeled, visible)
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, sample), strict=True))
+    producer = {out: node for node in deploy.graph.node for out in node.output}
+    constants = {init.name for init in deploy.graph.initializer}
+    extractor = onnx.utils.Extractor(deploy)
+    totals: dict[str, list[int]] = {}
+    for tensor in targets.activations:
+        node = producer.get(tensor)
+        if node is None:
+            continue
+        group = [node]
+        if node.input and node.input[0] in targets.squashed:
+            group.insert(0, producer[node.input[0]])
+        made = {out for member in group for out in member.output}
+        feeds = list(dict.fromkeys(i for member in group for i in member.input
+                                   if i and i not in constants and i not in made))
+        if not feeds or not all(name in acts for name in feeds):
+            continue
+        sub = extractor.extract_model(feeds, [tensor])
+        sub_targets = QuantTargets(activations=[*feeds, tensor],
+                                   squashed={k: v for k, v in targets.squashed.items() if k in made})
+        sub_acts = {name: acts[name] for name in sub_targets.activations}
+        sub_params = {k: v for k, v in params.items() if k in {i.name for i in sub.graph.initializer}}
+        feed = {name: values.get(name + SUFFIX, values.get(name)) for name in feeds}
+        htp = HtpSession(build_qdq_model(sub, sub_targets, sub_acts, sub_params), {})
+        reference = htp.run(feed)[0]
+        step = acts[tensor].scale / 2
+        row = totals.setdefault("+".join(member.op_type for member in group), [0, 0, 0, 0])
+        row[0] += 1
+        row[1] += reference.size
+        for column, build in ((2, build_simulation_model), (3, htp_simulation_model)):
+            got = simulation_runner(*build(sub, sub_targets, sub_acts, sub_params), [tensor])(feed)[0]
+            row[column] += int((np.abs(got - reference) > step).sum())
+    return totals
+
+
+def per_op_table(results: dict[str, dict[str, list[int]]]) -> str:
+    """Markdown: per model and op type, the share of isolated output values that differ from the HTP."""
+    lines = ["| model | op | ops | values | simulate differs | htp-model differs |", "|---|---|---|---|---|---|"]
+    for key, totals in results.items():
+        for op, (count, size, plain, modeled) in sorted(totals.items(), key=lambda kv: -kv[1][2]):
+            shares = f"{100 * plain / size:.3f}% | {100 * modeled / size:.3f}%"
+            lines.append(f"| {key} | {op} | {count} | {size} | {shares} |")
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of all rows."""
+    lines = ["| model | output | samples | run | SQNR vs HTP (dB) | max error (LSB) | top-1 agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        sqnr = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
+        top1 = "" if row["top1_agreement"] is None else f"{100 * row['top1_agreement']:.1f}%"
+        lines.append(f"| {row['model']} | {row['name']} | {row['samples']} | {row['run']} | {sqnr} | "
+                     f"{row['max_error_lsb']:.0f} | {top1} |")
+    fallbacks = {row["model"]: row["cpu_nodes"] for row in rows}
+    lines.append("")
+    for model, nodes in fallbacks.items():
+        text = "unknown (this onnxruntime cannot report placement)" if nodes is None else (
+            ", ".join(f"{op} {name}" for op, name in nodes) or "none")
+        lines.append(f"- {model}: nodes on the CPU besides graph input/output (de)quantization: {text}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--extra-crops", type=int, default=56, help="crops of ../shared/images added to eval")
+    parser.add_argument("--per-op", action="store_true", help="also compare each op in isolation")
+    args = parser.parse_args()
+    reason = qnn_unavailable_reason()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        crops = None
+        if args.extra_crops:
+            crops = Path(tmp)
+            write_crops(crops, args.extra_crops)
+        for key in args.models.split(","):
+            start = time.perf_counter()
+            rows.extend(measure(key, crops))
+            print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(table(rows))
+    if args.per_op:
+        print()
+        print(per_op_table({key: per_op(key) for key in args.models.split(",")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
