@@ -22,7 +22,10 @@ from .errors import OnnxSnpeError
 from .evaluation import Evaluation, evaluate
 from .graph import load_model, model_inputs, prepare_deploy_model
 from .html_report import write_html_report
+from .htp import HtpSession, measure_agreement, qnn_unavailable_reason, simulation_runner
+from .htp_model import htp_simulation_model
 from .metrics import OutputComparison
+from .qdq import build_qdq_model, constant_encodings
 from .ranges import (
     DEFAULT_PERCENTILE,
     activation_encodings,
@@ -32,6 +35,7 @@ from .ranges import (
     weight_encodings,
 )
 from .report import build_report
+from .simulate import build_simulation_model
 from .statistics import TensorStats, collect_statistics
 from .targets import QuantTargets, find_targets
 from .weight_analysis import analyze_weights
@@ -102,7 +106,13 @@ class Encodings:
     activations: dict[str, Encoding]
     weights: dict[str, Encoding]
     biases: dict[str, Encoding]
+    constants: dict[str, Encoding]  # static operands of elementwise ops, 8-bit min-max as SNPE quantizes them
     written_params: dict[str, Encoding]
+
+    @property
+    def params(self) -> dict[str, Encoding]:
+        """Every constant the quantized model quantizes: weights, biases and static operands."""
+        return {**self.weights, **self.constants, **self.biases}
 
 
 @dataclass
@@ -134,6 +144,7 @@ def quantize(
     input_shapes: dict[str | None, tuple[int, ...]] | None = None,
     image_options: ImageOptions | None = None,
     analysis_samples: int = 4,
+    htp_samples: int = 0,
     progress: bool = True,
 ) -> QuantizeResult:
     """Calibrate ``model`` on the samples at ``calib`` and write SNPE's inputs into ``out``.
@@ -141,6 +152,8 @@ def quantize(
     Writes snpe_deploy.onnx, snpe_clip_ranges.json, data.txt with raw/, report.json and report.html.
     ``eval_data`` holds held-out samples for the report (default: the calibration samples);
     the isolated per-tensor errors use the first ``analysis_samples`` of them (0 skips them).
+    Also writes snpe_qdq.onnx; with ``htp_samples`` > 0 runs that many evaluation samples on
+    Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it.
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     start = time.perf_counter()
@@ -148,6 +161,10 @@ def quantize(
                         bias_bitwidth, write_bias_encodings)
     settings.check()
     check_analysis_samples(analysis_samples)
+    if htp_samples < 0:
+        raise OnnxSnpeError(f"--htp must be 0 or more, got {htp_samples}")
+    if htp_samples and (reason := qnn_unavailable_reason()):
+        raise OnnxSnpeError(f"--htp: {reason}")
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
 
     with export.StagedOutput(out) as staged:
@@ -155,13 +172,16 @@ def quantize(
         encodings = encode(prepared, stats, settings)
         evaluation = evaluate_encodings(prepared, stats, encodings, analysis_samples, progress)
         weights = analyze_weights(prepared.deploy, encodings.weights)
+        qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
+        htp = compare_with_htp(prepared, encodings, qdq, htp_samples) if htp_samples else None
         export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
+        export.write_model(staged.stage(export.QDQ_FILE), qdq)
         export.write_json(
             staged.stage(export.OVERRIDES_FILE),
             export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params),
         )
         files = [export.DEPLOY_FILE, export.OVERRIDES_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/",
-                 export.REPORT_FILE, export.HTML_REPORT_FILE]
+                 export.QDQ_FILE, export.REPORT_FILE, export.HTML_REPORT_FILE]
         calibration, evaluation_section = prepared.describe_data()
         targets = prepared.targets
         report = build_report(
@@ -186,6 +206,8 @@ def quantize(
             weights=weights,
             files=files,
         )
+        if htp is not None:
+            report["htp"] = htp
         export.write_json(staged.stage(export.REPORT_FILE), report)
         write_html_report(report, staged.stage(export.HTML_REPORT_FILE))
     out_dir = staged.destination
@@ -196,6 +218,32 @@ def quantize(
         outputs=evaluation.outputs,
         seconds=time.perf_counter() - start,
     )
+
+
+def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelProto, count: int) -> dict:
+    """Run ``count`` evaluation samples on the HTP backend and measure how closely our simulations follow it.
+
+    Two simulations are compared: the report's (SNPE's documented arithmetic) and the prototype of the
+    HTP's integer arithmetic (htp_model.py).
+    """
+    acts = encodings.activations
+    session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts})
+    names = session.output_names
+    samples = [prepared.eval_set.load(i) for i in range(min(count, len(prepared.eval_set)))]
+    simulations = {
+        "simulation": build_simulation_model(prepared.deploy, prepared.targets, acts, encodings.params),
+        "htp_arithmetic_model": htp_simulation_model(prepared.deploy, prepared.targets, acts, encodings.params),
+    }
+    output_encodings = {name: acts[name] for name in names}
+    return {
+        "samples": len(samples),
+        "cpu_fallback_ops": None if session.cpu_nodes is None else [list(n) for n in session.cpu_nodes],
+        "agreement": {
+            label: [a.to_dict() for a in measure_agreement(session.run, simulation_runner(model, output_map, names),
+                                                            names, output_encodings, samples)]
+            for label, (model, output_map) in simulations.items()
+        },
+    }
 
 
 def check_analysis_samples(count: int) -> None:
@@ -248,8 +296,9 @@ def encode(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
     weights = weight_encodings(deploy, targets, settings.weight_bitwidth, settings.weight_method,
                                settings.percentile)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
-    written = {**weights, **(biases if settings.write_bias_encodings else {})}
-    return Encodings(activations, weights, biases, written)
+    constants = constant_encodings(deploy, targets, weights, 8)
+    written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
+    return Encodings(activations, weights, biases, constants, written)
 
 
 def evaluate_encodings(
@@ -260,7 +309,7 @@ def evaluate_encodings(
         prepared.deploy,
         prepared.targets,
         encodings.activations,
-        {**encodings.weights, **encodings.biases},
+        encodings.params,
         {name: (stats[name].min, stats[name].max) for name in prepared.targets.activations},
         _progress(prepared.eval_set, "evaluation", progress),
         isolated_samples=analysis_samples,

@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--analysis-samples", type=int, default=4, metavar="N",
         help="evaluation samples for the per-tensor isolated errors (one run per tensor each; 0 skips; default 4)",
     )
+    q.add_argument(
+        "--htp", type=int, default=0, metavar="N",
+        help="run N evaluation samples on Qualcomm's HTP emulator and report how closely the simulation follows "
+        "it (needs onnxsnpe[qnn], i.e. onnxruntime-qnn, on x86-64 Linux)",
+    )
     _add_common(q)
 
     c = commands.add_parser(
@@ -240,6 +245,7 @@ def _run(args: argparse.Namespace) -> int:
             write_bias_encodings=args.write_bias_encodings,
             input_shapes=dict(args.input_shape),
             analysis_samples=args.analysis_samples,
+            htp_samples=args.htp,
             image_options=_image_options(args),
             progress=not args.quiet,
         )

@@ -22,6 +22,7 @@ from .errors import OnnxSnpeError
 
 OVERRIDES_FILE = "snpe_clip_ranges.json"
 DEPLOY_FILE = "snpe_deploy.onnx"
+QDQ_FILE = "snpe_qdq.onnx"
 INPUT_LIST_FILE = "data.txt"
 RAW_DIR = "raw"
 REPORT_FILE = "report.json"

@@ -53,6 +53,8 @@ def render_report(report: dict) -> str:
     if evaluation.get("note"):
         parts.append(f"<p class='note'>{_e(evaluation['note'])}</p>")
     parts += ["<h2>Model outputs: simulated quantized model against FP32</h2>", _outputs_table(report["outputs"])]
+    if "htp" in report:
+        parts.append(_htp_section(report["htp"]))
     parts += [
         "<h2>Where accuracy is lost</h2>",
         "<p>Cumulative: the quantized model's value of each tensor against FP32's. Isolated: the outputs' "
@@ -82,6 +84,27 @@ def _e(text: object) -> str:
 
 def _db(value: float | None) -> str:
     return "exact" if value is None else f"{value:.2f}"
+
+
+def _percent(share: float | None) -> str:
+    return "" if share is None else f"{100 * share:.1f}%"
+
+
+def _htp_section(htp: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(label)}</td><td class='name'>{_e(r['name'])}</td><td>{_db(r['sqnr_db'])}</td>"
+        f"<td>{r['max_error_lsb']:g}</td><td>{_percent(r['top1_agreement'])}</td></tr>"
+        for label, results in htp["agreement"].items()
+        for r in results
+    )
+    fallback = htp["cpu_fallback_ops"]
+    fallback_text = ("unknown (this onnxruntime does not report node placement)" if fallback is None
+                     else ", ".join(f"{op} {name}" for op, name in fallback) or "none")
+    return (
+        f"<h2>Simulation against Qualcomm's HTP emulator ({htp['samples']} samples)</h2>"
+        "<table><tr><th>simulation</th><th>output</th><th>SQNR dB vs HTP</th><th>max error (LSB)</th>"
+        f"<th>top-1 agree</th></tr>{rows}</table><p>Ops that fell back to the CPU: {_e(fallback_text)}</p>"
+    )
 
 
 def _outputs_table(outputs: list[dict]) -> str:

@@ -71,6 +71,15 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         sqnr = "exact" if o["sqnr_db"] is None else f"{o['sqnr_db']:7.2f} dB"
         agreement = f"   top-1 agree {100 * o['top1_agreement']:.1f}%" if "top1_agreement" in o else ""
         lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}   max |err| {o['max_abs_error']:.4g}{agreement}")
+    if "htp" in report:
+        htp = report["htp"]
+        lines.append(f"  agreement with Qualcomm's HTP emulator on {htp['samples']} samples (SQNR, max error in LSB):")
+        for label, rows in htp["agreement"].items():
+            for row in rows:
+                sqnr = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f} dB"
+                lines.append(f"    {label}: {row['name']}  {sqnr}  {row['max_error_lsb']:g} LSB")
+        fallback = htp["cpu_fallback_ops"]
+        lines.append(f"    ops that fell back to the CPU: {len(fallback) if fallback is not None else 'unknown'}")
     worst = report["tensors"]["worst_isolated"][:3]
     if worst:
         figures = {t["name"]: t for t in report["tensors"]["figures"]}

@@ -205,3 +205,32 @@ def test_demo_runs(capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     assert "SQNR" in capsys.readouterr().out
     assert (tmp_path / "demo" / "snpe_clip_ranges.json").is_file()
+
+
+def test_qdq_model_is_written_and_runs(tmp_path, tiny_model, npy_folder):
+    result = quantize(tiny_model, npy_folder, tmp_path / "out", progress=False)
+    qdq = onnx.load(str(result.out_dir / "snpe_qdq.onnx"))
+    ops = {n.op_type for n in qdq.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    sample = {"x": np.load(sorted(npy_folder.glob("*.npy"))[0])[np.newaxis]}
+    (out,) = make_session(qdq).run(None, sample)
+    assert out.shape == (1, 5) and np.all(np.isfinite(out))
+
+
+def test_htp_flag(capsys, tmp_path, tiny_model, npy_folder):
+    from onnxsnpe.htp import qnn_unavailable_reason
+
+    out = tmp_path / "out"
+    args = ["quantize", str(tiny_model), "--calib", str(npy_folder), "--out", str(out), "--htp", "2"]
+    reason = qnn_unavailable_reason()
+    code = main(args)
+    captured = capsys.readouterr()
+    if reason:  # without onnxruntime-qnn: a clean one-line error, nothing written
+        assert code == 1 and "--htp" in captured.err and len(captured.err.strip().splitlines()) == 1
+        assert not out.exists()
+        pytest.skip(f"HTP emulator unavailable: {reason}")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["htp"]["samples"] == 2 and report["htp"]["cpu_fallback_ops"] == []
+    for rows in report["htp"]["agreement"].values():
+        assert rows[0]["name"] == "out" and rows[0]["max_error_lsb"] >= 0
