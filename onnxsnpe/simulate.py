@@ -15,8 +15,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .encoding import Encoding, fake_quantize
-from .metrics import OutputComparison
-from .runtime import make_session
 from .targets import QuantTargets
 
 SUFFIX = "__onnxsnpe_fq"
@@ -138,23 +136,3 @@ def _insert_after_producers(graph: onnx.GraphProto, chains: list[tuple[str, list
             ordered.extend(by_tensor.pop(out, []))
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def compare_outputs(
-    reference: onnx.ModelProto,
-    simulated: onnx.ModelProto,
-    output_map: dict[str, str],
-    samples: Iterable[dict[str, np.ndarray]],
-) -> list[OutputComparison]:
-    """Run both models over ``samples`` and accumulate the error of each output, streaming."""
-    ref_session = make_session(reference)
-    sim_session = make_session(simulated)
-    names = [o.name for o in ref_session.get_outputs()]
-    sim_names = [output_map[name] for name in names]
-    comparisons = [OutputComparison(name) for name in names]
-    for sample in samples:
-        ref_values = ref_session.run(names, sample)
-        sim_values = sim_session.run(sim_names, sample)
-        for comparison, ref, sim in zip(comparisons, ref_values, sim_values, strict=False):
-            comparison.update(ref, sim)
-    return comparisons
