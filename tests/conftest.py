@@ -82,3 +82,22 @@ def npy_folder(tmp_path: Path) -> Path:
     for i in range(6):
         np.save(folder / f"s{i}.npy", rng.normal(size=(3, 8, 8)).astype(np.float32))
     return folder
+
+
+def minmax_encodings(deploy: onnx.ModelProto, samples: list[dict], bitwidth: int = 8):
+    """Targets, observed ranges and the pipeline's own min-max encodings (activations; weights and biases).
+
+    Tests that need encodings for a hand-built model call the project's stages rather than
+    re-deriving them.
+    """
+    from onnxsnpe.ranges import activation_encodings, bias_encodings, weight_encodings
+    from onnxsnpe.statistics import collect_statistics
+    from onnxsnpe.targets import find_targets
+
+    targets = find_targets(deploy)
+    stats = collect_statistics(deploy, targets.activations, samples)
+    observed = {name: (stats[name].min, stats[name].max) for name in targets.activations}
+    acts = activation_encodings(stats, targets, "minmax", bitwidth)
+    weights = weight_encodings(deploy, targets, 8)
+    params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
+    return targets, observed, acts, params

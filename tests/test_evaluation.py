@@ -7,8 +7,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxsnpe.encoding import asymmetric_encoding, fake_quantize
 from onnxsnpe.evaluation import HISTOGRAM_BINS, evaluate, worst_isolated
 from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.targets import QuantTargets, find_targets
+from onnxsnpe.targets import QuantTargets
 from onnxsnpe.weight_analysis import analyze_weights
+
+from .conftest import minmax_encodings
 
 
 def _affine_model():
@@ -51,16 +53,9 @@ def test_one_quantized_tensor_figures_by_hand():
 
 def test_badly_ranged_tensor_ranks_first(tiny_model):
     deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
-    targets = find_targets(deploy)
     rng = np.random.default_rng(0)
     samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
-    from onnxsnpe.runtime import make_session
-
-    session = make_session(deploy, targets.activations)
-    names = [o.name for o in session.get_outputs()]
-    values = [dict(zip(names, session.run(None, s), strict=True)) for s in samples]
-    observed = {n: (min(v[n].min() for v in values), max(v[n].max() for v in values)) for n in targets.activations}
-    encodings = {n: asymmetric_encoding(*observed[n], 8) for n in targets.activations}
+    targets, observed, encodings, _ = minmax_encodings(deploy, samples)
     bad = "relu_out"
     lo, hi = observed[bad]
     encodings[bad] = asymmetric_encoding(lo, hi * 0.05, 8)  # clips 95% of the range away

@@ -11,14 +11,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe.encoding import Encoding, asymmetric_encoding, bias_encoding, fake_quantize
+from onnxsnpe.encoding import Encoding, fake_quantize
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.htp import HtpSession, measure_agreement, qnn_unavailable_reason, simulation_runner
 from onnxsnpe.htp_model import add_constants, htp_simulation_model, int8_weights, requant_constants
 from onnxsnpe.qdq import build_qdq_model
-from onnxsnpe.runtime import make_session
 from onnxsnpe.simulate import build_simulation_model
 from onnxsnpe.targets import find_targets
+
+from .conftest import minmax_encodings
 
 QNN_REASON = qnn_unavailable_reason()
 needs_qnn = pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
@@ -46,16 +47,7 @@ def _conv_model(weight, *, group=1, stride=1, bias=True, activation=None):
 
 def _quantized(model, samples):
     """Min-max encodings over ``samples``, per-tensor asymmetric uint8 weights, int32 bias."""
-    targets = find_targets(model)
-    session = make_session(model, targets.activations)
-    names = [o.name for o in session.get_outputs()]
-    runs = [dict(zip(names, session.run(None, s), strict=True)) for s in samples]
-    acts = {t: asymmetric_encoding(min(float(r[t].min()) for r in runs), max(float(r[t].max()) for r in runs), 8)
-            for t in targets.activations}
-    weight = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
-    params = {"w": asymmetric_encoding(float(weight.min()), float(weight.max()), 8)}
-    if any(i.name == "b" for i in model.graph.initializer):
-        params["b"] = bias_encoding(acts["x"].scale * params["w"].scale)
+    targets, _, acts, params = minmax_encodings(model, samples)
     return targets, acts, params
 
 
@@ -111,22 +103,9 @@ def test_small_model_runs_entirely_on_the_htp(tiny_model):
     from onnxsnpe.graph import load_model, prepare_deploy_model
 
     deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
-    targets = find_targets(deploy)
     rng = np.random.default_rng(0)
     samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
-    session = make_session(deploy, targets.activations)
-    names = [o.name for o in session.get_outputs()]
-    runs = [dict(zip(names, session.run(None, s), strict=True)) for s in samples]
-    acts = {t: asymmetric_encoding(min(float(r[t].min()) for r in runs), max(float(r[t].max()) for r in runs), 8)
-            for t in targets.activations}
-    acts.update({alias: acts[root] for alias, root in targets.aliases.items()})
-    params = {}
-    for init in deploy.graph.initializer:
-        if init.name in targets.weights:
-            w = numpy_helper.to_array(init)
-            params[init.name] = asymmetric_encoding(float(w.min()), float(w.max()), 8)
-    for ref in targets.biases:
-        params[ref.bias] = bias_encoding(acts[ref.input].scale * params[ref.weight].scale)
+    targets, acts, params = _quantized(deploy, samples)
     htp = HtpSession(build_qdq_model(deploy, targets, acts, params), {"x": acts["x"]})
     assert htp.cpu_nodes == []
     assert sorted(op for op, _ in htp.io_nodes) == ["DequantizeLinear", "QuantizeLinear"]

@@ -5,36 +5,21 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe.encoding import Encoding, asymmetric_encoding, bias_encoding, fake_quantize, quantize
+from onnxsnpe.encoding import Encoding, asymmetric_encoding, fake_quantize, quantize
 from onnxsnpe.graph import load_model, prepare_deploy_model
 from onnxsnpe.qdq import MS_DOMAIN, SUFFIX, build_qdq_model, constant_encodings
 from onnxsnpe.runtime import make_session
 from onnxsnpe.simulate import build_simulation_model
 from onnxsnpe.targets import find_targets
 
+from .conftest import minmax_encodings
+
 
 def _encodings(deploy, targets, bitwidth=8):
     """Min-max encodings from a few random samples, as the pipeline makes them."""
     rng = np.random.default_rng(0)
-    names = targets.activations
-    session = make_session(deploy, names)
-    outputs = [o.name for o in session.get_outputs()]
-    lows, highs = {n: np.inf for n in names}, {n: -np.inf for n in names}
-    for _ in range(4):
-        values = dict(zip(outputs, session.run(None, {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)}),
-                          strict=True))
-        for name in names:
-            lows[name] = min(lows[name], float(values[name].min()))
-            highs[name] = max(highs[name], float(values[name].max()))
-    acts = {n: asymmetric_encoding(lows[n], highs[n], bitwidth) for n in names}
-    acts.update({alias: acts[root] for alias, root in targets.aliases.items()})
-    params = {}
-    for init in deploy.graph.initializer:
-        if init.name in targets.weights:
-            w = numpy_helper.to_array(init)
-            params[init.name] = asymmetric_encoding(float(w.min()), float(w.max()), 8)
-    for ref in targets.biases:
-        params[ref.bias] = bias_encoding(acts[ref.input].scale * params[ref.weight].scale)
+    samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    _, _, acts, params = minmax_encodings(deploy, samples, bitwidth)
     return acts, params
 
 
