@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from .errors import OnnxSnpeError
+from .exposure import ExposedSession
 from .histogram import Histogram
+from .kernels import value_range
 from .tf_enhanced import TfEnhancedObserver
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class MinMaxObserver:
     def update(self, values: np.ndarray) -> None:
         """Fold one batch of values into the running statistics."""
         if values.size:
-            self.update_range(float(values.min()), float(values.max()), int(values.size))
+            self.update_range(*value_range(values), int(values.size))
 
     def update_range(self, low: float, high: float, count: int) -> None:
         """Fold in a batch known by its min, max and number of values; ValueError on NaN or Inf."""
@@ -90,11 +91,14 @@ class TensorStats:
         flat = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
-        low, high = float(flat.min()), float(flat.max())
+        if self.histogram is not None:  # counting finds the range in the same pass
+            low, high = self.histogram.update(flat)
+        elif self.tf_enhanced is not None:
+            low, high = self.tf_enhanced.update(batch)
+        else:
+            low, high = value_range(flat)
         self.minmax.update_range(low, high, flat.size)
-        if self.histogram is not None:
-            self.histogram.update(flat, low, high)
-        if self.tf_enhanced is not None:
+        if self.histogram is not None and self.tf_enhanced is not None:
             self.tf_enhanced.update(batch)
 
     def merge(self, other: TensorStats) -> None:
@@ -150,7 +154,7 @@ def _nothing() -> None:
 
 
 class _Runner:
-    """An onnxruntime session returning the observed tensors, batched where the model allows.
+    """Sessions returning the observed tensors, batched where the model allows.
 
     After the first batch, full batches are written into two reused sets of output arrays
     (onnxruntime's IO binding), so that no batch allocates and frees tens of megabytes: each result
@@ -161,14 +165,14 @@ class _Runner:
         inputs = {value.name for value in model.graph.input}
         self.fed = [name for name in tensors if name in inputs]  # observed straight from the feed
         self.computed = [name for name in tensors if name not in inputs]
-        self.session = _session(model, self.computed, threads) if self.computed else None
-        self.batched = None
+        self.session = ExposedSession(model, self.computed, threads) if self.computed else None
+        self.batched: ExposedSession | None = None
         self.batch_size = 1
         if batch_size > 1 and self.computed:
             dynamic = batch_dynamic_copy(model)
             if dynamic is not None:
                 try:
-                    self.batched = _session(dynamic, self.computed, threads)
+                    self.batched = ExposedSession(dynamic, self.computed, threads)
                     self.batch_size = batch_size
                 except OnnxSnpeError as exc:
                     log.debug("no batching: %s", exc)
@@ -181,9 +185,10 @@ class _Runner:
             if self.buffers is not None and len(batch) == self.batch_size:
                 yield self._bound(self.batched, feed)
                 return
-            outputs = self._named(self.batched, feed)
+            raws = self.batched.run(feed)
+            outputs = self._named(self.batched, raws, feed)
             if self.buffers is not None or self._agrees(outputs, batch):
-                self._remember_shapes(outputs)
+                self._remember_shapes(raws)
                 yield outputs, _nothing
                 return
             log.info("the model does not batch consistently; calibrating one sample at a time")
@@ -192,33 +197,30 @@ class _Runner:
             if self.buffers is not None and self.batched is None:
                 yield self._bound(self.session, sample)
             else:
-                outputs = self._named(self.session, sample)
+                raws = self.session.run(sample) if self.session is not None else []
                 if self.batched is None:
-                    self._remember_shapes(outputs)
-                yield outputs, _nothing
+                    self._remember_shapes(raws)
+                yield self._named(self.session, raws, sample), _nothing
 
-    def _remember_shapes(self, outputs: dict[str, np.ndarray]) -> None:
+    def _remember_shapes(self, raws: list[np.ndarray]) -> None:
         if self.buffers is None and self.computed:
-            self.buffers = _Buffers({name: (self.batch_size, *outputs[name].shape[1:]) for name in self.computed})
+            self.buffers = _Buffers([(self.batch_size, *raw.shape[1:]) for raw in raws])
 
-    def _bound(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> tuple[dict, Callable[[], None]]:
+    def _bound(self, session: ExposedSession, feed: dict[str, np.ndarray]) -> tuple[dict, Callable[[], None]]:
         arrays = self.buffers.take()
-        binding = session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, value)
-        for name, array in arrays.items():
-            binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
-        session.run_with_iobinding(binding)
+        session.run_into(feed, arrays)
         buffers = self.buffers
-        return {**{name: feed[name] for name in self.fed}, **arrays}, lambda: buffers.give(arrays)
+        return self._named(session, arrays, feed), lambda: buffers.give(arrays)
 
-    def _named(self, session: ort.InferenceSession | None, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = session.run(self.computed, feed) if session is not None else []
-        return {**{name: feed[name] for name in self.fed}, **dict(zip(self.computed, values, strict=True))}
+    def _named(
+        self, session: ExposedSession | None, raws: list[np.ndarray], feed: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        computed = session.values(raws) if session is not None else {}
+        return {**{name: feed[name] for name in self.fed}, **computed}
 
     def _agrees(self, outputs: dict[str, np.ndarray], batch: list[dict[str, np.ndarray]]) -> bool:
         """Whether the batched run matches sample-by-sample runs of the static model (checked once)."""
-        singles = [self._named(self.session, sample) for sample in batch]
+        singles = [self._named(self.session, self.session.run(sample), sample) for sample in batch]
         for name in self.computed:
             batched = outputs[name]
             if batched.shape != (len(batch), *singles[0][name].shape[1:]):
@@ -233,41 +235,17 @@ class _Runner:
 class _Buffers:
     """Two sets of float32 output arrays of fixed shapes, handed out and given back in turn."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
         self.free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(2):
-            self.free.put({name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()})
+            self.free.put([np.empty(shape, dtype=np.float32) for shape in shapes])
 
-    def take(self) -> dict[str, np.ndarray]:
+    def take(self) -> list[np.ndarray]:
         """A free set, waiting until the statistics worker gives one back."""
         return self.free.get()
 
-    def give(self, arrays: dict[str, np.ndarray]) -> None:
+    def give(self, arrays: list[np.ndarray]) -> None:
         self.free.put(arrays)
-
-
-def _session(model: onnx.ModelProto, outputs: list[str], threads: int = 0) -> ort.InferenceSession:
-    """A CPU session at full graph optimization whose outputs are ``outputs``; ``threads`` 0: all cores.
-
-    Full optimization (layout transforms, fusions) keeps inference at plain-inference speed; it
-    may change observed values in the last bits, which does not matter for ranges. Its threads do
-    not spin while idle: the statistics worker needs that time.
-    """
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    for name in outputs:
-        if name not in present:
-            exposed.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise OnnxSnpeError(f"onnxruntime cannot run the model: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def batch_dynamic_copy(model: onnx.ModelProto) -> onnx.ModelProto | None:

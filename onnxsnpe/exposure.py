@@ -1,0 +1,199 @@
+"""An onnxruntime session that hands calibration the tensors it observes at close to the cost of inference.
+
+Exposing an intermediate tensor as a graph output normally costs a layout conversion. On x86,
+onnxruntime runs convolutions in a blocked channel layout (NCHWc: channels in blocks of 8 or 16
+as the innermost axis) and converts every exposed tensor back to NCHW (``ReorderOutput``); for
+EfficientNet-Lite0 these conversions cost about half as much as the inference itself. The
+statistics calibration keeps (min, max, histograms, AIMET's PDF) do not depend on the order of a
+sample's values, so this session returns the blocked tensors as they are: onnxruntime optimizes
+the model once, the conversions that only fed exposed outputs are removed, and the channels that
+pad the last block are dropped when reading.
+
+The rewritten model relies on onnxruntime's internal layout, so its first run is checked value for
+value against an ordinary session (converting the blocked layout back in numpy); on any
+difference, or any failure to build it, the ordinary session is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import OnnxSnpeError
+
+log = logging.getLogger(__name__)
+
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+BLOCK_SIZES = (16, 8, 4)
+"""Channel block sizes of onnxruntime's NCHWc kernels (AVX-512, AVX2, narrower), tried in turn."""
+
+
+@dataclass
+class _Blocked:
+    """An observed tensor read in NCHWc layout: ``channels`` real ones, padded to blocks of ``block``."""
+
+    channels: int
+    block: int = 0  # found by the check of the first run
+
+
+class ExposedSession:
+    """A CPU session whose outputs are the observed ``tensors``, in blocked layout where that is cheaper.
+
+    ``names`` are the session's output names, one per tensor; :meth:`values` turns the arrays they
+    produce into each tensor's values (first axis: samples; order within a sample unspecified).
+    """
+
+    def __init__(self, model: onnx.ModelProto, tensors: list[str], threads: int = 0) -> None:
+        self.tensors = list(tensors)
+        exposed = _exposing(model, self.tensors)
+        self.names = list(self.tensors)
+        self.blocked: dict[str, _Blocked] = {}
+        self.reference: ort.InferenceSession | None = None
+        with tempfile.TemporaryDirectory(prefix="onnxsnpe-") as tmp:
+            optimized_path = Path(tmp) / "optimized.onnx"
+            try:
+                self.session = _session(exposed, threads, optimized_path)
+            except OnnxSnpeError:  # perhaps only the optimized model could not be saved (over 2 GB)
+                self.session = _session(exposed, threads, None)
+                return
+            try:
+                rewritten, outputs, self.blocked = _without_reorders(onnx.load(str(optimized_path)), self.tensors)
+                if self.blocked:
+                    blocked_session = _session(rewritten, threads, None, optimize=False)
+                    self.reference, self.session, self.names = self.session, blocked_session, outputs
+            except Exception as exc:  # onnxruntime and onnx raise many kinds; the ordinary session stays
+                log.debug("observing tensors in NCHW layout: %s", exc)
+                self.blocked = {}
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The session's output arrays for one feed (see :meth:`values`)."""
+        raws = self.session.run(self.names, feed)
+        if self.reference is not None:
+            self._check(raws, feed)
+        return raws
+
+    def run_into(self, feed: dict[str, np.ndarray], arrays: list[np.ndarray]) -> None:
+        """Run with the outputs written into ``arrays`` (shaped like an earlier :meth:`run`'s results)."""
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        for name, array in zip(self.names, arrays, strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+        self.session.run_with_iobinding(binding)
+
+    def values(self, raws: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Each tensor's values from the session's outputs: padding channels dropped, samples first."""
+        return {tensor: self._real(tensor, raw) for tensor, raw in zip(self.tensors, raws, strict=True)}
+
+    def _real(self, tensor: str, raw: np.ndarray) -> np.ndarray:
+        layout = self.blocked.get(tensor)
+        if layout is None or raw.shape[1] == layout.channels:
+            return raw
+        batch, padded, block = raw.shape[0], raw.shape[1], layout.block
+        blocks = raw.reshape(batch, padded // block, -1, block)
+        full, rest = divmod(layout.channels, block)
+        return np.concatenate([blocks[:, :full].reshape(batch, -1), blocks[:, full, :, :rest].reshape(batch, -1)], 1)
+
+    def _check(self, raws: list[np.ndarray], feed: dict[str, np.ndarray]) -> None:
+        """Compare the first run with the ordinary session's; on any difference, switch to that session."""
+        reference, self.reference = self.reference, None
+        wanted = reference.run(self.tensors, feed)
+        for tensor, raw, want in zip(self.tensors, raws, wanted, strict=True):
+            layout = self.blocked.get(tensor)
+            if layout is None:
+                same = np.array_equal(raw, want)
+            else:
+                layout.block = next((b for b in BLOCK_SIZES if _unblocked_equal(raw, want, b)), 0)
+                same = layout.block > 0
+            if not same:
+                log.debug("blocked layout of %s not understood; observing tensors in NCHW layout", tensor)
+                self.session, self.names, self.blocked = reference, list(self.tensors), {}
+                raws[:] = wanted
+                return
+
+
+def _unblocked_equal(raw: np.ndarray, want: np.ndarray, block: int) -> bool:
+    """Whether ``raw``, read as NCHWc with blocks of ``block`` channels, holds exactly ``want`` (NCHW)."""
+    if raw.ndim != 4 or want.ndim != 4 or raw.shape[1] % block or raw.shape[0] != want.shape[0]:
+        return False
+    if raw.shape[1] != -(-want.shape[1] // block) * block or raw.shape[2:] != want.shape[2:]:
+        return False
+    batch, padded, height, width = raw.shape
+    nchw = raw.reshape(batch, padded // block, height, width, block).transpose(0, 1, 4, 2, 3)
+    return bool(np.array_equal(nchw.reshape(raw.shape)[:, : want.shape[1]], want))
+
+
+def _exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``tensors`` among its outputs."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in tensors:
+        if name not in present:
+            exposed.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return exposed
+
+
+def _without_reorders(optimized: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str], dict]:
+    """Expose the blocked tensor behind every observed tensor that onnxruntime converts back to NCHW.
+
+    Returns the rewritten model, the output name for each tensor, and the blocked tensors' layouts.
+    A conversion that also feeds other nodes stays; one that only fed the output is removed.
+    """
+    graph = optimized.graph
+    consumed = {name for node in graph.node for name in node.input}
+    observed = set(tensors)
+    source: dict[str, str] = {}
+    blocked: dict[str, _Blocked] = {}
+    kept = []
+    for node in graph.node:
+        if node.domain == NCHWC_DOMAIN and node.op_type == "ReorderOutput" and node.output[0] in observed:
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attributes.get("channels_last", 0) == 0 and "channels" in attributes:
+                source[node.output[0]] = node.input[0]
+                blocked[node.output[0]] = _Blocked(int(attributes["channels"]))
+                if node.output[0] not in consumed:
+                    continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    outputs = [source.get(name, name) for name in tensors]
+    present = {node_output for node in kept for node_output in node.output} | {i.name for i in graph.input}
+    present |= {init.name for init in graph.initializer}
+    del graph.output[:]
+    graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs)
+    missing = [name for name in outputs if name not in present]
+    if missing:
+        raise ValueError(f"rewritten model lacks {missing[0]}")
+    return optimized, outputs, blocked
+
+
+def _session(
+    model: onnx.ModelProto, threads: int, optimized_path: Path | None, optimize: bool = True
+) -> ort.InferenceSession:
+    """A CPU session; ``threads`` 0: all cores. Saves the optimized model to ``optimized_path`` if given.
+
+    Full optimization (layout transforms, fusions) keeps inference at plain-inference speed; it
+    may change observed values in the last bits, which does not matter for ranges. Its threads
+    spin only while a run lasts, leaving the cores to the statistics between runs.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise OnnxSnpeError(f"onnxruntime cannot run the model: {str(exc).strip().splitlines()[0]}") from exc

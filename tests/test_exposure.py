@@ -1,0 +1,88 @@
+"""The session that returns observed tensors in onnxruntime's blocked layout, checked against NCHW."""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsnpe import exposure
+from onnxsnpe.exposure import ExposedSession
+from onnxsnpe.runtime import make_session
+
+OBSERVED = ["stem", "stem_relu", "mid", "sum"]
+
+
+def two_conv_model(stem_channels: int) -> onnx.ModelProto:
+    """x [1,3,12,12] -> Conv(stem_channels) -> Relu -> Conv(stem_channels) -> Add(with Relu) -> Conv(5) = out."""
+    rng = np.random.default_rng(1)
+    c = stem_channels
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(c, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "b0"),
+        numpy_helper.from_array(rng.normal(size=(c, c, 1, 1)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(size=(5, c, 3, 3)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["stem"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["stem"], ["stem_relu"]),
+        helper.make_node("Conv", ["stem_relu", "w1", "b1"], ["mid"]),
+        helper.make_node("Add", ["mid", "stem_relu"], ["sum"]),
+        helper.make_node("Conv", ["sum", "w2"], ["out"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5, 12, 12])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _reference(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    names = [*OBSERVED, "out"]
+    return dict(zip(names, make_session(model, names).run(names, {"x": x}), strict=True))
+
+
+@pytest.mark.parametrize("channels", [16, 24, 5])
+def test_observed_values_are_exactly_those_of_the_nchw_tensors(channels: int) -> None:
+    model = two_conv_model(channels)
+    session = ExposedSession(model, [*OBSERVED, "out"])
+    rng = np.random.default_rng(channels)
+    for _ in range(2):  # the first run is checked against an ordinary session; the second is not
+        x = rng.normal(size=(1, 3, 12, 12)).astype(np.float32)
+        values = session.values(session.run({"x": x}))
+        for name, want in _reference(model, x).items():
+            assert values[name].shape[0] == 1
+            np.testing.assert_array_equal(np.sort(values[name], axis=None), np.sort(want, axis=None))
+    if platform.machine() in ("x86_64", "AMD64"):  # onnxruntime's NCHWc kernels exist here
+        assert session.blocked, "the blocked layout was not used"
+        assert session.names != [*OBSERVED, "out"]
+
+
+def test_outputs_written_into_given_arrays_match() -> None:
+    model = two_conv_model(24)
+    session = ExposedSession(model, OBSERVED)
+    x = np.random.default_rng(0).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    first = session.run({"x": x})
+    arrays = [np.full_like(raw, np.nan) for raw in first]
+    session.run_into({"x": x}, arrays)
+    for raw, want in zip(arrays, first, strict=True):
+        np.testing.assert_array_equal(raw, want)
+
+
+def test_a_layout_that_does_not_check_out_falls_back_to_nchw(monkeypatch) -> None:
+    monkeypatch.setattr(exposure, "BLOCK_SIZES", (3,))  # no real block size: the check of the first run fails
+    model = two_conv_model(24)
+    session = ExposedSession(model, OBSERVED)
+    x = np.random.default_rng(2).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    raws = session.run({"x": x})
+    want = _reference(model, x)
+    for name, raw in zip(OBSERVED, raws, strict=True):
+        np.testing.assert_array_equal(raw, want[name])  # this very run already returns the NCHW tensors
+    assert session.blocked == {} and session.names == OBSERVED
+    x = np.random.default_rng(3).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    for name, values in session.values(session.run({"x": x})).items():
+        np.testing.assert_array_equal(values, _reference(model, x)[name])
