@@ -19,11 +19,10 @@ from . import export
 from .calibration import Dataset, ImageOptions, Sample, open_dataset
 from .encoding import Encoding
 from .errors import OnnxSnpeError
-from .evaluation import Evaluation, evaluate
+from .evaluation import ARITHMETICS, Evaluation, evaluate, simulation_model
 from .graph import load_model, model_inputs, prepare_deploy_model
 from .html_report import write_html_report
 from .htp import HtpSession, measure_agreement, qnn_unavailable_reason, simulation_runner
-from .htp_model import htp_simulation_model
 from .metrics import OutputComparison
 from .qdq import build_qdq_model, constant_encodings
 from .ranges import (
@@ -35,7 +34,6 @@ from .ranges import (
     weight_encodings,
 )
 from .report import build_report
-from .simulate import build_simulation_model
 from .statistics import TensorStats, collect_statistics
 from .targets import QuantTargets, find_targets
 from .weight_analysis import analyze_weights
@@ -53,10 +51,13 @@ class Settings:
     weight_bitwidth: int = 8
     bias_bitwidth: int = 32
     write_bias_encodings: bool = False
+    arithmetic: str = "htp"
 
     def check(self) -> None:
         """Raise OnnxSnpeError for a setting SNPE or this tool does not support."""
         check_method(self.method, self.percentile)
+        if self.arithmetic not in ARITHMETICS:
+            raise OnnxSnpeError(f"--arithmetic must be one of {', '.join(ARITHMETICS)}, got {self.arithmetic}")
         check_method(self.weight_method, self.percentile, "--weight-method")
         for flag, value, allowed in (
             ("--act-bitwidth", self.act_bitwidth, (8, 16)),
@@ -141,6 +142,7 @@ def quantize(
     weight_bitwidth: int = 8,
     bias_bitwidth: int = 32,
     write_bias_encodings: bool = False,
+    arithmetic: str = "htp",
     input_shapes: dict[str | None, tuple[int, ...]] | None = None,
     image_options: ImageOptions | None = None,
     analysis_samples: int = 4,
@@ -158,7 +160,7 @@ def quantize(
     """
     start = time.perf_counter()
     settings = Settings(method, percentile, weight_method, fixed_ranges, act_bitwidth, weight_bitwidth,
-                        bias_bitwidth, write_bias_encodings)
+                        bias_bitwidth, write_bias_encodings, arithmetic)
     settings.check()
     check_analysis_samples(analysis_samples)
     if htp_samples < 0:
@@ -170,7 +172,7 @@ def quantize(
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, [method], progress)
         encodings = encode(prepared, stats, settings)
-        evaluation = evaluate_encodings(prepared, stats, encodings, analysis_samples, progress)
+        evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
         weights = analyze_weights(prepared.deploy, encodings.weights)
         qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
         htp = compare_with_htp(prepared, encodings, qdq, htp_samples) if htp_samples else None
@@ -223,16 +225,16 @@ def quantize(
 def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelProto, count: int) -> dict:
     """Run ``count`` evaluation samples on the HTP backend and measure how closely our simulations follow it.
 
-    Two simulations are compared: the report's (SNPE's documented arithmetic) and the prototype of the
-    HTP's integer arithmetic (htp_model.py).
+    Both arithmetics are compared (keys of ``agreement``): ``htp``, the HTP's measured integer
+    arithmetic, and ``exact``, float ops with exact rounding.
     """
     acts = encodings.activations
     session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts})
     names = session.output_names
     samples = [prepared.eval_set.load(i) for i in range(min(count, len(prepared.eval_set)))]
     simulations = {
-        "simulation": build_simulation_model(prepared.deploy, prepared.targets, acts, encodings.params),
-        "htp_arithmetic_model": htp_simulation_model(prepared.deploy, prepared.targets, acts, encodings.params),
+        arithmetic: simulation_model(prepared.deploy, prepared.targets, acts, encodings.params, arithmetic)
+        for arithmetic in ARITHMETICS
     }
     output_encodings = {name: acts[name] for name in names}
     return {
@@ -302,9 +304,14 @@ def encode(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
 
 
 def evaluate_encodings(
-    prepared: Prepared, stats: dict[str, TensorStats], encodings: Encodings, analysis_samples: int, progress: bool
+    prepared: Prepared,
+    stats: dict[str, TensorStats],
+    encodings: Encodings,
+    arithmetic: str,
+    analysis_samples: int,
+    progress: bool,
 ) -> Evaluation:
-    """The simulated model against FP32 on the evaluation samples, per output and per tensor."""
+    """The simulated model (in ``arithmetic``) against FP32 on the evaluation samples, per output and tensor."""
     return evaluate(
         prepared.deploy,
         prepared.targets,
@@ -313,6 +320,7 @@ def evaluate_encodings(
         {name: (stats[name].min, stats[name].max) for name in prepared.targets.activations},
         _progress(prepared.eval_set, "evaluation", progress),
         isolated_samples=analysis_samples,
+        arithmetic=arithmetic,
     )
 
 

@@ -12,6 +12,7 @@ from .api import Settings, quantize
 from .calibration import ImageOptions
 from .compare import compare, comparison_summary
 from .errors import OnnxSnpeError
+from .evaluation import ARITHMETICS
 from .ranges import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
 from .report import summary_text
 
@@ -116,6 +117,11 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--write-bias-encodings", action="store_true",
         help="also write bias entries to the overrides (default: leave biases to snpe-dlc-quantize)",
+    )
+    parser.add_argument(
+        "--arithmetic", choices=ARITHMETICS, default="htp",
+        help="how the simulation computes: htp, the integer arithmetic measured on Qualcomm's HTP, or exact, "
+        "float ops with exactly rounded fake quantization (default htp)",
     )
 
 
@@ -243,6 +249,7 @@ def _run(args: argparse.Namespace) -> int:
             weight_bitwidth=args.weight_bitwidth,
             bias_bitwidth=args.bias_bitwidth,
             write_bias_encodings=args.write_bias_encodings,
+            arithmetic=args.arithmetic,
             input_shapes=dict(args.input_shape),
             analysis_samples=args.analysis_samples,
             htp_samples=args.htp,
@@ -262,7 +269,7 @@ def _image_options(args: argparse.Namespace) -> ImageOptions:
 def _run_compare(args: argparse.Namespace) -> int:
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, bias_bitwidth=args.bias_bitwidth,
-                    write_bias_encodings=args.write_bias_encodings)
+                    write_bias_encodings=args.write_bias_encodings, arithmetic=args.arithmetic)
     result = compare(
         args.model, args.calib, args.out, methods=args.methods, act_bitwidths=args.act_bitwidth, base=base,
         eval_data=args.eval, num_samples=args.num_samples, input_shapes=dict(args.input_shape),

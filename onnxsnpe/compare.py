@@ -69,7 +69,8 @@ def compare(
         for settings in configs:
             name = f"{settings.method}_a{settings.act_bitwidth}"
             encodings = encode(prepared, stats, settings)
-            evaluation = evaluate_encodings(prepared, stats, encodings, analysis_samples, progress)
+            evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples,
+                                            progress)
             overrides = f"{name}/{export.OVERRIDES_FILE}"
             staged.stage(name).mkdir()
             export.write_json(

@@ -7,6 +7,11 @@ class agreement, and for each activation with its own encoding, measured on eval
 - isolated error: the model outputs' error when only this tensor is quantized (everything else,
   weights included, FP32). It ranks the tensors whose quantization costs the most;
 - a histogram of the FP32 values over the calibration-observed range, to draw the chosen range on.
+
+The simulated model computes with the chosen arithmetic (``ARITHMETICS``): ``htp``, the integer
+arithmetic measured on Qualcomm's HTP (htp_model.py), or ``exact``, float ops with exactly rounded
+fake quantization (simulate.py). The isolated errors always use the exact arithmetic: they rank
+tensors by the cost of their encoding, which does not depend on how the ops round.
 """
 
 from __future__ import annotations
@@ -18,12 +23,29 @@ import numpy as np
 import onnx
 
 from .encoding import Encoding
+from .htp_model import htp_simulation_model
 from .metrics import OutputComparison, TensorComparison, inner, json_db, sqnr_db
 from .runtime import make_session
 from .simulate import SWITCH_INPUT, build_simulation_model
 from .targets import QuantTargets
 
 HISTOGRAM_BINS = 64
+ARITHMETICS = ("htp", "exact")
+"""How the simulation computes: like Qualcomm's HTP (default), or exact float with exact rounding."""
+
+
+def simulation_model(
+    deploy: onnx.ModelProto,
+    targets: QuantTargets,
+    activations: dict[str, Encoding],
+    params: dict[str, Encoding],
+    arithmetic: str = "htp",
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The simulated quantized model in the given arithmetic, and the map to its tensors' names."""
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"unknown arithmetic {arithmetic!r}")
+    build = htp_simulation_model if arithmetic == "htp" else build_simulation_model
+    return build(deploy, targets, activations, params)
 
 
 @dataclass
@@ -87,6 +109,7 @@ def evaluate(
     observed: dict[str, tuple[float, float]],
     samples: Iterable[dict[str, np.ndarray]],
     isolated_samples: int,
+    arithmetic: str = "htp",
 ) -> Evaluation:
     """Run FP32 and simulated models over ``samples``; isolated errors use the first ``isolated_samples``."""
     names = list(targets.activations)
@@ -97,7 +120,7 @@ def evaluate(
 
     reference = make_session(deploy, names)
     ref_names = [o.name for o in reference.get_outputs()]
-    simulated, sim_map = build_simulation_model(deploy, targets, activations, params)
+    simulated, sim_map = simulation_model(deploy, targets, activations, params, arithmetic)
     simulated_session = make_session(simulated, [sim_map[n] for n in names])
     isolated, iso_map = build_simulation_model(deploy, targets, activations, {}, switchable=True)
     isolated_session = make_session(isolated)

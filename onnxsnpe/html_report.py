@@ -52,7 +52,9 @@ def render_report(report: dict) -> str:
     ]
     if evaluation.get("note"):
         parts.append(f"<p class='note'>{_e(evaluation['note'])}</p>")
-    parts += ["<h2>Model outputs: simulated quantized model against FP32</h2>", _outputs_table(report["outputs"])]
+    arithmetic = ARITHMETIC_LABELS.get(report["settings"].get("arithmetic"), "")
+    parts += [f"<h2>Model outputs: simulated quantized model ({_e(arithmetic)}) against FP32</h2>",
+              _outputs_table(report["outputs"])]
     if "htp" in report:
         parts.append(_htp_section(report["htp"]))
     parts += [
@@ -90,9 +92,13 @@ def _percent(share: float | None) -> str:
     return "" if share is None else f"{100 * share:.1f}%"
 
 
+ARITHMETIC_LABELS = {"htp": "HTP integer arithmetic", "exact": "exact arithmetic"}
+
+
 def _htp_section(htp: dict) -> str:
     rows = "".join(
-        f"<tr><td>{_e(label)}</td><td class='name'>{_e(r['name'])}</td><td>{_db(r['sqnr_db'])}</td>"
+        f"<tr><td>{_e(ARITHMETIC_LABELS.get(label, label))}</td><td class='name'>{_e(r['name'])}</td>"
+        f"<td>{_db(r['sqnr_db'])}</td>"
         f"<td>{r['max_error_lsb']:g}</td><td>{_percent(r['top1_agreement'])}</td></tr>"
         for label, results in htp["agreement"].items()
         for r in results

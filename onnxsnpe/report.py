@@ -64,7 +64,8 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         f"W{report['settings']['weight_bitwidth']}, bias {report['settings']['bias_bitwidth']}-bit)",
         f"  encodings: {enc['activation_count']} activations ({enc['alias_count']} sharing their input's),"
         f" {enc['param_count']} params; {report['graph']['batchnorms_folded']} BatchNorms folded",
-        f"  simulated vs FP32 on {ev['num_samples']} {'held-out' if ev['held_out'] else 'calibration'} samples:",
+        f"  simulated ({report['settings']['arithmetic']} arithmetic) vs FP32 on {ev['num_samples']}"
+        f" {'held-out' if ev['held_out'] else 'calibration'} samples:",
     ]
     width = max(len(o["name"]) for o in report["outputs"])
     for o in report["outputs"]:
@@ -77,7 +78,7 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         for label, rows in htp["agreement"].items():
             for row in rows:
                 sqnr = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f} dB"
-                lines.append(f"    {label}: {row['name']}  {sqnr}  {row['max_error_lsb']:g} LSB")
+                lines.append(f"    {label} arithmetic: {row['name']}  {sqnr}  {row['max_error_lsb']:g} LSB")
         fallback = htp["cpu_fallback_ops"]
         lines.append(f"    ops that fell back to the CPU: {len(fallback) if fallback is not None else 'unknown'}")
     worst = report["tensors"]["worst_isolated"][:3]

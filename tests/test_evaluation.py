@@ -4,9 +4,14 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxsnpe.api import Settings
 from onnxsnpe.encoding import asymmetric_encoding, fake_quantize
+from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.evaluation import HISTOGRAM_BINS, evaluate, worst_isolated
 from onnxsnpe.graph import load_model, prepare_deploy_model
+from onnxsnpe.htp_model import htp_simulation_model
+from onnxsnpe.runtime import make_session
+from onnxsnpe.simulate import build_simulation_model
 from onnxsnpe.targets import QuantTargets
 from onnxsnpe.weight_analysis import analyze_weights
 
@@ -82,3 +87,30 @@ def load_model_from_weights(weight):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(weight, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("arithmetic", ["htp", "exact"])
+def test_output_figures_come_from_the_chosen_arithmetic(arithmetic):
+    from .test_htp import _conv_model, _quantized, _samples
+
+    weight = np.random.default_rng(1).uniform(0.0, 1.0, size=(6, 4, 3, 3))  # re-expressed on the HTP
+    model = _conv_model(weight)
+    samples = _samples(4, count=3)
+    targets, acts, params = _quantized(model, samples)
+    observed = {name: (acts[name].min, acts[name].max) for name in targets.activations}
+    result = evaluate(model, targets, acts, params, observed, samples, isolated_samples=0, arithmetic=arithmetic)
+    builders = {"htp": htp_simulation_model, "exact": build_simulation_model}
+    sim, output_map = builders[arithmetic](model, targets, acts, params)
+    other, other_map = builders[{"htp": "exact", "exact": "htp"}[arithmetic]](model, targets, acts, params)
+    reference = make_session(model)
+    ref = np.concatenate([reference.run(["y"], s)[0] for s in samples])
+    got = np.concatenate([make_session(sim).run([output_map["y"]], s)[0] for s in samples])
+    not_chosen = np.concatenate([make_session(other).run([other_map["y"]], s)[0] for s in samples])
+    assert not np.array_equal(got, not_chosen)  # the two arithmetics differ on this model
+    assert result.outputs[0].to_dict()["sqnr_db"] == pytest.approx(_sqnr(ref, got), abs=1e-4)  # 4 decimals
+    assert abs(_sqnr(ref, got) - _sqnr(ref, not_chosen)) > 0.1
+
+
+def test_unknown_arithmetic_is_refused():
+    with pytest.raises(OnnxSnpeError, match="--arithmetic"):
+        Settings(arithmetic="fast").check()
