@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=32)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--weight-bitwidth", type=int, default=8, help="16 isolates the activation methods' effect")
+    parser.add_argument("--arithmetic", choices=("htp", "exact"), default="htp", help="the simulation's arithmetic")
     args = parser.parse_args()
     methods = args.methods.split(",")
     rows = []
@@ -73,8 +74,9 @@ def main() -> None:
             make_crops(calib, size, args.calib, "top", seed=1)
             make_crops(held_out, size, args.eval, "bottom", seed=2)
             options = ImageOptions(resize=size, **norm)
+            base = Settings(weight_bitwidth=args.weight_bitwidth, arithmetic=args.arithmetic)
             result = compare(SHARED / "models" / name, calib, Path(tmp, name, "out"), methods=methods,
-                             act_bitwidths=[8], base=Settings(weight_bitwidth=args.weight_bitwidth),
+                             act_bitwidths=[8], base=base,
                              eval_data=held_out, image_options=options, analysis_samples=2, progress=False)
             cells = []
             for config in result.report["configurations"]:
