@@ -1,13 +1,16 @@
 """How closely onnxruntime's CPU and onnxsnpe's simulations follow Qualcomm's HTP, on the four real models.
 
-    python tools/htp_agreement.py [--models effnet,det,rec,cls] [--extra-crops 56]
+    python tools/htp_agreement.py [--models effnet,det,rec,cls] [--extra-crops 56] [--per-op]
+                                  [--weights asymmetric|symmetric]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
 calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
 32-bit biases, 8-bit min-max encodings for the other constants), exported as a QDQ model, and run
 on the HTP emulator over calib_data/eval plus ``--extra-crops`` deterministic crops of the
 photographs in ../shared/images (agreement between two executions of one quantized model does not
-need held-out data). Every execution is compared with the HTP's outputs:
+need held-out data). ``--weights symmetric`` encodes the weights signed symmetric per tensor
+(encoding.symmetric_encoding of the largest magnitude) instead of onnxsnpe's default per-tensor
+asymmetric min-max. Every execution is compared with the HTP's outputs:
 
 - ``ort-cpu``: onnxruntime's CPU execution of the same QDQ model;
 - ``simulate``: simulate.build_simulation_model, onnxsnpe's simulation;
@@ -37,11 +40,18 @@ import onnx
 from PIL import Image
 
 from onnxsnpe.calibration import ImageOptions, open_dataset
+from onnxsnpe.encoding import Encoding, symmetric_encoding
 from onnxsnpe.graph import load_model, model_inputs, prepare_deploy_model
 from onnxsnpe.htp import HtpSession, cpu_runner, measure_agreement, qnn_unavailable_reason, simulation_runner
 from onnxsnpe.htp_model import htp_simulation_model
 from onnxsnpe.qdq import build_qdq_model, constant_encodings
-from onnxsnpe.ranges import activation_encodings, bias_encodings, fixed_range_tensors, weight_encodings
+from onnxsnpe.ranges import (
+    activation_encodings,
+    bias_encodings,
+    fixed_range_tensors,
+    initializer_values,
+    weight_encodings,
+)
 from onnxsnpe.runtime import make_session
 from onnxsnpe.simulate import SUFFIX, build_simulation_model
 from onnxsnpe.statistics import collect_statistics
@@ -58,6 +68,7 @@ MODELS = {
     "cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (48, 192), HALF),
 }
 RUNS = ("ort-cpu", "simulate", "htp-model")
+WEIGHTS = ("asymmetric", "symmetric")
 
 
 def write_crops(folder: Path, count: int, seed: int = 0) -> None:
@@ -75,7 +86,13 @@ def write_crops(folder: Path, count: int, seed: int = 0) -> None:
         crop.save(folder / f"crop_{index:03d}.png")
 
 
-def calibrate(key: str):
+def symmetric_weight_encodings(model: onnx.ModelProto, targets: QuantTargets, bitwidth: int) -> dict[str, Encoding]:
+    """Signed symmetric per-tensor encodings of the weights, from each weight's largest magnitude."""
+    values = initializer_values(model, targets.weights)
+    return {name: symmetric_encoding(float(np.abs(array).max()), bitwidth) for name, array in values.items()}
+
+
+def calibrate(key: str, weights_kind: str = "asymmetric"):
     """The deploy model, targets, encodings and datasets of one model, calibrated as the docstring says."""
     file, size, norm = MODELS[key]
     model = load_model(SHARED / "models" / file)
@@ -87,15 +104,18 @@ def calibrate(key: str):
     targets = find_targets(deploy)
     stats = collect_statistics(deploy, targets.activations, calib, methods=["minmax"])
     acts = activation_encodings(stats, targets, "minmax", 8, fixed=fixed_range_tensors(deploy))
-    weights = weight_encodings(deploy, targets, 8)
+    if weights_kind == "symmetric":
+        weights = symmetric_weight_encodings(deploy, targets, 8)
+    else:
+        weights = weight_encodings(deploy, targets, 8)
     params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
     params.update(constant_encodings(deploy, targets, params, 8))
     return deploy, targets, acts, params, inputs, options, calib
 
 
-def measure(key: str, crops: Path | None) -> list[dict]:
+def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric") -> list[dict]:
     """Calibrate one model, run it on the HTP, and compare every execution with it."""
-    deploy, targets, acts, params, inputs, options, calib = calibrate(key)
+    deploy, targets, acts, params, inputs, options, calib = calibrate(key, weights_kind)
     qdq = build_qdq_model(deploy, targets, acts, params)
     input_encodings = {spec.name: acts[spec.name] for spec in inputs}
     htp = HtpSession(qdq, input_encodings)
@@ -120,9 +140,9 @@ def measure(key: str, crops: Path | None) -> list[dict]:
     return rows
 
 
-def per_op(key: str) -> dict[str, list[int]]:
+def per_op(key: str, weights_kind: str = "asymmetric") -> dict[str, list[int]]:
     """Per op type: [ops, output values, values where simulate differs, values where htp-model differs]."""
-    deploy, targets, acts, params, inputs, options, _ = calibrate(key)
+    deploy, targets, acts, params, inputs, options, _ = calibrate(key, weights_kind)
     sample = open_dataset(ROOT / "calib_data" / "eval", inputs, options).load(0)
     modeled, _ = htp_simulation_model(deploy, targets, acts, params)
     visible = [name + SUFFIX for name in targets.activations] + list(targets.aliases)
@@ -195,6 +215,8 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--extra-crops", type=int, default=56, help="crops of ../shared/images added to eval")
     parser.add_argument("--per-op", action="store_true", help="also compare each op in isolation")
+    parser.add_argument("--weights", choices=WEIGHTS, default="asymmetric",
+                        help="per-tensor weight encodings: asymmetric min-max (onnxsnpe's default) or symmetric")
     args = parser.parse_args()
     reason = qnn_unavailable_reason()
     if reason:
@@ -208,12 +230,12 @@ def main() -> int:
             write_crops(crops, args.extra_crops)
         for key in args.models.split(","):
             start = time.perf_counter()
-            rows.extend(measure(key, crops))
+            rows.extend(measure(key, crops, args.weights))
             print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(table(rows))
     if args.per_op:
         print()
-        print(per_op_table({key: per_op(key) for key in args.models.split(",")}))
+        print(per_op_table({key: per_op(key, args.weights) for key in args.models.split(",")}))
     return 0
 
 
