@@ -234,3 +234,22 @@ def test_htp_flag(capsys, tmp_path, tiny_model, npy_folder):
     assert report["htp"]["samples"] == 2 and report["htp"]["cpu_fallback_ops"] == []
     for rows in report["htp"]["agreement"].values():
         assert rows[0]["name"] == "out" and rows[0]["max_error_lsb"] >= 0
+
+
+def test_htp_arithmetic_simulation_equals_the_htp_on_efficientnet(tmp_path):
+    """The report's default simulation computes what Qualcomm's HTP computes, bit for bit, on a real model."""
+    from onnxsnpe.htp import qnn_unavailable_reason
+
+    if reason := qnn_unavailable_reason():
+        pytest.skip(f"HTP emulator unavailable: {reason}")
+    model = shared_model("efficientnet_lite0.onnx")
+    resize, norm = REAL_MODELS["efficientnet_lite0.onnx"]
+    options = ImageOptions(resize=tuple(int(v) for v in resize.split(",")),
+                           mean=tuple(float(v) for v in norm["mean"].split(",")),
+                           std=tuple(float(v) for v in norm["std"].split(",")))
+    result = quantize(model, CALIB_DATA / "calib", tmp_path / "out", eval_data=CALIB_DATA / "eval", num_samples=8,
+                      image_options=options, analysis_samples=0, htp_samples=4, progress=False)
+    (htp,) = result.report["htp"]["agreement"]["htp"]
+    (exact,) = result.report["htp"]["agreement"]["exact"]
+    assert htp["max_error_lsb"] == 0 and htp["sqnr_db"] is None and htp["top1_agreement"] == 1.0
+    assert exact["max_error_lsb"] > 0  # float arithmetic with exact rounding does not get there
