@@ -25,7 +25,6 @@ from onnx import numpy_helper
 from .errors import OnnxSnpeError
 from .exposure import ExposedSession
 from .histogram import Histogram
-from .kernels import value_range
 from .tf_enhanced import TfEnhancedObserver
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class MinMaxObserver:
     def update(self, values: np.ndarray) -> None:
         """Fold one batch of values into the running statistics."""
         if values.size:
-            self.update_range(*value_range(values), int(values.size))
+            self.update_range(float(values.min()), float(values.max()), int(values.size))
 
     def update_range(self, low: float, high: float, count: int) -> None:
         """Fold in a batch known by its min, max and number of values; ValueError on NaN or Inf."""
@@ -91,14 +90,11 @@ class TensorStats:
         flat = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
-        if self.histogram is not None:  # counting finds the range in the same pass
-            low, high = self.histogram.update(flat)
-        elif self.tf_enhanced is not None:
-            low, high = self.tf_enhanced.update(batch)
-        else:
-            low, high = value_range(flat)
+        low, high = float(flat.min()), float(flat.max())
         self.minmax.update_range(low, high, flat.size)
-        if self.histogram is not None and self.tf_enhanced is not None:
+        if self.histogram is not None:
+            self.histogram.update(flat, low, high)
+        if self.tf_enhanced is not None:
             self.tf_enhanced.update(batch)
 
     def merge(self, other: TensorStats) -> None:

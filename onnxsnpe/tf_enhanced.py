@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from .encoding import MIN_RANGE, round_half_away
-from .kernels import CHUNK, KEY_HIGHEST, KEY_LOWEST, float_key, key_value, tally_slots, value_range
+from .histogram import CHUNK, tally_slots
 
 PDF_SIZE = 512
 GAMMA = 3.0
@@ -43,34 +43,25 @@ class TfEnhancedObserver:
         self.elements = 0  # values in all samples since the grid was fixed, dropped ones included
         self.updated = False  # any sample seen, even if all were zeros
 
-    def update(self, batch: np.ndarray) -> tuple[float, float]:
-        """Feed a batch sample by sample along its first axis, in order; returns the batch's (min, max)."""
-        low, high = np.inf, -np.inf
+    def update(self, batch: np.ndarray) -> None:
+        """Feed a batch sample by sample along its first axis, in order."""
         for sample in batch.reshape(batch.shape[0], -1) if batch.ndim > 1 else batch[None]:
-            sample_low, sample_high = self.update_sample(sample)
-            low, high = min(low, sample_low), max(high, sample_high)
-        return float(low), float(high)
+            self.update_sample(sample)
 
-    def update_sample(self, sample: np.ndarray) -> tuple[float, float]:
-        """Add one sample (any shape) to the PDF, as AIMET's ``UpdatePdf`` does for one batch.
-
-        Returns the sample's (min, max), found in the same pass as the counting once the grid exists
-        (non-finite if the sample holds NaN or Inf).
-        """
+    def update_sample(self, sample: np.ndarray) -> None:
+        """Add one sample (any shape) to the PDF, as AIMET's ``UpdatePdf`` does for one batch."""
         flat = np.ascontiguousarray(sample, dtype=np.float32).reshape(-1)
         self.updated = True
         if flat.size == 0:
-            return np.inf, -np.inf
-        low = high = None
+            return
         if self.x_left is None:
-            low, high = value_range(flat)
+            low, high = flat.min(), flat.max()
             if low == 0 and high == 0:
-                return low, high  # AIMET waits for a sample that is not all zeros to fix the grid
+                return  # AIMET waits for a sample that is not all zeros to fix the grid
             self.x_left = initial_grid(low, high)
         size = _F32(self.x_left[1] - self.x_left[0])
-        keys = _bucket_counts(flat, flat.view(np.int32), size, _F32(_F32(self.x_left[0]) / size), self.counts)
+        _bucket_counts(flat, size, _F32(_F32(self.x_left[0]) / size), self.counts)
         self.elements += flat.size
-        return (low, high) if low is not None else (key_value(keys[0]), key_value(keys[1]))
 
     def merge(self, other: TfEnhancedObserver) -> None:
         """Add another observer's samples; both must have fixed the same grid (or one none)."""
@@ -205,24 +196,19 @@ def _bucket_index(value: np.ndarray, start: np.float32, step: np.float64) -> np.
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def _bucket_counts(values, bits, size, offset, counts):  # pragma: no cover - compiled
+def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
     """AIMET's ``GetHistogram``: bucket ``round(x / size - offset)`` in float32, half away from zero.
 
     Values outside the 512 buckets (and NaN) are dropped. Per chunk, a vectorized loop computes the
-    buckets and the min/max keys (``bits``: ``values`` viewed as int32), then four interleaved
-    sub-histograms count the buckets. Returns (min key, max key).
+    buckets, then four interleaved sub-histograms count them.
     """
     drop = PDF_SIZE
     parts = np.zeros((4, PDF_SIZE + 1), dtype=np.int64)
     slots = np.empty(CHUNK, dtype=np.int32)
-    low, high = KEY_HIGHEST, KEY_LOWEST
     n = values.shape[0]
     for start in range(0, n, CHUNK):
         chunk = min(CHUNK, n - start)
         for k in range(chunk):
-            key = float_key(bits[start + k])
-            low = min(low, key)
-            high = max(high, key)
             shifted = values[start + k] / size - offset  # float32 arithmetic throughout
             magnitude = abs(shifted)
             whole = np.floor(magnitude)
@@ -233,4 +219,3 @@ def _bucket_counts(values, bits, size, offset, counts):  # pragma: no cover - co
     for lane in range(4):
         for b in range(PDF_SIZE):
             counts[b] += parts[lane, b]
-    return low, high

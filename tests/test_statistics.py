@@ -12,7 +12,6 @@ from onnx import TensorProto, helper
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph import load_model, prepare_deploy_model
 from onnxsnpe.histogram import Histogram, fitting_exponent
-from onnxsnpe.kernels import value_range
 from onnxsnpe.ranges import activation_encodings
 from onnxsnpe.statistics import TensorStats, batch_dynamic_copy, collect_statistics
 from onnxsnpe.targets import find_targets
@@ -211,20 +210,3 @@ def test_stats_for_other_methods_do_not_merge() -> None:
     with pytest.raises(ValueError, match="different methods"):
         TensorStats(["minmax"]).merge(TensorStats(["mse"]))
 
-
-@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=3000))
-@settings(max_examples=60, deadline=None)
-def test_one_pass_range_equals_numpys(values: list[float]) -> None:
-    array = np.array(values, dtype=np.float32)
-    assert value_range(array) == (float(array.min()), float(array.max()))
-    hist = Histogram()
-    assert hist.update(array) == (float(array.min()), float(array.max()))
-    half = array[::-1] * np.float32(0.5)  # within the grid the first batch made: counted in one pass
-    assert hist.update(half) == (float(half.min()), float(half.max()))
-
-
-@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
-def test_one_pass_range_shows_nan_and_inf(bad: float) -> None:
-    array = np.array([-0.0, 1e-45, 2.5, -3.0, bad, 0.0], dtype=np.float32)
-    assert not all(np.isfinite(value_range(array)))
-    assert value_range(np.array([-0.0, 0.0], dtype=np.float32)) == (0.0, 0.0)
