@@ -48,20 +48,23 @@ class ExposedSession:
 
     ``names`` are the session's output names, one per tensor; :meth:`values` turns the arrays they
     produce into each tensor's values (first axis: samples; order within a sample unspecified).
+    ``blocked=False`` keeps the ordinary NCHW outputs (for comparison).
     """
 
-    def __init__(self, model: onnx.ModelProto, tensors: list[str], threads: int = 0) -> None:
+    def __init__(self, model: onnx.ModelProto, tensors: list[str], threads: int = 0, blocked: bool = True) -> None:
         self.tensors = list(tensors)
         exposed = _exposing(model, self.tensors)
         self.names = list(self.tensors)
         self.blocked: dict[str, _Blocked] = {}
         self.reference: ort.InferenceSession | None = None
         with tempfile.TemporaryDirectory(prefix="onnxsnpe-") as tmp:
-            optimized_path = Path(tmp) / "optimized.onnx"
+            optimized_path = Path(tmp) / "optimized.onnx" if blocked else None
             try:
                 self.session = _session(exposed, threads, optimized_path)
             except OnnxSnpeError:  # perhaps only the optimized model could not be saved (over 2 GB)
                 self.session = _session(exposed, threads, None)
+                return
+            if optimized_path is None:
                 return
             try:
                 rewritten, outputs, self.blocked = _without_reorders(onnx.load(str(optimized_path)), self.tensors)

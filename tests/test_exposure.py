@@ -86,3 +86,12 @@ def test_a_layout_that_does_not_check_out_falls_back_to_nchw(monkeypatch) -> Non
     x = np.random.default_rng(3).normal(size=(1, 3, 12, 12)).astype(np.float32)
     for name, values in session.values(session.run({"x": x})).items():
         np.testing.assert_array_equal(values, _reference(model, x)[name])
+
+
+def test_unblocked_session_returns_the_nchw_tensors() -> None:
+    model = two_conv_model(24)
+    session = ExposedSession(model, OBSERVED, blocked=False)
+    x = np.random.default_rng(4).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    assert session.blocked == {} and session.names == OBSERVED
+    for name, raw in zip(OBSERVED, session.run({"x": x}), strict=True):
+        np.testing.assert_array_equal(raw, _reference(model, x)[name])

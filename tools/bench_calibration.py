@@ -3,7 +3,8 @@
 On EfficientNet-Lite0 (../shared/models) with real image crops (../shared/images and calib_data/),
 it prints the time of
 - plain FP32 onnxruntime inference over the samples (default session, batch 1 and batch 4),
-- onnxruntime with the observed tensors as outputs but no statistics (the floor of our pass),
+- onnxruntime with the observed tensors as outputs but no statistics (the floor of our pass): in
+  onnxruntime's blocked layout as calibration reads them (2 threads and 1), and as plain NCHW outputs,
 - our calibration with each method (statistics pass plus the range choice), and minmax at batch 4,
 - onnxruntime's own quantize_static with MinMax and Percentile on the same samples,
 each with its ratio to the faster plain inference; then the peak memory (RSS high-water mark,
@@ -30,9 +31,10 @@ import onnx
 import onnxruntime as ort
 from PIL import Image
 
+from onnxsnpe.exposure import ExposedSession
 from onnxsnpe.graph import load_model, prepare_deploy_model
 from onnxsnpe.ranges import ACTIVATION_METHODS, activation_encodings
-from onnxsnpe.statistics import DEFAULT_BATCH_SIZE, _Runner, batch_dynamic_copy, collect_statistics
+from onnxsnpe.statistics import DEFAULT_BATCH_SIZE, batch_dynamic_copy, collect_statistics
 from onnxsnpe.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,12 +81,13 @@ def plain_inference(model: onnx.ModelProto, data: list[dict[str, np.ndarray]], b
         session.run(None, {"input": np.concatenate([s["input"] for s in data[start : start + batch]])})
 
 
-def exposed_inference(deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], threads: int) -> None:
-    """Our onnxruntime side alone: the observed tensors written out for every sample, no statistics."""
-    runner = _Runner(deploy, find_targets(deploy).activations, 1, threads)
+def exposed_inference(deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], threads: int, blocked: bool) -> None:
+    """Our onnxruntime side alone: the observed tensors written into reused arrays for every sample."""
+    inputs = {value.name for value in deploy.graph.input}
+    session = ExposedSession(deploy, [t for t in find_targets(deploy).activations if t not in inputs], threads, blocked)
+    arrays = [np.empty_like(raw) for raw in session.run(data[0])]
     for sample in data:
-        for _, release in runner.run([sample]):
-            release()
+        session.run_into(sample, arrays)
 
 
 def calibrate(deploy: onnx.ModelProto, data, method: str, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
@@ -160,8 +163,9 @@ def main() -> None:
     runs: dict[str, Callable[[], object]] = {
         "plain FP32, batch 1": lambda: plain_inference(deploy, data, 1),
         f"plain FP32, batch {batch}": lambda: plain_inference(dynamic, data, batch),
-        "tensors exposed, no statistics, 2 threads": lambda: exposed_inference(deploy, data, 0),
-        "tensors exposed, no statistics, 1 thread": lambda: exposed_inference(deploy, data, 1),
+        "tensors exposed as NCHW, 2 threads": lambda: exposed_inference(deploy, data, 0, False),
+        "tensors exposed, 2 threads": lambda: exposed_inference(deploy, data, 0, True),
+        "tensors exposed, 1 thread": lambda: exposed_inference(deploy, data, 1, True),
         **{f"onnxsnpe {m}": (lambda m=m: calibrate(deploy, data, m)) for m in ACTIVATION_METHODS},
         f"onnxsnpe minmax, batch {batch}": lambda: calibrate(deploy, data, "minmax", batch),
     }
