@@ -272,7 +272,8 @@ def render_comparison(comparison: dict) -> str:
         f"<h1>{_e(title)}</h1>",
         f"<p>Calibrated once on {comparison['calibration']['num_samples']} samples; every configuration "
         f"evaluated on {evaluation['num_samples']} {'held-out' if evaluation['held_out'] else 'calibration'} "
-        f"samples from <code>{_e(evaluation['path'])}</code>.</p>",
+        f"samples from <code>{_e(evaluation['path'])}</code>, simulated in the "
+        f"{_e(ARITHMETIC_LABELS.get(configs[0]['settings'].get('arithmetic'), ''))}.</p>",
         f"<p class='note'>{_e(evaluation['note'])}</p>" if evaluation.get("note") else "",
         table,
         f"<div class='charts'>{_comparison_bars(configs)}</div>",
