@@ -95,3 +95,15 @@ def test_unblocked_session_returns_the_nchw_tensors() -> None:
     assert session.blocked == {} and session.names == OBSERVED
     for name, raw in zip(OBSERVED, session.run({"x": x}), strict=True):
         np.testing.assert_array_equal(raw, _reference(model, x)[name])
+
+
+def test_writing_into_arrays_first_still_checks_the_layout() -> None:
+    model = two_conv_model(24)
+    x = np.random.default_rng(5).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    want = ExposedSession(model, OBSERVED).run({"x": x})
+    session = ExposedSession(model, OBSERVED)
+    arrays = [np.full_like(raw, np.nan) for raw in want]
+    session.run_into({"x": x}, arrays)
+    assert session.reference is None  # checked
+    for array, raw in zip(arrays, want, strict=True):
+        np.testing.assert_array_equal(array, raw)
