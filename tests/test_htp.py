@@ -11,10 +11,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe.encoding import Encoding, fake_quantize
+from onnxsnpe.encoding import Encoding, asymmetric_encoding, fake_quantize
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.htp import HtpSession, measure_agreement, qnn_unavailable_reason, simulation_runner
-from onnxsnpe.htp_model import add_constants, htp_simulation_model, int8_weights, requant_constants
+from onnxsnpe.htp_model import (
+    add_constants,
+    htp_simulation_model,
+    int8_weights,
+    mul_constants,
+    requant_constants,
+    scalar_mul_constants,
+)
 from onnxsnpe.qdq import build_qdq_model
 from onnxsnpe.simulate import build_simulation_model
 from onnxsnpe.targets import find_targets
@@ -147,12 +154,14 @@ def test_add_constants_pick_fraction_bits_from_the_scale_ratios():
     assert multipliers == tuple(np.round(np.array(ratios, dtype=np.float64) * 2**13) / 2**13)
     assert constant * 2**5 == np.round(constant * 2**5)  # on the 2^-(n - 8) grid
     assert abs(constant - (90 - 100 * multipliers[0] - 30 * multipliers[1])) <= 2**-6
+    bits, multipliers, _ = add_constants((0.05, 0.03), (100, 30), 0.07, 90, sign=-1.0)
+    assert bits == 14 and multipliers[1] < 0  # Sub: 14 - ceil(log2(max(0.714, 0.429)))
 
 
-def _add_model():
-    """y = a + b on [1, 1, 256, 256] inputs."""
+def _add_model(op: str = "Add"):
+    """y = a + b (or a - b) on [1, 1, 256, 256] inputs."""
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, 256, 256]) for name in ("a", "b")]
-    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "add", inputs,
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["y"])], "add", inputs,
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -166,11 +175,18 @@ ADD_CASES = {  # scale a, zero point a, scale b, zero point b, scale out, zero p
 }
 
 
+SUB_CASES = {  # as ADD_CASES; the fraction bits follow the larger scale ratio
+    "generic": (0.0178, 242, 0.0597, 65, 0.0650, 104),
+    "ratios 1.19 and 0.84": (0.0944, 71, 0.0891, 23, 0.0793, 185),
+    "equal scales": (0.0230, 251, 0.0230, 192, 0.0487, 13),
+}
+
+
 @needs_qnn
-@pytest.mark.parametrize("case", list(ADD_CASES))
-def test_htp_model_reproduces_the_htp_add_on_every_pair_of_codes(case):
-    sa, za, sb, zb, sy, zy = ADD_CASES[case]
-    model = _add_model()
+@pytest.mark.parametrize("op, case", [("Add", case) for case in ADD_CASES] + [("Sub", case) for case in SUB_CASES])
+def test_htp_model_reproduces_the_htp_add_on_every_pair_of_codes(op, case):
+    sa, za, sb, zb, sy, zy = (ADD_CASES if op == "Add" else SUB_CASES)[case]
+    model = _add_model(op)
     targets = find_targets(model)
     grids = (("a", sa, za), ("b", sb, zb), ("y", sy, zy))
     acts = {name: Encoding(8, scale, -zero_point) for name, scale, zero_point in grids}
@@ -179,4 +195,91 @@ def test_htp_model_reproduces_the_htp_add_on_every_pair_of_codes(case):
               "b": ((codes_b + acts["b"].offset) * np.float32(acts["b"].scale)).astype(np.float32)[None, None]}
     htp = HtpSession(build_qdq_model(model, targets, acts, {}), {"a": acts["a"], "b": acts["b"]})
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}), ["y"])
+    np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
+
+
+def test_mul_constants_round_the_zero_point_term_to_the_constant_grid():
+    multiplier, offset = mul_constants((0.02, 0.03), (128, 77), 0.014, 140)
+    assert offset == 0.0  # a zero point of 128 leaves nothing to round
+    assert multiplier * 2**19 == np.round(multiplier * 2**19)  # 15 significant bits: 2^-5 <= m < 2^-4
+    assert abs(multiplier / (np.float32(0.02) * np.float32(0.03) / np.float32(0.014)) - 1) < 2.0**-15
+    multiplier, offset = mul_constants((0.02, 0.03), (136, 136), 0.014, 140)  # j = round((128 + 16) / 256) = 1
+    assert offset == np.round(256 * multiplier * 16) / 16 - 256 * multiplier  # grid 2^(15 - 19)
+    small, _ = mul_constants((0.01, 0.01), (128, 128), 0.1, 0)  # M = 2^-9.97: fraction bits capped at 22
+    assert small * 2**22 == np.round(small * 2**22) and small * 2**22 < 2**13
+    multiplier, offset = mul_constants((0.01, 0.01), (250, 250), 0.0135, 200)  # j = 117, M = 2^-7.08
+    rounded = offset + 256 * 117 * multiplier  # z_out + 256 j m >= 256 does not fit 16 bits at s = 22
+    assert rounded * 2**6 == np.round(rounded * 2**6)  # so s = 21: the constant grid is 2^-6
+    assert mul_constants((0.5, 0.5), (0, 0), 0.2, 0) is None  # M >= 1: not modelled
+    multiplier, offset = scalar_mul_constants(0.02, 0.004, 255, 5.0)
+    assert offset == 2.0**-7 and abs(multiplier / (0.02 * 0.004 / 5.0 * 255) - 1) < 2.0**-15
+    assert scalar_mul_constants(0.02, 0.004, -255, 5.0)[1] == 0.0
+
+
+def _code_grid(enc: Encoding, shape: tuple[int, ...]) -> np.ndarray:
+    """The 256 codes of ``enc`` as float values, laid out along the axis of ``shape`` that has 256 entries."""
+    return ((np.arange(256.0) + enc.offset) * np.float32(enc.scale)).astype(np.float32).reshape(shape)
+
+
+MUL_CASES = {  # scale a, zero point a, scale b, zero point b, scale out, zero point out, b constant
+    "two activations": (0.02, 108, 0.03, 164, 0.014, 140, False),
+    "zero point 128, M = 2^-4.5": (0.0566, 128, 0.0366, 90, 0.0467, 20, False),
+    "M below 2^-8: fewer fraction bits": (0.0152, 21, 0.0283, 126, 0.1191, 111, False),
+    "M = 2^-7.4, z_out near the 16-bit limit": (0.0312, 9, 0.0119, 68, 0.0609, 229, False),
+    "constant per channel": (0.00886, 204, 0.0326, 28, 0.1035, 156, True),
+    "constant per channel, M = 2^-5": (0.0339, 28, 0.0473, 39, 0.0512, 241, True),
+}
+
+
+@needs_qnn
+@pytest.mark.parametrize("case", list(MUL_CASES))
+def test_htp_model_reproduces_the_htp_mul_on_every_pair_of_codes(case):
+    sa, za, sb, zb, sy, zy, constant = MUL_CASES[case]
+    a_enc, b_enc, y_enc = Encoding(8, sa, -za), Encoding(8, sb, -zb), Encoding(8, sy, -zy)
+    a_shape = (1, 1, 256, 1) if constant else (1, 1, 256, 256)
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a_shape))]
+    inits, params = [], {}
+    if constant:
+        b = _code_grid(b_enc, (1, 1, 1, 256))
+        inits.append(numpy_helper.from_array(b, "b"))
+        params["b"] = asymmetric_encoding(float(b.min()), float(b.max()), 8)
+    else:
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 1, 256, 256]))
+    graph = helper.make_graph([helper.make_node("Mul", ["a", "b"], ["y"])], "mul", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    acts = {"a": a_enc, "y": y_enc} if constant else {"a": a_enc, "b": b_enc, "y": y_enc}
+    if constant:
+        sample = {"a": _code_grid(a_enc, a_shape)}
+    else:
+        codes_a, codes_b = np.meshgrid(np.arange(256.0), np.arange(256.0), indexing="ij")
+        sample = {"a": ((codes_a - za) * np.float32(sa)).astype(np.float32)[None, None],
+                  "b": ((codes_b - zb) * np.float32(sb)).astype(np.float32)[None, None]}
+    targets = find_targets(model)
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {name: acts[name] for name in sample})
+    assert htp.cpu_nodes == []
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
+    np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
+
+
+@needs_qnn
+@pytest.mark.parametrize("value", [0.94316906, -0.2581989, 2.7281597])
+def test_htp_model_reproduces_the_htp_mul_by_a_scalar_on_every_code(value):
+    """A one-element constant, as PP-OCR's layer scales (``M`` near 2^-8)."""
+    x_enc = Encoding(8, 0.0437, -117)
+    b = np.array([value], dtype=np.float32)
+    params = {"b": asymmetric_encoding(min(value, 0.0), max(value, 0.0), 8)}
+    y_enc = Encoding(8, 0.0437 * abs(value) * 1.3, -128)
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "b"], ["y"])], "mul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    acts = {"x": x_enc, "y": y_enc}
+    targets = find_targets(model)
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc})
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
+    sample = {"x": _code_grid(x_enc, (1, 1, 1, 256))}
     np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
