@@ -248,10 +248,6 @@ def _lower_add(
     double = onnx.TensorProto.DOUBLE
     inits = [
         numpy_helper.from_array(np.array(constant + 0.5), p + "constant"),
-        numpy_helper.from_array(np.array(0.0, dtype=np.float32), p + "low"),
-        numpy_helper.from_array(np.array(y_enc.levels, dtype=np.float32), p + "high"),
-        numpy_helper.from_array(np.array(-y_enc.offset, dtype=np.float32), p + "zero_point"),
-        numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
     ]
     chain = []
     terms = []
@@ -276,13 +272,8 @@ def _lower_add(
         chain.append(make("Identity", terms, [p + "sum"]))
     chain += [
         make("Add", [p + "sum", p + "constant"], [p + "shifted"]),
-        make("Floor", [p + "shifted"], [p + "rounded64"]),
-        make("Cast", [p + "rounded64"], [p + "rounded"], to=onnx.TensorProto.FLOAT),
-        make("Clip", [p + "rounded", p + "low", p + "high"], [p + "code"]),
-        make("Sub", [p + "code", p + "zero_point"], [p + "centered"]),
-        make("Mul", [p + "centered", p + "out_scale"], [node.output[0]]),
     ]
-    return chain, inits, set()
+    return _with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
 
 
 def mul_constants(
@@ -380,10 +371,6 @@ def _lower_mul(
     inits = [
         numpy_helper.from_array(np.array(multiplier), p + "multiplier"),
         numpy_helper.from_array(np.array(-y_enc.offset + offset + 0.5), p + "constant"),
-        numpy_helper.from_array(np.array(0.0, dtype=np.float32), p + "low"),
-        numpy_helper.from_array(np.array(y_enc.levels, dtype=np.float32), p + "high"),
-        numpy_helper.from_array(np.array(-y_enc.offset, dtype=np.float32), p + "zero_point"),
-        numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
     ]
     chain = []
     centered = []
@@ -405,13 +392,8 @@ def _lower_mul(
         make("Cast", [p + "product"], [p + "product64"], to=onnx.TensorProto.DOUBLE),
         make("Mul", [p + "product64", p + "multiplier"], [p + "real"]),
         make("Add", [p + "real", p + "constant"], [p + "shifted"]),
-        make("Floor", [p + "shifted"], [p + "rounded64"]),
-        make("Cast", [p + "rounded64"], [p + "rounded"], to=onnx.TensorProto.FLOAT),
-        make("Clip", [p + "rounded", p + "low", p + "high"], [p + "code"]),
-        make("Sub", [p + "code", p + "zero_point"], [p + "code_centered"]),
-        make("Mul", [p + "code_centered", p + "out_scale"], [node.output[0]]),
     ]
-    return chain, inits, set()
+    return _with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
 
 
 def _lower_global_average_pool(
@@ -440,10 +422,6 @@ def _lower_global_average_pool(
         numpy_helper.from_array(np.array(x_enc.scale, dtype=np.float32), p + "in_scale"),
         numpy_helper.from_array(np.array(float(multiplier)), p + "multiplier"),
         numpy_helper.from_array(np.array(-y_enc.offset + 0.5), p + "constant"),
-        numpy_helper.from_array(np.array(0.0, dtype=np.float32), p + "low"),
-        numpy_helper.from_array(np.array(y_enc.levels, dtype=np.float32), p + "high"),
-        numpy_helper.from_array(np.array(-y_enc.offset, dtype=np.float32), p + "zero_point"),
-        numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
     ]
     chain = [
         make("Div", [node.input[0], p + "in_scale"], [p + "real"]),
@@ -458,13 +436,8 @@ def _lower_global_average_pool(
         make("Cast", [p + "sum"], [p + "sum64"], to=onnx.TensorProto.DOUBLE),
         make("Mul", [p + "sum64", p + "multiplier"], [p + "product"]),
         make("Add", [p + "product", p + "constant"], [p + "shifted"]),
-        make("Floor", [p + "shifted"], [p + "rounded64"]),
-        make("Cast", [p + "rounded64"], [p + "rounded"], to=onnx.TensorProto.FLOAT),
-        make("Clip", [p + "rounded", p + "low", p + "high"], [p + "code"]),
-        make("Sub", [p + "code", p + "zero_point"], [p + "centered"]),
-        make("Mul", [p + "centered", p + "out_scale"], [node.output[0]]),
     ]
-    return chain, inits, set()
+    return _with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
 
 
 def _weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
@@ -584,10 +557,6 @@ def _integer_op(
         numpy_helper.from_array(factor, p + "factor"),
         numpy_helper.from_array(mantissa, p + "mantissa"),
         numpy_helper.from_array(np.array(0.5), p + "half"),
-        numpy_helper.from_array(np.array(0.0, dtype=np.float32), p + "low"),
-        numpy_helper.from_array(np.array(y_enc.levels, dtype=np.float32), p + "high"),
-        numpy_helper.from_array(np.array(-y_enc.offset, dtype=np.float32), p + "zero_point"),
-        numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
     ]
     make = helper.make_node
     chain = []
@@ -605,10 +574,34 @@ def _integer_op(
         make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
         make("Mul", [p + "truncated64", p + "mantissa"], [p + "real"]),  # exact in float64, not float32
         make("Add", [p + "real", p + "half"], [p + "real_half"]),
-        make("Floor", [p + "real_half"], [p + "rounded64"]),
+    ]
+    chain, inits, _ = _with_output_codes(chain, inits, p, y_enc, p + "real_half", output)
+    return chain, inits
+
+
+def _with_output_codes(
+    chain: list[onnx.NodeProto], inits: list[onnx.TensorProto], p: str, y_enc: Encoding, shifted: str, output: str
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]]:
+    """Append the requantized output to ``chain``: ``output = (clamp(floor(shifted)) - z_out) * s_out``.
+
+    ``shifted`` is the float64 output code plus one half, so the floor rounds ties up as the HTP
+    does; the code is clamped to the 8-bit range and dequantized in float32. Returns the lowering
+    (nodes, initializers, no params consumed).
+    """
+    make = helper.make_node
+    inits = [
+        *inits,
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), p + "low"),
+        numpy_helper.from_array(np.array(y_enc.levels, dtype=np.float32), p + "high"),
+        numpy_helper.from_array(np.array(-y_enc.offset, dtype=np.float32), p + "zero_point"),
+        numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
+    ]
+    chain = [
+        *chain,
+        make("Floor", [shifted], [p + "rounded64"]),
         make("Cast", [p + "rounded64"], [p + "rounded"], to=onnx.TensorProto.FLOAT),
         make("Clip", [p + "rounded", p + "low", p + "high"], [p + "code"]),
-        make("Sub", [p + "code", p + "zero_point"], [p + "centered"]),
-        make("Mul", [p + "centered", p + "out_scale"], [output]),
+        make("Sub", [p + "code", p + "zero_point"], [p + "code_centered"]),
+        make("Mul", [p + "code_centered", p + "out_scale"], [output]),
     ]
-    return chain, inits
+    return chain, inits, set()
