@@ -1,7 +1,8 @@
 """Streaming statistics of every tensor SNPE quantizes, from one onnxruntime pass over the samples.
 
-One session runs the model with the observed tensors exposed as outputs, on batches of samples
-where the model allows it. A worker thread folds each batch into per-tensor statistics while
+One session runs the model with the observed tensors exposed as outputs (read in onnxruntime's
+blocked layout where that saves a conversion: exposure.py), on batches of samples where the model
+allows it. A worker thread folds each batch into per-tensor statistics while
 onnxruntime computes the next one (numpy and the compiled kernels release the GIL), and the
 activations are dropped right after: memory does not grow with the number of samples.
 
@@ -122,8 +123,8 @@ def collect_statistics(
     methods = tuple(methods)
     stats = {name: TensorStats(methods) for name in tensors}
     # Counting histograms keeps the worker busy: it gets a core of its own, onnxruntime the others
-    # (on 2 cores, one each: balanced, see tools/bench_calibration.py). For min/max alone the worker
-    # is light and onnxruntime uses every core (0: its default).
+    # (on 2 cores, one each; measured faster than sharing both, see the README's performance
+    # section). For min/max alone the worker is light and onnxruntime uses every core (0: its default).
     heavy = bool(set(methods) & (HISTOGRAM_METHODS | {"tf_enhanced"}))
     threads = max(1, (os.cpu_count() or 2) - 1) if heavy else 0
     runner = _Runner(model, tensors, batch_size, threads)
