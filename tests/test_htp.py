@@ -16,13 +16,14 @@ from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.htp import HtpSession, measure_agreement, qnn_unavailable_reason, simulation_runner
 from onnxsnpe.htp_model import (
     add_constants,
+    batch_norm_constants,
     htp_simulation_model,
     int8_weights,
     mul_constants,
     requant_constants,
     scalar_mul_constants,
 )
-from onnxsnpe.qdq import build_qdq_model
+from onnxsnpe.qdq import build_qdq_model, constant_encodings
 from onnxsnpe.simulate import build_simulation_model
 from onnxsnpe.targets import find_targets
 
@@ -283,3 +284,107 @@ def test_htp_model_reproduces_the_htp_mul_by_a_scalar_on_every_code(value):
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
     sample = {"x": _code_grid(x_enc, (1, 1, 1, 256))}
     np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
+
+
+def test_batch_norm_constants_requantize_the_folded_scale_and_bias():
+    values = [np.array([1.0, -2.0, 0.5], np.float32), np.array([0.3, 0.0, -0.2], np.float32),
+              np.array([0.1, 0.2, 0.0], np.float32), np.array([1.0, 4.0, 0.25], np.float32)]
+    encodings = [asymmetric_encoding(min(float(v.min()), 0.0), max(float(v.max()), 0.0), 8) for v in values]
+    weights, offsets, multiplier, constant = batch_norm_constants(values, encodings, 1e-5, 0.02, 0.05, 100)
+    assert weights.min() >= -255 and weights.max() <= 255 and np.all(weights == np.round(weights))
+    assert weights[1] < 0 < weights[0] and abs(weights[0] - weights[2]) <= 2  # a = 1, -1, 1 before rounding
+    bits = 14 - int(np.floor(np.log2(multiplier)))
+    assert multiplier * 2**bits == np.round(multiplier * 2**bits) and constant == 0.5 + 2.0 ** (9 - bits)
+    assert np.all(offsets == np.round(offsets))
+    assert batch_norm_constants(values, encodings, 1e-5, 0.02, 500.0, 100) is None  # M < 2^-11
+
+
+BATCH_NORM_CASES = {  # input scale, input zero point, output range factor, gamma factor, Relu after it
+    "M = 2^-8.1": (0.0183, 121, 0.8, 1.0, False),
+    "Relu squashed": (0.0183, 121, 0.8, 1.0, True),
+    "negative gammas, M = 2^-7.3": (0.09, 30, 0.6, -3.0, False),
+    "M = 2^-3.7, outputs clamped": (0.09, 30, 0.05, -3.0, False),
+    "M = 2^-10.2": (0.02, 200, 1.2, 0.1, False),
+}
+
+
+@needs_qnn
+@pytest.mark.parametrize("case", list(BATCH_NORM_CASES))
+def test_htp_model_reproduces_the_htp_batch_norm_on_every_code(case):
+    """A standalone BatchNormalization: 16 channels, every input code in each."""
+    x_scale, x_zero, out_factor, gamma_factor, relu = BATCH_NORM_CASES[case]
+    rng = np.random.default_rng(7)
+    channels = 16
+    values = {"g": rng.normal(1.0, 0.5, channels) * gamma_factor, "b": rng.normal(0.0, 1.0, channels),
+              "m": rng.normal(0.0, 1.0, channels), "v": rng.uniform(0.1, 2.0, channels)}
+    nodes = [helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["c" if relu else "y"])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 1, 256])
+    graph = helper.make_graph(nodes, "bn", [x_info], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in values.items()])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.ir_version = 8
+    targets = find_targets(model)
+    params = constant_encodings(model, targets, {}, 8)
+    x_enc = Encoding(8, x_scale, -x_zero)
+    x = _code_grid(x_enc, (1, 1, 1, 256))
+    scale = values["g"] / np.sqrt(values["v"] + 1e-5)
+    y = x * scale[None, :, None, None] + (values["b"] - values["m"] * scale)[None, :, None, None]
+    y_enc = asymmetric_encoding(0.0 if relu else float(y.min()) * out_factor, float(y.max()) * out_factor, 8)
+    acts = {"x": x_enc, "y": y_enc, **({"c": y_enc} if relu else {})}
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc})
+    assert htp.cpu_nodes == []
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
+    sample = {"x": np.repeat(x, channels, axis=1)}
+    np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
+
+
+@needs_qnn
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_htp_model_reproduces_the_htp_conv_transpose_with_kernel_equal_to_stride(seed):
+    """PP-OCR's upsampling ConvTranspose (kernel 2, stride 2), weights overflowing int8 in some blocks."""
+    rng = np.random.default_rng(seed)
+    weight = (rng.normal(0.0, 0.3, (16, 8, 2, 2)) + rng.normal(0.0, 0.1)).astype(np.float32)
+    bias = rng.normal(size=8).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], kernel_shape=[2, 2], strides=[2, 2])
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 12, 12])
+    graph = helper.make_graph([node], "deconv", [x_info], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.ir_version = 8
+    samples = _samples(16, count=2, seed=seed)
+    targets, acts, params = _quantized(model, samples)
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]})
+    assert htp.cpu_nodes == []
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
+    for sample in samples:
+        np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
+
+
+@needs_qnn
+def test_htp_model_computes_an_add_read_only_by_a_concat_in_the_concat_encoding():
+    """The HTP requantizes the Add once, to the Concat's encoding, not its own codes (PP-OCR det's Concat)."""
+    shape = [1, 1, 256, 256]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in ("a", "b", "c")]
+    nodes = [helper.make_node("Add", ["a", "b"], ["t"]), helper.make_node("Concat", ["t", "c"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "cat", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    targets = find_targets(model)
+    acts = {"a": Encoding(8, 0.0566, -100), "b": Encoding(8, 0.0366, -140), "c": Encoding(8, 0.1, -128),
+            "t": Encoding(8, 0.0537, -139), "y": Encoding(8, 0.1107, -128)}
+    codes_a, codes_b = np.meshgrid(np.arange(256.0), np.arange(256.0), indexing="ij")
+    sample = {"a": ((codes_a - 100) * np.float32(0.0566)).astype(np.float32)[None, None],
+              "b": ((codes_b - 140) * np.float32(0.0366)).astype(np.float32)[None, None],
+              "c": np.zeros(shape, np.float32)}
+    htp = HtpSession(build_qdq_model(model, targets, acts, {}), {name: acts[name] for name in sample})
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}), ["y"])
+    reference = htp.run(sample)[0]
+    np.testing.assert_array_equal(modeled(sample)[0], reference)
+    alone = _add_model()  # the same Add with its own encoding, then requantized to the Concat's
+    add_acts = {"a": acts["a"], "b": acts["b"], "y": acts["t"]}
+    own = simulation_runner(*htp_simulation_model(alone, find_targets(alone), add_acts, {}), ["y"])(
+        {"a": sample["a"], "b": sample["b"]})[0]
+    twice = (np.floor(own / np.float32(0.1107) + 0.5) * np.float32(0.1107)).astype(np.float32)
+    assert (twice != reference[:, :1]).mean() > 0.01
