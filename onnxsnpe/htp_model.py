@@ -256,7 +256,7 @@ def _lower_add(
     off by one step in one of 256 values).
     """
     encs = [activations.get(name) or params.get(name) for name in node.input]
-    y_enc = activations.get(targets.squashed.get(node.output[0], node.output[0]))
+    y_enc = _output_encoding(node, targets, activations)
     if len(encs) != 2 or y_enc is None or any(e is None or e.bitwidth != 8 for e in (*encs, y_enc)):
         return None
     scalars = [name in constants and int(np.prod(constants[name].dims)) == 1 for name in node.input]
@@ -287,14 +287,14 @@ def _lower_add(
     terms = []
     for index, (name, enc, multiplier) in enumerate(operands):
         q = f"{p}{index}/"
+        nodes, code_inits = _centered_codes(name, enc, q + "centered")
         inits += [
-            numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), q + "scale"),
+            *code_inits,
             numpy_helper.from_array(np.array(-enc.offset, dtype=np.float32), q + "zero_point"),
             numpy_helper.from_array(np.array(multiplier), q + "multiplier"),
         ]
         chain += [
-            make("Div", [name, q + "scale"], [q + "real"]),
-            make("Round", [q + "real"], [q + "centered"]),
+            *nodes,
             make("Add", [q + "centered", q + "zero_point"], [q + "code"]),
             make("Cast", [q + "code"], [q + "code64"], to=double),
             make("Mul", [q + "code64", q + "multiplier"], [q + "term"]),
@@ -381,7 +381,7 @@ def _lower_mul(
     if len(node.input) != 2:
         return None
     encs = [activations.get(name) or params.get(name) for name in node.input]
-    y_enc = activations.get(targets.squashed.get(node.output[0], node.output[0]))
+    y_enc = _output_encoding(node, targets, activations)
     if y_enc is None or any(e is None or e.bitwidth != 8 for e in (*encs, y_enc)):
         return None
     if all(name in constants for name in node.input):
@@ -414,11 +414,9 @@ def _lower_mul(
             codes = quantize(numpy_helper.to_array(constants[name]), enc) + enc.offset
             inits.append(numpy_helper.from_array(codes.astype(np.float32), q + "centered"))
         else:
-            inits.append(numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), q + "scale"))
-            chain += [
-                make("Div", [name, q + "scale"], [q + "real"]),
-                make("Round", [q + "real"], [q + "centered"]),
-            ]
+            nodes, code_inits = _centered_codes(name, enc, q + "centered")
+            chain += nodes
+            inits += code_inits
         centered.append(q + "centered")
     product = make("Mul" if len(centered) == 2 else "Identity", centered, [p + "product"])
     chain += [
@@ -492,7 +490,7 @@ def _lower_batch_norm(
     if len(node.input) != 5 or len(node.output) != 1 or _attrs(node).get("training_mode", 0):
         return None
     x_enc = activations.get(node.input[0])
-    y_enc = activations.get(targets.squashed.get(node.output[0], node.output[0]))
+    y_enc = _output_encoding(node, targets, activations)
     names = list(node.input[1:])
     encs = [params.get(name) for name in names]
     rank = len(shapes.get(node.input[0], []))
@@ -510,16 +508,14 @@ def _lower_batch_norm(
     tail = (1,) * (rank - 2)
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
-    inits = [
-        numpy_helper.from_array(np.array(x_enc.scale, dtype=np.float32), p + "in_scale"),
+    chain, inits = _centered_codes(node.input[0], x_enc, p + "codes")
+    inits += [
         numpy_helper.from_array(weights.astype(np.float32).reshape((-1, *tail)), p + "w"),
         numpy_helper.from_array(offsets.astype(np.float64).reshape((-1, *tail)), p + "offset"),
         numpy_helper.from_array(np.array(multiplier), p + "multiplier"),
         numpy_helper.from_array(np.array(constant), p + "constant"),
     ]
-    chain = [
-        make("Div", [node.input[0], p + "in_scale"], [p + "real"]),
-        make("Round", [p + "real"], [p + "codes"]),
+    chain += [
         make("Mul", [p + "codes", p + "w"], [p + "acc"]),  # |acc| <= 255^2: exact
         make("Cast", [p + "acc"], [p + "acc64"], to=onnx.TensorProto.DOUBLE),
         make("Add", [p + "acc64", p + "offset"], [p + "sum"]),
@@ -543,7 +539,7 @@ def _lower_global_average_pool(
     rounding of the float mean differs in 17 of them.
     """
     x_enc = activations.get(node.input[0])
-    y_enc = activations.get(targets.squashed.get(node.output[0], node.output[0]))
+    y_enc = _output_encoding(node, targets, activations)
     shape = shapes.get(node.input[0], [])
     if x_enc is None or y_enc is None or x_enc.bitwidth != 8 or y_enc.bitwidth != 8:
         return None
@@ -553,14 +549,10 @@ def _lower_global_average_pool(
     _, multiplier, _ = requant_constants(np.array(ratio), 0, precise=True)
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
-    inits = [
-        numpy_helper.from_array(np.array(x_enc.scale, dtype=np.float32), p + "in_scale"),
+    chain, inits = _centered_codes(node.input[0], x_enc, p + "codes")
+    inits += [
         numpy_helper.from_array(np.array(float(multiplier)), p + "multiplier"),
         numpy_helper.from_array(np.array(-y_enc.offset + 0.5), p + "constant"),
-    ]
-    chain = [
-        make("Div", [node.input[0], p + "in_scale"], [p + "real"]),
-        make("Round", [p + "real"], [p + "codes"]),
     ]
     if opset >= 13:
         inits.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), p + "axes"))
@@ -609,7 +601,7 @@ def _lower_linear(
         return None
     x, w = node.input[0], node.input[1]
     x_enc = activations.get(x)
-    y_enc = activations.get(targets.squashed.get(node.output[0], node.output[0]))
+    y_enc = _output_encoding(node, targets, activations)
     if node.op_type == "MatMul" and w not in constants and y_enc is not None and y_enc.bitwidth == 8:
         return _lower_dynamic_matmul(node, activations, y_enc)
     w_enc = params.get(w)
@@ -725,12 +717,10 @@ def _integer_op(
     ]
     make = helper.make_node
     chain = []
-    for index, (tensor, enc, codes) in enumerate(inputs):
-        inits.append(numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), f"{p}in_scale{index}"))
-        chain += [
-            make("Div", [tensor, f"{p}in_scale{index}"], [f"{codes}_real"]),
-            make("Round", [f"{codes}_real"], [codes]),
-        ]
+    for tensor, enc, codes in inputs:
+        nodes, code_inits = _centered_codes(tensor, enc, codes)
+        chain += nodes
+        inits += code_inits
     chain += [
         op,
         make("Add", [p + "acc", p + "offset"], [p + "shifted"]),
@@ -770,3 +760,18 @@ def _with_output_codes(
         make("Mul", [p + "code_centered", p + "out_scale"], [output]),
     ]
     return chain, inits, set()
+
+
+def _output_encoding(node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding]) -> Encoding | None:
+    """The encoding a node's output is requantized to: its own, or that of the Relu/Clip squashed into it."""
+    return activations.get(targets.squashed.get(node.output[0], node.output[0]))
+
+
+def _centered_codes(tensor: str, enc: Encoding, codes: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing ``codes = round(tensor / scale)``: an on-grid tensor's integer codes minus its zero point."""
+    scale = numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), codes + "_scale")
+    nodes = [
+        helper.make_node("Div", [tensor, scale.name], [codes + "_real"]),
+        helper.make_node("Round", [codes + "_real"], [codes]),
+    ]
+    return nodes, [scale]
