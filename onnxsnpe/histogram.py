@@ -51,24 +51,38 @@ class Histogram:
         """The ``len(counts) + 1`` bin edges, float64 (exact)."""
         return (self.first + np.arange(len(self.counts) + 1, dtype=np.float64)) * self.width
 
-    def update(self, values: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> None:
-        """Count one batch of values. ``vmin`` and ``vmax`` may be given if already known.
+    def update(self, values: np.ndarray) -> tuple[float, float] | None:
+        """Count one batch of values; returns its exact (min, max), None if it is empty.
 
-        Raises ValueError on NaN or Inf.
+        The batch's range comes out of the counting pass itself. Values outside the current grid
+        leave the counts untouched; the grid then grows to the new range and the batch is counted
+        again (rare after the first batches). Raises ValueError on NaN or Inf.
         """
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
         if flat.size == 0:
-            return
-        if vmin is None or vmax is None:
-            vmin, vmax = float(flat.min()), float(flat.max())
-        if not (math.isfinite(vmin) and math.isfinite(vmax)):
-            raise ValueError("NaN or Inf values")
-        self._cover(min(self.min, vmin), max(self.max, vmax))
-        zeros, missed = _count(flat, np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first), self.counts)
-        if missed:
-            raise ValueError("NaN or Inf values")
-        self.zeros += zeros
+            return None
+        low, high = math.inf, -math.inf
+        for start in range(0, flat.size, FLUSH):  # uint32 sub-counts cannot overflow within a piece
+            piece_low, piece_high = self._count_piece(flat[start : start + FLUSH])
+            low, high = min(low, piece_low), max(high, piece_high)
         self.count += flat.size
+        return low, high
+
+    def _count_piece(self, piece: np.ndarray) -> tuple[float, float]:
+        zeros, missed, low_key, high_key = self._kernel(piece)
+        low, high = float(from_key(low_key)) + 0.0, float(from_key(high_key)) + 0.0  # + 0.0: no -0.0
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("NaN or Inf values")
+        self._cover(min(self.min, low), max(self.max, high))
+        if missed:
+            zeros, missed, _, _ = self._kernel(piece)
+            if missed:  # pragma: no cover - the grid covers every finite value now
+                raise AssertionError("values outside a grid that covers them")
+        self.zeros += zeros
+        return low, high
+
+    def _kernel(self, piece: np.ndarray) -> tuple[int, int, np.int32, np.int32]:
+        return _count(piece, np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first), self.counts)
 
     def merge(self, other: Histogram) -> None:
         """Add the counts of a histogram built over other values (exact)."""
@@ -86,11 +100,7 @@ class Histogram:
     def _cover(self, vmin: float, vmax: float) -> None:
         """Coarsen and extend the grid so that [vmin, vmax] and zero lie inside it."""
         exponent = fitting_exponent(vmin, vmax, self.max_bins)
-        if self.count == 0:
-            self.exponent = exponent
-            self.counts = np.zeros(1, dtype=np.int64)
-            self.first = 0
-        elif exponent > self.exponent:
+        if exponent > self.exponent:  # an empty grid is one bin at 0 at any exponent
             self.counts, self.first = _coarsened(self.counts, self.first, exponent - self.exponent)
             self.exponent = exponent
         width = math.ldexp(1.0, self.exponent)
@@ -133,7 +143,37 @@ def _coarsened(counts: np.ndarray, first: int, shift: int) -> tuple[np.ndarray, 
 
 CHUNK = 1024
 FLUSH = CHUNK * 2**20
-"""Values counted between flushes of the uint32 sub-histograms into the int64 counts (below 2^32)."""
+"""Values counted per kernel call: below 2^32, so the uint32 sub-histograms cannot overflow."""
+LANES = 8
+"""Interleaved sub-histograms: consecutive values land in different ones, so repeated increments of
+one bin (zeros, saturated values) do not wait for each other."""
+_LOWEST_KEY = np.int32(-(2**31))
+_HIGHEST_KEY = np.int32(2**31 - 1)
+
+
+def from_key(key: np.int32) -> np.float32:
+    """The float32 whose order key (see :func:`key_range`) is ``key``."""
+    key = np.int32(key)
+    return np.array([key ^ ((key >> 31) & np.int32(0x7FFFFFFF))], dtype=np.int32).view(np.float32)[0]
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def key_range(keys, low, high):  # pragma: no cover - compiled
+    """Fold the float32 values whose bits are ``keys`` (int32) into the key range (low, high).
+
+    A value's key is an int32 whose order is the float32 order (-0.0 just below 0.0, NaNs beyond the
+    infinities): the bits, with the magnitude bits flipped for negative values.
+    Integer keys make min and max a plain integer reduction the compiler vectorizes (float min and
+    max do not vectorize, even with fastmath), and a NaN or Inf shows as a key beyond the finite
+    ones. The ufuncs keep the arithmetic in int32, eight keys per instruction (operators would
+    widen it to int64).
+    """
+    for k in range(keys.shape[0]):
+        bits = keys[k]
+        key = np.bitwise_xor(bits, np.bitwise_and(np.right_shift(bits, np.int32(31)), np.int32(0x7FFFFFFF)))
+        low = min(low, key)
+        high = max(high, key)
+    return low, high
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -144,41 +184,53 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
     power of two, and an index inside the grid is an integer below 2^14, as is ``first``.
 
     Per chunk, a branch-free loop the compiler vectorizes picks each value's slot (a bin, the zero
-    tally, or the miss tally for NaN and Inf); then four interleaved sub-histograms count the slots,
-    which breaks the dependency between increments of the same slot. Returns (zeros, misses).
+    tally, or the miss tally for values outside the grid, NaN and Inf), the chunk's key range is
+    folded in while it is in cache, then interleaved sub-histograms count the slots. Loops index
+    slices from 0: indexing ``values[start + k]`` keeps the compiler from vectorizing.
+
+    Returns (zeros, misses, low key, high key) of all the values; ``counts`` is updated only if
+    there was no miss.
     """
     bins = counts.shape[0]
     zero_slot, miss_slot = bins, bins + 1
-    parts = np.zeros((4, bins + 2), dtype=np.uint32)  # half the cache of int64; flushed before overflow
+    parts = np.zeros((LANES, bins + 2), dtype=np.uint32)
     slots = np.empty(CHUNK, dtype=np.int32)
+    keys = values.view(np.int32)
     limit = np.float32(bins)
-    zeros = misses = 0
+    low, high = _HIGHEST_KEY, _LOWEST_KEY
     n = values.shape[0]
     for start in range(0, n, CHUNK):
-        size = min(CHUNK, n - start)
-        for k in range(size):
-            value = values[start + k]
+        chunk = values[start : start + CHUNK]
+        for k in range(chunk.shape[0]):
+            value = chunk[k]
             index = np.floor(value * scale) - first
             slot = np.int32(index) if (index >= np.float32(0.0) and index < limit) else np.int32(miss_slot)  # NaN
             slots[k] = np.int32(zero_slot) if value == np.float32(0.0) else slot
-        tally_slots(slots, size, parts)
-        if (start + size) % FLUSH == 0 or start + size == n:
-            for lane in range(4):
-                for b in range(bins):
-                    counts[b] += parts[lane, b]
-                zeros += parts[lane, zero_slot]
-                misses += parts[lane, miss_slot]
-            parts[:] = 0
-    return zeros, misses
+        low, high = key_range(keys[start : start + CHUNK], low, high)
+        tally_slots(slots, chunk.shape[0], parts)
+    zeros = misses = 0
+    for lane in range(LANES):
+        zeros += parts[lane, zero_slot]
+        misses += parts[lane, miss_slot]
+    if misses == 0:
+        for lane in range(LANES):
+            for b in range(bins):
+                counts[b] += parts[lane, b]
+    return zeros, misses, low, high
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def tally_slots(slots, size, parts):  # pragma: no cover - compiled
-    """Count ``slots[:size]`` into four sub-histograms in turn."""
-    for k in range(0, size - size % 4, 4):
+    """Count ``slots[:size]`` into the LANES sub-histograms ``parts`` in turn."""
+    whole = size - size % LANES
+    for k in range(0, whole, LANES):
         parts[0, slots[k]] += 1
         parts[1, slots[k + 1]] += 1
         parts[2, slots[k + 2]] += 1
         parts[3, slots[k + 3]] += 1
-    for k in range(size - size % 4, size):
+        parts[4, slots[k + 4]] += 1
+        parts[5, slots[k + 5]] += 1
+        parts[6, slots[k + 6]] += 1
+        parts[7, slots[k + 7]] += 1
+    for k in range(whole, size):
         parts[0, slots[k]] += 1

@@ -1,14 +1,18 @@
 """Streaming statistics of every tensor SNPE quantizes, from one onnxruntime pass over the samples.
 
-One session runs the model with the observed tensors exposed as outputs (read in onnxruntime's
-blocked layout where that saves a conversion: exposure.py), on batches of samples where the model
-allows it. A worker thread folds each batch into per-tensor statistics while
-onnxruntime computes the next one (numpy and the compiled kernels release the GIL), and the
-activations are dropped right after: memory does not grow with the number of samples.
+onnxruntime runs the model with the observed tensors exposed as outputs (read in its blocked
+layout where that saves a conversion: exposure.py), on batches of samples where the model allows
+it. Each core gets a worker that takes the next batch, runs it with a one-thread session and folds
+its tensors into statistics of its own (numpy, onnxruntime and the compiled kernels release the
+GIL); the workers' statistics merge exactly at the end. Running whole samples side by side uses
+the cores better than splitting each run across them, and the activations are dropped right
+after folding: memory does not grow with the number of samples.
 
 What is kept per tensor depends on the range methods asked for: min and max always, an
 order-independent histogram for ``percentile`` and ``mse``, AIMET's first-sample PDF for
-``tf_enhanced``. Statistics merge, so runs over parts of the data combine into one.
+``tf_enhanced``. The first batch runs alone (it fixes the PDFs' grids and checks the sessions), so
+the result does not depend on how the rest is shared out. Statistics merge, so runs over parts of
+the data combine into one.
 """
 
 from __future__ import annotations
@@ -91,12 +95,25 @@ class TensorStats:
         flat = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
-        low, high = float(flat.min()), float(flat.max())
-        self.minmax.update_range(low, high, flat.size)
-        if self.histogram is not None:
-            self.histogram.update(flat, low, high)
+        # The histogram and PDF kernels find the batch's range in their own pass over the values.
+        batch_range = self.histogram.update(flat) if self.histogram is not None else None
         if self.tf_enhanced is not None:
-            self.tf_enhanced.update(batch)
+            pdf_range = self.tf_enhanced.update(batch)
+            batch_range = batch_range or pdf_range
+        low, high = batch_range or (float(flat.min()), float(flat.max()))
+        self.minmax.update_range(low, high, flat.size)
+
+    def spawn(self) -> TensorStats:
+        """Empty statistics for the same methods that merge into these (the PDF keeps its grid)."""
+        spawned = TensorStats()
+        spawned.histogram = Histogram(self.histogram.max_bins) if self.histogram is not None else None
+        spawned.tf_enhanced = self.tf_enhanced.spawn() if self.tf_enhanced is not None else None
+        return spawned
+
+    @property
+    def order_matters(self) -> bool:
+        """Whether the next sample's place in the order still matters (a PDF without its grid)."""
+        return self.tf_enhanced is not None and self.tf_enhanced.x_left is None
 
     def merge(self, other: TensorStats) -> None:
         """Combine with the statistics of a run over other samples (later in dataset order)."""
@@ -114,25 +131,95 @@ def collect_statistics(
     samples: Iterable[dict[str, np.ndarray]],
     methods: Iterable[str] = ("minmax",),
     batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
 ) -> dict[str, TensorStats]:
     """Run ``model`` once over ``samples`` (each with batch dimension 1) and observe ``tensors``.
 
-    Every sample is consumed, even when there is nothing to observe. Raises OnnxSnpeError if a
-    tensor takes NaN or Inf.
+    ``workers`` batches run side by side (default: one per core, at most MAX_WORKERS), each in
+    a session with an equal share of the cores. Every sample is consumed, even when there is
+    nothing to observe. Raises OnnxSnpeError if a tensor takes NaN or Inf.
     """
     methods = tuple(methods)
+    cores = available_cores()
+    workers = max(1, workers or min(cores, MAX_WORKERS))
     stats = {name: TensorStats(methods) for name in tensors}
-    # Counting histograms keeps the worker busy: it gets a core of its own, onnxruntime the others
-    # (on 2 cores, one each; measured faster than sharing both, see the README's performance
-    # section). For min/max alone the worker is light and onnxruntime uses every core (0: its default).
-    heavy = bool(set(methods) & (HISTOGRAM_METHODS | {"tf_enhanced"}))
-    threads = max(1, (os.cpu_count() or 2) - 1) if heavy else 0
-    runner = _Runner(model, tensors, batch_size, threads)
-    with _Updater(stats) as updater:
-        for batch in _batches(samples, runner.batch_size):
-            for outputs, release in runner.run(batch):
-                updater.submit(outputs, release)
+    runner = _Runner(model, tensors, batch_size, max(1, cores // workers), workers)
+    batches = _batches(samples, runner.batch_size)
+    for batch in batches:  # alone: the first run checks the sessions, early samples fix PDF grids
+        _observe(runner, batch, stats)
+        if not any(observed.order_matters for observed in stats.values()):
+            break
+    shares = [stats] + [{name: observed.spawn() for name, observed in stats.items()} for _ in range(workers - 1)]
+    _share_out(runner, batches, shares)
+    for share in shares[1:]:
+        for name, observed in share.items():
+            stats[name].merge(observed)
     return stats
+
+
+MAX_WORKERS = 4
+"""Batches in flight at most: each holds its own set of output arrays."""
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _observe(runner: _Runner, batch: list[dict[str, np.ndarray]], stats: dict[str, TensorStats]) -> None:
+    """Run one batch and fold its tensors into ``stats``."""
+    for outputs, release in runner.run(batch):
+        try:
+            for name, values in outputs.items():
+                try:
+                    stats[name].update(values)
+                except ValueError as exc:
+                    raise OnnxSnpeError(f"tensor '{name}' takes {exc} on the calibration data") from exc
+        finally:
+            release()
+
+
+def _share_out(runner: _Runner, batches: Iterator[list], shares: list[dict[str, TensorStats]]) -> None:
+    """Observe the remaining batches with one worker per share of statistics, this thread included.
+
+    The first error stops every worker after its current batch and is raised here.
+    """
+    lock = threading.Lock()
+    failed = threading.Event()
+    errors: list[BaseException] = []
+
+    def next_batch() -> list[dict[str, np.ndarray]] | None:
+        with lock:  # the samples may come from a generator, which only one thread may advance
+            return None if failed.is_set() else next(batches, None)
+
+    def work(stats: dict[str, TensorStats]) -> None:
+        while (batch := next_batch()) is not None:
+            _observe(runner, batch, stats)
+
+    def helper(stats: dict[str, TensorStats]) -> None:
+        try:
+            work(stats)
+        except BaseException as exc:  # handed to the calling thread, which raises it
+            errors.append(exc)
+            failed.set()
+
+    helpers = [threading.Thread(target=helper, args=(share,), name="onnxsnpe-calibration", daemon=True)
+               for share in shares[1:]]
+    for thread in helpers:
+        thread.start()
+    try:
+        work(shares[0])
+    except BaseException:
+        failed.set()
+        raise
+    finally:
+        for thread in helpers:
+            thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _batches(samples: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[list[dict[str, np.ndarray]]]:
@@ -153,12 +240,15 @@ def _nothing() -> None:
 class _Runner:
     """Sessions returning the observed tensors, batched where the model allows.
 
-    After the first batch, full batches are written into two reused sets of output arrays
-    (onnxruntime's IO binding), so that no batch allocates and frees tens of megabytes: each result
-    comes with a ``release`` to call once its arrays are no longer read.
+    After the first batch, full batches are written into reused sets of output arrays, one per
+    worker (onnxruntime's IO binding), so that no batch allocates and frees tens of megabytes: each
+    result comes with a ``release`` to call once its arrays are no longer read. Only the first
+    batch changes the runner's state; later ones may run from several threads at once.
     """
 
-    def __init__(self, model: onnx.ModelProto, tensors: list[str], batch_size: int, threads: int = 0) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, tensors: list[str], batch_size: int, threads: int = 0, workers: int = 1
+    ) -> None:
         inputs = {value.name for value in model.graph.input}
         self.fed = [name for name in tensors if name in inputs]  # observed straight from the feed
         self.computed = [name for name in tensors if name not in inputs]
@@ -173,6 +263,7 @@ class _Runner:
                     self.batch_size = batch_size
                 except OnnxSnpeError as exc:
                     log.debug("no batching: %s", exc)
+        self.workers = workers
         self.buffers: _Buffers | None = None  # set up from the first results' shapes
 
     def run(self, batch: list[dict[str, np.ndarray]]) -> Iterator[tuple[dict[str, np.ndarray], Callable[[], None]]]:
@@ -201,7 +292,7 @@ class _Runner:
 
     def _remember_shapes(self, raws: list[np.ndarray]) -> None:
         if self.buffers is None and self.computed:
-            self.buffers = _Buffers([(self.batch_size, *raw.shape[1:]) for raw in raws])
+            self.buffers = _Buffers([(self.batch_size, *raw.shape[1:]) for raw in raws], self.workers)
 
     def _bound(self, session: ExposedSession, feed: dict[str, np.ndarray]) -> tuple[dict, Callable[[], None]]:
         arrays = self.buffers.take()
@@ -230,15 +321,15 @@ class _Runner:
 
 
 class _Buffers:
-    """Two sets of float32 output arrays of fixed shapes, handed out and given back in turn."""
+    """Sets of float32 output arrays of fixed shapes, handed out and given back."""
 
-    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]], sets: int) -> None:
         self.free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(2):
+        for _ in range(sets):
             self.free.put([np.empty(shape, dtype=np.float32) for shape in shapes])
 
     def take(self) -> list[np.ndarray]:
-        """A free set, waiting until the statistics worker gives one back."""
+        """A free set, waiting until a worker gives one back."""
         return self.free.get()
 
     def give(self, arrays: list[np.ndarray]) -> None:
@@ -279,47 +370,3 @@ def batch_dynamic_copy(model: onnx.ModelProto) -> onnx.ModelProto | None:
             graph.initializer.append(numpy_helper.from_array(shape, name))
             node.input[1] = name
     return dynamic
-
-
-class _Updater:
-    """A worker thread folding batches into the statistics while the caller computes the next one."""
-
-    def __init__(self, stats: dict[str, TensorStats]) -> None:
-        self.stats = stats
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.error: Exception | None = None
-        self.thread = threading.Thread(target=self._work, name="onnxsnpe-statistics", daemon=True)
-
-    def __enter__(self) -> _Updater:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None and exc_info[0] is None:
-            raise self.error
-
-    def submit(self, outputs: dict[str, np.ndarray], release: Callable[[], None]) -> None:
-        """Hand over one batch's tensors and the call that frees them; raises the worker's error early."""
-        if self.error is not None:
-            raise self.error
-        self.queue.put((outputs, release))
-
-    def _work(self) -> None:
-        while (item := self.queue.get()) is not None:
-            outputs, release = item
-            try:
-                if self.error is None:
-                    self._fold(outputs)
-            except Exception as exc:  # handed to the caller, which re-raises it
-                self.error = exc
-            finally:
-                release()
-
-    def _fold(self, outputs: dict[str, np.ndarray]) -> None:
-        for name, values in outputs.items():
-            try:
-                self.stats[name].update(values)
-            except ValueError as exc:
-                raise OnnxSnpeError(f"tensor '{name}' takes {exc} on the calibration data") from exc

@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from .encoding import MIN_RANGE, round_half_away
-from .histogram import CHUNK, tally_slots
+from .histogram import CHUNK, LANES, from_key, key_range, tally_slots
 
 PDF_SIZE = 512
 GAMMA = 3.0
@@ -43,25 +43,37 @@ class TfEnhancedObserver:
         self.elements = 0  # values in all samples since the grid was fixed, dropped ones included
         self.updated = False  # any sample seen, even if all were zeros
 
-    def update(self, batch: np.ndarray) -> None:
-        """Feed a batch sample by sample along its first axis, in order."""
-        for sample in batch.reshape(batch.shape[0], -1) if batch.ndim > 1 else batch[None]:
-            self.update_sample(sample)
+    def update(self, batch: np.ndarray) -> tuple[float, float] | None:
+        """Feed a batch sample by sample along its first axis, in order; returns its (min, max)."""
+        ranges = [self.update_sample(s) for s in (batch.reshape(batch.shape[0], -1) if batch.ndim > 1 else batch[None])]
+        ranges = [r for r in ranges if r is not None]
+        return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
 
-    def update_sample(self, sample: np.ndarray) -> None:
-        """Add one sample (any shape) to the PDF, as AIMET's ``UpdatePdf`` does for one batch."""
+    def update_sample(self, sample: np.ndarray) -> tuple[float, float] | None:
+        """Add one sample (any shape) to the PDF, as AIMET's ``UpdatePdf`` does for one batch.
+
+        Returns the sample's (min, max), NaN or Inf included (for the caller to reject), None if it
+        is empty.
+        """
         flat = np.ascontiguousarray(sample, dtype=np.float32).reshape(-1)
         self.updated = True
         if flat.size == 0:
-            return
+            return None
         if self.x_left is None:
             low, high = flat.min(), flat.max()
-            if low == 0 and high == 0:
-                return  # AIMET waits for a sample that is not all zeros to fix the grid
+            if not (np.isfinite(low) and np.isfinite(high)) or (low == 0 and high == 0):
+                return float(low) + 0.0, float(high) + 0.0  # AIMET waits for a sample not all zeros
             self.x_left = initial_grid(low, high)
         size = _F32(self.x_left[1] - self.x_left[0])
-        _bucket_counts(flat, size, _F32(_F32(self.x_left[0]) / size), self.counts)
+        low_key, high_key = _bucket_counts(flat, size, _F32(_F32(self.x_left[0]) / size), self.counts)
         self.elements += flat.size
+        return float(from_key(low_key)) + 0.0, float(from_key(high_key)) + 0.0
+
+    def spawn(self) -> TfEnhancedObserver:
+        """An empty observer on this one's grid, for samples whose counts merge into this one."""
+        spawned = TfEnhancedObserver()
+        spawned.x_left = None if self.x_left is None else self.x_left.copy()
+        return spawned
 
     def merge(self, other: TfEnhancedObserver) -> None:
         """Add another observer's samples; both must have fixed the same grid (or one none)."""
@@ -124,69 +136,76 @@ def _aggregate_range(x_left: np.ndarray, pdf: np.ndarray) -> tuple[np.float32, n
 
 
 def _candidates(observed_min: np.float32, observed_max: np.float32, steps: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """The (delta, offset) pairs AIMET tests: 17 deltas x 21 offsets clamped, plus the observed one."""
+    """The (delta, offset) pairs AIMET tests: 17 deltas x 21 offsets clamped, plus the observed one.
+
+    AIMET's two loops (f = 1/16 ... 17/16 outer, 21 offsets inner), vectorized in the same order
+    with the same float32 steps; fmax/fmin keep std::max's answer where a product overflows.
+    """
     observed_delta = _F32((np.float64(observed_max) - np.float64(observed_min)) / np.float64(steps))
     observed_offset = int(round_half_away(_F32(observed_min / observed_delta)))
     with np.errstate(over="ignore"):
         observed_min = max(_LOWEST, _F32(observed_delta * _F32(observed_offset)))
         observed_max = min(_HIGHEST, _F32(observed_delta * _F32(observed_offset + steps)))
-    deltas, offsets = [], []
-    for k in range(1, 18):  # f = k/16: exact in float32, as AIMET's loop f += 1/16
-        for i in range(21):
-            delta = _F32(_F32(k / 16) * observed_delta)
-            offset = int(-np.float64(steps) + np.float64(steps) / 20.0 * i)  # C++ truncation
-            clamped = _clamp(observed_min, observed_max, steps, delta, offset)
-            if clamped is not None:
-                deltas.append(clamped[0])
-                offsets.append(clamped[1])
-    deltas.append(observed_delta)
-    offsets.append(observed_offset)
-    return np.array(deltas, dtype=np.float32), np.array(offsets, dtype=np.int64)
-
-
-def _clamp(
-    observed_min: np.float32, observed_max: np.float32, steps: np.float32, delta: np.float32, offset: int
-) -> tuple[np.float32, int] | None:
-    """Shrink a candidate to the observed range; None if it covers it entirely or collapses."""
+    fractions = (np.arange(1, 18) / 16).astype(np.float32)  # k/16: exact in float32, as AIMET's f += 1/16
+    delta = np.repeat(fractions * observed_delta, 21)
+    offset = np.tile((-np.float64(steps) + np.float64(steps) / 20.0 * np.arange(21)).astype(np.int64), 17)  # C++ cast
+    offset_f = offset.astype(np.float32)
     with np.errstate(over="ignore"):
-        test_min = max(_LOWEST, _F32(delta * _F32(offset)))
-        test_max = min(_HIGHEST, _F32(delta * _F32(_F32(offset) + steps)))
-    if test_min < observed_min and test_max > observed_max:
-        return None
-    test_min, test_max = max(observed_min, test_min), min(observed_max, test_max)
-    if test_min == test_max:
-        return None
-    delta = _F32((np.float64(test_max) - np.float64(test_min)) / np.float64(steps))
-    return delta, int(round_half_away(_F32(test_min / delta)))
+        test_min = np.fmax(_LOWEST, delta * offset_f)
+        test_max = np.fmin(_HIGHEST, delta * (offset_f + steps))
+    covers = (test_min < observed_min) & (test_max > observed_max)  # such a candidate is skipped
+    test_min, test_max = np.fmax(observed_min, test_min), np.fmin(observed_max, test_max)
+    kept = ~covers & (test_min != test_max)  # and so is one that collapses
+    test_min, test_max = test_min[kept], test_max[kept]
+    delta = ((test_max.astype(np.float64) - test_min.astype(np.float64)) / np.float64(steps)).astype(np.float32)
+    offset = round_half_away(test_min / delta).astype(np.int64)
+    return np.append(delta, observed_delta).astype(np.float32), np.append(offset, observed_offset).astype(np.int64)
 
 
 def _costs(x_left: np.ndarray, pdf: np.ndarray, steps: np.float32, delta: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """3 x saturation + quantization cost of every candidate, summed in bucket order in float64."""
     start = _F32(x_left[0])
     step = np.float64(x_left[1] - x_left[0])
-    buckets = np.arange(PDF_SIZE)
-    mid = np.float64(start) + buckets * step + step / 2
     offset_f = offset.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        low = delta * offset_f
-        high = delta * (offset_f + steps)
-        low_index = _bucket_index(low, start, step)
-        high_index = _bucket_index(high, start, step)
-        low_mid = (np.float64(start) + low_index * step + step / 2).astype(np.float32).astype(np.float64)
-        high_mid = (np.float64(start) + high_index * step + step / 2).astype(np.float32).astype(np.float64)
-        below = buckets[None, :] < low_index[:, None]
-        above = buckets[None, :] >= high_index[:, None]
-        value = mid.astype(np.float32)[None, :]
-        code = round_half_away(value / delta[:, None] - offset_f[:, None])
-        error = (value - delta[:, None] * (code + offset_f[:, None])).astype(np.float64)
-    saturation_low = np.where(below, pdf * (mid - low_mid[:, None]) ** 2, 0.0)
-    saturation_high = np.where(above, pdf * (mid - high_mid[:, None]) ** 2, 0.0)
-    quantization = np.where(~below & ~above, pdf * error**2, 0.0)
+        low_index = _bucket_index(delta * offset_f, start, step)
+        high_index = _bucket_index(delta * (offset_f + steps), start, step)
+    return _candidate_costs(start, step, pdf.astype(np.float64), delta, offset_f, low_index, high_index)
 
-    def in_order(terms: np.ndarray) -> np.ndarray:  # a running sum, as AIMET's loops add
-        return np.cumsum(terms, axis=1)[:, -1]
 
-    return GAMMA * (in_order(saturation_low) + in_order(saturation_high)) + in_order(quantization)
+@numba.njit(nogil=True, cache=True)
+def _candidate_costs(start, step, pdf, delta, offset, low_index, high_index):  # pragma: no cover - compiled
+    """AIMET's cost loops: per candidate, buckets below its range cost their squared distance to the
+    lowest bucket's midpoint, buckets from the highest one up to its midpoint, the rest their
+    quantization error at the midpoint (float32 arithmetic, squared in float64); each term is
+    weighted by the PDF and added in bucket order."""
+    costs = np.empty(delta.shape[0])
+    origin = np.float64(start)
+    for c in range(delta.shape[0]):
+        d, o = delta[c], offset[c]
+        low_mid = np.float64(np.float32(origin + low_index[c] * step + step / 2))
+        high_mid = np.float64(np.float32(origin + high_index[c] * step + step / 2))
+        saturation_low = saturation_high = quantization = 0.0
+        for b in range(PDF_SIZE):
+            mid = origin + b * step + step / 2
+            below, above = b < low_index[c], b >= high_index[c]
+            if below:
+                distance = mid - low_mid
+                saturation_low += pdf[b] * (distance * distance)
+            if above:
+                distance = mid - high_mid
+                saturation_high += pdf[b] * (distance * distance)
+            if not (below or above):
+                value = np.float32(mid)
+                scaled = np.float32(np.float32(value / d) - o)
+                magnitude = abs(scaled)
+                whole = np.floor(magnitude)
+                half_up = np.float32(1.0) if magnitude - whole >= np.float32(0.5) else np.float32(0.0)
+                code = np.copysign(whole + half_up, scaled)  # encoding.round_half_away
+                error = np.float64(np.float32(value - np.float32(d * np.float32(code + o))))
+                quantization += pdf[b] * (error * error)
+        costs[c] = GAMMA * (saturation_low + saturation_high) + quantization
+    return costs
 
 
 def _bucket_index(value: np.ndarray, start: np.float32, step: np.float64) -> np.ndarray:
@@ -200,22 +219,27 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
     """AIMET's ``GetHistogram``: bucket ``round(x / size - offset)`` in float32, half away from zero.
 
     Values outside the 512 buckets (and NaN) are dropped. Per chunk, a vectorized loop computes the
-    buckets, then four interleaved sub-histograms count them.
+    buckets, the chunk's key range is folded in (histogram.key_range), then interleaved
+    sub-histograms count the buckets. Returns the (low, high) keys of all the values.
     """
     drop = PDF_SIZE
-    parts = np.zeros((4, PDF_SIZE + 1), dtype=np.int64)
+    parts = np.zeros((LANES, PDF_SIZE + 1), dtype=np.int64)
     slots = np.empty(CHUNK, dtype=np.int32)
+    keys = values.view(np.int32)
+    low, high = np.int32(2**31 - 1), np.int32(-(2**31))
     n = values.shape[0]
     for start in range(0, n, CHUNK):
-        chunk = min(CHUNK, n - start)
-        for k in range(chunk):
-            shifted = values[start + k] / size - offset  # float32 arithmetic throughout
+        chunk = values[start : start + CHUNK]  # indexed from 0: see histogram._count
+        for k in range(chunk.shape[0]):
+            shifted = chunk[k] / size - offset  # float32 arithmetic throughout
             magnitude = abs(shifted)
             whole = np.floor(magnitude)
             rounded = whole + (np.float32(1.0) if magnitude - whole >= np.float32(0.5) else np.float32(0.0))
             rounded = -rounded if shifted < 0 else rounded
             slots[k] = np.int32(rounded) if (rounded >= 0 and rounded < PDF_SIZE) else np.int32(drop)
-        tally_slots(slots, chunk, parts)
-    for lane in range(4):
+        low, high = key_range(keys[start : start + CHUNK], low, high)
+        tally_slots(slots, chunk.shape[0], parts)
+    for lane in range(LANES):
         for b in range(PDF_SIZE):
             counts[b] += parts[lane, b]
+    return low, high

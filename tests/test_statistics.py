@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -11,7 +14,7 @@ from onnx import TensorProto, helper
 
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.histogram import Histogram, fitting_exponent
+from onnxsnpe.histogram import Histogram, fitting_exponent, from_key, key_range
 from onnxsnpe.ranges import activation_encodings
 from onnxsnpe.statistics import TensorStats, batch_dynamic_copy, collect_statistics
 from onnxsnpe.targets import find_targets
@@ -58,6 +61,41 @@ def test_histogram_of_only_zeros_then_growth() -> None:
     whole = Histogram()
     whole.update(np.concatenate([np.zeros(10), [1e-30, 3.0e3]]).astype(np.float32))
     assert_same_histogram(hist, whole)
+
+
+finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(finite_float32, min_size=1, max_size=300))
+def test_key_range_is_numpys_min_and_max(values: list[float]) -> None:
+    array = np.array(values, dtype=np.float32)
+    low, high = key_range(array.view(np.int32), np.int32(2**31 - 1), np.int32(-(2**31)))
+    assert from_key(low) == array.min() and from_key(high) == array.max()
+    hist = Histogram()
+    assert hist.update(array) == (float(array.min()), float(array.max()))
+    assert not any(np.signbit(end) for end in (hist.min, hist.max) if end == 0)  # -0.0 reported as 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_key_range_shows_nan_and_inf(bad: float) -> None:
+    array = np.array([1.0, -3.0, bad, 2.0], dtype=np.float32)
+    low, high = key_range(array.view(np.int32), np.int32(2**31 - 1), np.int32(-(2**31)))
+    assert not (np.isfinite(from_key(low)) and np.isfinite(from_key(high)))
+
+
+def test_values_outside_the_grid_leave_no_partial_counts() -> None:
+    """A batch reaching past the grid is counted again on the grown grid, not twice."""
+    hist = Histogram(max_bins=64)
+    hist.update(np.linspace(-1, 1, 101, dtype=np.float32))
+    exponent = hist.exponent
+    wide = np.array([0.5, 0.25, 40.0, -0.75, 0.0], dtype=np.float32)
+    assert hist.update(wide) == (-0.75, 40.0)
+    assert hist.exponent > exponent
+    whole = Histogram(max_bins=64)
+    whole.update(np.concatenate([np.linspace(-1, 1, 101, dtype=np.float32), wide]))
+    assert_same_histogram(hist, whole)
+    assert hist.counts.sum() + hist.zeros == hist.count == 106
 
 
 chunks = st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=12)
@@ -198,12 +236,58 @@ def test_inputs_are_observed_from_the_feed_and_every_sample_is_consumed(deploy) 
     assert collect_statistics(deploy, [], iter(samples)) == {}
 
 
-def test_nan_activations_are_reported(deploy) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "tf_enhanced"])
+def test_nan_activations_are_reported(deploy, method: str, workers: int) -> None:
     targets = find_targets(deploy)
-    samples = _samples(3)
-    samples[1]["x"][0, 0, 0, 0] = np.nan
+    samples = _samples(12)
+    samples[7]["x"][0, 0, 0, 0] = np.nan
     with pytest.raises(OnnxSnpeError, match="NaN or Inf"):
-        collect_statistics(deploy, targets.activations, samples, ["percentile"], batch_size=1)
+        collect_statistics(deploy, targets.activations, samples, [method], batch_size=1, workers=workers)
+
+
+def _state(stats: TensorStats) -> tuple:
+    hist, pdf = stats.histogram, stats.tf_enhanced
+    return (
+        stats.min, stats.max, stats.count,
+        None if hist is None else (hist.exponent, hist.first, hist.zeros, hist.counts.tolist()),
+        None if pdf is None else (pdf.x_left.tolist(), pdf.counts.tolist(), pdf.elements),
+    )
+
+
+@pytest.fixture
+def spread_out(monkeypatch) -> None:
+    """Statistics updates are slow in the calling thread, so that the other workers get batches too
+    (the test model runs so fast that one thread could take them all)."""
+    update = TensorStats.update
+
+    def slow_in_the_calling_thread(self, batch):
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.01)
+        update(self, batch)
+
+    monkeypatch.setattr(TensorStats, "update", slow_in_the_calling_thread)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_workers_side_by_side_give_the_statistics_of_one(deploy, spread_out, batch_size: int) -> None:
+    targets = find_targets(deploy)
+    samples = _samples(13)
+    methods = ["minmax", "percentile", "tf_enhanced"]
+    one = collect_statistics(deploy, targets.activations, samples, methods, batch_size, workers=1)
+    for workers in (2, 4):
+        many = collect_statistics(deploy, targets.activations, samples, methods, batch_size, workers=workers)
+        assert all(_state(many[name]) == _state(one[name]) for name in targets.activations)
+
+
+def test_pdf_grid_comes_from_the_first_nonzero_sample_whatever_the_workers(deploy, spread_out) -> None:
+    """Samples run alone until every PDF has its grid (here: after three all-zero samples)."""
+    samples = [{"x": np.zeros((1, 3, 8, 8), np.float32)} for _ in range(3)] + _samples(8)
+    one = collect_statistics(deploy, ["x"], samples, ["tf_enhanced"], workers=1)
+    two = collect_statistics(deploy, ["x"], samples, ["tf_enhanced"], workers=2)
+    assert _state(two["x"]) == _state(one["x"])
+    alone = collect_statistics(deploy, ["x"], samples[3:4], ["tf_enhanced"], workers=1)
+    np.testing.assert_array_equal(two["x"].tf_enhanced.x_left, alone["x"].tf_enhanced.x_left)
 
 
 def test_stats_for_other_methods_do_not_merge() -> None:
