@@ -1,16 +1,19 @@
 """Benchmark calibration cost against plain FP32 inference, in one process and one run.
 
 On EfficientNet-Lite0 (../shared/models) with real image crops (../shared/images and calib_data/),
-it prints the time of
-- plain FP32 onnxruntime inference over the samples (default session, batch 1 and batch 4),
-- onnxruntime with the observed tensors as outputs but no statistics (the floor of our pass): in
-  onnxruntime's blocked layout as calibration reads them (2 threads and 1), and as plain NCHW outputs,
-- our calibration with each method (statistics pass plus the range choice), and minmax at batch 4,
-- onnxruntime's own quantize_static with MinMax and Percentile on the same samples,
-each with its ratio to the faster plain inference; then the peak memory (RSS high-water mark,
-reset before each run through /proc/self/clear_refs) of our calibration at 64 and 512 samples.
+it prints
+- the peak memory (RSS high-water mark, reset before each run through /proc/self/clear_refs) of
+  our calibration at 64 and 512 samples,
+- what folding one sample's tensors into each method's statistics costs on one thread,
+- the time of plain FP32 onnxruntime inference over the samples (default session, batch 1 and 4);
+  of onnxruntime with the observed tensors as outputs but no statistics (the floor of our pass): in
+  onnxruntime's blocked layout as calibration reads them (2 threads, 1 thread, and one-thread
+  sessions side by side on every core, as calibration runs them), and as plain NCHW outputs; of our
+  calibration with each method (statistics pass plus the range choice), and minmax at batch 4; of
+  onnxruntime's own quantize_static with MinMax and Percentile on the same samples; each with its
+  ratio to the faster plain inference.
 
-Usage: python tools/bench_calibration.py [--samples 256] [--repeats 3] [--skip-ort]
+Usage: python tools/bench_calibration.py [--samples 256] [--repeats 3] [--skip-ort] [--stats-samples 16]
 This is not a test: timings depend on the machine and on what else runs on it.
 """
 
@@ -22,6 +25,7 @@ import io
 import logging
 import platform
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +38,7 @@ from PIL import Image
 from onnxsnpe.exposure import ExposedSession
 from onnxsnpe.graph import load_model, prepare_deploy_model
 from onnxsnpe.ranges import ACTIVATION_METHODS, activation_encodings
-from onnxsnpe.statistics import DEFAULT_BATCH_SIZE, batch_dynamic_copy, collect_statistics
+from onnxsnpe.statistics import DEFAULT_BATCH_SIZE, TensorStats, available_cores, batch_dynamic_copy, collect_statistics
 from onnxsnpe.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,13 +85,43 @@ def plain_inference(model: onnx.ModelProto, data: list[dict[str, np.ndarray]], b
         session.run(None, {"input": np.concatenate([s["input"] for s in data[start : start + batch]])})
 
 
-def exposed_inference(deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], threads: int, blocked: bool) -> None:
-    """Our onnxruntime side alone: the observed tensors written into reused arrays for every sample."""
+def exposed_session(deploy: onnx.ModelProto, threads: int, blocked: bool = True) -> ExposedSession:
+    """A session returning every computed tensor calibration observes."""
     inputs = {value.name for value in deploy.graph.input}
-    session = ExposedSession(deploy, [t for t in find_targets(deploy).activations if t not in inputs], threads, blocked)
-    arrays = [np.empty_like(raw) for raw in session.run(data[0])]
-    for sample in data:
-        session.run_into(sample, arrays)
+    return ExposedSession(deploy, [t for t in find_targets(deploy).activations if t not in inputs], threads, blocked)
+
+
+def exposed_inference(
+    deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], threads: int, blocked: bool, side_by_side: int = 1
+) -> None:
+    """Our onnxruntime side alone: the observed tensors written into reused arrays for every sample,
+    by ``side_by_side`` threads sharing the samples (as calibration's workers do)."""
+    session = exposed_session(deploy, threads, blocked)
+    first = session.run(data[0])
+
+    def run(part: list[dict[str, np.ndarray]]) -> None:
+        arrays = [np.empty_like(raw) for raw in first]
+        for sample in part:
+            session.run_into(sample, arrays)
+
+    workers = [threading.Thread(target=run, args=(data[i::side_by_side],)) for i in range(side_by_side)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def statistics_cost(deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], method: str) -> float:
+    """CPU seconds per sample of folding already computed tensors into ``method``'s statistics, on
+    one thread; the tensors are copied out of onnxruntime first, so they are not in cache."""
+    session = exposed_session(deploy, 1)
+    outputs = [session.values(session.run(sample)) for sample in data]
+    stats = {name: TensorStats([method]) for name in outputs[0]}
+    start = time.thread_time()
+    for values in outputs:
+        for name, array in values.items():
+            stats[name].update(array)
+    return (time.thread_time() - start) / len(data)
 
 
 def calibrate(deploy: onnx.ModelProto, data, method: str, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
@@ -139,6 +173,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the best of each is kept")
     parser.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's quantize_static (slow)")
+    parser.add_argument("--stats-samples", type=int, default=16, help="samples for the statistics-alone costs")
     args = parser.parse_args()
 
     deploy, _ = prepare_deploy_model(load_model(MODEL), {"input": (1, 3, SIZE, SIZE)})
@@ -157,7 +192,14 @@ def main() -> None:
         print(f"{method:<14}{peak64:>12.0f}{peak512:>13.0f}{peak512 / peak64:>8.3f}"
               f"   ({before64:.0f} / {before512:.0f})")
 
+    print(f"\nstatistics alone: CPU ms per sample on one thread ({args.stats_samples} samples' tensors, "
+          "out of cache)")
+    subset = list(samples(args.stats_samples))
+    for method in ACTIVATION_METHODS:
+        print(f"{method:<14}{1000 * statistics_cost(deploy, subset, method):>8.2f}")
+
     data = list(samples(args.samples))
+    cores = available_cores()
     dynamic = batch_dynamic_copy(deploy)
     batch = 4
     runs: dict[str, Callable[[], object]] = {
@@ -166,6 +208,7 @@ def main() -> None:
         "tensors exposed as NCHW, 2 threads": lambda: exposed_inference(deploy, data, 0, False),
         "tensors exposed, 2 threads": lambda: exposed_inference(deploy, data, 0, True),
         "tensors exposed, 1 thread": lambda: exposed_inference(deploy, data, 1, True),
+        f"tensors exposed, {cores} x 1 thread": lambda: exposed_inference(deploy, data, 1, True, cores),
         **{f"onnxsnpe {m}": (lambda m=m: calibrate(deploy, data, m)) for m in ACTIVATION_METHODS},
         f"onnxsnpe minmax, batch {batch}": lambda: calibrate(deploy, data, "minmax", batch),
     }
