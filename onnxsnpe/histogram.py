@@ -144,9 +144,9 @@ def _coarsened(counts: np.ndarray, first: int, shift: int) -> tuple[np.ndarray, 
 CHUNK = 1024
 FLUSH = CHUNK * 2**20
 """Values counted per kernel call: below 2^32, so the uint32 sub-histograms cannot overflow."""
-LANES = 8
+LANES = 4
 """Interleaved sub-histograms: consecutive values land in different ones, so repeated increments of
-one bin (zeros, saturated values) do not wait for each other."""
+one bin (zeros, saturated values) do not wait for each other (4 measured faster than 2 or 8)."""
 _LOWEST_KEY = np.int32(-(2**31))
 _HIGHEST_KEY = np.int32(2**31 - 1)
 
@@ -194,7 +194,7 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
     bins = counts.shape[0]
     zero_slot, miss_slot = bins, bins + 1
     parts = np.zeros((LANES, bins + 2), dtype=np.uint32)
-    slots = np.empty(CHUNK, dtype=np.int32)
+    slots = np.empty(CHUNK, dtype=np.uint32)  # unsigned: indexing with it needs no negative-index fixup
     keys = values.view(np.int32)
     limit = np.float32(bins)
     low, high = _HIGHEST_KEY, _LOWEST_KEY
@@ -204,8 +204,8 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
         for k in range(chunk.shape[0]):
             value = chunk[k]
             index = np.floor(value * scale) - first
-            slot = np.int32(index) if (index >= np.float32(0.0) and index < limit) else np.int32(miss_slot)  # NaN
-            slots[k] = np.int32(zero_slot) if value == np.float32(0.0) else slot
+            slot = np.uint32(index) if (index >= np.float32(0.0) and index < limit) else np.uint32(miss_slot)  # NaN
+            slots[k] = np.uint32(zero_slot) if value == np.float32(0.0) else slot
         low, high = key_range(keys[start : start + CHUNK], low, high)
         tally_slots(slots, chunk.shape[0], parts)
     zeros = misses = 0
@@ -224,13 +224,7 @@ def tally_slots(slots, size, parts):  # pragma: no cover - compiled
     """Count ``slots[:size]`` into the LANES sub-histograms ``parts`` in turn."""
     whole = size - size % LANES
     for k in range(0, whole, LANES):
-        parts[0, slots[k]] += 1
-        parts[1, slots[k + 1]] += 1
-        parts[2, slots[k + 2]] += 1
-        parts[3, slots[k + 3]] += 1
-        parts[4, slots[k + 4]] += 1
-        parts[5, slots[k + 5]] += 1
-        parts[6, slots[k + 6]] += 1
-        parts[7, slots[k + 7]] += 1
+        for lane in range(LANES):  # unrolled: LANES is a compile-time constant
+            parts[lane, slots[k + lane]] += 1
     for k in range(whole, size):
         parts[0, slots[k]] += 1

@@ -224,7 +224,7 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
     """
     drop = PDF_SIZE
     parts = np.zeros((LANES, PDF_SIZE + 1), dtype=np.int64)
-    slots = np.empty(CHUNK, dtype=np.int32)
+    slots = np.empty(CHUNK, dtype=np.uint32)  # see histogram._count
     keys = values.view(np.int32)
     low, high = np.int32(2**31 - 1), np.int32(-(2**31))
     n = values.shape[0]
@@ -236,7 +236,7 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
             whole = np.floor(magnitude)
             rounded = whole + (np.float32(1.0) if magnitude - whole >= np.float32(0.5) else np.float32(0.0))
             rounded = -rounded if shifted < 0 else rounded
-            slots[k] = np.int32(rounded) if (rounded >= 0 and rounded < PDF_SIZE) else np.int32(drop)
+            slots[k] = np.uint32(rounded) if (rounded >= 0 and rounded < PDF_SIZE) else np.uint32(drop)
         low, high = key_range(keys[start : start + CHUNK], low, high)
         tally_slots(slots, chunk.shape[0], parts)
     for lane in range(LANES):

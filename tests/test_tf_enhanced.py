@@ -200,3 +200,18 @@ def test_merge_needs_the_same_grid() -> None:
     empty.merge(a)
     np.testing.assert_array_equal(empty.counts, a.counts)
     assert empty.chosen_range(8) == a.chosen_range(8)
+
+
+def test_samples_report_their_exact_range_dropped_values_included() -> None:
+    """The bucket kernel finds each sample's min and max in its own pass (they feed minmax)."""
+    observer = TfEnhancedObserver()
+    first = np.linspace(-1, 1, 100, dtype=np.float32)
+    assert observer.update_sample(first) == (-1.0, 1.0)
+    beyond = np.array([0.5, -250.0, 0.25, 1e6, -0.0], dtype=np.float32)  # mostly outside the grid
+    assert observer.update_sample(beyond) == (-250.0, 1e6)
+    assert observer.update(np.stack([first, -first])) == (-1.0, 1.0)
+    nan = observer.update_sample(np.array([1.0, np.nan], dtype=np.float32))
+    assert nan is not None and not all(np.isfinite(nan))
+    assert observer.update_sample(np.zeros(0, np.float32)) is None
+    zeros = TfEnhancedObserver().update_sample(-np.zeros(4, np.float32))
+    assert zeros == (0.0, 0.0) and not np.signbit(zeros[0])
