@@ -71,11 +71,12 @@ class Histogram:
         return low, high
 
     def _count_piece(self, piece: np.ndarray) -> tuple[float, float]:
-        zeros, missed, low_key, high_key = self._kernel(piece)
-        low, high = float(from_key(low_key)) + 0.0, float(from_key(high_key)) + 0.0  # + 0.0: no -0.0
+        zeros, missed, low, high = self._kernel(piece)
+        low, high = float(low) + 0.0, float(high) + 0.0  # + 0.0: no -0.0
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("NaN or Inf values")
-        self._cover(min(self.min, low), max(self.max, high))
+        if missed or low < self.min or high > self.max:  # else the grid stays as it is
+            self._cover(min(self.min, low), max(self.max, high))
         if missed:
             zeros, missed, _, _ = self._kernel(piece)
             if missed:  # pragma: no cover - the grid covers every finite value now
@@ -83,7 +84,7 @@ class Histogram:
         self.zeros += zeros
         return low, high
 
-    def _kernel(self, piece: np.ndarray) -> tuple[int, int, np.int32, np.int32]:
+    def _kernel(self, piece: np.ndarray) -> tuple[int, int, np.float32, np.float32]:
         return _count(piece, np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first), self.counts)
 
     def merge(self, other: Histogram) -> None:
@@ -153,10 +154,14 @@ _LOWEST_KEY = np.int32(-(2**31))
 _HIGHEST_KEY = np.int32(2**31 - 1)
 
 
-def from_key(key: np.int32) -> np.float32:
-    """The float32 whose order key (see :func:`key_range`) is ``key``."""
-    key = np.int32(key)
-    return np.array([key ^ ((key >> 31) & np.int32(0x7FFFFFFF))], dtype=np.int32).view(np.float32)[0]
+@numba.njit(nogil=True, cache=True)
+def key_values(low, high):  # pragma: no cover - compiled
+    """The float32 values whose order keys (see :func:`key_range`) are ``low`` and ``high``."""
+    bits = np.empty(2, dtype=np.int32)
+    for i, key in enumerate((low, high)):  # the key transform is its own inverse
+        bits[i] = np.bitwise_xor(key, np.bitwise_and(np.right_shift(key, np.int32(31)), np.int32(0x7FFFFFFF)))
+    values = bits.view(np.float32)
+    return values[0], values[1]
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -190,8 +195,8 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
     folded in while it is in cache, then interleaved sub-histograms count the slots. Loops index
     slices from 0: indexing ``values[start + k]`` keeps the compiler from vectorizing.
 
-    Returns (zeros, misses, low key, high key) of all the values; ``counts`` is updated only if
-    there was no miss.
+    Returns (zeros, misses, min, max) of all the values (a NaN or Inf shows in min or max);
+    ``counts`` is updated only if there was no miss.
     """
     bins = counts.shape[0]
     zero_slot, miss_slot = bins, bins + 1
@@ -218,7 +223,8 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
         for lane in range(LANES):
             for b in range(bins):
                 counts[b] += parts[lane, b]
-    return zeros, misses, low, high
+    low_value, high_value = key_values(low, high)
+    return zeros, misses, low_value, high_value
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)

@@ -18,6 +18,7 @@ the data combine into one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -56,7 +57,7 @@ class MinMaxObserver:
 
     def update_range(self, low: float, high: float, count: int) -> None:
         """Fold in a batch known by its min, max and number of values; ValueError on NaN or Inf."""
-        if not (np.isfinite(low) and np.isfinite(high)):
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("NaN or Inf values")
         self.min = min(self.min, low)
         self.max = max(self.max, high)

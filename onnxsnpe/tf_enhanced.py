@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from .encoding import MIN_RANGE, round_half_away
-from .histogram import CHUNK, LANES, from_key, key_range, tally_slots
+from .histogram import CHUNK, LANES, key_range, key_values, tally_slots
 
 PDF_SIZE = 512
 GAMMA = 3.0
@@ -65,9 +65,9 @@ class TfEnhancedObserver:
                 return float(low) + 0.0, float(high) + 0.0  # AIMET waits for a sample not all zeros
             self.x_left = initial_grid(low, high)
         size = _F32(self.x_left[1] - self.x_left[0])
-        low_key, high_key = _bucket_counts(flat, size, _F32(_F32(self.x_left[0]) / size), self.counts)
+        low, high = _bucket_counts(flat, size, _F32(_F32(self.x_left[0]) / size), self.counts)
         self.elements += flat.size
-        return float(from_key(low_key)) + 0.0, float(from_key(high_key)) + 0.0
+        return float(low) + 0.0, float(high) + 0.0
 
     def spawn(self) -> TfEnhancedObserver:
         """An empty observer on this one's grid, for samples whose counts merge into this one."""
@@ -220,7 +220,7 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
 
     Values outside the 512 buckets (and NaN) are dropped. Per chunk, a vectorized loop computes the
     buckets, the chunk's key range is folded in (histogram.key_range), then interleaved
-    sub-histograms count the buckets. Returns the (low, high) keys of all the values.
+    sub-histograms count the buckets. Returns the (min, max) of all the values, NaN or Inf included.
     """
     drop = PDF_SIZE
     parts = np.zeros((LANES, PDF_SIZE + 1), dtype=np.int64)
@@ -242,4 +242,4 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
     for lane in range(LANES):
         for b in range(PDF_SIZE):
             counts[b] += parts[lane, b]
-    return low, high
+    return key_values(low, high)
