@@ -238,7 +238,7 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
             rounded = -rounded if shifted < 0 else rounded
             slots[k] = np.uint32(rounded) if (rounded >= 0 and rounded < PDF_SIZE) else np.uint32(drop)
         low, high = key_range(keys[start : start + CHUNK], low, high)
-        tally_slots(slots, chunk.shape[0], parts)
+        tally_slots(slots, chunk.shape[0], parts, values, start + CHUNK)
     for lane in range(LANES):
         for b in range(PDF_SIZE):
             counts[b] += parts[lane, b]
