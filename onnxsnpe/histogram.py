@@ -187,6 +187,14 @@ def key_range(keys, low, high):  # pragma: no cover - compiled
     return low, high
 
 
+@numba.njit(nogil=True, cache=True)
+def value_range(values):  # pragma: no cover - compiled
+    """(min, max) of float32 ``values`` in one vectorized pass (numpy's min and max take two); a
+    NaN or Inf shows in them."""
+    low, high = key_range(values.view(np.int32), _HIGHEST_KEY, _LOWEST_KEY)
+    return key_values(low, high)
+
+
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _count(values, scale, first, counts):  # pragma: no cover - compiled
     """Add each value to bin floor(v * scale) - first; exact zeros go to a tally of their own.

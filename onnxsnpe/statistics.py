@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from .errors import OnnxSnpeError
 from .exposure import ExposedSession
-from .histogram import Histogram
+from .histogram import Histogram, value_range
 from .tf_enhanced import TfEnhancedObserver
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class TensorStats:
         if self.tf_enhanced is not None:
             pdf_range = self.tf_enhanced.update(batch)
             batch_range = batch_range or pdf_range
-        low, high = batch_range or (float(flat.min()), float(flat.max()))
+        low, high = batch_range or (float(end) + 0.0 for end in value_range(flat))  # + 0.0: no -0.0
         self.minmax.update_range(low, high, flat.size)
 
     def spawn(self) -> TensorStats:

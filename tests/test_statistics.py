@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.histogram import Histogram, fitting_exponent, key_range, key_values
+from onnxsnpe.histogram import Histogram, fitting_exponent, key_range, key_values, value_range
 from onnxsnpe.ranges import activation_encodings
 from onnxsnpe.statistics import TensorStats, batch_dynamic_copy, collect_statistics
 from onnxsnpe.targets import find_targets
@@ -71,7 +71,10 @@ finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 def test_key_range_is_numpys_min_and_max(values: list[float]) -> None:
     array = np.array(values, dtype=np.float32)
     low, high = key_range(array.view(np.int32), np.int32(2**31 - 1), np.int32(-(2**31)))
-    assert key_values(low, high) == (array.min(), array.max())
+    assert key_values(low, high) == value_range(array) == (array.min(), array.max())
+    minmax = TensorStats(["minmax"])
+    minmax.update(array)
+    assert (minmax.min, minmax.max) == (array.min(), array.max())
     hist = Histogram()
     assert hist.update(array) == (float(array.min()), float(array.max()))
     assert not any(np.signbit(end) for end in (hist.min, hist.max) if end == 0)  # -0.0 reported as 0.0
@@ -81,7 +84,7 @@ def test_key_range_is_numpys_min_and_max(values: list[float]) -> None:
 def test_key_range_shows_nan_and_inf(bad: float) -> None:
     array = np.array([1.0, -3.0, bad, 2.0], dtype=np.float32)
     low, high = key_range(array.view(np.int32), np.int32(2**31 - 1), np.int32(-(2**31)))
-    assert not all(np.isfinite(key_values(low, high)))
+    assert not all(np.isfinite(key_values(low, high))) and not all(np.isfinite(value_range(array)))
 
 
 def test_values_outside_the_grid_leave_no_partial_counts() -> None:
