@@ -6,6 +6,7 @@ its count uniformly over the part of the bin inside the observed [min, max].
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .encoding import MIN_RANGE, asymmetric_encoding
@@ -78,16 +79,33 @@ def mse_range(hist: Histogram, bitwidth: int, grid: int = MSE_GRID) -> tuple[flo
     lows = hist.min * fractions if hist.min < 0 else np.zeros(1)
     highs = hist.max * fractions if hist.max > 0 else np.zeros(1)
     dist = _Distribution(hist)
-    step = np.maximum(highs[None, :] - lows[:, None], MIN_RANGE) / levels
-    relaxed = dist.error(lows[:, None], highs[None, :], step)
-    i, j = np.unravel_index(int(np.argmin(relaxed)), relaxed.shape)  # first minimum: deterministic
-    rows = _around(i, len(lows), step[i, j] / 2, abs(hist.min) / grid)
-    cols = _around(j, len(highs), step[i, j] / 2, abs(hist.max) / grid)
+    below, clip_low = dist.below(lows)
+    above, clip_high = dist.above(highs)
+    i, j = _first_best_pair(lows, highs, below, clip_low, above, clip_high, dist.nonzero, float(levels))
+    step = max(highs[j] - lows[i], MIN_RANGE) / levels
+    rows = _around(i, len(lows), step / 2, abs(hist.min) / grid)
+    cols = _around(j, len(highs), step / 2, abs(hist.max) / grid)
     pairs = [(r, c) for r in rows for c in cols]
     encodings = [asymmetric_encoding(lows[r], highs[c], bitwidth) for r, c in pairs]
     exact = dist.error(*(np.array([getattr(e, k) for e in encodings]) for k in ("min", "max", "scale")))
     r, c = pairs[int(np.argmin(exact))]
     return float(lows[r]), float(highs[c])
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_best_pair(lows, highs, below, clip_low, above, clip_high, nonzero, levels):  # pragma: no cover - compiled
+    """Row-major first (i, j) minimising :meth:`_Distribution.error` of [lows[i], highs[j]] with
+    scale ``max(highs[j] - lows[i], MIN_RANGE) / levels``, with the same float64 operations in the
+    same order as the vectorized formula, without its grid-sized temporaries."""
+    best, best_i, best_j = np.inf, 0, 0
+    for i in range(lows.shape[0]):
+        for j in range(highs.shape[0]):
+            scale = max(highs[j] - lows[i], MIN_RANGE) / levels
+            inside = max(nonzero - below[i] - above[j], 0.0)
+            error = clip_low[i] + clip_high[j] + inside * (scale * scale) / 12.0
+            if error < best:
+                best, best_i, best_j = error, i, j
+    return best_i, best_j
 
 
 def _around(index: int, size: int, shift: float, spacing: float) -> np.ndarray:
