@@ -71,6 +71,14 @@ def test_outputs_written_into_given_arrays_match() -> None:
     session.run_into({"x": x}, arrays)
     for raw, want in zip(arrays, first, strict=True):
         np.testing.assert_array_equal(raw, want)
+    # the outputs stay bound to each list of arrays: new feeds, two lists in turn
+    others = [np.full_like(raw, np.nan) for raw in first]
+    rng = np.random.default_rng(1)
+    for target in (arrays, others, arrays, others):
+        feed = {"x": rng.normal(size=(1, 3, 12, 12)).astype(np.float32)}
+        session.run_into(feed, target)
+        for raw, want in zip(target, session.run(feed), strict=True):
+            np.testing.assert_array_equal(raw, want)
 
 
 def test_a_layout_that_does_not_check_out_falls_back_to_nchw(monkeypatch) -> None:
