@@ -283,6 +283,24 @@ def test_workers_side_by_side_give_the_statistics_of_one(deploy, spread_out, bat
         assert all(_state(many[name]) == _state(one[name]) for name in targets.activations)
 
 
+def test_an_error_reading_samples_stops_every_worker(deploy, spread_out) -> None:
+    """The samples' own errors (a bad input file) come out of the call, whichever worker read it."""
+    targets = find_targets(deploy)
+    samples = _samples(12)
+    read = []
+
+    def failing():
+        for index, sample in enumerate(samples):
+            if index == 7:
+                raise OnnxSnpeError("bad sample: x7.npy")
+            read.append(index)
+            yield sample
+
+    with pytest.raises(OnnxSnpeError, match=r"x7\.npy"):
+        collect_statistics(deploy, targets.activations, failing(), ["percentile"], workers=2)
+    assert read == list(range(7))
+
+
 def test_pdf_grid_comes_from_the_first_nonzero_sample_whatever_the_workers(deploy, spread_out) -> None:
     """Samples run alone until every PDF has its grid (here: after three all-zero samples)."""
     samples = [{"x": np.zeros((1, 3, 8, 8), np.float32)} for _ in range(3)] + _samples(8)
