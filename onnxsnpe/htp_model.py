@@ -185,11 +185,11 @@ def _concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) 
     updated = dict(activations)
     for node in graph.node:
         enc = activations.get(node.output[0]) if node.op_type == "Concat" else None
-        if enc is None or enc.bitwidth != 8:
+        if not _int8(enc):
             continue
         for name in node.input:
             own = activations.get(name)
-            if name in produced and name not in outputs and readers.get(name) == 1 and own and own.bitwidth == 8:
+            if name in produced and name not in outputs and readers.get(name) == 1 and _int8(own):
                 updated[name] = enc
     return updated
 
@@ -255,24 +255,23 @@ def _lower_add(
     ``2^-n`` with ``n`` from the other operand alone (measured on 11 probed encodings, 2 of them
     off by one step in one of 256 values).
     """
-    encs = [activations.get(name) or params.get(name) for name in node.input]
-    y_enc = _output_encoding(node, targets, activations)
-    if len(encs) != 2 or y_enc is None or any(e is None or e.bitwidth != 8 for e in (*encs, y_enc)):
+    operands = _binary_operands(node, targets, activations, params)
+    if operands is None:
         return None
-    scalars = [name in constants and int(np.prod(constants[name].dims)) == 1 for name in node.input]
+    encs, y_enc = operands
+    scalars = [_is_scalar(name, constants) for name in node.input]
     if scalars[0] or (scalars[1] and node.output[0] in targets.squashed):
         return None  # with a Relu/Clip after it, an Add of a scalar rounds exactly (measured)
+    sign = -1.0 if node.op_type == "Sub" else 1.0  # x - c with a scalar c: assumed, not probed
     if scalars[1]:
         value = fake_quantize(numpy_helper.to_array(constants[node.input[1]]), encs[1]).item()
         ratio = float(np.float32(encs[0].scale)) / float(np.float32(y_enc.scale))
         bits = int(min(15, 14 - np.ceil(np.log2(ratio))))
         multiplier = float(np.round(ratio * 2.0**bits) / 2.0**bits)
-        sign = -1.0 if node.op_type == "Sub" else 1.0  # x - c: assumed, not probed
         term = -y_enc.offset + encs[0].offset * multiplier + sign * value / float(np.float32(y_enc.scale))
         operands = [(node.input[0], encs[0], multiplier)]
         constant = float(round_half_away(np.array(term * 2.0**bits)) / 2.0**bits)
     else:
-        sign = -1.0 if node.op_type == "Sub" else 1.0
         _, multipliers, constant = add_constants(
             (encs[0].scale, encs[1].scale), (-encs[0].offset, -encs[1].offset), y_enc.scale, -y_enc.offset, sign
         )
@@ -378,15 +377,11 @@ def _lower_mul(
     Operands are activations or constants with 8-bit param encodings (broadcast as in the model);
     products of centered codes are exact in float32, the requantization runs in float64.
     """
-    if len(node.input) != 2:
+    operands = _binary_operands(node, targets, activations, params)
+    if operands is None or all(name in constants for name in node.input):
         return None
-    encs = [activations.get(name) or params.get(name) for name in node.input]
-    y_enc = _output_encoding(node, targets, activations)
-    if y_enc is None or any(e is None or e.bitwidth != 8 for e in (*encs, y_enc)):
-        return None
-    if all(name in constants for name in node.input):
-        return None
-    scalars = [name in constants and int(np.prod(constants[name].dims)) == 1 for name in node.input]
+    encs, y_enc = operands
+    scalars = [_is_scalar(name, constants) for name in node.input]
     operands = list(zip(node.input, encs, strict=True))
     if any(scalars):  # folded into the multiplier
         (const_name, const_enc), operand = operands[scalars.index(True)], operands[1 - scalars.index(True)]
@@ -496,7 +491,7 @@ def _lower_batch_norm(
     rank = len(shapes.get(node.input[0], []))
     if rank < 3 or any(name not in constants for name in names):
         return None
-    if any(e is None or e.bitwidth != 8 for e in (x_enc, y_enc, *encs)):
+    if not _int8(x_enc, y_enc, *encs):
         return None
     values = [numpy_helper.to_array(constants[name]).astype(np.float32).reshape(-1) for name in names]
     constants_ = batch_norm_constants(
@@ -541,7 +536,7 @@ def _lower_global_average_pool(
     x_enc = activations.get(node.input[0])
     y_enc = _output_encoding(node, targets, activations)
     shape = shapes.get(node.input[0], [])
-    if x_enc is None or y_enc is None or x_enc.bitwidth != 8 or y_enc.bitwidth != 8:
+    if not _int8(x_enc, y_enc):
         return None
     if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
         return None
@@ -602,10 +597,10 @@ def _lower_linear(
     x, w = node.input[0], node.input[1]
     x_enc = activations.get(x)
     y_enc = _output_encoding(node, targets, activations)
-    if node.op_type == "MatMul" and w not in constants and y_enc is not None and y_enc.bitwidth == 8:
+    if node.op_type == "MatMul" and w not in constants and _int8(y_enc):
         return _lower_dynamic_matmul(node, activations, y_enc)
     w_enc = params.get(w)
-    if w not in constants or None in (x_enc, y_enc, w_enc) or any(e.bitwidth != 8 for e in (x_enc, y_enc, w_enc)):
+    if w not in constants or not _int8(x_enc, y_enc, w_enc):
         return None
 
     weight = numpy_helper.to_array(constants[w])
@@ -685,7 +680,7 @@ def _lower_dynamic_matmul(
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
     """MatMul of two 8-bit activations on integer codes, requantized per tensor."""
     a_enc, b_enc = activations.get(node.input[0]), activations.get(node.input[1])
-    if a_enc is None or b_enc is None or a_enc.bitwidth != 8 or b_enc.bitwidth != 8:
+    if not _int8(a_enc, b_enc):
         return None
     p = f"{node.output[0]}{SUFFIX}/"
     multiplier = float(np.float32(a_enc.scale)) * float(np.float32(b_enc.scale)) / float(np.float32(y_enc.scale))
@@ -760,6 +755,28 @@ def _with_output_codes(
         make("Mul", [p + "code_centered", p + "out_scale"], [output]),
     ]
     return chain, inits, set()
+
+
+def _int8(*encodings: Encoding | None) -> bool:
+    """Whether every encoding is there and 8-bit: the HTP arithmetic modelled here is 8-bit only."""
+    return all(enc is not None and enc.bitwidth == 8 for enc in encodings)
+
+
+def _binary_operands(
+    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding], params: dict[str, Encoding]
+) -> tuple[list[Encoding], Encoding] | None:
+    """The encodings of a two-input node's operands (activations or params) and of its output,
+    if all are 8-bit."""
+    if len(node.input) != 2:
+        return None
+    encs = [activations.get(name) or params.get(name) for name in node.input]
+    y_enc = _output_encoding(node, targets, activations)
+    return (encs, y_enc) if _int8(*encs, y_enc) else None
+
+
+def _is_scalar(name: str, constants: dict[str, onnx.TensorProto]) -> bool:
+    """Whether ``name`` is a one-element constant."""
+    return name in constants and int(np.prod(constants[name].dims)) == 1
 
 
 def _output_encoding(node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding]) -> Encoding | None:
