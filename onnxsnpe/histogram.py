@@ -22,10 +22,8 @@ import math
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
+
+from .kernels import CHUNK, HIGHEST_KEY, LANES, LOWEST_KEY, key_range, key_values, tally_slots
 
 DEFAULT_BINS = 8192
 MIN_EXPONENT = -126
@@ -148,51 +146,8 @@ def _coarsened(counts: np.ndarray, first: int, shift: int) -> tuple[np.ndarray, 
     return merged, new_first
 
 
-CHUNK = 1024
 FLUSH = CHUNK * 2**20
 """Values counted per kernel call: below 2^32, so the uint32 sub-histograms cannot overflow."""
-LANES = 4
-"""Interleaved sub-histograms: consecutive values land in different ones, so repeated increments of
-one bin (zeros, saturated values) do not wait for each other (4 measured faster than 2 or 8)."""
-_LOWEST_KEY = np.int32(-(2**31))
-_HIGHEST_KEY = np.int32(2**31 - 1)
-
-
-@numba.njit(nogil=True, cache=True)
-def key_values(low, high):  # pragma: no cover - compiled
-    """The float32 values whose order keys (see :func:`key_range`) are ``low`` and ``high``."""
-    bits = np.empty(2, dtype=np.int32)
-    for i, key in enumerate((low, high)):  # the key transform is its own inverse
-        bits[i] = np.bitwise_xor(key, np.bitwise_and(np.right_shift(key, np.int32(31)), np.int32(0x7FFFFFFF)))
-    values = bits.view(np.float32)
-    return values[0], values[1]
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def key_range(keys, low, high):  # pragma: no cover - compiled
-    """Fold the float32 values whose bits are ``keys`` (int32) into the key range (low, high).
-
-    A value's key is an int32 whose order is the float32 order (-0.0 just below 0.0, NaNs beyond the
-    infinities): the bits, with the magnitude bits flipped for negative values.
-    Integer keys make min and max a plain integer reduction the compiler vectorizes (float min and
-    max do not vectorize, even with fastmath), and a NaN or Inf shows as a key beyond the finite
-    ones. The ufuncs keep the arithmetic in int32, eight keys per instruction (operators would
-    widen it to int64).
-    """
-    for k in range(keys.shape[0]):
-        bits = keys[k]
-        key = np.bitwise_xor(bits, np.bitwise_and(np.right_shift(bits, np.int32(31)), np.int32(0x7FFFFFFF)))
-        low = min(low, key)
-        high = max(high, key)
-    return low, high
-
-
-@numba.njit(nogil=True, cache=True)
-def value_range(values):  # pragma: no cover - compiled
-    """(min, max) of float32 ``values`` in one vectorized pass (numpy's min and max take two); a
-    NaN or Inf shows in them."""
-    low, high = key_range(values.view(np.int32), _HIGHEST_KEY, _LOWEST_KEY)
-    return key_values(low, high)
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -216,7 +171,7 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
     slots = np.empty(CHUNK, dtype=np.uint32)  # unsigned: indexing with it needs no negative-index fixup
     keys = values.view(np.int32)
     limit = np.float32(bins)
-    low, high = _HIGHEST_KEY, _LOWEST_KEY
+    low, high = HIGHEST_KEY, LOWEST_KEY
     n = values.shape[0]
     for start in range(0, n, CHUNK):
         chunk = values[start : start + CHUNK]
@@ -239,43 +194,3 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
             counts[b] += total
     low_value, high_value = key_values(low, high)
     return zeros, misses, low_value, high_value
-
-
-LINE = 16
-"""float32 values in a 64-byte cache line."""
-
-
-@intrinsic
-def prefetch(typingctx, array, index):  # pragma: no cover - compiled
-    """A hint to bring ``array[index]``'s cache line into every cache level (``llvm.prefetch``:
-    read, high locality). It never faults, so an index past the end is harmless."""
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        declaration = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
-        function = cgutils.get_or_insert_function(builder.module, declaration, "llvm.prefetch")  # LLVM mangles it
-        builder.call(function, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(array, index), codegen
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def tally_slots(slots, size, parts, values, ahead):  # pragma: no cover - compiled
-    """Count ``slots[:size]`` into the LANES sub-histograms ``parts`` in turn.
-
-    Meanwhile ``values[ahead : ahead + size]`` (the next chunk) is prefetched, a cache line every
-    few slots: the memory streams in while the increments run instead of after them, which took a
-    quarter off the counting of EfficientNet-Lite0's activations read back from memory (prefetching
-    the whole chunk at once gained 7%: a core tracks only a few outstanding misses).
-    """
-    whole = size - size % LANES
-    for k in range(0, whole, LANES):
-        if k % LINE == 0 and ahead + k < values.shape[0]:
-            prefetch(values, ahead + k)
-        for lane in range(LANES):  # unrolled: LANES is a compile-time constant
-            parts[lane, slots[k + lane]] += 1
-    for k in range(whole, size):
-        parts[0, slots[k]] += 1

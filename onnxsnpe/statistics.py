@@ -30,7 +30,8 @@ from onnx import numpy_helper
 
 from .errors import OnnxSnpeError
 from .exposure import ExposedSession
-from .histogram import Histogram, value_range
+from .histogram import Histogram
+from .kernels import value_range
 from .tf_enhanced import TfEnhancedObserver
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from .encoding import MIN_RANGE, round_half_away
-from .histogram import CHUNK, LANES, key_range, key_values, tally_slots
+from .kernels import CHUNK, LANES, key_range, key_values, tally_slots
 
 PDF_SIZE = 512
 GAMMA = 3.0
@@ -219,7 +219,7 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
     """AIMET's ``GetHistogram``: bucket ``round(x / size - offset)`` in float32, half away from zero.
 
     Values outside the 512 buckets (and NaN) are dropped. Per chunk, a vectorized loop computes the
-    buckets, the chunk's key range is folded in (histogram.key_range), then interleaved
+    buckets, the chunk's key range is folded in (kernels.key_range), then interleaved
     sub-histograms count the buckets. Returns the (min, max) of all the values, NaN or Inf included.
     """
     drop = PDF_SIZE

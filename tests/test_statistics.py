@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.histogram import Histogram, fitting_exponent, key_range, key_values, value_range
+from onnxsnpe.histogram import Histogram, fitting_exponent
+from onnxsnpe.kernels import key_range, key_values, value_range
 from onnxsnpe.ranges import activation_encodings
 from onnxsnpe.statistics import TensorStats, batch_dynamic_copy, collect_statistics
 from onnxsnpe.targets import find_targets
