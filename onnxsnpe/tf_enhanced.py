@@ -173,6 +173,14 @@ def _costs(x_left: np.ndarray, pdf: np.ndarray, steps: np.float32, delta: np.nda
     return _candidate_costs(start, step, pdf.astype(np.float64), delta, offset_f, low_index, high_index)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _round_half_away(x):  # pragma: no cover - compiled
+    """encoding.round_half_away for one float32 in compiled code (C++ ``std::round``)."""
+    magnitude = abs(x)
+    whole = np.floor(magnitude)
+    return np.copysign(whole + (np.float32(1.0) if magnitude - whole >= np.float32(0.5) else np.float32(0.0)), x)
+
+
 @numba.njit(nogil=True, cache=True)
 def _candidate_costs(start, step, pdf, delta, offset, low_index, high_index):  # pragma: no cover - compiled
     """AIMET's cost loops: per candidate, buckets below its range cost their squared distance to the
@@ -198,10 +206,7 @@ def _candidate_costs(start, step, pdf, delta, offset, low_index, high_index):  #
             if not (below or above):
                 value = np.float32(mid)
                 scaled = np.float32(np.float32(value / d) - o)
-                magnitude = abs(scaled)
-                whole = np.floor(magnitude)
-                half_up = np.float32(1.0) if magnitude - whole >= np.float32(0.5) else np.float32(0.0)
-                code = np.copysign(whole + half_up, scaled)  # encoding.round_half_away
+                code = _round_half_away(scaled)
                 error = np.float64(np.float32(value - np.float32(d * np.float32(code + o))))
                 quantization += pdf[b] * (error * error)
         costs[c] = GAMMA * (saturation_low + saturation_high) + quantization
@@ -232,10 +237,7 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
         chunk = values[start : start + CHUNK]  # indexed from 0: see histogram._count
         for k in range(chunk.shape[0]):
             shifted = chunk[k] / size - offset  # float32 arithmetic throughout
-            magnitude = abs(shifted)
-            whole = np.floor(magnitude)
-            rounded = whole + (np.float32(1.0) if magnitude - whole >= np.float32(0.5) else np.float32(0.0))
-            rounded = -rounded if shifted < 0 else rounded
+            rounded = _round_half_away(shifted)
             slots[k] = np.uint32(rounded) if (rounded >= 0 and rounded < PDF_SIZE) else np.uint32(drop)
         low, high = key_range(keys[start : start + CHUNK], low, high)
         tally_slots(slots, chunk.shape[0], parts, values, start + CHUNK)
