@@ -93,7 +93,7 @@ def tally_slots(slots, size, parts, values, ahead):  # pragma: no cover - compil
     Meanwhile ``values[ahead : ahead + size]`` (the next chunk) is prefetched, a cache line every
     few slots: the memory streams in while the increments run instead of after them, which took a
     quarter off the counting of EfficientNet-Lite0's activations read back from memory (prefetching
-    the whole chunk at once gained 7%: a core tracks only a few outstanding misses).
+    the whole chunk at once gained 7%, probably because a core tracks only a few outstanding misses).
     """
     whole = size - size % LANES
     for k in range(0, whole, LANES):
