@@ -115,3 +115,27 @@ def test_writing_into_arrays_first_still_checks_the_layout() -> None:
     assert session.reference is None  # checked
     for array, raw in zip(arrays, want, strict=True):
         np.testing.assert_array_equal(array, raw)
+
+
+def _blocked(nchw: np.ndarray, block: int, padded: int) -> np.ndarray:
+    """``nchw`` in onnxruntime's NCHWc layout with ``padded`` channels (padding filled with 7s)."""
+    batch, channels, height, width = nchw.shape
+    full = np.full((batch, padded, height, width), 7.0, dtype=nchw.dtype)
+    full[:, :channels] = nchw
+    return np.ascontiguousarray(
+        full.reshape(batch, padded // block, block, height, width).transpose(0, 1, 3, 4, 2)
+    ).reshape(batch, padded, height, width)
+
+
+def test_the_layout_check_rejects_misread_blocks_and_padding() -> None:
+    want = np.random.default_rng(6).normal(size=(1, 40, 5, 7)).astype(np.float32)
+    raw = _blocked(want, 16, 48)
+    assert exposure._unblocked_equal(raw, want, 16)
+    assert not exposure._unblocked_equal(_blocked(np.pad(want, ((0, 0), (0, 8), (0, 0), (0, 0))), 8, 48), want, 16)
+    last = raw.copy()
+    last.reshape(1, 3, 35, 16)[0, 2, 34, 7] += 1  # the last real channel of the padded block
+    assert not exposure._unblocked_equal(last, want, 16)
+    first = raw.copy()
+    first.reshape(1, 3, 35, 16)[0, 0, 17, 3] = np.nan
+    assert not exposure._unblocked_equal(first, want, 16)
+    assert exposure.probe_blocks(1) == [0] and exposure.probe_blocks(6) == [0, 3, 5]
