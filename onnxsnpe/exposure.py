@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +91,16 @@ class ExposedSession:
                 self.blocked = {}
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The session's output arrays for one feed (see :meth:`values`)."""
-        raws = self.session.run(self.names, feed)
-        if self.reference is not None:
-            self._check(raws, feed)
+        """The session's output arrays for one feed (see :meth:`values`).
+
+        The first run is checked: the ordinary session runs the same feed on another thread meanwhile.
+        """
+        if self.reference is None:
+            return self.session.run(self.names, feed)
+        with ThreadPoolExecutor(1, thread_name_prefix="onnxsnpe-reference") as pool:
+            wanted = pool.submit(self.reference.run, self.tensors, feed)
+            raws = self.session.run(self.names, feed)
+            self._check(raws, wanted.result())
         return raws
 
     def run_into(self, feed: dict[str, np.ndarray], arrays: list[np.ndarray]) -> None:
@@ -131,10 +138,10 @@ class ExposedSession:
         full, rest = divmod(layout.channels, block)
         return np.concatenate([blocks[:, :full].reshape(batch, -1), blocks[:, full, :, :rest].reshape(batch, -1)], 1)
 
-    def _check(self, raws: list[np.ndarray], feed: dict[str, np.ndarray]) -> None:
-        """Compare the first run with the ordinary session's; on any difference, switch to that session."""
+    def _check(self, raws: list[np.ndarray], wanted: list[np.ndarray]) -> None:
+        """Compare the first run with the ordinary session's (``wanted``); on any difference, switch to
+        that session."""
         reference, self.reference = self.reference, None
-        wanted = reference.run(self.tensors, feed)
         for tensor, raw, want in zip(self.tensors, raws, wanted, strict=True):
             layout = self.blocked.get(tensor)
             if layout is None:

@@ -44,6 +44,7 @@ class Histogram:
         self.count = 0
         self.min = math.inf
         self.max = -math.inf
+        self._grid = (np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first))  # the kernel's scale, first
 
     @property
     def width(self) -> float:
@@ -65,10 +66,13 @@ class Histogram:
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return None
-        low, high = math.inf, -math.inf
-        for start in range(0, flat.size, FLUSH):  # uint32 sub-counts cannot overflow within a piece
-            piece_low, piece_high = self._count_piece(flat[start : start + FLUSH])
-            low, high = min(low, piece_low), max(high, piece_high)
+        if flat.size <= FLUSH:
+            low, high = self._count_piece(flat)
+        else:
+            low, high = math.inf, -math.inf
+            for start in range(0, flat.size, FLUSH):  # uint32 sub-counts cannot overflow within a piece
+                piece_low, piece_high = self._count_piece(flat[start : start + FLUSH])
+                low, high = min(low, piece_low), max(high, piece_high)
         self.count += flat.size
         return low, high
 
@@ -87,7 +91,7 @@ class Histogram:
         return low, high
 
     def _kernel(self, piece: np.ndarray) -> tuple[int, int, np.float32, np.float32]:
-        return _count(piece, np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first), self.counts)
+        return _count(piece, *self._grid, self.counts)
 
     def merge(self, other: Histogram) -> None:
         """Add the counts of a histogram built over other values (exact)."""
@@ -116,6 +120,7 @@ class Histogram:
             grown[self.first - first : self.first - first + len(self.counts)] = self.counts
             self.counts, self.first = grown, first
         self.min, self.max = vmin, vmax
+        self._grid = (np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first))
 
 
 def fitting_exponent(vmin: float, vmax: float, max_bins: int) -> int:

@@ -42,10 +42,13 @@ class TfEnhancedObserver:
         self.counts = np.zeros(PDF_SIZE, dtype=np.int64)
         self.elements = 0  # values in all samples since the grid was fixed, dropped ones included
         self.updated = False  # any sample seen, even if all were zeros
+        self._grid: tuple = (None,)  # (x_left, size, offset) as last computed
 
     def update(self, batch: np.ndarray) -> tuple[float, float] | None:
         """Feed a batch sample by sample along its first axis, in order; returns its (min, max)."""
-        ranges = [self.update_sample(s) for s in (batch.reshape(batch.shape[0], -1) if batch.ndim > 1 else batch[None])]
+        if batch.ndim == 0 or batch.shape[0] == 1:
+            return self.update_sample(batch)
+        ranges = [self.update_sample(s) for s in batch.reshape(batch.shape[0], -1)]
         ranges = [r for r in ranges if r is not None]
         return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
 
@@ -64,8 +67,10 @@ class TfEnhancedObserver:
             if not (np.isfinite(low) and np.isfinite(high)) or (low == 0 and high == 0):
                 return float(low) + 0.0, float(high) + 0.0  # AIMET waits for a sample not all zeros
             self.x_left = initial_grid(low, high)
-        size = _F32(self.x_left[1] - self.x_left[0])
-        low, high = _bucket_counts(flat, size, _F32(_F32(self.x_left[0]) / size), self.counts)
+        if self._grid[0] is not self.x_left:  # the kernel's float32 bucket size and offset, made once
+            size = _F32(self.x_left[1] - self.x_left[0])
+            self._grid = (self.x_left, size, _F32(_F32(self.x_left[0]) / size))
+        low, high = _bucket_counts(flat, self._grid[1], self._grid[2], self.counts)
         self.elements += flat.size
         return float(low) + 0.0, float(high) + 0.0
 
