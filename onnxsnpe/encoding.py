@@ -8,6 +8,7 @@ device, with C++ ``std::round`` (half away from zero) rather than numpy's half-t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,14 +63,15 @@ def asymmetric_encoding(rmin: float, rmax: float, bitwidth: int) -> Encoding:
     """SNPE's asymmetric encoding of the range [rmin, rmax] (SNPE.md section 1, steps 1-4)."""
     _check_bitwidth(bitwidth)
     rmin, rmax = float(rmin), float(rmax)
-    if not (np.isfinite(rmin) and np.isfinite(rmax)) or rmin > rmax:
+    if not (math.isfinite(rmin) and math.isfinite(rmax)) or rmin > rmax:
         raise ValueError(f"invalid range [{rmin}, {rmax}]")
     levels = (1 << bitwidth) - 1
     rmin = min(rmin, 0.0)
     rmax = max(rmax, 0.0)
     rmax = max(rmax, rmin + MIN_RANGE)
     scale = (rmax - rmin) / levels
-    offset = -int(np.clip(_round_half_away_scalar(-rmin / scale), 0, levels))
+    # Python floats, not numpy scalars: the MSE search encodes thousands of candidate ranges
+    offset = -min(max(_round_half_away_scalar(-rmin / scale), 0), levels)
     return Encoding(bitwidth=bitwidth, scale=scale, offset=offset)
 
 
@@ -90,8 +92,13 @@ def bias_encoding(scale: float, bitwidth: int = 32) -> Encoding:
     return Encoding(bitwidth=bitwidth, scale=float(scale), offset=-(1 << (bitwidth - 1)), is_symmetric=True)
 
 
-def _round_half_away_scalar(x: float) -> float:
-    return float(np.copysign(np.floor(abs(x) + 0.5), x))
+def _round_half_away_scalar(x: float) -> int:
+    """``std::round`` of a finite float, as an int: the fractional part compared with one half, as
+    :func:`round_half_away` does (``floor(|x| + 0.5)`` rounds the float just below one half up)."""
+    magnitude = abs(x)
+    whole = math.floor(magnitude)
+    whole += magnitude - whole >= 0.5
+    return -whole if x < 0 else whole
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from onnxsnpe.encoding import (
+    _round_half_away_scalar,
     asymmetric_encoding,
     bias_encoding,
     dequantize,
@@ -60,6 +61,12 @@ def test_round_half_away_matches_cpp_std_round(value):
     assert round_half_away(np.array([x]))[0] == expected
 
 
+@pytest.mark.parametrize("value", [0.5, 2.5, -2.5, 0.49999999999999994, -0.49999999999999994, 4503599627370497.0, -0.0])
+def test_scalar_round_half_away_matches_cpp_std_round(value):
+    """The float64 rounding of the encoding's offset (floor(|x| + 0.5) would round 0.49999999999999994 up)."""
+    assert _round_half_away_scalar(value) == int(Decimal(value).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
 @given(arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e6, 1e6, width=32)))
 def test_round_half_away_against_decimal_reference(x):
     expected = [float(Decimal(float(v)).quantize(Decimal(1), rounding=ROUND_HALF_UP)) for v in x]
@@ -109,6 +116,20 @@ def test_encoding_reference_float64():
         enc = asymmetric_encoding(lo, hi, bw)
         assert enc.scale == pytest.approx(scale, rel=1e-12)
         assert enc.offset == offset
+
+
+@settings(max_examples=300)
+@given(ranges, st.sampled_from([4, 8, 16, 32]))
+def test_offset_rounds_half_away_exactly(bounds, bitwidth):
+    """The offset is std::round(-min / scale) clamped, with float64's just-below-one-half cases
+    rounded down (decimal reference on the exact float64 quotient)."""
+    lo, hi = bounds
+    enc = asymmetric_encoding(lo, hi, bitwidth)
+    lo64 = min(lo, 0.0)
+    scale = (max(max(hi, 0.0), lo64 + 0.01) - lo64) / (2**bitwidth - 1)
+    exact = int(Decimal(-lo64 / scale).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    assert enc.scale == scale and enc.offset == -min(max(exact, 0), 2**bitwidth - 1)
+    assert isinstance(enc.offset, int)
 
 
 def test_invalid_ranges_are_rejected():
