@@ -129,6 +129,29 @@ class ExposedSession:
         """Each tensor's values from the session's outputs: padding channels dropped, samples first."""
         return {tensor: self._real(tensor, raw) for tensor, raw in zip(self.tensors, raws, strict=True)}
 
+    def pieces(self, arrays: list[np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        """Each tensor's values in ``arrays`` (one sample's outputs, written again by every
+        :meth:`run_into` with them) as flat contiguous pieces: (tensor, piece, source).
+
+        A piece with a source is a buffer to fill from it after each run (the real channels of a
+        padded last block, strided); the others are views that follow the arrays.
+        """
+        pieces = []
+        for tensor, raw in zip(self.tensors, arrays, strict=True):
+            if raw.shape[0] != 1 or not raw.flags.c_contiguous:
+                raise ValueError("pieces are made for one sample's contiguous outputs")
+            layout = self.blocked.get(tensor)
+            if layout is None or raw.shape[1] == layout.channels:
+                pieces.append((tensor, raw.reshape(-1), None))
+                continue
+            blocks = raw.reshape(1, raw.shape[1] // layout.block, -1, layout.block)
+            full, rest = divmod(layout.channels, layout.block)
+            if full:
+                pieces.append((tensor, blocks[:, :full].reshape(-1), None))
+            source = blocks[0, full, :, :rest]
+            pieces.append((tensor, np.empty(source.size, dtype=np.float32), source))
+        return pieces
+
     def _real(self, tensor: str, raw: np.ndarray) -> np.ndarray:
         layout = self.blocked.get(tensor)
         if layout is None or raw.shape[1] == layout.channels:

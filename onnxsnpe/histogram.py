@@ -66,32 +66,35 @@ class Histogram:
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return None
-        if flat.size <= FLUSH:
-            low, high = self._count_piece(flat)
-        else:
-            low, high = math.inf, -math.inf
-            for start in range(0, flat.size, FLUSH):  # uint32 sub-counts cannot overflow within a piece
-                piece_low, piece_high = self._count_piece(flat[start : start + FLUSH])
-                low, high = min(low, piece_low), max(high, piece_high)
-        self.count += flat.size
+        low, high = math.inf, -math.inf
+        for start in range(0, flat.size, FLUSH):  # uint32 sub-counts cannot overflow within a piece
+            piece = flat[start : start + FLUSH]
+            piece_low, piece_high = self.settle(piece, _count(piece, *self.grid, self.counts))
+            low, high = min(low, piece_low), max(high, piece_high)
         return low, high
 
-    def _count_piece(self, piece: np.ndarray) -> tuple[float, float]:
-        zeros, missed, low, high = self._kernel(piece)
+    @property
+    def grid(self) -> tuple[np.float32, np.float32]:
+        """The counting kernel's view of the grid: (1 / width, index of the first bin), float32."""
+        return self._grid
+
+    def settle(self, piece: np.ndarray, counted: tuple) -> tuple[float, float]:
+        """Finish counting ``piece`` (at most FLUSH values) from the kernel's (zeros, misses, min, max)
+        for it on the current :attr:`grid` (counts it had no misses for are already added): grow the
+        grid and count the piece again if values fell outside. Returns the piece's (min, max)."""
+        zeros, missed, low, high = counted
         low, high = float(low) + 0.0, float(high) + 0.0  # + 0.0: no -0.0
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("NaN or Inf values")
         if missed or low < self.min or high > self.max:  # else the grid stays as it is
             self._cover(min(self.min, low), max(self.max, high))
         if missed:
-            zeros, missed, _, _ = self._kernel(piece)
+            zeros, missed, _, _ = _count(piece, *self.grid, self.counts)
             if missed:  # pragma: no cover - the grid covers every finite value now
                 raise AssertionError("values outside a grid that covers them")
-        self.zeros += zeros
+        self.zeros += int(zeros)
+        self.count += piece.size
         return low, high
-
-    def _kernel(self, piece: np.ndarray) -> tuple[int, int, np.float32, np.float32]:
-        return _count(piece, *self._grid, self.counts)
 
     def merge(self, other: Histogram) -> None:
         """Add the counts of a histogram built over other values (exact)."""
@@ -199,3 +202,13 @@ def _count(values, scale, first, counts):  # pragma: no cover - compiled
             counts[b] += total
     low_value, high_value = key_values(low, high)
     return zeros, misses, low_value, high_value
+
+
+@numba.njit(nogil=True, cache=True)
+def count_pieces(pieces, scales, firsts, counts, results):  # pragma: no cover - compiled
+    """``_count`` of every piece in one call (one release of Python's lock for all of them): piece k
+    into ``counts[k]`` on the grid ``(scales[k], firsts[k])``; ``results[k]`` gets its (zeros,
+    misses, min, max), for :meth:`Histogram.settle`."""
+    for k in range(len(pieces)):
+        zeros, misses, low, high = _count(pieces[k], scales[k], firsts[k], counts[k])
+        results[k, 0], results[k, 1], results[k, 2], results[k, 3] = zeros, misses, low, high

@@ -65,6 +65,13 @@ def value_range(values):  # pragma: no cover - compiled
     return key_values(low, high)
 
 
+@numba.njit(nogil=True, cache=True)
+def value_ranges(pieces, results):  # pragma: no cover - compiled
+    """:func:`value_range` of every piece in one call: ``results[k]`` gets piece k's (min, max)."""
+    for k in range(len(pieces)):
+        results[k, 0], results[k, 1] = value_range(pieces[k])
+
+
 LINE = 16
 """float32 values in a 64-byte cache line."""
 

@@ -2,11 +2,12 @@
 
 onnxruntime runs the model with the observed tensors exposed as outputs (read in its blocked
 layout where that saves a conversion: exposure.py), on batches of samples where the model allows
-it. Each core gets a worker that takes the next batch, runs it with a one-thread session and folds
-its tensors into statistics of its own (numpy, onnxruntime and the compiled kernels release the
-GIL); the workers' statistics merge exactly at the end. Running whole samples side by side uses
-the cores better than splitting each run across them, and the activations are dropped right
-after folding: memory does not grow with the number of samples.
+it. Each core gets a worker that takes the next batch, runs it with a one-thread session into a
+reused set of output arrays and folds its tensors into statistics of its own, one sample in one
+compiled call per kind of statistic (folding.py; numpy, onnxruntime and the compiled kernels
+release the GIL); the workers' statistics merge exactly at the end. Running whole samples side by
+side uses the cores better than splitting each run across them, and the activations are dropped
+right after folding: memory does not grow with the number of samples.
 
 What is kept per tensor depends on the range methods asked for: min and max always, an
 order-independent histogram for ``percentile`` and ``mse``, AIMET's first-sample PDF for
@@ -23,6 +24,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -30,6 +32,7 @@ from onnx import numpy_helper
 
 from .errors import OnnxSnpeError
 from .exposure import ExposedSession
+from .folding import OutputFold
 from .histogram import Histogram
 from .kernels import value_range
 from .tf_enhanced import TfEnhancedObserver
@@ -172,10 +175,19 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _observe(runner: _Runner, batch: list[dict[str, np.ndarray]], stats: dict[str, TensorStats]) -> None:
-    """Run one batch and fold its tensors into ``stats``."""
+def _observe(
+    runner: _Runner, batch: list[dict[str, np.ndarray]], stats: dict[str, TensorStats],
+    folds: dict[int, OutputFold] | None = None,
+) -> None:
+    """Run one batch and fold its tensors into ``stats``: with the worker's ``folds`` where they
+    apply (see _Reused.fold), else tensor by tensor."""
     for outputs, release in runner.run(batch):
         try:
+            if isinstance(outputs, _Reused):
+                if folds is not None and outputs.fold(stats, folds):
+                    outputs = {name: outputs.feed[name] for name in runner.fed}
+                else:
+                    outputs = outputs.named()
             for name, values in outputs.items():
                 try:
                     stats[name].update(values)
@@ -199,8 +211,9 @@ def _share_out(runner: _Runner, batches: Iterator[list], shares: list[dict[str, 
             return None if failed.is_set() else next(batches, None)
 
     def work(stats: dict[str, TensorStats]) -> None:
+        folds: dict[int, OutputFold] = {}
         while (batch := next_batch()) is not None:
-            _observe(runner, batch, stats)
+            _observe(runner, batch, stats, folds)
 
     def helper(stats: dict[str, TensorStats]) -> None:
         try:
@@ -269,8 +282,9 @@ class _Runner:
         self.workers = workers
         self.buffers: _Buffers | None = None  # set up from the first results' shapes
 
-    def run(self, batch: list[dict[str, np.ndarray]]) -> Iterator[tuple[dict[str, np.ndarray], Callable[[], None]]]:
-        """The observed tensors of a batch (one batched result or one per sample), each with its release."""
+    def run(self, batch: list[dict[str, np.ndarray]]) -> Iterator[tuple[dict | _Reused, Callable[[], None]]]:
+        """The observed tensors of a batch (one batched result or one per sample), each with its
+        release: by name, or as the reused arrays a session wrote them into."""
         if self.batched is not None and len(batch) > 1:
             feed = {name: np.concatenate([s[name] for s in batch]) for name in batch[0]}
             if self.buffers is not None and len(batch) == self.batch_size:
@@ -297,11 +311,11 @@ class _Runner:
         if self.buffers is None and self.computed:
             self.buffers = _Buffers([(self.batch_size, *raw.shape[1:]) for raw in raws], self.workers)
 
-    def _bound(self, session: ExposedSession, feed: dict[str, np.ndarray]) -> tuple[dict, Callable[[], None]]:
+    def _bound(self, session: ExposedSession, feed: dict[str, np.ndarray]) -> tuple[_Reused, Callable[[], None]]:
         arrays = self.buffers.take()
         session.run_into(feed, arrays)
         buffers = self.buffers
-        return self._named(session, arrays, feed), lambda: buffers.give(arrays)
+        return _Reused(self, session, arrays, feed), lambda: buffers.give(arrays)
 
     def _named(
         self, session: ExposedSession | None, raws: list[np.ndarray], feed: dict[str, np.ndarray]
@@ -320,6 +334,32 @@ class _Runner:
                 tolerance = 1e-5 * float(np.abs(single[name]).max())
                 if not np.allclose(batched[index], single[name][0], rtol=1e-4, atol=tolerance):
                     return False
+        return True
+
+
+@dataclass
+class _Reused:
+    """A run's observed tensors: the feed's, and the session's outputs in a reused set of arrays."""
+
+    runner: _Runner
+    session: ExposedSession
+    arrays: list[np.ndarray]
+    feed: dict[str, np.ndarray]
+
+    def named(self) -> dict[str, np.ndarray]:
+        """Every observed tensor by name."""
+        return self.runner._named(self.session, self.arrays, self.feed)
+
+    def fold(self, stats: dict[str, TensorStats], folds: dict[int, OutputFold]) -> bool:
+        """Fold the session's tensors into ``stats`` in one call per kind of statistic, with this
+        worker's ``folds`` (made once per set of arrays); False where that does not apply (a batch
+        of several samples, a PDF without its grid)."""
+        fold = folds.get(id(self.arrays))
+        if fold is None:
+            if self.arrays[0].shape[0] != 1 or not OutputFold.applies(stats):
+                return False
+            fold = folds[id(self.arrays)] = OutputFold(self.session.pieces(self.arrays), stats)  # sets are kept
+        fold.fold()
         return True
 
 

@@ -67,12 +67,22 @@ class TfEnhancedObserver:
             if not (np.isfinite(low) and np.isfinite(high)) or (low == 0 and high == 0):
                 return float(low) + 0.0, float(high) + 0.0  # AIMET waits for a sample not all zeros
             self.x_left = initial_grid(low, high)
-        if self._grid[0] is not self.x_left:  # the kernel's float32 bucket size and offset, made once
+        return self.settle(flat.size, _bucket_counts(flat, *self.grid, self.counts))
+
+    @property
+    def grid(self) -> tuple[np.float32, np.float32]:
+        """The bucketing kernel's view of the fixed grid: (bucket size, first left edge / size), float32."""
+        if self._grid[0] is not self.x_left:  # made once per grid
             size = _F32(self.x_left[1] - self.x_left[0])
             self._grid = (self.x_left, size, _F32(_F32(self.x_left[0]) / size))
-        low, high = _bucket_counts(flat, self._grid[1], self._grid[2], self.counts)
-        self.elements += flat.size
-        return float(low) + 0.0, float(high) + 0.0
+        return self._grid[1], self._grid[2]
+
+    def settle(self, size: int, counted: tuple) -> tuple[float, float]:
+        """Account for a sample of ``size`` values whose buckets the kernel has counted on :attr:`grid`;
+        ``counted`` is its (min, max), returned as Python floats (NaN or Inf included)."""
+        self.updated = True
+        self.elements += size
+        return float(counted[0]) + 0.0, float(counted[1]) + 0.0
 
     def spawn(self) -> TfEnhancedObserver:
         """An empty observer on this one's grid, for samples whose counts merge into this one."""
@@ -250,3 +260,11 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
         for b in range(PDF_SIZE):
             counts[b] += parts[lane, b]
     return key_values(low, high)
+
+
+@numba.njit(nogil=True, cache=True)
+def bucket_counts_pieces(pieces, sizes, offsets, counts, results):  # pragma: no cover - compiled
+    """``_bucket_counts`` of every piece in one call: piece k into ``counts[k]`` on the grid
+    ``(sizes[k], offsets[k])``; ``results[k]`` gets its (min, max), for :meth:`TfEnhancedObserver.settle`."""
+    for k in range(len(pieces)):
+        results[k, 0], results[k, 1] = _bucket_counts(pieces[k], sizes[k], offsets[k], counts[k])

@@ -13,14 +13,17 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from onnxsnpe.errors import OnnxSnpeError
+from onnxsnpe.folding import OutputFold
 from onnxsnpe.graph import load_model, prepare_deploy_model
 from onnxsnpe.histogram import Histogram, fitting_exponent
 from onnxsnpe.kernels import key_range, key_values, value_range
 from onnxsnpe.ranges import activation_encodings
+from onnxsnpe.runtime import make_session
 from onnxsnpe.statistics import TensorStats, batch_dynamic_copy, collect_statistics
 from onnxsnpe.targets import find_targets
 
 from .conftest import conv_model
+from .test_exposure import two_conv_model
 
 METHODS = ("minmax", "percentile", "mse")
 
@@ -261,16 +264,19 @@ def _state(stats: TensorStats) -> tuple:
 
 @pytest.fixture
 def spread_out(monkeypatch) -> None:
-    """Statistics updates are slow in the calling thread, so that the other workers get batches too
-    (the test model runs so fast that one thread could take them all)."""
-    update = TensorStats.update
+    """Statistics updates and folds are slow in the calling thread, so that the other workers get
+    batches too (the test model runs so fast that one thread could take them all)."""
+    for owner, name in ((TensorStats, "update"), (OutputFold, "fold")):
+        monkeypatch.setattr(owner, name, _slow_in_the_calling_thread(getattr(owner, name)))
 
-    def slow_in_the_calling_thread(self, batch):
+
+def _slow_in_the_calling_thread(method):
+    def slowed(self, *args):
         if threading.current_thread() is threading.main_thread():
             time.sleep(0.01)
-        update(self, batch)
+        return method(self, *args)
 
-    monkeypatch.setattr(TensorStats, "update", slow_in_the_calling_thread)
+    return slowed
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
@@ -310,6 +316,39 @@ def test_pdf_grid_comes_from_the_first_nonzero_sample_whatever_the_workers(deplo
     assert _state(two["x"]) == _state(one["x"])
     alone = collect_statistics(deploy, ["x"], samples[3:4], ["tf_enhanced"], workers=1)
     np.testing.assert_array_equal(two["x"].tf_enhanced.x_left, alone["x"].tf_enhanced.x_left)
+
+
+@pytest.mark.parametrize("methods", [["minmax"], ["percentile"], ["tf_enhanced"], ["mse", "tf_enhanced"]])
+def test_folded_samples_give_the_statistics_of_tensor_by_tensor_updates(monkeypatch, methods) -> None:
+    """Samples folded in one call per kind of statistic, from onnxruntime's blocked layout with a
+    padded last block (24 channels in blocks of 16 or 8), equal updates tensor by tensor on the NCHW
+    tensors of an ordinary session; with a sample that grows the histograms' grids midway and one
+    of zeros."""
+    model = two_conv_model(24)
+    observed = ["stem", "stem_relu", "mid", "sum", "out"]
+    rng = np.random.default_rng(7)
+    samples = [{"x": rng.normal(size=(1, 3, 12, 12)).astype(np.float32)} for _ in range(9)]
+    samples[5]["x"] *= 40
+    samples[6]["x"][:] = 0
+    folded = []
+    monkeypatch.setattr(OutputFold, "fold", _counting(OutputFold.fold, folded))
+    stats = collect_statistics(model, observed, samples, methods, workers=1)
+    assert len(folded) == len(samples) - 1  # all but the first, which runs alone
+    session = make_session(model, observed)
+    reference = {name: TensorStats(methods) for name in observed}
+    for sample in samples:
+        for name, values in zip(observed, session.run(observed, sample), strict=True):
+            reference[name].update(values)
+    for name in observed:
+        assert _state(stats[name]) == _state(reference[name]), name
+
+
+def _counting(method, calls: list):
+    def counted(self, *args):
+        calls.append(self)
+        return method(self, *args)
+
+    return counted
 
 
 def test_stats_for_other_methods_do_not_merge() -> None:
