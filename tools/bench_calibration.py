@@ -4,7 +4,8 @@ On EfficientNet-Lite0 (../shared/models) with real image crops (../shared/images
 it prints
 - the peak memory (RSS high-water mark, reset before each run through /proc/self/clear_refs) of
   our calibration at 64 and 512 samples,
-- what folding one sample's tensors into each method's statistics costs on one thread,
+- what folding one sample's tensors into each method's statistics costs on one thread (as
+  calibration folds them),
 - the time of plain FP32 onnxruntime inference over the samples (default session, batch 1 and 4);
   of onnxruntime with the observed tensors as outputs but no statistics (the floor of our pass): in
   onnxruntime's blocked layout as calibration reads them (2 threads, 1 thread, and one-thread
@@ -36,6 +37,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from onnxsnpe.exposure import ExposedSession
+from onnxsnpe.folding import OutputFold
 from onnxsnpe.graph import load_model, prepare_deploy_model
 from onnxsnpe.ranges import ACTIVATION_METHODS, activation_encodings
 from onnxsnpe.statistics import DEFAULT_BATCH_SIZE, TensorStats, available_cores, batch_dynamic_copy, collect_statistics
@@ -112,15 +114,22 @@ def exposed_inference(
 
 
 def statistics_cost(deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], method: str) -> float:
-    """CPU seconds per sample of folding already computed tensors into ``method``'s statistics, on
-    one thread; the tensors are copied out of onnxruntime first, so they are not in cache."""
+    """CPU seconds per sample of folding already computed tensors into ``method``'s statistics on one
+    thread, as calibration folds them (one compiled call per kind of statistic); every sample has
+    its own output arrays, so they are not in cache."""
     session = exposed_session(deploy, 1)
-    outputs = [session.values(session.run(sample)) for sample in data]
-    stats = {name: TensorStats([method]) for name in outputs[0]}
+    first = session.run(data[0])
+    stats = {name: TensorStats([method]) for name in session.tensors}
+    for name, values in session.values(first).items():  # the first sample fixes the PDF grids
+        stats[name].update(values)
+    folds = []
+    for sample in data:
+        arrays = [np.empty_like(raw) for raw in first]
+        session.run_into(sample, arrays)
+        folds.append(OutputFold(session.pieces(arrays), stats))
     start = time.thread_time()
-    for values in outputs:
-        for name, array in values.items():
-            stats[name].update(array)
+    for fold in folds:
+        fold.fold()
     return (time.thread_time() - start) / len(data)
 
 
