@@ -34,7 +34,7 @@ class OutputFold:
     """
 
     def __init__(self, pieces: list[tuple[str, np.ndarray, np.ndarray | None]], stats: dict[str, TensorStats]) -> None:
-        if not self.applies(stats) or any(piece.size > FLUSH for _, piece, _ in pieces):
+        if not self.applies(stats, pieces):
             raise ValueError("these statistics cannot be folded in one call")
         self.names = [name for name, _, _ in pieces]
         self.entries = [(stats[name], piece) for name, piece, _ in pieces]
@@ -53,10 +53,12 @@ class OutputFold:
                         for kind, rows in (("histograms", self.histograms), ("pdfs", self.pdfs), ("bare", self.bare))}
 
     @staticmethod
-    def applies(stats: dict[str, TensorStats]) -> bool:
-        """Whether statistics can be folded this way: every PDF has its grid."""
-        return all(observed.tf_enhanced is None or observed.tf_enhanced.x_left is not None
-                   for observed in stats.values())
+    def applies(stats: dict[str, TensorStats], pieces: list[tuple[str, np.ndarray, np.ndarray | None]]) -> bool:
+        """Whether statistics can be folded this way: every PDF has its grid, no piece is too large
+        for one counting call (FLUSH values)."""
+        return all(piece.size <= FLUSH for _, piece, _ in pieces) and all(
+            observed.tf_enhanced is None or observed.tf_enhanced.x_left is not None for observed in stats.values()
+        )
 
     def fold(self) -> None:
         """Fold the arrays' current contents (one sample) into the statistics.

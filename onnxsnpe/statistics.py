@@ -177,7 +177,7 @@ def available_cores() -> int:
 
 def _observe(
     runner: _Runner, batch: list[dict[str, np.ndarray]], stats: dict[str, TensorStats],
-    folds: dict[int, OutputFold] | None = None,
+    folds: dict[int, OutputFold | None] | None = None,
 ) -> None:
     """Run one batch and fold its tensors into ``stats``: with the worker's ``folds`` where they
     apply (see _Reused.fold), else tensor by tensor."""
@@ -211,7 +211,7 @@ def _share_out(runner: _Runner, batches: Iterator[list], shares: list[dict[str, 
             return None if failed.is_set() else next(batches, None)
 
     def work(stats: dict[str, TensorStats]) -> None:
-        folds: dict[int, OutputFold] = {}
+        folds: dict[int, OutputFold | None] = {}
         while (batch := next_batch()) is not None:
             _observe(runner, batch, stats, folds)
 
@@ -350,17 +350,18 @@ class _Reused:
         """Every observed tensor by name."""
         return self.runner._named(self.session, self.arrays, self.feed)
 
-    def fold(self, stats: dict[str, TensorStats], folds: dict[int, OutputFold]) -> bool:
+    def fold(self, stats: dict[str, TensorStats], folds: dict[int, OutputFold | None]) -> bool:
         """Fold the session's tensors into ``stats`` in one call per kind of statistic, with this
-        worker's ``folds`` (made once per set of arrays); False where that does not apply (a batch
-        of several samples, a PDF without its grid)."""
-        fold = folds.get(id(self.arrays))
-        if fold is None:
-            if self.arrays[0].shape[0] != 1 or not OutputFold.applies(stats):
-                return False
-            fold = folds[id(self.arrays)] = OutputFold(self.session.pieces(self.arrays), stats)  # sets are kept
-        fold.fold()
-        return True
+        worker's ``folds`` (made at the first use of a set of arrays, which are kept); False where
+        that does not apply (a batch of several samples, a PDF without its grid, a huge tensor)."""
+        key = id(self.arrays)
+        if key not in folds:
+            pieces = self.session.pieces(self.arrays) if self.arrays[0].shape[0] == 1 else None
+            folds[key] = OutputFold(pieces, stats) if pieces and OutputFold.applies(stats, pieces) else None
+        fold = folds[key]
+        if fold is not None:
+            fold.fold()
+        return fold is not None
 
 
 class _Buffers:
