@@ -3,3 +3,8 @@
 
 class OnnxSnpeError(Exception):
     """A problem with the user's input or environment, worded for the user (no traceback)."""
+
+
+def bad_values(tensor: str, problem: Exception) -> OnnxSnpeError:
+    """The error for a tensor whose values the statistics refuse (NaN or Inf)."""
+    return OnnxSnpeError(f"tensor '{tensor}' takes {problem} on the calibration data")

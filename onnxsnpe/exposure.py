@@ -144,22 +144,18 @@ class ExposedSession:
             if layout is None or raw.shape[1] == layout.channels:
                 pieces.append((tensor, raw.reshape(-1), None))
                 continue
-            blocks = raw.reshape(1, raw.shape[1] // layout.block, -1, layout.block)
-            full, rest = divmod(layout.channels, layout.block)
-            if full:
-                pieces.append((tensor, blocks[:, :full].reshape(-1), None))
-            source = blocks[0, full, :, :rest]
-            pieces.append((tensor, np.empty(source.size, dtype=np.float32), source))
+            full, partial = _split(raw, layout)
+            if full.size:
+                pieces.append((tensor, full.reshape(-1), None))
+            pieces.append((tensor, np.empty(partial.size, dtype=np.float32), partial[0]))
         return pieces
 
     def _real(self, tensor: str, raw: np.ndarray) -> np.ndarray:
         layout = self.blocked.get(tensor)
         if layout is None or raw.shape[1] == layout.channels:
             return raw
-        batch, padded, block = raw.shape[0], raw.shape[1], layout.block
-        blocks = raw.reshape(batch, padded // block, -1, block)
-        full, rest = divmod(layout.channels, block)
-        return np.concatenate([blocks[:, :full].reshape(batch, -1), blocks[:, full, :, :rest].reshape(batch, -1)], 1)
+        full, partial = _split(raw, layout)
+        return np.concatenate([full.reshape(raw.shape[0], -1), partial.reshape(raw.shape[0], -1)], 1)
 
     def _check(self, raws: list[np.ndarray], wanted: list[np.ndarray]) -> None:
         """Compare the first run with the ordinary session's (``wanted``); on any difference, switch to
@@ -177,6 +173,15 @@ class ExposedSession:
                 self.session, self.names, self.blocked = reference, list(self.tensors), {}
                 raws[:] = wanted
                 return
+
+
+def _split(raw: np.ndarray, layout: _Blocked) -> tuple[np.ndarray, np.ndarray]:
+    """A padded blocked tensor's real values: its full channel blocks (a view, contiguous per
+    sample) and the real channels of its last block (strided): shapes (batch, blocks, pixels,
+    block) and (batch, pixels, channels)."""
+    blocks = raw.reshape(raw.shape[0], raw.shape[1] // layout.block, -1, layout.block)
+    full, rest = divmod(layout.channels, layout.block)
+    return blocks[:, :full], blocks[:, full, :, :rest]
 
 
 def _unblocked_equal(raw: np.ndarray, want: np.ndarray, block: int) -> bool:

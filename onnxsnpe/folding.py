@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numba.typed import List
 
-from .errors import OnnxSnpeError
+from .errors import bad_values
 from .histogram import FLUSH, count_pieces
 from .kernels import value_ranges
 from .tf_enhanced import bucket_counts_pieces
@@ -43,14 +43,18 @@ class OutputFold:
         self.pdfs = [k for k, (observed, _) in enumerate(self.entries) if observed.tf_enhanced is not None]
         self.bare = [k for k, (observed, _) in enumerate(self.entries)
                      if observed.histogram is None and observed.tf_enhanced is None]
-        self._counts = List([self.entries[k][0].histogram.counts for k in self.histograms] or [np.zeros(1, np.int64)])
+        self._counts = _typed([self.entries[k][0].histogram.counts for k in self.histograms], np.int64)
         self._grids = np.zeros((len(self.histograms), 2), dtype=np.float32)
         self._seen: list[np.ndarray | None] = [None] * len(self.histograms)  # counts arrays the grids belong to
         pdfs = [self.entries[k][0].tf_enhanced for k in self.pdfs]
-        self._pdf_counts = List([pdf.counts for pdf in pdfs] or [np.zeros(1, np.int64)])
+        self._pdf_counts = _typed([pdf.counts for pdf in pdfs], np.int64)
         self._pdf_grids = np.array([pdf.grid for pdf in pdfs], dtype=np.float32).reshape(-1, 2)
-        self._pieces = {kind: _typed([self.entries[k][1] for k in rows])
+        self._pieces = {kind: _typed([self.entries[k][1] for k in rows], np.float32)
                         for kind, rows in (("histograms", self.histograms), ("pdfs", self.pdfs), ("bare", self.bare))}
+        # the kernels' results: (zeros, misses, min, max) per histogram piece, (min, max) per other piece
+        self._counted = np.empty((len(self.histograms), 4))
+        self._bucketed = np.empty((len(self.pdfs), 2))
+        self._ranges = np.empty((len(self.bare), 2))
 
     @staticmethod
     def applies(stats: dict[str, TensorStats], pieces: list[tuple[str, np.ndarray, np.ndarray | None]]) -> bool:
@@ -67,15 +71,14 @@ class OutputFold:
         """
         for piece, source in self.copies:
             np.copyto(piece, source)
-        counted = self._count_histograms()
-        bucketed = np.empty((len(self.pdfs), 2))
+        if self.histograms:
+            self._count_histograms()
         if self.pdfs:
             bucket_counts_pieces(self._pieces["pdfs"], self._pdf_grids[:, 0], self._pdf_grids[:, 1], self._pdf_counts,
-                                 bucketed)
-        ranges = np.empty((len(self.bare), 2))
+                                 self._bucketed)
         if self.bare:
-            value_ranges(self._pieces["bare"], ranges)
-        rows = (iter(counted), iter(bucketed), iter(ranges))
+            value_ranges(self._pieces["bare"], self._ranges)
+        rows = (iter(self._counted), iter(self._bucketed), iter(self._ranges))
         for name, (observed, piece) in zip(self.names, self.entries, strict=True):
             try:
                 batch_range = None
@@ -87,22 +90,18 @@ class OutputFold:
                 low, high = batch_range or (float(end) + 0.0 for end in next(rows[2]))
                 observed.minmax.update_range(low, high, piece.size)
             except ValueError as exc:
-                raise OnnxSnpeError(f"tensor '{name}' takes {exc} on the calibration data") from exc
+                raise bad_values(name, exc) from exc
 
-    def _count_histograms(self) -> np.ndarray:
-        """Count every histogram piece on its histogram's current grid; (zeros, misses, min, max) rows."""
-        counted = np.empty((len(self.histograms), 4))
-        if not self.histograms:
-            return counted
+    def _count_histograms(self) -> None:
+        """Count every histogram piece on its histogram's current grid."""
         for row, k in enumerate(self.histograms):  # a grid grows rarely: its counts array is then new
             histogram = self.entries[k][0].histogram
             if self._seen[row] is not histogram.counts:
                 self._counts[row] = self._seen[row] = histogram.counts
                 self._grids[row] = histogram.grid
-        count_pieces(self._pieces["histograms"], self._grids[:, 0], self._grids[:, 1], self._counts, counted)
-        return counted
+        count_pieces(self._pieces["histograms"], self._grids[:, 0], self._grids[:, 1], self._counts, self._counted)
 
 
-def _typed(arrays: list[np.ndarray]) -> List:
-    """A typed list of float32 arrays for the compiled loops (never empty: numba needs an item type)."""
-    return List(arrays or [np.zeros(1, dtype=np.float32)])
+def _typed(arrays: list[np.ndarray], dtype: type) -> List:
+    """A typed list of ``dtype`` arrays for the compiled loops (never empty: numba needs an item type)."""
+    return List(arrays or [np.zeros(1, dtype=dtype)])

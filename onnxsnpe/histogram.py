@@ -44,7 +44,6 @@ class Histogram:
         self.count = 0
         self.min = math.inf
         self.max = -math.inf
-        self._grid = (np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first))  # the kernel's scale, first
 
     @property
     def width(self) -> float:
@@ -76,7 +75,7 @@ class Histogram:
     @property
     def grid(self) -> tuple[np.float32, np.float32]:
         """The counting kernel's view of the grid: (1 / width, index of the first bin), float32."""
-        return self._grid
+        return np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first)
 
     def settle(self, piece: np.ndarray, counted: tuple) -> tuple[float, float]:
         """Finish counting ``piece`` (at most FLUSH values) from the kernel's (zeros, misses, min, max)
@@ -123,7 +122,6 @@ class Histogram:
             grown[self.first - first : self.first - first + len(self.counts)] = self.counts
             self.counts, self.first = grown, first
         self.min, self.max = vmin, vmax
-        self._grid = (np.float32(math.ldexp(1.0, -self.exponent)), np.float32(self.first))
 
 
 def fitting_exponent(vmin: float, vmax: float, max_bins: int) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import OnnxSnpeError
+from .errors import OnnxSnpeError, bad_values
 from .exposure import ExposedSession
 from .folding import OutputFold
 from .histogram import Histogram
@@ -192,7 +192,7 @@ def _observe(
                 try:
                     stats[name].update(values)
                 except ValueError as exc:
-                    raise OnnxSnpeError(f"tensor '{name}' takes {exc} on the calibration data") from exc
+                    raise bad_values(name, exc) from exc
         finally:
             release()
 

@@ -42,7 +42,6 @@ class TfEnhancedObserver:
         self.counts = np.zeros(PDF_SIZE, dtype=np.int64)
         self.elements = 0  # values in all samples since the grid was fixed, dropped ones included
         self.updated = False  # any sample seen, even if all were zeros
-        self._grid: tuple = (None,)  # (x_left, size, offset) as last computed
 
     def update(self, batch: np.ndarray) -> tuple[float, float] | None:
         """Feed a batch sample by sample along its first axis, in order; returns its (min, max)."""
@@ -72,10 +71,8 @@ class TfEnhancedObserver:
     @property
     def grid(self) -> tuple[np.float32, np.float32]:
         """The bucketing kernel's view of the fixed grid: (bucket size, first left edge / size), float32."""
-        if self._grid[0] is not self.x_left:  # made once per grid
-            size = _F32(self.x_left[1] - self.x_left[0])
-            self._grid = (self.x_left, size, _F32(_F32(self.x_left[0]) / size))
-        return self._grid[1], self._grid[2]
+        size = _F32(self.x_left[1] - self.x_left[0])
+        return size, _F32(_F32(self.x_left[0]) / size)
 
     def settle(self, size: int, counted: tuple) -> tuple[float, float]:
         """Account for a sample of ``size`` values whose buckets the kernel has counted on :attr:`grid`;
