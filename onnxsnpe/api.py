@@ -16,27 +16,31 @@ import onnx
 from tqdm import tqdm
 
 from . import export
-from .calibration import Dataset, ImageOptions, Sample, open_dataset
-from .encoding import Encoding
-from .errors import OnnxSnpeError
-from .evaluation import ARITHMETICS, Evaluation, evaluate, simulation_model
-from .graph import load_model, model_inputs, prepare_deploy_model
-from .html_report import write_html_report
-from .htp import HtpSession, measure_agreement, qnn_unavailable_reason, simulation_runner
-from .metrics import OutputComparison
-from .qdq import build_qdq_model, constant_encodings
-from .ranges import (
-    DEFAULT_PERCENTILE,
+from .data.datasets import Dataset, ImageOptions, Sample, open_dataset
+from .encode.constants import constant_encodings
+from .encode.encoding import Encoding
+from .encode.methods import DEFAULT_PERCENTILE, check_method
+from .encode.ranges import (
     activation_encodings,
     bias_encodings,
-    check_method,
     fixed_range_tensors,
     weight_encodings,
 )
-from .report import build_report
-from .statistics import TensorStats, collect_statistics
-from .targets import QuantTargets, find_targets
-from .weight_analysis import analyze_weights
+from .errors import OnnxSnpeError
+from .graph.deploy import prepare_deploy_model
+from .graph.load import load_model, model_inputs
+from .graph.targets import QuantTargets, find_targets
+from .report.agreement import measure_agreement
+from .report.document import build_report
+from .report.evaluation import Evaluation, evaluate
+from .report.html import write_html_report
+from .report.metrics import OutputComparison
+from .report.weight_analysis import analyze_weights
+from .simulate.arithmetic import ARITHMETICS, simulation_model
+from .simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
+from .simulate.qdq import build_qdq_model
+from .stats.collect import collect_statistics
+from .stats.tensor_stats import TensorStats
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .api import Settings, quantize
-from .calibration import ImageOptions
-from .compare import compare, comparison_summary
+from .data.datasets import ImageOptions
+from .encode.methods import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
 from .errors import OnnxSnpeError
-from .evaluation import ARITHMETICS
-from .ranges import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
-from .report import summary_text
+from .report.document import summary_text
+from .simulate.arithmetic import ARITHMETICS
 
 DEMO_MODEL = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 DEMO_IMAGES = ImageOptions(resize=(48, 192), mean=(0.5,), std=(0.5,))  # the model's own preprocessing
@@ -222,6 +220,8 @@ def find_demo_data(explicit: Path | None) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .api import quantize  # the pipeline loads when a command runs, not for --help
+
     if args.command == "compare":
         return _run_compare(args)
     if args.command == "demo":
@@ -267,6 +267,9 @@ def _image_options(args: argparse.Namespace) -> ImageOptions:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from .api import Settings
+    from .compare import compare, comparison_summary
+
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, bias_bitwidth=args.bias_bitwidth,
                     write_bias_encodings=args.write_bias_encodings, arithmetic=args.arithmetic)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from . import __version__, export
 from .api import Settings, calibrate, check_analysis_samples, encode, evaluate_encodings, prepare
-from .calibration import ImageOptions
+from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
-from .evaluation import worst_isolated
-from .html_report import write_comparison_html
+from .report.evaluation import worst_isolated
+from .report.html import write_comparison_html
 
 COMPARE_JSON = "compare.json"
 COMPARE_HTML = "compare.html"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibration import to_snpe_layout
-from .encoding import Encoding
+from .data.datasets import to_snpe_layout
+from .encode.encoding import Encoding
 from .errors import OnnxSnpeError
 
 OVERRIDES_FILE = "snpe_clip_ranges.json"

@@ -90,9 +90,9 @@ def minmax_encodings(deploy: onnx.ModelProto, samples: list[dict], bitwidth: int
     Tests that need encodings for a hand-built model call the project's stages rather than
     re-deriving them.
     """
-    from onnxsnpe.ranges import activation_encodings, bias_encodings, weight_encodings
-    from onnxsnpe.statistics import collect_statistics
-    from onnxsnpe.targets import find_targets
+    from onnxsnpe.encode.ranges import activation_encodings, bias_encodings, weight_encodings
+    from onnxsnpe.graph.targets import find_targets
+    from onnxsnpe.stats.collect import collect_statistics
 
     targets = find_targets(deploy)
     stats = collect_statistics(deploy, targets.activations, samples)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from onnxsnpe.encoding import (
+from onnxsnpe.encode.encoding import (
     _round_half_away_scalar,
     asymmetric_encoding,
     bias_encoding,

@@ -1,5 +1,6 @@
 """The whole command on the four real models, and what SNPE will read from its outputs."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -8,12 +9,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxsnpe import ImageOptions, quantize
-from onnxsnpe.calibration import open_dataset
 from onnxsnpe.cli import main
-from onnxsnpe.graph import load_model, model_inputs
-from onnxsnpe.runtime import make_session
+from onnxsnpe.data.datasets import open_dataset
+from onnxsnpe.graph.load import load_model, model_inputs
+from onnxsnpe.graph.runtime import make_session
 
-from .conftest import CALIB_DATA, shared_model
+from .conftest import CALIB_DATA, ROOT, shared_model
 
 IMAGENET = {"mean": "0.485,0.456,0.406", "std": "0.229,0.224,0.225"}
 HALF = {"mean": "0.5", "std": "0.5"}
@@ -201,10 +202,19 @@ def test_sixteen_bit_activations_are_more_accurate(tmp_path, tiny_model, npy_fol
     assert {e[0]["bitwidth"] for e in enc.values()} == {16}
 
 
-def test_demo_runs(capsys, tmp_path):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+def test_demo_runs_and_writes_the_recorded_bytes(capsys, tmp_path):
+    """The demo's SNPE files (overrides, deploy and QDQ models, raw inputs) are byte-identical to the
+    recorded ones (tests/demo_outputs.sha256, written before the stage-subpackage layout): a change that
+    moves a bit of them shows here. Recorded on the project's x86-64 machine; onnxruntime kernels on
+    another CPU could round a calibration range differently."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
     assert "SQNR" in capsys.readouterr().out
-    assert (tmp_path / "demo" / "snpe_clip_ranges.json").is_file()
+    recorded = dict(line.split()[::-1] for line in (ROOT / "tests" / "demo_outputs.sha256").read_text().splitlines())
+    written = sorted(str(p.relative_to(out)) for p in (out / "raw").iterdir())
+    assert written == sorted(name for name in recorded if name.startswith("raw/"))
+    for name, digest in recorded.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
 
 
 def test_qdq_model_is_written_and_runs(tmp_path, tiny_model, npy_folder):
@@ -218,7 +228,7 @@ def test_qdq_model_is_written_and_runs(tmp_path, tiny_model, npy_folder):
 
 
 def test_htp_flag(capsys, tmp_path, tiny_model, npy_folder):
-    from onnxsnpe.htp import qnn_unavailable_reason
+    from onnxsnpe.simulate.emulator import qnn_unavailable_reason
 
     out = tmp_path / "out"
     args = ["quantize", str(tiny_model), "--calib", str(npy_folder), "--out", str(out), "--htp", "2"]
@@ -238,7 +248,7 @@ def test_htp_flag(capsys, tmp_path, tiny_model, npy_folder):
 
 def test_htp_arithmetic_simulation_equals_the_htp_on_efficientnet(tmp_path):
     """The report's default simulation computes what Qualcomm's HTP computes, bit for bit, on a real model."""
-    from onnxsnpe.htp import qnn_unavailable_reason
+    from onnxsnpe.simulate.emulator import qnn_unavailable_reason
 
     if reason := qnn_unavailable_reason():
         pytest.skip(f"HTP emulator unavailable: {reason}")

@@ -5,15 +5,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.api import Settings
-from onnxsnpe.encoding import asymmetric_encoding, fake_quantize
+from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize
 from onnxsnpe.errors import OnnxSnpeError
-from onnxsnpe.evaluation import HISTOGRAM_BINS, evaluate, worst_isolated
-from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.htp_model import htp_simulation_model
-from onnxsnpe.runtime import make_session
-from onnxsnpe.simulate import build_simulation_model
-from onnxsnpe.targets import QuantTargets
-from onnxsnpe.weight_analysis import analyze_weights
+from onnxsnpe.graph.deploy import prepare_deploy_model
+from onnxsnpe.graph.load import load_model
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.graph.targets import QuantTargets
+from onnxsnpe.report.evaluation import HISTOGRAM_BINS, evaluate, worst_isolated
+from onnxsnpe.report.weight_analysis import analyze_weights
+from onnxsnpe.simulate.fake_quant import build_simulation_model
+from onnxsnpe.simulate.htp.model import htp_simulation_model
 
 from .conftest import minmax_encodings
 

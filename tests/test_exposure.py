@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe import exposure
-from onnxsnpe.exposure import ExposedSession
-from onnxsnpe.runtime import make_session
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.stats import exposure
+from onnxsnpe.stats.exposure import ExposedSession
 
 OBSERVED = ["stem", "stem_relu", "mid", "sum"]
 

@@ -6,9 +6,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.errors import OnnxSnpeError
-from onnxsnpe.graph import load_model, model_inputs, prepare_deploy_model
-from onnxsnpe.runtime import make_session
-from onnxsnpe.targets import find_targets
+from onnxsnpe.graph.deploy import prepare_deploy_model
+from onnxsnpe.graph.load import load_model, model_inputs
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.graph.targets import find_targets
 
 
 def _bn_after(op, weight, x_shape, attrs, channels, *, bias=True, gemm_c=None):

@@ -38,7 +38,7 @@ def test_page_is_self_contained_with_charts(report_page):
 def test_page_is_deterministic(report_page, tmp_path):
     import json
 
-    from onnxsnpe.html_report import render_report
+    from onnxsnpe.report.html import render_report
 
     report = json.loads((report_page.parent / "report.json").read_text())
     assert render_report(report) == report_page.read_text()

@@ -11,21 +11,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe.encoding import Encoding, asymmetric_encoding, fake_quantize
+from onnxsnpe.encode.constants import constant_encodings
+from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize
 from onnxsnpe.errors import OnnxSnpeError
-from onnxsnpe.htp import HtpSession, measure_agreement, qnn_unavailable_reason, simulation_runner
-from onnxsnpe.htp_model import (
-    add_constants,
-    batch_norm_constants,
-    htp_simulation_model,
-    int8_weights,
-    mul_constants,
-    requant_constants,
-    scalar_mul_constants,
-)
-from onnxsnpe.qdq import build_qdq_model, constant_encodings
-from onnxsnpe.simulate import build_simulation_model
-from onnxsnpe.targets import find_targets
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.report.agreement import measure_agreement
+from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
+from onnxsnpe.simulate.fake_quant import build_simulation_model
+from onnxsnpe.simulate.htp.channelwise import batch_norm_constants
+from onnxsnpe.simulate.htp.codes import requant_constants
+from onnxsnpe.simulate.htp.elementwise import add_constants, mul_constants, scalar_mul_constants
+from onnxsnpe.simulate.htp.linear import int8_weights
+from onnxsnpe.simulate.htp.model import htp_simulation_model
+from onnxsnpe.simulate.qdq import build_qdq_model
 
 from .conftest import minmax_encodings
 
@@ -108,7 +106,8 @@ def test_htp_simulation_stays_within_one_step_of_exact_rounding_on_one_conv():
 
 @needs_qnn
 def test_small_model_runs_entirely_on_the_htp(tiny_model):
-    from onnxsnpe.graph import load_model, prepare_deploy_model
+    from onnxsnpe.graph.deploy import prepare_deploy_model
+    from onnxsnpe.graph.load import load_model
 
     deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
     rng = np.random.default_rng(0)

@@ -5,12 +5,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe.encoding import Encoding, asymmetric_encoding, fake_quantize, quantize
-from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.qdq import MS_DOMAIN, SUFFIX, build_qdq_model, constant_encodings
-from onnxsnpe.runtime import make_session
-from onnxsnpe.simulate import build_simulation_model
-from onnxsnpe.targets import find_targets
+from onnxsnpe.encode.constants import constant_encodings
+from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize, quantize
+from onnxsnpe.graph.deploy import prepare_deploy_model
+from onnxsnpe.graph.load import load_model
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.simulate.fake_quant import build_simulation_model
+from onnxsnpe.simulate.qdq import MS_DOMAIN, SUFFIX, build_qdq_model
 
 from .conftest import minmax_encodings
 

@@ -11,13 +11,14 @@ from onnx import TensorProto, helper
 
 from onnxsnpe import quantize
 from onnxsnpe.cli import build_parser
-from onnxsnpe.encoding import asymmetric_encoding, fake_quantize
+from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize
+from onnxsnpe.encode.range_search import mse_range, percentile_range
+from onnxsnpe.encode.ranges import activation_encodings, chosen_range, fixed_range_tensors, weight_encodings
+from onnxsnpe.encode.tf_enhanced import tf_enhanced_range
 from onnxsnpe.errors import OnnxSnpeError
-from onnxsnpe.histogram import Histogram
-from onnxsnpe.range_search import mse_range, percentile_range
-from onnxsnpe.ranges import activation_encodings, chosen_range, fixed_range_tensors, weight_encodings
-from onnxsnpe.statistics import TensorStats
-from onnxsnpe.targets import find_targets
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.stats.histogram import Histogram
+from onnxsnpe.stats.tensor_stats import TensorStats
 
 
 def distribution(kind: str, size: int = 60_000, seed: int = 0) -> np.ndarray:
@@ -122,7 +123,7 @@ def test_methods_from_tensor_stats() -> None:
     assert chosen_range(stats, "minmax", 8) == (float(values.min()), float(values.max()))
     assert chosen_range(stats, "percentile", 8, 99.0) == percentile_range(stats.histogram, 99.0)
     assert chosen_range(stats, "mse", 8) == mse_range(stats.histogram, 8)
-    assert chosen_range(stats, "tf_enhanced", 8) == stats.tf_enhanced.chosen_range(8)
+    assert chosen_range(stats, "tf_enhanced", 8) == tf_enhanced_range(stats.tf_enhanced, 8)
     with pytest.raises(OnnxSnpeError, match="histogram"):
         chosen_range(TensorStats(["minmax"]), "mse", 8)
     with pytest.raises(OnnxSnpeError, match="unknown"):
@@ -161,7 +162,8 @@ def test_fixed_ranges_for_sigmoid_softmax_tanh() -> None:
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "tf_enhanced"])
 def test_weight_methods(tiny_model, method: str) -> None:
-    from onnxsnpe.graph import load_model, prepare_deploy_model
+    from onnxsnpe.graph.deploy import prepare_deploy_model
+    from onnxsnpe.graph.load import load_model
 
     deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
     targets = find_targets(deploy)
@@ -175,7 +177,8 @@ def test_weight_methods(tiny_model, method: str) -> None:
 
 
 def test_mse_weights_reduce_the_weight_error(tmp_path) -> None:
-    from onnxsnpe.graph import load_model, prepare_deploy_model
+    from onnxsnpe.graph.deploy import prepare_deploy_model
+    from onnxsnpe.graph.load import load_model
 
     weights = np.random.default_rng(5).laplace(0.0, 0.05, (32, 16, 3, 3)).astype(np.float32)
     conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])

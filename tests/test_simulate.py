@@ -7,12 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from onnxsnpe.encoding import asymmetric_encoding, fake_quantize
-from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.metrics import OutputComparison
-from onnxsnpe.runtime import make_session
-from onnxsnpe.simulate import build_simulation_model, fake_quant_nodes
-from onnxsnpe.targets import find_targets
+from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize
+from onnxsnpe.graph.deploy import prepare_deploy_model
+from onnxsnpe.graph.load import load_model
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.report.metrics import OutputComparison
+from onnxsnpe.simulate.fake_quant import build_simulation_model, fake_quant_nodes
 
 
 def _fq_session(enc):

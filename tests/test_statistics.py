@@ -12,15 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from onnxsnpe.encode.ranges import activation_encodings
 from onnxsnpe.errors import OnnxSnpeError
-from onnxsnpe.folding import OutputFold
-from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.histogram import Histogram, fitting_exponent
-from onnxsnpe.kernels import key_range, key_values, value_range
-from onnxsnpe.ranges import activation_encodings
-from onnxsnpe.runtime import make_session
-from onnxsnpe.statistics import TensorStats, batch_dynamic_copy, collect_statistics
-from onnxsnpe.targets import find_targets
+from onnxsnpe.graph.deploy import prepare_deploy_model
+from onnxsnpe.graph.load import load_model
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.stats.collect import batch_dynamic_copy, collect_statistics
+from onnxsnpe.stats.folding import OutputFold
+from onnxsnpe.stats.histogram import Histogram, fitting_exponent
+from onnxsnpe.stats.kernels import key_range, key_values, value_range
+from onnxsnpe.stats.tensor_stats import TensorStats
 
 from .conftest import conv_model
 from .test_exposure import two_conv_model

@@ -12,8 +12,9 @@ import math
 import numpy as np
 import pytest
 
-from onnxsnpe.encoding import asymmetric_encoding
-from onnxsnpe.tf_enhanced import TfEnhancedObserver
+from onnxsnpe.encode.encoding import asymmetric_encoding
+from onnxsnpe.encode.tf_enhanced import tf_enhanced_range
+from onnxsnpe.stats.pdf import TfEnhancedObserver
 
 F = np.float32
 PDF_SIZE = 512
@@ -154,7 +155,7 @@ def test_matches_transcription_of_aimet(kind: str, bitwidth: int) -> None:
     assert ours.x_left is not None
     np.testing.assert_array_equal(ours.x_left, ref.x_left)
     np.testing.assert_allclose(ours.pdf(), ref.pdf, rtol=1e-12, atol=1e-15)
-    low, high = ours.chosen_range(bitwidth)
+    low, high = tf_enhanced_range(ours, bitwidth)
     ref_low, ref_high = reference_encoding(ref, bitwidth)
     assert (low, high) == (ref_low, ref_high)
     # the SNPE encoding of AIMET's choice keeps AIMET's offset
@@ -170,7 +171,7 @@ def test_batches_are_fed_sample_by_sample() -> None:
     batched.update(np.stack(samples[:3]))
     batched.update(np.stack(samples[3:]))
     np.testing.assert_array_equal(one.counts, batched.counts)
-    assert one.chosen_range(8) == batched.chosen_range(8)
+    assert tf_enhanced_range(one, 8) == tf_enhanced_range(batched, 8)
 
 
 def test_first_sample_fixes_the_grid() -> None:
@@ -181,14 +182,14 @@ def test_first_sample_fixes_the_grid() -> None:
         forward.update_sample(sample)
     for sample in (big, small):
         backward.update_sample(sample)
-    assert forward.chosen_range(8)[1] < 5 < backward.chosen_range(8)[1]
+    assert tf_enhanced_range(forward, 8)[1] < 5 < tf_enhanced_range(backward, 8)[1]
 
 
 def test_only_zeros_gives_aimets_default_range() -> None:
     observer = TfEnhancedObserver()
     observer.update_sample(np.zeros(10, np.float32))
-    assert observer.chosen_range(8) == (-1.0, 1.0)
-    assert TfEnhancedObserver().chosen_range(8) is None
+    assert tf_enhanced_range(observer, 8) == (-1.0, 1.0)
+    assert tf_enhanced_range(TfEnhancedObserver(), 8) is None
 
 
 def test_merge_needs_the_same_grid() -> None:
@@ -199,7 +200,7 @@ def test_merge_needs_the_same_grid() -> None:
         a.merge(b)
     empty.merge(a)
     np.testing.assert_array_equal(empty.counts, a.counts)
-    assert empty.chosen_range(8) == a.chosen_range(8)
+    assert tf_enhanced_range(empty, 8) == tf_enhanced_range(a, 8)
 
 
 def test_samples_report_their_exact_range_dropped_values_included() -> None:

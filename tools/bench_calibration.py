@@ -36,12 +36,15 @@ import onnx
 import onnxruntime as ort
 from PIL import Image
 
-from onnxsnpe.exposure import ExposedSession
-from onnxsnpe.folding import OutputFold
-from onnxsnpe.graph import load_model, prepare_deploy_model
-from onnxsnpe.ranges import ACTIVATION_METHODS, activation_encodings
-from onnxsnpe.statistics import DEFAULT_BATCH_SIZE, TensorStats, available_cores, batch_dynamic_copy, collect_statistics
-from onnxsnpe.targets import find_targets
+from onnxsnpe.encode.methods import ACTIVATION_METHODS
+from onnxsnpe.encode.ranges import activation_encodings
+from onnxsnpe.graph.deploy import prepare_deploy_model
+from onnxsnpe.graph.load import load_model
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.stats.collect import DEFAULT_BATCH_SIZE, available_cores, batch_dynamic_copy, collect_statistics
+from onnxsnpe.stats.exposure import ExposedSession
+from onnxsnpe.stats.folding import OutputFold
+from onnxsnpe.stats.tensor_stats import TensorStats
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"

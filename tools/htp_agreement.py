@@ -39,23 +39,25 @@ import numpy as np
 import onnx
 from PIL import Image
 
-from onnxsnpe.calibration import ImageOptions, open_dataset
-from onnxsnpe.encoding import Encoding, symmetric_encoding
-from onnxsnpe.graph import load_model, model_inputs, prepare_deploy_model
-from onnxsnpe.htp import HtpSession, cpu_runner, measure_agreement, qnn_unavailable_reason, simulation_runner
-from onnxsnpe.htp_model import htp_simulation_model
-from onnxsnpe.qdq import build_qdq_model, constant_encodings
-from onnxsnpe.ranges import (
+from onnxsnpe.data.datasets import ImageOptions, open_dataset
+from onnxsnpe.encode.constants import constant_encodings
+from onnxsnpe.encode.encoding import Encoding, symmetric_encoding
+from onnxsnpe.encode.ranges import (
     activation_encodings,
     bias_encodings,
     fixed_range_tensors,
-    initializer_values,
     weight_encodings,
 )
-from onnxsnpe.runtime import make_session
-from onnxsnpe.simulate import SUFFIX, build_simulation_model
-from onnxsnpe.statistics import collect_statistics
-from onnxsnpe.targets import QuantTargets, find_targets
+from onnxsnpe.graph.deploy import prepare_deploy_model
+from onnxsnpe.graph.load import initializer_values, load_model, model_inputs
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.graph.targets import QuantTargets, find_targets
+from onnxsnpe.report.agreement import measure_agreement
+from onnxsnpe.simulate.emulator import HtpSession, cpu_runner, qnn_unavailable_reason, simulation_runner
+from onnxsnpe.simulate.fake_quant import SUFFIX, build_simulation_model
+from onnxsnpe.simulate.htp.model import htp_simulation_model
+from onnxsnpe.simulate.qdq import build_qdq_model
+from onnxsnpe.stats.collect import collect_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

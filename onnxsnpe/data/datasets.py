@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OnnxSnpeError
-from .graph import InputSpec
+from ..errors import OnnxSnpeError
+from ..graph.load import InputSpec
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 Sample = dict[str, np.ndarray]

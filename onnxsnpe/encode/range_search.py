@@ -9,8 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..stats.histogram import Histogram
 from .encoding import MIN_RANGE, asymmetric_encoding
-from .histogram import Histogram
 
 MSE_GRID = 512
 """Candidate clipping points per end of the range for the MSE search."""

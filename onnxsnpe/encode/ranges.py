@@ -14,28 +14,19 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from ..errors import OnnxSnpeError
+from ..graph.load import initializer_values
+from ..graph.targets import QuantTargets
+from ..stats.tensor_stats import TensorStats
 from .encoding import Encoding, asymmetric_encoding, bias_encoding
-from .errors import OnnxSnpeError
+from .methods import DEFAULT_PERCENTILE, check_method
 from .range_search import mse_range, percentile_range
-from .statistics import TensorStats
-from .targets import QuantTargets
+from .tf_enhanced import tf_enhanced_range
 
-ACTIVATION_METHODS = ("minmax", "percentile", "mse", "tf_enhanced")
-WEIGHT_METHODS = ACTIVATION_METHODS
-DEFAULT_PERCENTILE = 99.99
 FIXED_RANGES = {"Sigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
 """Output ranges fixed by the function itself."""
 INT32_MAX = 2**31 - 1
-
-
-def check_method(method: str, percentile: float = DEFAULT_PERCENTILE, flag: str = "--method") -> None:
-    """Raise OnnxSnpeError for an unknown method or a percentile outside [50, 100]."""
-    if method not in ACTIVATION_METHODS:
-        raise OnnxSnpeError(f"unknown {flag} '{method}'; choose from {', '.join(ACTIVATION_METHODS)}")
-    if method == "percentile" and not 50.0 <= percentile <= 100.0:
-        raise OnnxSnpeError(f"--percentile must be between 50 and 100, got {percentile}")
 
 
 def chosen_range(
@@ -48,7 +39,7 @@ def chosen_range(
     if method == "tf_enhanced":
         if stats.tf_enhanced is None:
             raise OnnxSnpeError("tf_enhanced needs statistics collected for it")
-        return stats.tf_enhanced.chosen_range(bitwidth)
+        return tf_enhanced_range(stats.tf_enhanced, bitwidth)
     if stats.histogram is None:
         raise OnnxSnpeError(f"{method} needs statistics collected with a histogram")
     if method == "percentile":
@@ -133,13 +124,3 @@ def bias_encodings(
             scale = max(scale, float(np.abs(array).max(initial=0.0)) / INT32_MAX)
             encodings[ref.bias] = bias_encoding(scale, 32)
     return encodings
-
-
-def initializer_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
-    """The float arrays of the named initializers."""
-    wanted = set(names)
-    return {
-        init.name: numpy_helper.to_array(init).astype(np.float32)
-        for init in model.graph.initializer
-        if init.name in wanted
-    }

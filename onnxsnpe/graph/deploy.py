@@ -9,77 +9,16 @@ BatchNormalization into a preceding Conv, ConvTranspose or Gemm, as the converte
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from onnx import helper
-
-from .errors import OnnxSnpeError
 
 log = logging.getLogger(__name__)
+
+
 ort.set_default_logger_severity(3)  # constant folding runs onnxruntime; keep its warnings quiet
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input: its name, declared dimensions (int, or None where dynamic) and numpy dtype."""
-
-    name: str
-    dims: tuple[int | None, ...]
-    dtype: np.dtype
-
-    @property
-    def is_static(self) -> bool:
-        return all(d is not None for d in self.dims)
-
-
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read and check an ONNX model, turning every failure into a one-line OnnxSnpeError."""
-    path = Path(path)
-    if not path.exists():
-        raise OnnxSnpeError(f"model not found: {path}")
-    if not path.is_file():
-        raise OnnxSnpeError(f"model is not a file: {path}")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf raises several types for a corrupt file
-        raise OnnxSnpeError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
-    if not model.graph.node:
-        raise OnnxSnpeError(f"not an ONNX model, or a model with no nodes: {path}")
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise OnnxSnpeError(f"invalid ONNX model {path}: {_first_line(exc)}") from exc
-    return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The graph inputs that are fed at run time (initializers excluded)."""
-    constants = {init.name for init in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in constants:
-            continue
-        tensor_type = value.type.tensor_type
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in tensor_type.shape.dim
-        )
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        specs.append(InputSpec(value.name, dims, dtype))
-    return specs
 
 
 def prepare_deploy_model(

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import OnnxSnpeError
+from ..errors import OnnxSnpeError
 
 
 def make_session(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .graph import FLOAT_TYPES
+from .load import FLOAT_TYPES
 
 SQUASHING_PRODUCERS = frozenset(
     {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 from .evaluation import Evaluation, worst_isolated
 from .weight_analysis import WeightFigures
 

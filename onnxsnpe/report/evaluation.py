@@ -9,8 +9,8 @@ class agreement, and for each activation with its own encoding, measured on eval
 - a histogram of the FP32 values over the calibration-observed range, to draw the chosen range on.
 
 The simulated model computes with the chosen arithmetic (``ARITHMETICS``): ``htp``, the integer
-arithmetic measured on Qualcomm's HTP (htp_model.py), or ``exact``, float ops with exactly rounded
-fake quantization (simulate.py). The isolated errors always use the exact arithmetic: they rank
+arithmetic measured on Qualcomm's HTP (simulate/htp/), or ``exact``, float ops with exactly rounded
+fake quantization (simulate/fake_quant.py). The isolated errors always use the exact arithmetic: they rank
 tensors by the cost of their encoding, which does not depend on how the ops round.
 """
 
@@ -22,30 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .encoding import Encoding
-from .htp_model import htp_simulation_model
+from ..encode.encoding import Encoding
+from ..graph.runtime import make_session
+from ..graph.targets import QuantTargets
+from ..simulate.arithmetic import simulation_model
+from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
 from .metrics import OutputComparison, TensorComparison, inner, json_db, sqnr_db
-from .runtime import make_session
-from .simulate import SWITCH_INPUT, build_simulation_model
-from .targets import QuantTargets
 
 HISTOGRAM_BINS = 64
-ARITHMETICS = ("htp", "exact")
-"""How the simulation computes: like Qualcomm's HTP (default), or exact float with exact rounding."""
-
-
-def simulation_model(
-    deploy: onnx.ModelProto,
-    targets: QuantTargets,
-    activations: dict[str, Encoding],
-    params: dict[str, Encoding],
-    arithmetic: str = "htp",
-) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The simulated quantized model in the given arithmetic, and the map to its tensors' names."""
-    if arithmetic not in ARITHMETICS:
-        raise ValueError(f"unknown arithmetic {arithmetic!r}")
-    build = htp_simulation_model if arithmetic == "htp" else build_simulation_model
-    return build(deploy, targets, activations, params)
 
 
 @dataclass

@@ -6,9 +6,10 @@ import html
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HISTOGRAMS_SHOWN = 6
 STYLE = """
@@ -172,8 +173,17 @@ def _weights_section(weights: dict) -> str:
     )
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib figure; matplotlib loads on the first chart, not with the package."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _svg(figure: Figure) -> str:
     buffer = io.StringIO()
+    import matplotlib
+
     with matplotlib.rc_context({"svg.hashsalt": "onnxsnpe", "svg.fonttype": "none"}):
         figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     text = buffer.getvalue()
@@ -186,7 +196,7 @@ def _finite(values: list[float | None], cap: float) -> list[float]:
 
 
 def _error_along_graph(tensors: list[dict], worst: set[str]) -> str:
-    figure = Figure(figsize=(11, 3.6))
+    figure = _figure(figsize=(11, 3.6))
     ax = figure.add_subplot()
     index = list(range(len(tensors)))
     cap = 100.0
@@ -206,7 +216,7 @@ def _error_along_graph(tensors: list[dict], worst: set[str]) -> str:
 
 
 def _worst_bars(worst: list[dict]) -> str:
-    figure = Figure(figsize=(11, 0.4 * max(len(worst), 1) + 1.2))
+    figure = _figure(figsize=(11, 0.4 * max(len(worst), 1) + 1.2))
     ax = figure.add_subplot()
     labels = [_shorten(t["name"]) for t in worst][::-1]
     ax.barh(labels, _finite([t["isolated_output_sqnr_db"] for t in worst], 100.0)[::-1], color="crimson")
@@ -222,7 +232,7 @@ def _histogram(tensor: dict) -> str:
     counts = hist["counts"]
     width = (hist["max"] - hist["min"]) / len(counts)
     edges = [hist["min"] + i * width for i in range(len(counts))]
-    figure = Figure(figsize=(4.6, 2.8))
+    figure = _figure(figsize=(4.6, 2.8))
     ax = figure.add_subplot()
     ax.bar(edges, [max(c, 0.8) for c in counts], width=width, align="edge", color="steelblue", log=True)
     enc = tensor["encoding"]
@@ -286,7 +296,7 @@ def render_comparison(comparison: dict) -> str:
 
 def _comparison_bars(configs: list[dict]) -> str:
     outputs = [o["name"] for o in configs[0]["outputs"]]
-    figure = Figure(figsize=(11, 0.45 * len(configs) * len(outputs) + 1.4))
+    figure = _figure(figsize=(11, 0.45 * len(configs) * len(outputs) + 1.4))
     ax = figure.add_subplot()
     height = 0.8 / len(outputs)
     for k, name in enumerate(outputs):

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .encoding import Encoding, asymmetric_encoding, fake_quantize, symmetric_encoding
+from ..encode.encoding import Encoding, asymmetric_encoding, fake_quantize, symmetric_encoding
+from ..graph.load import initializer_values
 from .metrics import inner, json_db, sqnr_db
-from .ranges import initializer_values
 
 
 @dataclass

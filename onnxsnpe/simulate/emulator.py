@@ -14,23 +14,29 @@ ties (``pixel / 127.5 - 1`` lands on one at every odd pixel value with the usual
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .encoding import Encoding, fake_quantize
-from .errors import OnnxSnpeError
-from .metrics import OutputComparison, json_db
-from .runtime import make_session
+from ..encode.encoding import Encoding, fake_quantize
+from ..errors import OnnxSnpeError
+from ..graph.runtime import make_session
 
 QNN_EP = "QNNExecutionProvider"
+
+
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
 INSTALL_HINT = "pip install 'onnxsnpe[qnn]' (onnxruntime-qnn 2.x)"
 
+
 Sample = dict[str, np.ndarray]
+
+
 Runner = Callable[[Sample], list[np.ndarray]]
 
 
@@ -129,61 +135,8 @@ def cpu_runner(model: onnx.ModelProto, input_encodings: dict[str, Encoding], nam
     return lambda sample: session.run(names, quantize_inputs(sample, input_encodings))
 
 
-@dataclass
-class Agreement:
-    """How closely one execution of a quantized model follows another on one output."""
-
-    name: str
-    comparison: OutputComparison
-    scale: float
-
-    @property
-    def sqnr_db(self) -> float:
-        return self.comparison.sqnr_db
-
-    @property
-    def max_error_lsb(self) -> float:
-        """The largest difference in steps of the output's encoding."""
-        return self.comparison.max_abs_error / self.scale
-
-    @property
-    def top1(self) -> float | None:
-        """Share of rows (samples or time steps) whose best class agrees; None if not class scores."""
-        rows = self.comparison.rows
-        return self.comparison.top1 / rows if rows else None
-
-    def to_dict(self) -> dict:
-        """Figures for report.json."""
-        return {
-            "name": self.name,
-            "sqnr_db": json_db(self.sqnr_db),
-            "max_error_lsb": round(self.max_error_lsb, 3),
-            "top1_agreement": self.top1,
-            "values_compared": self.comparison.count,
-        }
-
-
-def measure_agreement(
-    reference: Runner,
-    candidate: Runner,
-    names: list[str],
-    output_encodings: dict[str, Encoding],
-    samples: Iterable[Sample],
-) -> list[Agreement]:
-    """Per output, the error of ``candidate`` against ``reference`` over ``samples``, streaming.
-
-    Both runners return the outputs ``names`` in that order. Typically the reference is an
-    HtpSession's ``run`` and the candidate the simulation or onnxruntime's CPU execution.
-    """
-    results = [Agreement(name, OutputComparison(name), output_encodings[name].scale) for name in names]
-    for sample in samples:
-        for result, ref, got in zip(results, reference(sample), candidate(sample), strict=True):
-            result.comparison.update(ref, got)
-    return results
-
-
 def simulation_runner(model: onnx.ModelProto, output_map: dict[str, str], names: list[str]) -> Runner:
-    """A runner over a simulation model (simulate.build_simulation_model or htp_model's)."""
+    """A runner over a simulation model (fake_quant.build_simulation_model or htp.model.htp_simulation_model)."""
     session = make_session(model)
     mapped = [output_map[name] for name in names]
     return lambda sample: session.run(mapped, sample)

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .encoding import Encoding, fake_quantize
-from .targets import QuantTargets
+from ..encode.encoding import Encoding, fake_quantize
+from ..graph.targets import QuantTargets
 
 SUFFIX = "__onnxsnpe_fq"
 

@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from .errors import OnnxSnpeError
+from ..errors import OnnxSnpeError
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numba.typed import List
 
-from .errors import bad_values
+from ..errors import bad_values
 from .histogram import FLUSH, count_pieces
 from .kernels import value_ranges
-from .tf_enhanced import bucket_counts_pieces
+from .pdf import bucket_counts_pieces
 
 if TYPE_CHECKING:
-    from .statistics import TensorStats
+    from .tensor_stats import TensorStats
 
 
 class OutputFold:

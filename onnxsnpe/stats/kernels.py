@@ -1,4 +1,4 @@
-"""Compiled loops the statistics share (histogram.py, tf_enhanced.py): a one-pass min and max over
+"""Compiled loops the statistics share (histogram.py, pdf.py): a one-pass min and max over
 order keys of the float bits, and the counting of precomputed slots into sub-histograms while the
 next chunk of values is prefetched.
 

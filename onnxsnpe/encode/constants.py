@@ -1,0 +1,49 @@
+"""Encodings of the float constants SNPE quantizes beyond weights and biases (SNPE.md section 4)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+from ..graph.load import FLOAT_TYPES
+from ..graph.targets import QuantTargets
+from .encoding import Encoding, asymmetric_encoding
+
+STRUCTURAL_INPUTS = {
+    "Clip": {1, 2},
+    "Pad": {1, 2, 3},
+    "Resize": {1, 2, 3},
+    "Upsample": {1},
+    "Reshape": {1},
+    "Expand": {1},
+    "Tile": {1},
+    "Slice": {1, 2, 3, 4},
+    "ConstantOfShape": {0},
+}
+"""Float constant inputs that are settings rather than data (never quantized on the device)."""
+
+
+def constant_encodings(
+    model: onnx.ModelProto, targets: QuantTargets, params: dict[str, Encoding], bitwidth: int = 8
+) -> dict[str, Encoding]:
+    """Min-max encodings of the float constants that feed quantized ops but have no param encoding.
+
+    SNPE's quantizer gives every static input of a quantized op (the constant operand of an Add or
+    Mul, a LayerNorm gamma, a Pow exponent) an encoding from its own min and max; a QNN graph has
+    to carry them quantized too, or the op would run in float. Biases covered by ``targets`` are
+    skipped even when ``params`` lacks them (e.g. float biases). *Inferred* for SNPE: this is what
+    its converter does with static tensors, not confirmed by a source.
+    """
+    bias_names = {ref.bias for ref in targets.biases}
+    values = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
+    found: dict[str, Encoding] = {}
+    for node in model.graph.node:
+        structural = STRUCTURAL_INPUTS.get(node.op_type, set())
+        for index, name in enumerate(node.input):
+            if name not in values or name in params or name in bias_names or name in found:
+                continue
+            if index in structural:
+                continue
+            array = numpy_helper.to_array(values[name])
+            found[name] = asymmetric_encoding(float(array.min()), float(array.max()), bitwidth)
+    return found

@@ -1,0 +1,80 @@
+"""Read an FP32 ONNX model and describe its run-time inputs (names, dimensions, dtypes)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import OnnxSnpeError
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: its name, declared dimensions (int, or None where dynamic) and numpy dtype."""
+
+    name: str
+    dims: tuple[int | None, ...]
+    dtype: np.dtype
+
+    @property
+    def is_static(self) -> bool:
+        return all(d is not None for d in self.dims)
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX model, turning every failure into a one-line OnnxSnpeError."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxSnpeError(f"model not found: {path}")
+    if not path.is_file():
+        raise OnnxSnpeError(f"model is not a file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several types for a corrupt file
+        raise OnnxSnpeError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
+    if not model.graph.node:
+        raise OnnxSnpeError(f"not an ONNX model, or a model with no nodes: {path}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise OnnxSnpeError(f"invalid ONNX model {path}: {_first_line(exc)}") from exc
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that are fed at run time (initializers excluded)."""
+    constants = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tensor_type.shape.dim
+        )
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dims, dtype))
+    return specs
+
+
+def initializer_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """The float arrays of the named initializers."""
+    wanted = set(names)
+    return {
+        init.name: numpy_helper.to_array(init).astype(np.float32)
+        for init in model.graph.initializer
+        if init.name in wanted
+    }

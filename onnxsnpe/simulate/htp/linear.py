@@ -1,0 +1,170 @@
+"""Conv, ConvTranspose, Gemm and MatMul in the HTP's integer arithmetic (int8 weights, truncating requantization)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...encode.encoding import Encoding, fake_quantize, quantize, round_half_away
+from ...graph.targets import QuantTargets
+from .codes import (
+    INT8_HIGH,
+    INT8_LOW,
+    SUFFIX,
+    int8,
+    integer_op,
+    node_attrs,
+    output_encoding,
+    requant_constants,
+    requant_offset,
+)
+
+STEP_RESOLUTION = 2048
+"""HTP rounds the per-channel step of a re-expressed weight channel to this many parts of one."""
+
+
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def int8_weights(codes: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """HTP's int8 weights for integer weight codes ``q + offset``: the int8 values and per-channel steps.
+
+    ``axis`` is the output-channel axis. A channel whose codes fit int8 keeps them with step 1.
+    """
+    moved = np.moveaxis(np.asarray(codes, dtype=np.float64), axis, 0)
+    values = moved.copy()
+    steps = np.ones(moved.shape[0])
+    for channel, row in enumerate(moved):
+        low, high = float(row.min()), float(row.max())
+        if low >= INT8_LOW and high <= INT8_HIGH:
+            continue
+        steps[channel] = np.round(STEP_RESOLUTION * max(low / INT8_LOW, high / INT8_HIGH)) / STEP_RESOLUTION
+        values[channel] = round_half_away(row / steps[channel])
+    return np.moveaxis(values, 0, axis), steps
+
+
+def _weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
+    """The output-channel axis of a linear op's constant weight."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node_attrs(node).get("transB", 0) else 1
+    return len(weight.dims) - 1
+
+
+def lower_linear(
+    node: onnx.NodeProto,
+    targets: QuantTargets,
+    activations: dict[str, Encoding],
+    params: dict[str, Encoding],
+    constants: dict[str, onnx.TensorProto],
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+    """The integer-code version of a Conv/Gemm/MatMul node, or None when it stays as it is."""
+    if node.op_type not in LINEAR_OPS or len(node.input) < 2:
+        return None
+    attrs = node_attrs(node)
+    if node.op_type == "ConvTranspose" and attrs.get("group", 1) != 1:
+        return None
+    if node.op_type == "Gemm" and (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0)) != (
+        1.0, 1.0, 0
+    ):
+        return None
+    x, w = node.input[0], node.input[1]
+    x_enc = activations.get(x)
+    y_enc = output_encoding(node, targets, activations)
+    if node.op_type == "MatMul" and w not in constants and int8(y_enc):
+        return _lower_dynamic_matmul(node, activations, y_enc)
+    w_enc = params.get(w)
+    if w not in constants or not int8(x_enc, y_enc, w_enc):
+        return None
+
+    weight = numpy_helper.to_array(constants[w])
+    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_enc.scale)
+    axis = _weight_axis(node, constants[w])
+    depthwise = node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.shape[1] == 1
+    strided_depthwise = depthwise and all(s > 1 for s in attrs.get("strides", [1]))
+    blocks = _transpose_blocks(node, weight.shape)
+    if blocks:  # [C_in, C_out, k, k] -> a 1x1 Conv with C_out * k * k output channels
+        codes = codes.reshape(weight.shape[0], -1).T.reshape(-1, weight.shape[0], 1, 1)
+        axis = 0
+    if strided_depthwise or (node.op_type == "ConvTranspose" and not blocks):
+        w_int, steps = codes, np.ones(codes.shape[axis])
+    else:
+        w_int, steps = int8_weights(codes, axis)
+    base = float(np.float32(x_enc.scale)) * float(np.float32(w_enc.scale))
+    consumed = {w}
+    bias_codes, bias_scale = None, 1.0
+    has_bias = len(node.input) > 2 and node.input[2] in constants
+    if has_bias:
+        bias_codes = numpy_helper.to_array(constants[node.input[2]]).reshape(-1)
+        b_enc = params.get(node.input[2])
+        if b_enc is not None:  # the int32 codes
+            consumed.add(node.input[2])
+            bias_codes, bias_scale = quantize(bias_codes, b_enc) + b_enc.offset, b_enc.scale
+        bias_codes = np.repeat(bias_codes, max(blocks, 1) ** 2)
+    factor, mantissa, _ = requant_constants(
+        base * steps / float(np.float32(y_enc.scale)), -y_enc.offset, precise=strided_depthwise
+    )
+    offset = requant_offset(x_enc.scale, w_enc.scale, y_enc.scale, -y_enc.offset, steps, bias_codes, bias_scale)
+    bias_int = np.zeros(steps.size)  # the bias is part of ``offset``
+
+    tail = (1,) * (weight.ndim - 2) if node.op_type.startswith("Conv") else ()  # channel constants broadcast over space
+    p = f"{node.output[0]}{SUFFIX}/"
+    inits = [numpy_helper.from_array(w_int.astype(np.float32), p + "w")]
+    linear = onnx.NodeProto()
+    linear.CopyFrom(node)
+    del linear.input[:], linear.output[:]
+    if blocks:
+        linear = helper.make_node("Conv", [], [], kernel_shape=[1, 1])
+    linear.input.extend([p + "x", p + "w"])
+    if has_bias or node.op_type == "Gemm":
+        inits.append(numpy_helper.from_array(bias_int.astype(np.float32), p + "b"))
+        linear.input.append(p + "b")
+    linear.output.append(p + "acc")
+    linear.name = p + node.op_type
+    output = p + "blocks" if blocks else node.output[0]
+    chain, more = integer_op(p, [(x, x_enc, p + "x")], linear, (factor, mantissa, offset), tail, y_enc, output)
+    if blocks:  # each block of k x k output pixels comes from one input pixel
+        chain.append(helper.make_node("DepthToSpace", [output], [node.output[0]], blocksize=blocks, mode="CRD"))
+    return chain, inits + more, consumed
+
+
+def _transpose_blocks(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
+    """The kernel size ``k`` of a 2-D ConvTranspose whose kernel equals its stride (no overlap, no padding), else 0.
+
+    The HTP runs it as a 1x1 convolution with ``C_out * k * k`` output channels followed by a
+    depth-to-space, and re-expresses the int8 weights per (output channel, kernel position).
+    """
+    attrs = node_attrs(node)
+    if node.op_type != "ConvTranspose" or len(shape) != 4 or shape[2] != shape[3] or attrs.get("group", 1) != 1:
+        return 0
+    k = shape[2]
+    plain = (
+        list(attrs.get("strides", [1, 1])) == [k, k]
+        and not any(attrs.get("pads", [0] * 4))
+        and all(d == 1 for d in attrs.get("dilations", [1, 1]))
+        and not any(attrs.get("output_padding", [0, 0]))
+        and "output_shape" not in attrs
+        and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+    )
+    return k if plain and k > 1 else 0
+
+
+def _lower_dynamic_matmul(
+    node: onnx.NodeProto, activations: dict[str, Encoding], y_enc: Encoding
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+    """MatMul of two 8-bit activations on integer codes, requantized per tensor."""
+    a_enc, b_enc = activations.get(node.input[0]), activations.get(node.input[1])
+    if not int8(a_enc, b_enc):
+        return None
+    p = f"{node.output[0]}{SUFFIX}/"
+    multiplier = float(np.float32(a_enc.scale)) * float(np.float32(b_enc.scale)) / float(np.float32(y_enc.scale))
+    factor, mantissa, _ = requant_constants(np.array([multiplier]), -y_enc.offset)
+    constants = (factor, mantissa, requant_offset(a_enc.scale, b_enc.scale, y_enc.scale, -y_enc.offset, np.ones(1)))
+    product = helper.make_node("MatMul", [p + "a", p + "b"], [p + "acc"], name=p + "MatMul")
+    inputs = [(node.input[0], a_enc, p + "a"), (node.input[1], b_enc, p + "b")]
+    chain, inits = integer_op(p, inputs, product, constants, (), y_enc, node.output[0])
+    return chain, inits, set()
