@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import export
 from .data.datasets import Dataset, ImageOptions, Sample, open_dataset
 from .encode.constants import constant_encodings
-from .encode.encoding import Encoding
+from .encode.encoding import Encoding, ParamEncoding
 from .encode.methods import DEFAULT_PERCENTILE, check_method
 from .encode.ranges import (
     activation_encodings,
@@ -53,6 +53,7 @@ class Settings:
     fixed_ranges: bool = True
     act_bitwidth: int = 8
     weight_bitwidth: int = 8
+    per_channel: bool = False
     bias_bitwidth: int = 32
     write_bias_encodings: bool = False
     arithmetic: str = "htp"
@@ -112,7 +113,7 @@ class Encodings:
     weights: dict[str, Encoding]
     biases: dict[str, Encoding]
     constants: dict[str, Encoding]  # static operands of elementwise ops, 8-bit min-max as SNPE quantizes them
-    written_params: dict[str, Encoding]
+    written_params: dict[str, ParamEncoding]
 
     @property
     def params(self) -> dict[str, Encoding]:
@@ -144,6 +145,7 @@ def quantize(
     fixed_ranges: bool = True,
     act_bitwidth: int = 8,
     weight_bitwidth: int = 8,
+    per_channel: bool = False,
     bias_bitwidth: int = 32,
     write_bias_encodings: bool = False,
     arithmetic: str = "htp",
@@ -163,8 +165,9 @@ def quantize(
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     start = time.perf_counter()
-    settings = Settings(method, percentile, weight_method, fixed_ranges, act_bitwidth, weight_bitwidth,
-                        bias_bitwidth, write_bias_encodings, arithmetic)
+    settings = Settings(method=method, percentile=percentile, weight_method=weight_method, fixed_ranges=fixed_ranges,
+                        act_bitwidth=act_bitwidth, weight_bitwidth=weight_bitwidth, per_channel=per_channel,
+                        bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings, arithmetic=arithmetic)
     settings.check()
     check_analysis_samples(analysis_samples)
     if htp_samples < 0:
@@ -177,7 +180,7 @@ def quantize(
         stats = calibrate(prepared, staged, [method], progress)
         encodings = encode(prepared, stats, settings)
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
-        weights = analyze_weights(prepared.deploy, encodings.weights)
+        weights = analyze_weights(prepared.deploy, encodings.weights, prepared.targets.weight_axes)
         qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
         htp = compare_with_htp(prepared, encodings, qdq, htp_samples) if htp_samples else None
         export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
@@ -300,7 +303,7 @@ def encode(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed)
     weights = weight_encodings(deploy, targets, settings.weight_bitwidth, settings.weight_method,
-                               settings.percentile)
+                               settings.percentile, per_channel=settings.per_channel)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
     constants = constant_encodings(deploy, targets, weights, 8)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}

@@ -109,6 +109,11 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weight-bitwidth", type=int, choices=(8, 16), default=8, help="weight bits (default 8)")
     parser.add_argument(
+        "--per-channel", action="store_true",
+        help="symmetric weight encodings per output channel (Conv, ConvTranspose, Gemm, constant MatMul operands), "
+        "as QAIRT's --use_per_channel_quantization (default: per tensor, asymmetric)",
+    )
+    parser.add_argument(
         "--bias-bitwidth", type=int, choices=(8, 32), default=32,
         help="bias bits, as snpe-dlc-quantize --bias_bitwidth (default 32)",
     )
@@ -247,6 +252,7 @@ def _run(args: argparse.Namespace) -> int:
             fixed_ranges=args.fixed_ranges,
             act_bitwidth=args.act_bitwidth,
             weight_bitwidth=args.weight_bitwidth,
+            per_channel=args.per_channel,
             bias_bitwidth=args.bias_bitwidth,
             write_bias_encodings=args.write_bias_encodings,
             arithmetic=args.arithmetic,
@@ -271,7 +277,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .compare import compare, comparison_summary
 
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
-                    weight_bitwidth=args.weight_bitwidth, bias_bitwidth=args.bias_bitwidth,
+                    weight_bitwidth=args.weight_bitwidth, per_channel=args.per_channel,
+                    bias_bitwidth=args.bias_bitwidth,
                     write_bias_encodings=args.write_bias_encodings, arithmetic=args.arithmetic)
     result = compare(
         args.model, args.calib, args.out, methods=args.methods, act_bitwidths=args.act_bitwidth, base=base,

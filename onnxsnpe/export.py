@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .data.datasets import to_snpe_layout
-from .encode.encoding import Encoding
+from .encode.encoding import Encoding, ParamEncoding
 from .errors import OnnxSnpeError
 
 OVERRIDES_FILE = "snpe_clip_ranges.json"
@@ -112,16 +112,17 @@ class InputListWriter:
 
 
 def overrides_json(
-    model: onnx.ModelProto, activations: dict[str, Encoding], params: dict[str, Encoding]
+    model: onnx.ModelProto, activations: dict[str, Encoding], params: dict[str, ParamEncoding]
 ) -> dict:
-    """The legacy ``--quantization_overrides`` document, entries in graph order."""
+    """The legacy ``--quantization_overrides`` document, entries in graph order; a per-channel param
+    has one entry per output channel, in channel order."""
     order = [v.name for v in model.graph.input] + [o for n in model.graph.node for o in n.output]
     return {
         "activation_encodings": {
-            name: [activations[name].to_snpe()] for name in dict.fromkeys(order) if name in activations
+            name: activations[name].entries() for name in dict.fromkeys(order) if name in activations
         },
         "param_encodings": {
-            init.name: [params[init.name].to_snpe()]
+            init.name: params[init.name].entries()
             for init in model.graph.initializer
             if init.name in params
         },

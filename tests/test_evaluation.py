@@ -76,7 +76,7 @@ def test_badly_ranged_tensor_ranks_first(tiny_model):
 def test_weight_figures():
     model = load_model_from_weights(np.array([[[[1.0]]], [[[100.0]]]], np.float32))
     enc = asymmetric_encoding(1.0, 100.0, 8)
-    (fig,) = analyze_weights(model, {"w": enc})
+    (fig,) = analyze_weights(model, {"w": enc}, {"w": 0})
     assert fig.op == "Conv" and fig.shape == (2, 1, 1, 1)
     assert fig.per_channel_sqnr_db is not None and fig.per_channel_gain_db > 0
     assert fig.sixteen_bit_gain_db > 40

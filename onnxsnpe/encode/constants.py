@@ -7,7 +7,7 @@ from onnx import numpy_helper
 
 from ..graph.load import FLOAT_TYPES
 from ..graph.targets import QuantTargets
-from .encoding import Encoding, asymmetric_encoding
+from .encoding import Encoding, ParamEncoding, asymmetric_encoding
 
 STRUCTURAL_INPUTS = {
     "Clip": {1, 2},
@@ -24,7 +24,7 @@ STRUCTURAL_INPUTS = {
 
 
 def constant_encodings(
-    model: onnx.ModelProto, targets: QuantTargets, params: dict[str, Encoding], bitwidth: int = 8
+    model: onnx.ModelProto, targets: QuantTargets, params: dict[str, ParamEncoding], bitwidth: int = 8
 ) -> dict[str, Encoding]:
     """Min-max encodings of the float constants that feed quantized ops but have no param encoding.
 

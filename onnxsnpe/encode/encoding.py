@@ -53,6 +53,56 @@ class Encoding:
             "offset": self.offset,
         }
 
+    def entries(self) -> list[dict]:
+        """The overrides file's list for this tensor: one entry (per tensor)."""
+        return [self.to_snpe()]
+
+
+@dataclass(frozen=True)
+class ChannelEncodings:
+    """Per-channel encodings of a constant: one Encoding for each index along ``axis``.
+
+    SNPE's per-channel mode (``--use_per_channel_quantization``): the overrides file lists one entry
+    per output channel, in channel order; per-channel encodings must be symmetric (SNPE.md section 2).
+    """
+
+    axis: int
+    channels: tuple[Encoding, ...]
+
+    @property
+    def bitwidth(self) -> int:
+        return self.channels[0].bitwidth
+
+    @property
+    def is_symmetric(self) -> bool:
+        return all(enc.is_symmetric for enc in self.channels)
+
+    @property
+    def levels(self) -> int:
+        return self.channels[0].levels
+
+    def scales(self) -> np.ndarray:
+        """The channels' scales, float64."""
+        return np.array([enc.scale for enc in self.channels])
+
+    def offsets(self) -> np.ndarray:
+        """The channels' offsets, int64."""
+        return np.array([enc.offset for enc in self.channels], dtype=np.int64)
+
+    def along(self, values: np.ndarray, ndim: int) -> np.ndarray:
+        """``values`` (one per channel) shaped to broadcast over an array of rank ``ndim`` along ``axis``."""
+        shape = [1] * ndim
+        shape[self.axis] = len(self.channels)
+        return np.asarray(values).reshape(shape)
+
+    def entries(self) -> list[dict]:
+        """The overrides file's list for this tensor: one entry per channel, in channel order."""
+        return [enc.to_snpe() for enc in self.channels]
+
+
+ParamEncoding = Encoding | ChannelEncodings
+"""How a constant (weight, bias) is quantized: per tensor, or per channel."""
+
 
 def _check_bitwidth(bitwidth: int) -> None:
     if bitwidth not in (4, 8, 16, 32):
@@ -81,6 +131,11 @@ def symmetric_encoding(absmax: float, bitwidth: int) -> Encoding:
     absmax = max(abs(float(absmax)), MIN_RANGE / 2)
     half = 1 << (bitwidth - 1)
     return Encoding(bitwidth=bitwidth, scale=absmax / (half - 1), offset=-half, is_symmetric=True)
+
+
+def per_channel_symmetric(absmax: np.ndarray, axis: int, bitwidth: int) -> ChannelEncodings:
+    """Symmetric per-channel encodings from each channel's largest magnitude (symmetric_encoding each)."""
+    return ChannelEncodings(axis, tuple(symmetric_encoding(float(a), bitwidth) for a in np.asarray(absmax).reshape(-1)))
 
 
 def bias_encoding(scale: float, bitwidth: int = 32) -> Encoding:
@@ -113,28 +168,43 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.copysign(rounded, x)
 
 
-def quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
-    """Integer codes ``clamp(round(x / scale) - offset, 0, 2^bw - 1)``, as int64."""
-    dtype = np.float32 if enc.bitwidth <= 16 else np.float64
+def _grid(enc: ParamEncoding, ndim: int, dtype: type) -> tuple:
+    """``enc``'s scale, offset and largest code in ``dtype``: scalars per tensor, arrays along the axis per channel."""
+    if isinstance(enc, Encoding):
+        return dtype(enc.scale), dtype(enc.offset), dtype(enc.levels)
+    return (enc.along(enc.scales().astype(dtype), ndim), enc.along(enc.offsets().astype(dtype), ndim),
+            dtype(enc.levels))
+
+
+def _dtype(enc: ParamEncoding) -> type:
+    return np.float32 if enc.bitwidth <= 16 else np.float64  # 32-bit codes need float64
+
+
+def quantize(x: np.ndarray, enc: ParamEncoding) -> np.ndarray:
+    """Integer codes ``clamp(round(x / scale) - offset, 0, 2^bw - 1)``, as int64 (per channel along its axis)."""
+    dtype = _dtype(enc)
     x = np.asarray(x, dtype=dtype)
-    q = round_half_away(x / dtype(enc.scale)) - dtype(enc.offset)
-    return np.clip(q, 0, enc.levels).astype(np.int64)
+    scale, offset, levels = _grid(enc, x.ndim, dtype)
+    q = round_half_away(x / scale) - offset
+    return np.clip(q, 0, levels).astype(np.int64)
 
 
-def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
+def dequantize(q: np.ndarray, enc: ParamEncoding) -> np.ndarray:
     """Floats ``(q + offset) * scale`` in float32."""
-    return ((np.asarray(q, dtype=np.float64) + enc.offset).astype(np.float32)) * np.float32(enc.scale)
+    q = np.asarray(q, dtype=np.float64)
+    scale, offset, _ = _grid(enc, q.ndim, np.float64)
+    return (q + offset).astype(np.float32) * np.asarray(scale, dtype=np.float32)
 
 
-def fake_quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
+def fake_quantize(x: np.ndarray, enc: ParamEncoding) -> np.ndarray:
     """Quantize then dequantize, as SNPE's fixed-point kernels would see x; float32 result.
 
     Up to 16 bits the arithmetic is float32 (what the simulation graph does); 32-bit bias codes
-    exceed float32's integer precision and are computed in float64.
+    exceed float32's integer precision and are computed in float64. Per channel, each slice along
+    the axis uses its own encoding with exactly the per-tensor arithmetic.
     """
-    dtype = np.float32 if enc.bitwidth <= 16 else np.float64  # 32-bit codes need float64
+    dtype = _dtype(enc)
     x = np.asarray(x, dtype=dtype)
-    scale = dtype(enc.scale)
-    offset = dtype(enc.offset)
-    q = np.clip(round_half_away(x / scale) - offset, dtype(0), dtype(enc.levels))
+    scale, offset, levels = _grid(enc, x.ndim, dtype)
+    q = np.clip(round_half_away(x / scale) - offset, dtype(0), levels)
     return ((q + offset) * scale).astype(np.float32)

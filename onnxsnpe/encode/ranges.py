@@ -19,7 +19,14 @@ from ..errors import OnnxSnpeError
 from ..graph.load import initializer_values
 from ..graph.targets import QuantTargets
 from ..stats.tensor_stats import TensorStats
-from .encoding import Encoding, asymmetric_encoding, bias_encoding
+from .encoding import (
+    ChannelEncodings,
+    Encoding,
+    ParamEncoding,
+    asymmetric_encoding,
+    bias_encoding,
+    per_channel_symmetric,
+)
 from .methods import DEFAULT_PERCENTILE, check_method
 from .range_search import mse_range, percentile_range
 from .tf_enhanced import tf_enhanced_range
@@ -88,39 +95,63 @@ def weight_encodings(
     bitwidth: int,
     method: str = "minmax",
     percentile: float = DEFAULT_PERCENTILE,
-) -> dict[str, Encoding]:
-    """Per-tensor asymmetric encodings of the weights, each range chosen by ``method``."""
+    per_channel: bool = False,
+) -> dict[str, ParamEncoding]:
+    """Encodings of the weights, each range chosen by ``method``.
+
+    Per tensor (SNPE's default): asymmetric. ``per_channel`` (QAIRT's
+    ``--use_per_channel_quantization``): symmetric per output channel wherever the weight has an
+    output-channel axis (targets.weight_axes), each channel's range chosen by ``method`` and made
+    symmetric around zero; the others stay per tensor.
+    """
     check_method(method, percentile, "--weight-method")
     values = initializer_values(model, targets.weights)
-    encodings = {}
+    encodings: dict[str, ParamEncoding] = {}
     for name, array in values.items():
-        stats = TensorStats([method])
-        stats.update(array[np.newaxis])  # the whole weight is one sample
-        encodings[name] = asymmetric_encoding(*chosen_range(stats, method, bitwidth, percentile), bitwidth)
+        axis = targets.weight_axes.get(name) if per_channel else None
+        if axis is None:
+            encodings[name] = asymmetric_encoding(*_weight_range(array, method, bitwidth, percentile), bitwidth)
+            continue
+        channels = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+        ranges = [_weight_range(channel, method, bitwidth, percentile) for channel in channels]
+        encodings[name] = per_channel_symmetric(np.array([max(-low, high) for low, high in ranges]), axis, bitwidth)
     return encodings
+
+
+def _weight_range(array: np.ndarray, method: str, bitwidth: int, percentile: float) -> tuple[float, float]:
+    """The range ``method`` chooses for a constant, the whole array taken as one sample."""
+    if method == "minmax":
+        return float(array.min()) + 0.0, float(array.max()) + 0.0
+    stats = TensorStats([method])
+    stats.update(array[np.newaxis])
+    return chosen_range(stats, method, bitwidth, percentile)
 
 
 def bias_encodings(
     model: onnx.ModelProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    weights: dict[str, Encoding],
+    weights: dict[str, ParamEncoding],
     bitwidth: int,
-) -> dict[str, Encoding]:
+) -> dict[str, ParamEncoding]:
     """Bias encodings as ``snpe-dlc-quantize --bias_bitwidth`` makes them.
 
-    32 bits: scale = input scale x weight scale, signed, widened where the largest bias would
-    not fit in int32 (*inferred*: SNPE's quantizer is closed source; onnxruntime widens too).
-    8 bits: the bias's own min-max.
+    32 bits: scale = input scale x weight scale (per channel where the weight is per channel),
+    signed, widened where the largest bias would not fit in int32 (*inferred*: SNPE's quantizer is
+    closed source; onnxruntime widens too). 8 bits: the bias's own min-max.
     """
-    encodings = {}
+    encodings: dict[str, ParamEncoding] = {}
     values = initializer_values(model, [ref.bias for ref in targets.biases])
     for ref in targets.biases:
         array = values[ref.bias]
+        weight = weights.get(ref.weight)
         if bitwidth != 32:
             encodings[ref.bias] = asymmetric_encoding(float(array.min()), float(array.max()), bitwidth)
-        elif ref.input in activations and ref.weight in weights:
-            scale = activations[ref.input].scale * weights[ref.weight].scale
-            scale = max(scale, float(np.abs(array).max(initial=0.0)) / INT32_MAX)
-            encodings[ref.bias] = bias_encoding(scale, 32)
+        elif ref.input in activations and isinstance(weight, Encoding):
+            scale = activations[ref.input].scale * weight.scale
+            encodings[ref.bias] = bias_encoding(max(scale, float(np.abs(array).max(initial=0.0)) / INT32_MAX), 32)
+        elif ref.input in activations and weight is not None and array.size == len(weight.channels):
+            scales = activations[ref.input].scale * weight.scales()
+            scales = np.maximum(scales, np.abs(array.reshape(-1)).astype(np.float64) / INT32_MAX)
+            encodings[ref.bias] = ChannelEncodings(0, tuple(bias_encoding(float(s), 32) for s in scales))
     return encodings

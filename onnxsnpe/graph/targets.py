@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import onnx
+from onnx import helper
 
 from .load import FLOAT_TYPES
 
@@ -53,6 +54,8 @@ class QuantTargets:
     squashed: dict[str, str] = field(default_factory=dict)
     weights: list[str] = field(default_factory=list)
     biases: list[BiasRef] = field(default_factory=list)
+    weight_axes: dict[str, int | None] = field(default_factory=dict)
+    """Each weight's output-channel axis (for per-channel encodings), None where it has none."""
 
     def root(self, tensor: str) -> str:
         """The tensor whose encoding ``tensor`` uses (itself unless it is an alias)."""
@@ -97,18 +100,39 @@ def find_targets(model: onnx.ModelProto) -> QuantTargets:
                 targets.activations.append(out)
             encoded.add(out)
 
-    weights: dict[str, None] = {}
+    ranks = {init.name: len(init.dims) for init in graph.initializer}
+    weights: dict[str, int | None] = {}
     for node in graph.node:
         if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in constants:
-            weights[node.input[1]] = None
+            weights.setdefault(node.input[1], output_channel_axis(node, ranks[node.input[1]], 1))
             if len(node.input) > 2 and node.input[2] in constants:
                 targets.biases.append(BiasRef(node.input[2], node.input[1], node.input[0]))
         elif node.op_type == "MatMul":
-            for name in node.input:
+            for index, name in enumerate(node.input):
                 if name in constants:
-                    weights[name] = None
+                    weights.setdefault(name, output_channel_axis(node, ranks[name], index))
     targets.weights = list(weights)
+    targets.weight_axes = weights
     return targets
+
+
+def output_channel_axis(node: onnx.NodeProto, weight_rank: int, input_index: int) -> int | None:
+    """The axis of a weight that indexes the op's output channels, or None where there is none.
+
+    Conv: axis 0 (groups included: output channel o has its own row). ConvTranspose: axis 1 when
+    ungrouped (grouped, an output channel spans one column of each group's rows: no single axis).
+    Gemm: axis 0 with transB, else 1. MatMul: the last axis of a constant second operand.
+    """
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv" and weight_rank >= 3:
+        return 0
+    if node.op_type == "ConvTranspose" and weight_rank >= 3 and attrs.get("group", 1) == 1:
+        return 1
+    if node.op_type == "Gemm" and weight_rank == 2:
+        return 0 if attrs.get("transB", 0) else 1
+    if node.op_type == "MatMul" and input_index == 1 and weight_rank >= 2:
+        return weight_rank - 1
+    return None
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..encode.encoding import Encoding
+from ..encode.encoding import Encoding, ParamEncoding
 from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
@@ -89,7 +89,7 @@ def evaluate(
     deploy: onnx.ModelProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
     observed: dict[str, tuple[float, float]],
     samples: Iterable[dict[str, np.ndarray]],
     isolated_samples: int,

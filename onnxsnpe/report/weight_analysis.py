@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..encode.encoding import Encoding, asymmetric_encoding, fake_quantize, symmetric_encoding
+from ..encode.encoding import ChannelEncodings, ParamEncoding, asymmetric_encoding, fake_quantize, per_channel_symmetric
 from ..graph.load import initializer_values
 from .metrics import inner, json_db, sqnr_db
 
@@ -24,7 +24,7 @@ class WeightFigures:
     name: str
     op: str
     shape: tuple[int, ...]
-    encoding: Encoding
+    encoding: ParamEncoding
     sqnr_db: float
     per_channel_sqnr_db: float | None
     sixteen_bit_sqnr_db: float
@@ -45,6 +45,7 @@ class WeightFigures:
             "op": self.op,
             "shape": list(self.shape),
             "bitwidth": self.encoding.bitwidth,
+            "per_channel": isinstance(self.encoding, ChannelEncodings),
             "sqnr_db": json_db(self.sqnr_db),
             "per_channel_sqnr_db": None if self.per_channel_sqnr_db is None else json_db(self.per_channel_sqnr_db),
             "sixteen_bit_sqnr_db": json_db(self.sixteen_bit_sqnr_db),
@@ -53,54 +54,37 @@ class WeightFigures:
         }
 
 
-def output_channel_axis(op: str, node: onnx.NodeProto, weight_rank: int, input_index: int) -> int | None:
-    """The axis of a weight that indexes output channels, or None where there is none."""
-    if op == "Conv":
-        return 0
-    if op == "ConvTranspose":
-        return 1
-    if op == "Gemm" and weight_rank == 2:
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    if op == "MatMul" and input_index == 1 and weight_rank >= 2:
-        return weight_rank - 1
-    return None
-
-
-def analyze_weights(model: onnx.ModelProto, weights: dict[str, Encoding]) -> list[WeightFigures]:
-    """Figures for every weight with an encoding, in initializer order."""
-    values = initializer_values(model, list(weights))
+def analyze_weights(
+    model: onnx.ModelProto, weights: dict[str, ParamEncoding], axes: dict[str, int | None]
+) -> list[WeightFigures]:
+    """Figures for every weight with an encoding, in initializer order; ``axes`` maps each weight to
+    its output-channel axis (graph.targets.QuantTargets.weight_axes)."""
     users = {}
     for node in model.graph.node:
-        for index, name in enumerate(node.input):
+        for name in node.input:
             if name in weights and name not in users:
-                users[name] = (node, index)
+                users[name] = node.op_type
     figures = []
-    for name, array in values.items():
-        node, index = users[name]
+    for name, array in initializer_values(model, list(weights)).items():
         enc = weights[name]
-        axis = output_channel_axis(node.op_type, node, array.ndim, index)
+        axis = axes.get(name)
         sixteen = asymmetric_encoding(float(array.min()), float(array.max()), 16)
+        per_channel = None
+        if axis is not None:
+            absmax = np.abs(np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)).max(axis=1)
+            per_channel = _sqnr(array, fake_quantize(array, per_channel_symmetric(absmax, axis, enc.bitwidth)))
         figures.append(
             WeightFigures(
                 name=name,
-                op=node.op_type,
+                op=users[name],
                 shape=tuple(array.shape),
                 encoding=enc,
                 sqnr_db=_sqnr(array, fake_quantize(array, enc)),
-                per_channel_sqnr_db=None if axis is None else _sqnr(array, _per_channel(array, axis, enc.bitwidth)),
+                per_channel_sqnr_db=per_channel,
                 sixteen_bit_sqnr_db=_sqnr(array, fake_quantize(array, sixteen)),
             )
         )
     return figures
-
-
-def _per_channel(array: np.ndarray, axis: int, bitwidth: int) -> np.ndarray:
-    moved = np.moveaxis(array, axis, 0)
-    quantized = np.stack(
-        [fake_quantize(channel, symmetric_encoding(float(np.abs(channel).max()), bitwidth)) for channel in moved]
-    )
-    return np.moveaxis(quantized, 0, axis)
 
 
 def _sqnr(reference: np.ndarray, quantized: np.ndarray) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..encode.encoding import Encoding
+from ..encode.encoding import Encoding, ParamEncoding
 from ..graph.targets import QuantTargets
 from .fake_quant import build_simulation_model
 from .htp.model import htp_simulation_model
@@ -17,7 +17,7 @@ def simulation_model(
     deploy: onnx.ModelProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
     arithmetic: str = "htp",
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The simulated quantized model in the given arithmetic, and the map to its tensors' names."""

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..encode.encoding import Encoding, fake_quantize
+from ..encode.encoding import Encoding, ParamEncoding, fake_quantize
 from ..graph.targets import QuantTargets
 
 SUFFIX = "__onnxsnpe_fq"
@@ -60,7 +60,7 @@ def build_simulation_model(
     model: onnx.ModelProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
     quantize_activations: Iterable[str] | None = None,
     switchable: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:

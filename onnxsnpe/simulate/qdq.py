@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from ..encode.constants import STRUCTURAL_INPUTS
-from ..encode.encoding import Encoding, quantize
+from ..encode.encoding import ChannelEncodings, Encoding, ParamEncoding, quantize
 from ..graph.targets import QuantTargets
 
 SUFFIX = "__onnxsnpe_qdq"
@@ -39,7 +39,7 @@ def build_qdq_model(
     deploy: onnx.ModelProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
 ) -> onnx.ModelProto:
     """The deploy model with Q/DQ pairs carrying ``activations`` and DQ-stored ``params``.
 
@@ -133,18 +133,21 @@ def _structural_uses(graph: onnx.GraphProto) -> set[str]:
     return uses
 
 
-def _storage(enc: Encoding) -> tuple[np.dtype, int]:
-    """Integer dtype and zero point for an encoding: signed with zero point 0 when symmetric."""
+def _storage(enc: ParamEncoding) -> tuple[np.dtype, np.ndarray]:
+    """Integer dtype and zero point(s) for an encoding: signed with zero point 0 when symmetric
+    (per-channel encodings are), one zero point per channel for a per-channel encoding."""
+    offsets = enc.offsets() if isinstance(enc, ChannelEncodings) else np.array(enc.offset)
     if enc.is_symmetric:
-        return np.dtype(f"int{enc.bitwidth}"), 0
-    return np.dtype(f"uint{enc.bitwidth}"), -enc.offset
+        return np.dtype(f"int{enc.bitwidth}"), np.zeros_like(offsets)
+    return np.dtype(f"uint{enc.bitwidth}"), -offsets
 
 
-def _qparams(prefix: str, enc: Encoding) -> list[onnx.TensorProto]:
+def _qparams(prefix: str, enc: ParamEncoding) -> list[onnx.TensorProto]:
     dtype, zero_point = _storage(enc)
+    scale = enc.scales() if isinstance(enc, ChannelEncodings) else np.array(enc.scale)
     return [
-        numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), prefix + "scale"),
-        numpy_helper.from_array(np.array(zero_point, dtype=dtype), prefix + "zero_point"),
+        numpy_helper.from_array(scale.astype(np.float32), prefix + "scale"),
+        numpy_helper.from_array(zero_point.astype(dtype), prefix + "zero_point"),
     ]
 
 
@@ -162,7 +165,7 @@ def _qdq_pair(tensor: str, enc: Encoding, domain: str) -> tuple[list[onnx.NodePr
 
 
 def _quantize_params(
-    graph: onnx.GraphProto, params: dict[str, Encoding], domain: str
+    graph: onnx.GraphProto, params: dict[str, ParamEncoding], domain: str
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """DequantizeLinear nodes over quantized copies of the param initializers, and the initializers to keep.
 
@@ -178,14 +181,17 @@ def _quantize_params(
             continue
         dtype, _ = _storage(enc)
         values = numpy_helper.to_array(init)
-        codes = quantize(values, enc) + (enc.offset if enc.is_symmetric else 0)
+        codes = quantize(values, enc)
+        if enc.is_symmetric:  # signed storage: the codes centered on the zero point
+            codes += enc.along(enc.offsets(), codes.ndim) if isinstance(enc, ChannelEncodings) else enc.offset
         p = f"{init.name}{SUFFIX}/"
         kept.append(numpy_helper.from_array(codes.astype(dtype), p + "q"))
         kept.extend(_qparams(p, enc))
+        per_axis = {"axis": enc.axis} if isinstance(enc, ChannelEncodings) else {}
         nodes.append(
             helper.make_node(
                 "DequantizeLinear", [p + "q", p + "scale", p + "zero_point"], [init.name],
-                name=p + "DQ", domain=domain,
+                name=p + "DQ", domain=domain, **per_axis,
             )
         )
         if init.name in structural:

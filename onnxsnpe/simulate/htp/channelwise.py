@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, quantize, round_half_away
+from ...encode.encoding import Encoding, ParamEncoding, quantize, round_half_away
 from ...graph.targets import QuantTargets
 from .codes import SUFFIX, centered_codes, int8, node_attrs, output_encoding, requant_constants, with_output_codes
 
@@ -64,7 +64,7 @@ def lower_batch_norm(
     node: onnx.NodeProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
     shapes: dict[str, list[int]],
     graph: onnx.GraphProto,

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, round_half_away
+from ...encode.encoding import Encoding, ParamEncoding, round_half_away
 from ...graph.targets import QuantTargets
 
 INT8_LOW, INT8_HIGH = -128, 127
@@ -35,12 +35,12 @@ def requant_constants(
 
 def requant_offset(
     in_scale: float,
-    w_scale: float,
+    w_scale: float | np.ndarray,
     out_scale: float,
     zero_point: int,
     steps: np.ndarray,
     bias_codes: np.ndarray | None = None,
-    bias_scale: float = 1.0,
+    bias_scale: float | np.ndarray = 1.0,
 ) -> np.ndarray:
     """The integer the HTP adds to each channel's accumulator: bias and output zero point in one.
 
@@ -135,7 +135,7 @@ def int8(*encodings: Encoding | None) -> bool:
 
 
 def binary_operands(
-    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding], params: dict[str, Encoding]
+    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding], params: dict[str, ParamEncoding]
 ) -> tuple[list[Encoding], Encoding] | None:
     """The encodings of a two-input node's operands (activations or params) and of its output,
     if all are 8-bit."""

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, fake_quantize, quantize, round_half_away
+from ...encode.encoding import Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
 from .codes import SUFFIX, binary_operands, centered_codes, is_scalar, with_output_codes
 
@@ -42,7 +42,7 @@ def lower_add(
     node: onnx.NodeProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
     """An 8-bit Add computed in HTP's fixed point (add_constants), in float64 to stay exact.
@@ -165,7 +165,7 @@ def lower_mul(
     node: onnx.NodeProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
     """An 8-bit Mul on centered integer codes, requantized as the HTP does (mul_constants).

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, fake_quantize, quantize, round_half_away
+from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
 from .codes import (
     INT8_HIGH,
@@ -59,7 +59,7 @@ def lower_linear(
     node: onnx.NodeProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
     """The integer-code version of a Conv/Gemm/MatMul node, or None when it stays as it is."""
@@ -82,19 +82,25 @@ def lower_linear(
         return None
 
     weight = numpy_helper.to_array(constants[w])
-    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_enc.scale)
     axis = _weight_axis(node, constants[w])
+    per_channel = isinstance(w_enc, ChannelEncodings)
+    if per_channel and w_enc.axis != axis:
+        return None
+    w_scale = np.float32(w_enc.scales()) if per_channel else np.float32(w_enc.scale)  # one per output channel
+    scale_along = w_enc.along(w_scale.astype(np.float64), weight.ndim) if per_channel else w_enc.scale
+    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / scale_along)
     depthwise = node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.shape[1] == 1
     strided_depthwise = depthwise and all(s > 1 for s in attrs.get("strides", [1]))
     blocks = _transpose_blocks(node, weight.shape)
     if blocks:  # [C_in, C_out, k, k] -> a 1x1 Conv with C_out * k * k output channels
         codes = codes.reshape(weight.shape[0], -1).T.reshape(-1, weight.shape[0], 1, 1)
         axis = 0
+        w_scale = np.repeat(w_scale, blocks**2) if per_channel else w_scale
     if strided_depthwise or (node.op_type == "ConvTranspose" and not blocks):
         w_int, steps = codes, np.ones(codes.shape[axis])
     else:
         w_int, steps = int8_weights(codes, axis)
-    base = float(np.float32(x_enc.scale)) * float(np.float32(w_enc.scale))
+    base = float(np.float32(x_enc.scale)) * np.float64(w_scale)
     consumed = {w}
     bias_codes, bias_scale = None, 1.0
     has_bias = len(node.input) > 2 and node.input[2] in constants
@@ -103,12 +109,16 @@ def lower_linear(
         b_enc = params.get(node.input[2])
         if b_enc is not None:  # the int32 codes
             consumed.add(node.input[2])
-            bias_codes, bias_scale = quantize(bias_codes, b_enc) + b_enc.offset, b_enc.scale
+            if isinstance(b_enc, ChannelEncodings):
+                bias_codes, bias_scale = quantize(bias_codes, b_enc) + b_enc.offsets(), b_enc.scales()
+            else:
+                bias_codes, bias_scale = quantize(bias_codes, b_enc) + b_enc.offset, b_enc.scale
         bias_codes = np.repeat(bias_codes, max(blocks, 1) ** 2)
+        bias_scale = np.repeat(bias_scale, max(blocks, 1) ** 2) if np.ndim(bias_scale) else bias_scale
     factor, mantissa, _ = requant_constants(
         base * steps / float(np.float32(y_enc.scale)), -y_enc.offset, precise=strided_depthwise
     )
-    offset = requant_offset(x_enc.scale, w_enc.scale, y_enc.scale, -y_enc.offset, steps, bias_codes, bias_scale)
+    offset = requant_offset(x_enc.scale, w_scale, y_enc.scale, -y_enc.offset, steps, bias_codes, bias_scale)
     bias_int = np.zeros(steps.size)  # the bias is part of ``offset``
 
     tail = (1,) * (weight.ndim - 2) if node.op_type.startswith("Conv") else ()  # channel constants broadcast over space

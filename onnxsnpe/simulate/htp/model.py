@@ -43,7 +43,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ...encode.encoding import Encoding
+from ...encode.encoding import Encoding, ParamEncoding
 from ...graph.targets import QuantTargets
 from ..fake_quant import SUFFIX as FQ_SUFFIX
 from ..fake_quant import build_simulation_model
@@ -60,7 +60,7 @@ def htp_simulation_model(
     deploy: onnx.ModelProto,
     targets: QuantTargets,
     activations: dict[str, Encoding],
-    params: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """fake_quant.build_simulation_model, with the ops the module docstring lists computed as the HTP does.
 
