@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -30,6 +30,8 @@ from .errors import OnnxSnpeError
 from .graph.deploy import prepare_deploy_model
 from .graph.load import load_model, model_inputs
 from .graph.targets import QuantTargets, find_targets
+from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
+from .optimize.bias_correction import correct_biases
 from .report.agreement import measure_agreement
 from .report.document import build_report
 from .report.evaluation import Evaluation, evaluate
@@ -54,6 +56,8 @@ class Settings:
     act_bitwidth: int = 8
     weight_bitwidth: int = 8
     per_channel: bool = False
+    bias_correction: bool = False
+    correction_samples: int = DEFAULT_CORRECTION_SAMPLES
     bias_bitwidth: int = 32
     write_bias_encodings: bool = False
     arithmetic: str = "htp"
@@ -71,9 +75,13 @@ class Settings:
         ):
             if value not in allowed:
                 raise OnnxSnpeError(f"{flag} must be one of {', '.join(map(str, allowed))}, got {value}")
+        if self.correction_samples < 1:
+            raise OnnxSnpeError(f"--correction-samples must be 1 or more, got {self.correction_samples}")
 
     def to_dict(self) -> dict:
         settings = asdict(self)
+        if not self.bias_correction:
+            settings["correction_samples"] = None
         if "percentile" not in (self.method, self.weight_method):
             settings["percentile"] = None
         settings["bias_encodings_written"] = settings.pop("write_bias_encodings")
@@ -146,6 +154,8 @@ def quantize(
     act_bitwidth: int = 8,
     weight_bitwidth: int = 8,
     per_channel: bool = False,
+    bias_correction: bool = False,
+    correction_samples: int = DEFAULT_CORRECTION_SAMPLES,
     bias_bitwidth: int = 32,
     write_bias_encodings: bool = False,
     arithmetic: str = "htp",
@@ -167,6 +177,7 @@ def quantize(
     start = time.perf_counter()
     settings = Settings(method=method, percentile=percentile, weight_method=weight_method, fixed_ranges=fixed_ranges,
                         act_bitwidth=act_bitwidth, weight_bitwidth=weight_bitwidth, per_channel=per_channel,
+                        bias_correction=bias_correction, correction_samples=correction_samples,
                         bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings, arithmetic=arithmetic)
     settings.check()
     check_analysis_samples(analysis_samples)
@@ -175,6 +186,7 @@ def quantize(
     if htp_samples and (reason := qnn_unavailable_reason()):
         raise OnnxSnpeError(f"--htp: {reason}")
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
+    prepared, optimizations = optimize(prepared, settings, progress)
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, [method], progress)
@@ -217,6 +229,7 @@ def quantize(
         )
         if htp is not None:
             report["htp"] = htp
+        report["optimizations"] = optimizations
         export.write_json(staged.stage(export.REPORT_FILE), report)
         write_html_report(report, staged.stage(export.HTML_REPORT_FILE))
     out_dir = staged.destination
@@ -283,6 +296,31 @@ def prepare(
     deploy, batchnorms_folded = prepare_deploy_model(onnx_model, shapes)
     return Prepared(model_path, deploy, batchnorms_folded, find_targets(deploy), [spec.name for spec in inputs],
                     shapes, calib_set, eval_set, eval_data is not None)
+
+
+def optimize(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+    """The steps that change the deploy model's weights before calibration, as ``settings`` ask:
+    bias correction. Returns the prepared model with the new deploy graph, and what each step did."""
+    done: dict = {}
+    if not settings.bias_correction:
+        return prepared, done
+    start = time.perf_counter()
+    weights = weight_encodings(prepared.deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method,
+                               settings.percentile, per_channel=settings.per_channel)
+    count = min(settings.correction_samples, len(prepared.calib_set))
+    samples = [prepared.calib_set.load(i) for i in range(count)]
+    deploy, corrections = correct_biases(
+        prepared.deploy, weights, samples,
+        progress=lambda layers: tqdm(layers, desc="bias correction", unit="layer", disable=not progress or None,
+                                     leave=False),
+    )
+    done["bias_correction"] = {
+        "samples": count,
+        "layers": len(corrections),
+        "seconds": round(time.perf_counter() - start, 3),
+        "corrections": [c.to_dict() for c in corrections],
+    }
+    return replace(prepared, deploy=deploy, targets=find_targets(deploy)), done
 
 
 def calibrate(

@@ -11,6 +11,7 @@ from . import __version__
 from .data.datasets import ImageOptions
 from .encode.methods import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
 from .errors import OnnxSnpeError
+from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .report.document import summary_text
 from .simulate.arithmetic import ARITHMETICS
 
@@ -112,6 +113,15 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
         "--per-channel", action="store_true",
         help="symmetric weight encodings per output channel (Conv, ConvTranspose, Gemm, constant MatMul operands), "
         "as QAIRT's --use_per_channel_quantization (default: per tensor, asymmetric)",
+    )
+    parser.add_argument(
+        "--bias-correction", action="store_true",
+        help="subtract from each layer's bias the mean shift weight quantization adds to its output, measured "
+        "layer by layer on calibration samples (changes the biases in snpe_deploy.onnx)",
+    )
+    parser.add_argument(
+        "--correction-samples", type=int, default=DEFAULT_CORRECTION_SAMPLES, metavar="N",
+        help=f"calibration samples bias correction measures on (default {DEFAULT_CORRECTION_SAMPLES})",
     )
     parser.add_argument(
         "--bias-bitwidth", type=int, choices=(8, 32), default=32,
@@ -253,6 +263,8 @@ def _run(args: argparse.Namespace) -> int:
             act_bitwidth=args.act_bitwidth,
             weight_bitwidth=args.weight_bitwidth,
             per_channel=args.per_channel,
+            bias_correction=args.bias_correction,
+            correction_samples=args.correction_samples,
             bias_bitwidth=args.bias_bitwidth,
             write_bias_encodings=args.write_bias_encodings,
             arithmetic=args.arithmetic,
@@ -278,6 +290,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, per_channel=args.per_channel,
+                    bias_correction=args.bias_correction, correction_samples=args.correction_samples,
                     bias_bitwidth=args.bias_bitwidth,
                     write_bias_encodings=args.write_bias_encodings, arithmetic=args.arithmetic)
     result = compare(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__, export
-from .api import Settings, calibrate, check_analysis_samples, encode, evaluate_encodings, prepare
+from .api import Settings, calibrate, check_analysis_samples, encode, evaluate_encodings, optimize, prepare
 from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
 from .report.evaluation import worst_isolated
@@ -61,6 +61,7 @@ def compare(
         settings.check()
     check_analysis_samples(analysis_samples)
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
+    prepared, optimizations = optimize(prepared, base, progress)
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)
@@ -92,6 +93,7 @@ def compare(
             "calibration": calibration,
             "evaluation": {**evaluation_section, "isolated_samples": min(analysis_samples, len(prepared.eval_set))},
             "configurations": rows,
+            "optimizations": optimizations,
             "files": [export.DEPLOY_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/", COMPARE_JSON, COMPARE_HTML,
                       *(row["overrides"] for row in rows)],
         }
