@@ -30,6 +30,9 @@ from .errors import OnnxSnpeError
 from .graph.deploy import prepare_deploy_model
 from .graph.load import load_model, model_inputs
 from .graph.targets import QuantTargets, find_targets
+from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
+from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
+from .optimize.adaround import adaround
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .optimize.bias_correction import correct_biases
 from .report.agreement import measure_agreement
@@ -56,6 +59,9 @@ class Settings:
     act_bitwidth: int = 8
     weight_bitwidth: int = 8
     per_channel: bool = False
+    adaround: bool = False
+    adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS
+    adaround_samples: int = DEFAULT_ADAROUND_SAMPLES
     bias_correction: bool = False
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES
     bias_bitwidth: int = 32
@@ -75,13 +81,17 @@ class Settings:
         ):
             if value not in allowed:
                 raise OnnxSnpeError(f"{flag} must be one of {', '.join(map(str, allowed))}, got {value}")
-        if self.correction_samples < 1:
-            raise OnnxSnpeError(f"--correction-samples must be 1 or more, got {self.correction_samples}")
+        for flag, count in (("--correction-samples", self.correction_samples),
+                            ("--adaround-samples", self.adaround_samples), ("--adaround-iters", self.adaround_iters)):
+            if count < 1:
+                raise OnnxSnpeError(f"{flag} must be 1 or more, got {count}")
 
     def to_dict(self) -> dict:
         settings = asdict(self)
         if not self.bias_correction:
             settings["correction_samples"] = None
+        if not self.adaround:
+            settings["adaround_iters"] = settings["adaround_samples"] = None
         if "percentile" not in (self.method, self.weight_method):
             settings["percentile"] = None
         settings["bias_encodings_written"] = settings.pop("write_bias_encodings")
@@ -101,6 +111,8 @@ class Prepared:
     calib_set: Dataset
     eval_set: Dataset
     held_out: bool
+    weight_encodings: dict[str, ParamEncoding] | None = None
+    """Weight encodings fixed by an optimization (AdaRound's grids), else computed from the deploy weights."""
 
     def describe_data(self) -> tuple[dict, dict]:
         """The report's calibration and evaluation sections."""
@@ -154,6 +166,9 @@ def quantize(
     act_bitwidth: int = 8,
     weight_bitwidth: int = 8,
     per_channel: bool = False,
+    adaround: bool = False,
+    adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS,
+    adaround_samples: int = DEFAULT_ADAROUND_SAMPLES,
     bias_correction: bool = False,
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES,
     bias_bitwidth: int = 32,
@@ -177,6 +192,7 @@ def quantize(
     start = time.perf_counter()
     settings = Settings(method=method, percentile=percentile, weight_method=weight_method, fixed_ranges=fixed_ranges,
                         act_bitwidth=act_bitwidth, weight_bitwidth=weight_bitwidth, per_channel=per_channel,
+                        adaround=adaround, adaround_iters=adaround_iters, adaround_samples=adaround_samples,
                         bias_correction=bias_correction, correction_samples=correction_samples,
                         bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings, arithmetic=arithmetic)
     settings.check()
@@ -299,28 +315,39 @@ def prepare(
 
 
 def optimize(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
-    """The steps that change the deploy model's weights before calibration, as ``settings`` ask:
-    bias correction. Returns the prepared model with the new deploy graph, and what each step did."""
+    """The steps that change the deploy model's weights before calibration, as ``settings`` ask, in
+    order: AdaRound, bias correction. Returns the prepared model with the new deploy graph (and, after
+    AdaRound, the weight encodings its weights lie on), and what each step did."""
     done: dict = {}
-    if not settings.bias_correction:
+    if not (settings.adaround or settings.bias_correction):
         return prepared, done
-    start = time.perf_counter()
-    weights = weight_encodings(prepared.deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method,
+    deploy = prepared.deploy
+    weights = weight_encodings(deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method,
                                settings.percentile, per_channel=settings.per_channel)
-    count = min(settings.correction_samples, len(prepared.calib_set))
-    samples = [prepared.calib_set.load(i) for i in range(count)]
-    deploy, corrections = correct_biases(
-        prepared.deploy, weights, samples,
-        progress=lambda layers: tqdm(layers, desc="bias correction", unit="layer", disable=not progress or None,
-                                     leave=False),
-    )
-    done["bias_correction"] = {
-        "samples": count,
-        "layers": len(corrections),
-        "seconds": round(time.perf_counter() - start, 3),
-        "corrections": [c.to_dict() for c in corrections],
-    }
-    return replace(prepared, deploy=deploy, targets=find_targets(deploy)), done
+    fixed = None
+    if settings.adaround:
+        start = time.perf_counter()
+        count = min(settings.adaround_samples, len(prepared.calib_set))
+        deploy, layers = adaround(deploy, weights, (prepared.calib_set.load(i) for i in range(count)),
+                                  settings.adaround_iters, progress=_bar("adaround", "layer", progress))
+        fixed = weights  # the rounded weights lie on these grids; re-encoding them could move a grid
+        done["adaround"] = {"samples": count, "iterations": settings.adaround_iters, "layers": len(layers),
+                            "seconds": round(time.perf_counter() - start, 3), "weights": [r.to_dict() for r in layers]}
+    if settings.bias_correction:
+        start = time.perf_counter()
+        count = min(settings.correction_samples, len(prepared.calib_set))
+        samples = [prepared.calib_set.load(i) for i in range(count)]
+        deploy, corrections = correct_biases(deploy, weights, samples, progress=_bar("bias correction", "layer",
+                                                                                     progress))
+        done["bias_correction"] = {"samples": count, "layers": len(corrections),
+                                   "seconds": round(time.perf_counter() - start, 3),
+                                   "corrections": [c.to_dict() for c in corrections]}
+    return replace(prepared, deploy=deploy, targets=find_targets(deploy), weight_encodings=fixed), done
+
+
+def _bar(label: str, unit: str, enabled: bool):
+    """A wrapper that shows a progress bar over a list, when progress is on."""
+    return lambda items: tqdm(items, desc=label, unit=unit, disable=not enabled or None, leave=False)
 
 
 def calibrate(
@@ -340,8 +367,9 @@ def encode(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
     fixed = fixed_range_tensors(deploy) if settings.fixed_ranges else None
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed)
-    weights = weight_encodings(deploy, targets, settings.weight_bitwidth, settings.weight_method,
-                               settings.percentile, per_channel=settings.per_channel)
+    weights = prepared.weight_encodings or weight_encodings(
+        deploy, targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
+        per_channel=settings.per_channel)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
     constants = constant_encodings(deploy, targets, weights, 8)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}

@@ -11,6 +11,8 @@ from . import __version__
 from .data.datasets import ImageOptions
 from .encode.methods import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
 from .errors import OnnxSnpeError
+from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
+from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .report.document import summary_text
 from .simulate.arithmetic import ARITHMETICS
@@ -114,6 +116,16 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
         help="symmetric weight encodings per output channel (Conv, ConvTranspose, Gemm, constant MatMul operands), "
         "as QAIRT's --use_per_channel_quantization (default: per tensor, asymmetric)",
     )
+    parser.add_argument(
+        "--adaround", action="store_true",
+        help="learn for each Conv/Gemm/MatMul weight whether it rounds up or down so the layer's output on "
+        "calibration samples is reproduced (AdaRound; the weights in snpe_deploy.onnx are written on the "
+        "exported grids)",
+    )
+    parser.add_argument("--adaround-iters", type=int, default=DEFAULT_ADAROUND_ITERATIONS, metavar="N",
+                        help=f"AdaRound iterations per layer (default {DEFAULT_ADAROUND_ITERATIONS})")
+    parser.add_argument("--adaround-samples", type=int, default=DEFAULT_ADAROUND_SAMPLES, metavar="N",
+                        help=f"calibration samples AdaRound fits on (default {DEFAULT_ADAROUND_SAMPLES})")
     parser.add_argument(
         "--bias-correction", action="store_true",
         help="subtract from each layer's bias the mean shift weight quantization adds to its output, measured "
@@ -263,6 +275,9 @@ def _run(args: argparse.Namespace) -> int:
             act_bitwidth=args.act_bitwidth,
             weight_bitwidth=args.weight_bitwidth,
             per_channel=args.per_channel,
+            adaround=args.adaround,
+            adaround_iters=args.adaround_iters,
+            adaround_samples=args.adaround_samples,
             bias_correction=args.bias_correction,
             correction_samples=args.correction_samples,
             bias_bitwidth=args.bias_bitwidth,
@@ -290,6 +305,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, per_channel=args.per_channel,
+                    adaround=args.adaround, adaround_iters=args.adaround_iters,
+                    adaround_samples=args.adaround_samples,
                     bias_correction=args.bias_correction, correction_samples=args.correction_samples,
                     bias_bitwidth=args.bias_bitwidth,
                     write_bias_encodings=args.write_bias_encodings, arithmetic=args.arithmetic)

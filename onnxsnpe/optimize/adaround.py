@@ -1,0 +1,273 @@
+"""AdaRound: learn, per weight, whether it rounds up or down so each layer's output is reproduced.
+
+Nagel et al. 2020 ("Up or Down? Adaptive Rounding for Post-Training Quantization"), in numpy. For
+a layer ``y = W x`` (a Conv as a matrix product over its input patches, a Gemm, a MatMul with a
+constant operand) the output error of a rounded weight ``W~`` over the calibration data is
+``sum_o (W~_o - W_o) C (W~_o - W_o)^T`` with ``C = sum x x^T``, the Gram matrix of the layer's input
+patches: it is gathered once, streaming (memory does not grow with the samples), and every
+iteration then costs a product with ``C`` instead of a pass over the data. Each weight's code is
+``floor(w / s) + h(v)`` with the rectified sigmoid ``h`` (zeta 1.1, gamma -0.1), clamped to the
+encoding's codes; ``v`` is learned with Adam on the output error plus ``lambda sum(1 - |2h - 1|^beta)``
+(lambda 0.01, beta annealed from 20 to 2 after a 20% warm start, AIMET's defaults), which drives
+every ``h`` to 0 or 1. Where ``C`` is large (more than ``FULL_RANK`` inputs per output) the
+iterations use its leading eigenvectors (``RANK`` of them); the result is judged on the exact ``C``.
+
+The inputs ``x`` are those of the FP32 network. The weights written are exactly on the grid of the
+weight encodings (which AdaRound does not change), so ``snpe-dlc-quantize --override_params``
+with the exported encodings gives back the same integers; a layer keeps nearest rounding when the
+learned rounding does not lower its output error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..encode.encoding import ChannelEncodings, ParamEncoding, dequantize, quantize
+from ..graph.runtime import make_session
+
+DEFAULT_ITERATIONS = 1000
+DEFAULT_SAMPLES = 128
+"""Calibration samples whose Gram matrices AdaRound fits (the cost of gathering them grows with the count)."""
+ZETA, GAMMA = 1.1, -0.1
+REGULARIZATION = 0.01
+BETA_START, BETA_END, WARM_START = 20.0, 2.0, 0.2
+LEARNING_RATE = 1e-2
+"""Adam's step on v (AIMET uses 1e-3 over 10,000 iterations; 1e-2 reached the same error in 300 here)."""
+FULL_RANK = 512
+RANK = 256
+
+
+@dataclass
+class RoundedLayer:
+    """What AdaRound did to one layer's weight: output error (sum of squares per position) before and after."""
+
+    weight: str
+    op: str
+    nearest_error: float
+    adaround_error: float
+    flipped: int  # weights rounded the other way than nearest
+    kept_nearest: bool
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight, "op": self.op, "nearest_error": self.nearest_error,
+                "adaround_error": self.adaround_error, "flipped": self.flipped, "kept_nearest": self.kept_nearest}
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto
+    weight: str
+    input: str
+    groups: int
+    kernel: tuple[int, ...] = ()  # a Conv's kernel size (from its weight: kernel_shape is optional)
+
+
+def adaround(
+    model: onnx.ModelProto,
+    weights: dict[str, ParamEncoding],
+    samples: Iterable[dict[str, np.ndarray]],
+    iterations: int = DEFAULT_ITERATIONS,
+    progress: Callable[[Sequence[_Layer]], Iterable[_Layer]] = lambda layers: layers,
+) -> tuple[onnx.ModelProto, list[RoundedLayer]]:
+    """A copy of ``model`` whose encoded Conv/Gemm/MatMul weights are AdaRounded on ``weights``' grids.
+
+    ``samples`` are calibration samples (FP32 inputs); ``progress`` wraps the list of layers.
+    """
+    layers = _layers(model, weights)
+    grams = _gram_matrices(model, layers, samples)
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in weights}
+    rounded: dict[str, np.ndarray] = {}
+    results = []
+    for layer in progress(layers):
+        array = values[layer.weight]
+        enc = weights[layer.weight]
+        nearest = _as_matrix(layer, quantize(array, enc))  # SNPE's own rounding, half away from zero
+        codes, result = _round_layer(layer, _as_matrix(layer, array), nearest, _matrix_encoding(layer, array, enc),
+                                     *grams[layer.weight], iterations)
+        rounded[layer.weight] = _from_matrix(layer, codes, array.shape)
+        results.append(result)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for init in copy.graph.initializer:
+        if init.name in rounded:
+            enc = weights[init.name]
+            init.CopyFrom(numpy_helper.from_array(dequantize(rounded[init.name], enc), init.name))
+    return copy, results
+
+
+def _layers(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> list[_Layer]:
+    """The layers AdaRound handles, in graph order, each weight once (the first layer that reads it)."""
+    seen, layers = set(), []
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in weights or node.input[1] in seen:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        dims = shapes[node.input[1]]
+        if node.op_type == "Conv" and len(dims) == 4 and attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
+            layers.append(_Layer(node, node.input[1], node.input[0], int(attrs.get("group", 1)), tuple(dims[2:])))
+        elif node.op_type == "Gemm" and len(dims) == 2 and not attrs.get("transA", 0):
+            layers.append(_Layer(node, node.input[1], node.input[0], 1))
+        elif node.op_type == "MatMul" and len(dims) == 2 and node.input[0] not in shapes:
+            layers.append(_Layer(node, node.input[1], node.input[0], 1))
+        else:
+            continue
+        seen.add(node.input[1])
+    return layers
+
+
+def _as_matrix(layer: _Layer, array: np.ndarray) -> np.ndarray:
+    """The weight as [groups, outputs per group, inputs per output] (Conv inputs ordered (channel, ky, kx))."""
+    op = layer.node.op_type
+    if op == "Conv":
+        return array.reshape(layer.groups, array.shape[0] // layer.groups, -1)
+    trans_b = op == "Gemm" and any(a.name == "transB" and a.i for a in layer.node.attribute)
+    return (array if trans_b else array.T)[np.newaxis]
+
+
+def _from_matrix(layer: _Layer, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of _as_matrix."""
+    op = layer.node.op_type
+    if op == "Conv":
+        return matrix.reshape(shape)
+    trans_b = op == "Gemm" and any(a.name == "transB" and a.i for a in layer.node.attribute)
+    return matrix[0] if trans_b else matrix[0].T
+
+
+def _matrix_encoding(layer: _Layer, array: np.ndarray, enc: ParamEncoding) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scale and offset per output row of _as_matrix (broadcast shape [groups, outputs, 1]), and the code count."""
+    rows = _as_matrix(layer, np.empty(array.shape, np.int8)).shape[:2]
+    if isinstance(enc, ChannelEncodings):
+        scale = enc.scales().reshape((*rows, 1))
+        offset = enc.offsets().reshape((*rows, 1)).astype(np.float64)
+    else:
+        scale = np.full((*rows, 1), enc.scale)
+        offset = np.full((*rows, 1), float(enc.offset))
+    return scale, offset, enc.levels
+
+
+def _gram_matrices(
+    model: onnx.ModelProto, layers: list[_Layer], samples: Iterable[dict[str, np.ndarray]]
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Per weight, the Gram matrix of its layer's input patches per group (float64) and the number of patches."""
+    fed = {value.name for value in model.graph.input}
+    exposed = [name for name in dict.fromkeys(layer.input for layer in layers) if name not in fed]
+    session = make_session(model, exposed)
+    grams: dict[str, tuple[np.ndarray, int]] = {}
+    for sample in samples:
+        computed = session.run(exposed, sample) if exposed else []  # no names would mean every output
+        values = dict(zip(exposed, computed, strict=True)) | sample
+        for layer in layers:
+            patches = _patches(layer, values[layer.input])  # [groups, inputs, positions]
+            gram = (patches[0] @ patches[0].T)[np.newaxis] if len(patches) == 1 else np.einsum(
+                "gkp,glp->gkl", patches, patches)
+            gram = gram.astype(np.float64)
+            total, count = grams.get(layer.weight, (0.0, 0))
+            grams[layer.weight] = (total + gram, count + patches.shape[2])
+    return grams
+
+
+def _patches(layer: _Layer, x: np.ndarray) -> np.ndarray:
+    """The layer's inputs as columns: [groups, inputs per output, positions], float32, contiguous."""
+    x = np.asarray(x, dtype=np.float32)
+    if layer.node.op_type != "Conv":
+        return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)[np.newaxis]
+    attrs = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
+    kernel = layer.kernel
+    strides = attrs.get("strides", [1, 1])
+    dilations = attrs.get("dilations", [1, 1])
+    pads = attrs.get("pads", [0, 0, 0, 0])
+    batch, channels = x.shape[:2]
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
+    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    # [N, C, Ho, Wo, kh, kw] -> [groups, C / groups * kh * kw, N * Ho * Wo]
+    groups = layer.groups
+    per_group = channels // groups
+    windows = windows.reshape(batch, groups, per_group, *windows.shape[2:])
+    return np.ascontiguousarray(windows.transpose(1, 2, 5, 6, 0, 3, 4)).reshape(
+        groups, per_group * kernel[0] * kernel[1], -1)
+
+
+def _round_layer(
+    layer: _Layer,
+    matrix: np.ndarray,
+    nearest_codes: np.ndarray,
+    encoding: tuple[np.ndarray, np.ndarray, int],
+    gram: np.ndarray,
+    positions: int,
+    iterations: int,
+) -> tuple[np.ndarray, RoundedLayer]:
+    """The codes (``q`` in [0, levels], shaped like ``matrix``) AdaRound picks for one layer."""
+    scale, offset, levels = encoding
+    weights = matrix.astype(np.float64)
+    scaled = weights / scale
+    floor = np.floor(scaled)
+    low, high = offset, offset + levels  # the representable scaled values
+    gram = gram / max(positions, 1)
+    factor = _factor(gram)
+    nearest = nearest_codes + offset
+    rest = np.clip(scaled - floor, 0.01, 0.99)
+    v = -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+    v = v.astype(np.float32)
+    m, s = np.zeros_like(v), np.zeros_like(v)
+    factor32 = factor.astype(np.float32)
+    weights32, scale32 = weights.astype(np.float32), scale.astype(np.float32)
+    floor32, low32, high32 = floor.astype(np.float32), low.astype(np.float32), high.astype(np.float32)
+    warm = int(iterations * WARM_START)
+    for step in range(iterations):
+        sig = 1 / (1 + np.exp(-v))
+        h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0, 1)
+        soft = floor32 + h
+        inside = (soft >= low32) & (soft <= high32)
+        error = np.clip(soft, low32, high32) * scale32 - weights32  # [G, O, K]
+        projected = _batched(error, factor32)  # [G, O, r]
+        grad_w = 2 * _batched(projected, factor32.transpose(0, 2, 1))  # d(error C error^T)/d(error)
+        grad_h = grad_w * scale32 * inside
+        if step >= warm:
+            beta = BETA_START + (BETA_END - BETA_START) * (step - warm) / max(iterations - warm, 1)
+            centered = 2 * h - 1
+            grad_h = grad_h - REGULARIZATION * beta * 2 * np.sign(centered) * np.abs(centered) ** (beta - 1)
+        active = (h > 0) & (h < 1)
+        grad = grad_h * active * sig * (1 - sig) * (ZETA - GAMMA)
+        m = 0.9 * m + 0.1 * grad
+        s = 0.999 * s + 0.001 * grad * grad
+        v -= LEARNING_RATE * (m / (1 - 0.9 ** (step + 1))) / (np.sqrt(s / (1 - 0.999 ** (step + 1))) + 1e-8)
+    learned = np.clip(floor + (v >= 0), low, high)
+    nearest_error, learned_error = (_output_error(c * scale - weights, gram) for c in (nearest, learned))
+    keep = learned_error >= nearest_error
+    chosen = nearest if keep else learned
+    codes = (chosen - offset).astype(np.int64)
+    result = RoundedLayer(layer.weight, layer.node.op_type, nearest_error, min(learned_error, nearest_error),
+                          int(np.count_nonzero(chosen != nearest)), bool(keep))
+    return codes, result
+
+
+def _factor(gram: np.ndarray) -> np.ndarray:
+    """``L`` with ``L L^T`` = the Gram matrix per group: exact up to FULL_RANK inputs, else from its top RANK
+    eigenvectors."""
+    if gram.shape[-1] <= FULL_RANK:
+        values, vectors = np.linalg.eigh(gram)
+        return vectors * np.sqrt(np.maximum(values, 0))[:, np.newaxis, :]
+    values, vectors = np.linalg.eigh(gram)
+    values, vectors = values[:, -RANK:], vectors[:, :, -RANK:]
+    return vectors * np.sqrt(np.maximum(values, 0))[:, np.newaxis, :]
+
+
+def _output_error(error: np.ndarray, gram: np.ndarray) -> float:
+    """``sum_o error_o C error_o^T`` over every group and output (float64)."""
+    return float(np.sum(_batched(error, gram) * error))
+
+
+def _batched(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` per group: one BLAS product for one group, einsum for many small ones (numpy's stacked
+    matmul of small transposed matrices took seconds where einsum takes milliseconds)."""
+    if a.shape[0] == 1:
+        return (a[0] @ b[0])[np.newaxis]
+    return np.einsum("gij,gjk->gik", a, b)

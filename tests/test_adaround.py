@@ -1,0 +1,104 @@
+"""AdaRound: its patches reproduce the convolution, it is never worse than nearest rounding on the
+layer's output error (measured independently with onnxruntime), and its weights lie on the grid of
+the exported encodings."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsnpe import quantize
+from onnxsnpe.encode.encoding import Encoding, fake_quantize
+from onnxsnpe.encode.encoding import quantize as quantize_codes
+from onnxsnpe.encode.ranges import weight_encodings
+from onnxsnpe.graph.runtime import make_session
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.optimize.adaround import _as_matrix, _layers, _patches, adaround
+
+
+def _conv(weight: np.ndarray, **attrs) -> onnx.ModelProto:
+    """A one-Conv model y = Conv(x, w) with x [1, 4, 9, 9]."""
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=list(weight.shape[2:]), **attrs)
+    graph = helper.make_graph([conv], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _samples(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Smooth, correlated inputs (neighbouring pixels alike), where the rounding choice matters."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(count, 1, 4, 1, 1)) + 0.3 * rng.normal(size=(count, 1, 4, 9, 9))
+    return [{"x": x.astype(np.float32)} for x in base]
+
+
+@pytest.mark.parametrize("attrs", [{}, {"strides": [2, 2], "pads": [1, 0, 2, 1]}, {"dilations": [2, 2]},
+                                   {"group": 2, "pads": [1, 1, 1, 1]}, {"group": 4, "strides": [2, 1]}])
+def test_patches_times_the_weight_matrix_is_the_convolution(attrs):
+    rng = np.random.default_rng(1)
+    groups = attrs.get("group", 1)
+    weight = rng.normal(size=(6 if groups != 4 else 4, 4 // groups, 3, 3)).astype(np.float32)
+    model = _conv(weight, **attrs)
+    (layer,) = _layers(model, {"w": Encoding(8, 0.1, -128)})
+    x = _samples(1)[0]["x"]
+    want = make_session(model).run(None, {"x": x})[0]
+    patches = _patches(layer, x).astype(np.float64)  # [groups, inputs, positions]
+    got = np.matmul(_as_matrix(layer, weight).astype(np.float64), patches)  # [groups, outputs, positions]
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-4, atol=1e-4)
+
+
+def _output_error(model: onnx.ModelProto, weight: np.ndarray, samples) -> float:
+    reference = make_session(model)
+    rounded = onnx.ModelProto.FromString(model.SerializeToString())
+    rounded.graph.initializer[0].CopyFrom(numpy_helper.from_array(weight, "w"))
+    candidate = make_session(rounded)
+    return sum(float(np.sum((candidate.run(None, s)[0].astype(np.float64) - reference.run(None, s)[0]) ** 2))
+               for s in samples)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_adaround_beats_nearest_rounding_on_the_layer_output_and_stays_on_the_grid(per_channel):
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(6, 4, 3, 3)).astype(np.float32)
+    model = _conv(weight, pads=[1, 1, 1, 1])
+    weights = weight_encodings(model, find_targets(model), 4 if not per_channel else 8, per_channel=per_channel)
+    enc = weights["w"]
+    samples = _samples(16)
+    rounded_model, (result,) = adaround(model, weights, samples, iterations=300)
+    rounded = numpy_helper.to_array(rounded_model.graph.initializer[0])
+    np.testing.assert_array_equal(fake_quantize(rounded, enc), rounded)  # on the grid, bit for bit
+    codes = quantize_codes(rounded, enc)
+    assert codes.min() >= 0 and codes.max() <= enc.levels
+    nearest = _output_error(model, fake_quantize(weight, enc), samples)
+    learned = _output_error(model, rounded, samples)
+    assert learned < nearest  # measured with onnxruntime, not with AdaRound's own Gram matrices
+    assert result.adaround_error <= result.nearest_error and result.flipped > 0
+    assert result.nearest_error == pytest.approx(nearest / (16 * 81), rel=1e-3)  # per output position
+
+
+def test_adaround_keeps_nearest_rounding_when_it_cannot_help():
+    weight = np.array([[[[0.5]]], [[[-0.25]]]], np.float32).repeat(4, axis=1)  # exactly on a grid
+    model = _conv(weight)
+    weights = {"w": Encoding(8, 0.5 / 64, -128, is_symmetric=True)}
+    rounded_model, (result,) = adaround(model, weights, _samples(4), iterations=50)
+    np.testing.assert_array_equal(numpy_helper.to_array(rounded_model.graph.initializer[0]), weight)
+    assert result.kept_nearest or result.flipped == 0
+
+
+def test_adaround_flag_writes_weights_the_exported_encodings_reproduce(tmp_path, tiny_model, npy_folder):
+    plain = quantize(tiny_model, npy_folder, tmp_path / "plain", progress=False)
+    rounded = quantize(tiny_model, npy_folder, tmp_path / "ada", adaround=True, adaround_iters=100, progress=False)
+    record = rounded.report["optimizations"]["adaround"]
+    assert record["layers"] == 2 and record["iterations"] == 100
+    overrides = [json.loads((r.out_dir / "snpe_clip_ranges.json").read_text())["param_encodings"]
+                 for r in (plain, rounded)]
+    assert overrides[0] == overrides[1]  # AdaRound changes the rounding, not the grids
+    written = onnx.load(str(rounded.out_dir / "snpe_deploy.onnx"))
+    deploy = {i.name: numpy_helper.to_array(i) for i in written.graph.initializer}
+    for name, (entry,) in overrides[1].items():
+        enc = Encoding(entry["bitwidth"], entry["scale"], entry["offset"], entry["is_symmetric"] == "True")
+        np.testing.assert_array_equal(fake_quantize(deploy[name], enc), deploy[name])
