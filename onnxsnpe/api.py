@@ -35,17 +35,22 @@ from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.adaround import adaround
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .optimize.bias_correction import correct_biases
+from .optimize.mixed_precision import choose_16bit, held_back_count
 from .report.agreement import measure_agreement
 from .report.document import build_report
 from .report.evaluation import Evaluation, evaluate
 from .report.html import write_html_report
-from .report.metrics import OutputComparison
+from .report.metrics import OutputComparison, json_db
+from .report.sensitivity import OutputScorer, isolated_ranking
 from .report.weight_analysis import analyze_weights
 from .simulate.arithmetic import ARITHMETICS, simulation_model
 from .simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
 from .simulate.qdq import build_qdq_model
 from .stats.collect import collect_statistics
 from .stats.tensor_stats import TensorStats
+
+RANKING_SAMPLES = 4
+"""Held-back samples the isolated ranking of automatic mixed precision runs on (one run per tensor each)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class Settings:
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES
     bias_correction: bool = False
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES
+    auto_precision: bool = False
+    target_sqnr: float | None = None
+    max_16bit: int | None = None
     bias_bitwidth: int = 32
     write_bias_encodings: bool = False
     arithmetic: str = "htp"
@@ -85,6 +93,13 @@ class Settings:
                             ("--adaround-samples", self.adaround_samples), ("--adaround-iters", self.adaround_iters)):
             if count < 1:
                 raise OnnxSnpeError(f"{flag} must be 1 or more, got {count}")
+        if self.auto_precision:
+            if self.target_sqnr is None and self.max_16bit is None:
+                raise OnnxSnpeError("--auto-precision needs --target-sqnr DB, --max-16bit N or both")
+            if self.act_bitwidth != 8:
+                raise OnnxSnpeError("--auto-precision raises 8-bit activations to 16 bits: use --act-bitwidth 8")
+            if self.max_16bit is not None and self.max_16bit < 1:
+                raise OnnxSnpeError(f"--max-16bit must be 1 or more, got {self.max_16bit}")
 
     def to_dict(self) -> dict:
         settings = asdict(self)
@@ -92,6 +107,8 @@ class Settings:
             settings["correction_samples"] = None
         if not self.adaround:
             settings["adaround_iters"] = settings["adaround_samples"] = None
+        if not self.auto_precision:
+            settings["target_sqnr"] = settings["max_16bit"] = None
         if "percentile" not in (self.method, self.weight_method):
             settings["percentile"] = None
         settings["bias_encodings_written"] = settings.pop("write_bias_encodings")
@@ -113,6 +130,8 @@ class Prepared:
     held_out: bool
     weight_encodings: dict[str, ParamEncoding] | None = None
     """Weight encodings fixed by an optimization (AdaRound's grids), else computed from the deploy weights."""
+    judging_set: Dataset | None = None
+    """Calibration samples held back from calibration and fitting, to judge automatic choices on."""
 
     def describe_data(self) -> tuple[dict, dict]:
         """The report's calibration and evaluation sections."""
@@ -171,6 +190,9 @@ def quantize(
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES,
     bias_correction: bool = False,
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES,
+    auto_precision: bool = False,
+    target_sqnr: float | None = None,
+    max_16bit: int | None = None,
     bias_bitwidth: int = 32,
     write_bias_encodings: bool = False,
     arithmetic: str = "htp",
@@ -194,6 +216,7 @@ def quantize(
                         act_bitwidth=act_bitwidth, weight_bitwidth=weight_bitwidth, per_channel=per_channel,
                         adaround=adaround, adaround_iters=adaround_iters, adaround_samples=adaround_samples,
                         bias_correction=bias_correction, correction_samples=correction_samples,
+                        auto_precision=auto_precision, target_sqnr=target_sqnr, max_16bit=max_16bit,
                         bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings, arithmetic=arithmetic)
     settings.check()
     check_analysis_samples(analysis_samples)
@@ -206,7 +229,9 @@ def quantize(
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, [method], progress)
-        encodings = encode(prepared, stats, settings)
+        encodings, precision = encode_with_precision(prepared, stats, settings)
+        if precision is not None:
+            optimizations["auto_precision"] = precision
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
         weights = analyze_weights(prepared.deploy, encodings.weights, prepared.targets.weight_axes)
         qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
@@ -319,6 +344,8 @@ def optimize(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Pr
     order: AdaRound, bias correction. Returns the prepared model with the new deploy graph (and, after
     AdaRound, the weight encodings its weights lie on), and what each step did."""
     done: dict = {}
+    if settings.auto_precision:
+        prepared = hold_back(prepared)
     if not (settings.adaround or settings.bias_correction):
         return prepared, done
     deploy = prepared.deploy
@@ -337,12 +364,23 @@ def optimize(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Pr
         start = time.perf_counter()
         count = min(settings.correction_samples, len(prepared.calib_set))
         samples = [prepared.calib_set.load(i) for i in range(count)]
-        deploy, corrections = correct_biases(deploy, weights, samples, progress=_bar("bias correction", "layer",
-                                                                                     progress))
+        deploy, corrections = correct_biases(deploy, weights, samples, reference=prepared.deploy,
+                                             progress=_bar("bias correction", "layer", progress))
         done["bias_correction"] = {"samples": count, "layers": len(corrections),
                                    "seconds": round(time.perf_counter() - start, 3),
                                    "corrections": [c.to_dict() for c in corrections]}
     return replace(prepared, deploy=deploy, targets=find_targets(deploy), weight_encodings=fixed), done
+
+
+def hold_back(prepared: Prepared) -> Prepared:
+    """The last calibration samples (optimize.mixed_precision.held_back_count) set apart to judge on."""
+    entries = prepared.calib_set.entries
+    if len(entries) < 2:
+        raise OnnxSnpeError(f"{prepared.calib_set.path}: automatic choices need at least 2 calibration samples "
+                            "(some are held back to judge them)")
+    count = held_back_count(len(entries))
+    return replace(prepared, calib_set=replace(prepared.calib_set, entries=entries[:-count]),
+                   judging_set=replace(prepared.calib_set, entries=entries[-count:]))
 
 
 def _bar(label: str, unit: str, enabled: bool):
@@ -361,12 +399,14 @@ def calibrate(
     return stats
 
 
-def encode(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings) -> Encodings:
-    """Activation, weight and bias encodings for one configuration."""
+def encode(
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings, raised: Iterable[str] = ()
+) -> Encodings:
+    """Activation, weight and bias encodings for one configuration; ``raised`` activations at 16 bits."""
     deploy, targets = prepared.deploy, prepared.targets
     fixed = fixed_range_tensors(deploy) if settings.fixed_ranges else None
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
-                                       percentile=settings.percentile, fixed=fixed)
+                                       percentile=settings.percentile, fixed=fixed, raised=raised)
     weights = prepared.weight_encodings or weight_encodings(
         deploy, targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
         per_channel=settings.per_channel)
@@ -374,6 +414,37 @@ def encode(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
     constants = constant_encodings(deploy, targets, weights, 8)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
     return Encodings(activations, weights, biases, constants, written)
+
+
+def encode_with_precision(
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
+) -> tuple[Encodings, dict | None]:
+    """encode, with the activations raised to 16 bits that automatic mixed precision picks when asked.
+
+    The ranking uses the first RANKING_SAMPLES held-back calibration samples, the scores all of them.
+    """
+    if not settings.auto_precision:
+        return encode(prepared, stats, settings), None
+    samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
+    start = time.perf_counter()
+    plain = encode(prepared, stats, settings)
+    ranking = isolated_ranking(prepared.deploy, prepared.targets, plain.activations, samples[:RANKING_SAMPLES])
+    ranked = time.perf_counter() - start
+    scorer = OutputScorer(prepared.deploy, prepared.targets, samples, settings.arithmetic)
+
+    def score(raised: list[str]) -> float:
+        encodings = encode(prepared, stats, settings, raised)
+        return scorer(encodings.activations, encodings.params)
+
+    choice = choose_16bit([name for name, _ in ranking], score, settings.target_sqnr, settings.max_16bit)
+    record = {
+        **choice.to_dict(),
+        "held_back_samples": len(samples),
+        "ranking_samples": min(RANKING_SAMPLES, len(samples)),
+        "ranking_seconds": round(ranked, 3),
+        "ranking": [{"tensor": name, "isolated_sqnr_db": json_db(db)} for name, db in ranking[:20]],
+    }
+    return encode(prepared, stats, settings, choice.raised), record
 
 
 def evaluate_encodings(

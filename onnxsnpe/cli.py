@@ -127,6 +127,15 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adaround-samples", type=int, default=DEFAULT_ADAROUND_SAMPLES, metavar="N",
                         help=f"calibration samples AdaRound fits on (default {DEFAULT_ADAROUND_SAMPLES})")
     parser.add_argument(
+        "--auto-precision", action="store_true",
+        help="raise the activations whose 8-bit quantization costs most to 16 bits, one at a time, until "
+        "--target-sqnr is met or --max-16bit are raised (judged on held-back calibration samples)",
+    )
+    parser.add_argument("--target-sqnr", type=float, default=None, metavar="DB",
+                        help="with --auto-precision: the output SQNR to reach")
+    parser.add_argument("--max-16bit", type=int, default=None, metavar="N",
+                        help="with --auto-precision: at most this many 16-bit activations")
+    parser.add_argument(
         "--bias-correction", action="store_true",
         help="subtract from each layer's bias the mean shift weight quantization adds to its output, measured "
         "layer by layer on calibration samples (changes the biases in snpe_deploy.onnx)",
@@ -280,6 +289,9 @@ def _run(args: argparse.Namespace) -> int:
             adaround_samples=args.adaround_samples,
             bias_correction=args.bias_correction,
             correction_samples=args.correction_samples,
+            auto_precision=args.auto_precision,
+            target_sqnr=args.target_sqnr,
+            max_16bit=args.max_16bit,
             bias_bitwidth=args.bias_bitwidth,
             write_bias_encodings=args.write_bias_encodings,
             arithmetic=args.arithmetic,
@@ -308,6 +320,7 @@ def _run_compare(args: argparse.Namespace) -> int:
                     adaround=args.adaround, adaround_iters=args.adaround_iters,
                     adaround_samples=args.adaround_samples,
                     bias_correction=args.bias_correction, correction_samples=args.correction_samples,
+                    auto_precision=args.auto_precision, target_sqnr=args.target_sqnr, max_16bit=args.max_16bit,
                     bias_bitwidth=args.bias_bitwidth,
                     write_bias_encodings=args.write_bias_encodings, arithmetic=args.arithmetic)
     result = compare(

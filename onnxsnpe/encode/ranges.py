@@ -12,6 +12,8 @@ AIMET's HTP configs), unless ``fixed_ranges`` is off.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx
 
@@ -69,21 +71,25 @@ def activation_encodings(
     *,
     percentile: float = DEFAULT_PERCENTILE,
     fixed: dict[str, tuple[float, float]] | None = None,
+    raised: Iterable[str] = (),
 ) -> dict[str, Encoding]:
     """An encoding for every activation, aliases included (they share their root's encoding).
 
-    ``fixed`` maps tensors to ranges that override the statistics (see fixed_range_tensors).
+    ``fixed`` maps tensors to ranges that override the statistics (see fixed_range_tensors);
+    ``raised`` names tensors encoded at 16 bits whatever ``bitwidth`` is (mixed precision).
     """
     fixed = fixed or {}
+    raised = set(raised)
     encodings = {}
     for name in targets.activations:
+        bits = 16 if name in raised else bitwidth
         if name in fixed:
-            encodings[name] = asymmetric_encoding(*fixed[name], bitwidth)
+            encodings[name] = asymmetric_encoding(*fixed[name], bits)
             continue
         observer = stats[name]
         if observer.count == 0:
             raise OnnxSnpeError(f"tensor '{name}' produced no values on the calibration data")
-        encodings[name] = asymmetric_encoding(*chosen_range(observer, method, bitwidth, percentile), bitwidth)
+        encodings[name] = asymmetric_encoding(*chosen_range(observer, method, bits, percentile), bits)
     for alias, root in targets.aliases.items():
         encodings[alias] = encodings[root]
     return encodings

@@ -61,11 +61,14 @@ def correct_biases(
     weights: dict[str, ParamEncoding],
     samples: Sequence[dict[str, np.ndarray]],
     progress: Callable[[Sequence[Layer]], Iterable[Layer]] = lambda layers: layers,
+    reference: onnx.ModelProto | None = None,
 ) -> tuple[onnx.ModelProto, list[Correction]]:
     """A copy of ``model`` with the bias of every layer with an encoded weight corrected (module docstring).
 
     ``weights`` are the weight encodings the quantized model uses; ``samples`` the calibration
-    samples to measure on; ``progress`` wraps the list of layers (e.g. in a progress bar).
+    samples to measure on; ``progress`` wraps the list of layers (e.g. in a progress bar);
+    ``reference`` the FP32 model whose means are the target, with the same tensor names (default
+    ``model``; after AdaRound, the model before it, whose weights ``model``'s rounded ones stand for).
 
     The quantized network runs once over the samples, one segment per layer (the nodes after the
     previous layer up to this one), from the tensors the earlier segments left; a layer's cached
@@ -74,7 +77,8 @@ def correct_biases(
     """
     corrected, layers = _with_biases(model, weights)
     outputs = [layer.output for layer in layers]
-    reference = _channel_moments(make_session(corrected, outputs), outputs, layers, samples)
+    target = corrected if reference is None else reference
+    reference_moments = _channel_moments(make_session(target, outputs), outputs, layers, samples)
     quantized = _quantized_weights(corrected, weights)
     biases = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in corrected.graph.initializer
               if init.name in {layer.bias for layer in layers}}
@@ -86,7 +90,7 @@ def correct_biases(
             values = session.run(segment.outputs, {name: cache[name] for name in segment.inputs})
             cache.update(zip(segment.outputs, values, strict=True))
         mean, _ = _channel_moments(None, [layer.output], [layer], caches)[layer.output]
-        ref_mean, ref_std = reference[layer.output]
+        ref_mean, ref_std = reference_moments[layer.output]
         shift = mean - ref_mean
         along = np.expand_dims(shift.astype(np.float32),
                                tuple(a for a in range(caches[0][layer.output].ndim) if a != layer.axis))

@@ -1,0 +1,71 @@
+"""How much each activation's quantization costs, and how well a whole configuration does, on a few
+samples: what automatic mixed precision (optimize/mixed_precision.py) ranks and scores with.
+
+- ``isolated_ranking``: per activation, the output SQNR when only it is quantized (everything else,
+  weights included, FP32), worst first; one switchable simulation serves every tensor, so it costs
+  one run per tensor per sample.
+- ``OutputScorer``: the lowest output SQNR of the simulated quantized model (all activations and
+  params quantized) against FP32 over the samples, with the FP32 outputs computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from ..encode.encoding import Encoding, ParamEncoding
+from ..graph.runtime import make_session
+from ..graph.targets import QuantTargets
+from ..simulate.arithmetic import simulation_model
+from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
+from .metrics import TensorComparison
+
+Sample = dict[str, np.ndarray]
+
+
+def isolated_ranking(
+    deploy: onnx.ModelProto,
+    targets: QuantTargets,
+    activations: dict[str, Encoding],
+    samples: Sequence[Sample],
+) -> list[tuple[str, float]]:
+    """Every activation with its own encoding and its isolated output SQNR (dB), costliest first."""
+    outputs = [o.name for o in deploy.graph.output]
+    names = list(targets.activations)
+    reference = make_session(deploy)
+    model, output_map = build_simulation_model(deploy, targets, activations, {}, switchable=True)
+    session = make_session(model)
+    mapped = [output_map[o] for o in outputs]
+    comparisons = [TensorComparison(name) for name in names]
+    switch = np.zeros(len(names), dtype=bool)
+    for sample in samples:
+        ref = reference.run(outputs, sample)
+        for position, comparison in enumerate(comparisons):
+            switch[:] = False
+            switch[position] = True
+            for want, got in zip(ref, session.run(mapped, {**sample, SWITCH_INPUT: switch}), strict=True):
+                comparison.update(want, got)
+    return sorted(((c.name, c.sqnr_db) for c in comparisons), key=lambda item: (item[1], item[0]))
+
+
+class OutputScorer:
+    """Scores configurations of one deploy model on fixed samples: the lowest output SQNR (dB)."""
+
+    def __init__(self, deploy: onnx.ModelProto, targets: QuantTargets, samples: Sequence[Sample],
+                 arithmetic: str) -> None:
+        self.deploy, self.targets, self.samples, self.arithmetic = deploy, targets, list(samples), arithmetic
+        self.outputs = [o.name for o in deploy.graph.output]
+        reference = make_session(deploy)
+        self.references = [reference.run(self.outputs, sample) for sample in self.samples]
+
+    def __call__(self, activations: dict[str, Encoding], params: dict[str, ParamEncoding]) -> float:
+        model, output_map = simulation_model(self.deploy, self.targets, activations, params, self.arithmetic)
+        session = make_session(model)
+        mapped = [output_map[o] for o in self.outputs]
+        comparisons = [TensorComparison(o) for o in self.outputs]
+        for sample, ref in zip(self.samples, self.references, strict=True):
+            for comparison, want, got in zip(comparisons, ref, session.run(mapped, sample), strict=True):
+                comparison.update(want, got)
+        return min(c.sqnr_db for c in comparisons)
