@@ -312,8 +312,8 @@ def _image_options(args: argparse.Namespace) -> ImageOptions:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .api import Settings
     from .compare import compare, comparison_summary
+    from .stages import Settings
 
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, per_channel=args.per_channel,

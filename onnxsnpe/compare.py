@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__, export
-from .api import Settings, calibrate, check_analysis_samples, encode, evaluate_encodings, optimize, prepare
 from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
 from .report.evaluation import worst_isolated
 from .report.html import write_comparison_html
+from .stages import Settings, calibrate, check_analysis_samples, encode, evaluate_encodings, optimize, prepare
 
 COMPARE_JSON = "compare.json"
 COMPARE_HTML = "compare.html"

@@ -4,21 +4,21 @@ import json
 
 import pytest
 
-from onnxsnpe import api, quantize
-from onnxsnpe.api import Settings
+from onnxsnpe import quantize, stages
 from onnxsnpe.cli import main
 from onnxsnpe.compare import compare
+from onnxsnpe.stages import Settings
 
 
 def test_compare_calibrates_once_and_matches_quantize(monkeypatch, tmp_path, tiny_model, npy_folder):
     calls = []
-    original = api.collect_statistics
+    original = stages.collect_statistics
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("methods"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(api, "collect_statistics", counting)
+    monkeypatch.setattr(stages, "collect_statistics", counting)
     result = compare(tiny_model, npy_folder, tmp_path / "cmp", methods=["minmax", "mse"], act_bitwidths=[8, 16],
                      progress=False)
     assert len(calls) == 1 and set(calls[0]) >= {"minmax", "mse"}

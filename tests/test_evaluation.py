@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe.api import Settings
 from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.deploy import prepare_deploy_model
@@ -15,6 +14,7 @@ from onnxsnpe.report.evaluation import HISTOGRAM_BINS, evaluate, worst_isolated
 from onnxsnpe.report.weight_analysis import analyze_weights
 from onnxsnpe.simulate.fake_quant import build_simulation_model
 from onnxsnpe.simulate.htp.model import htp_simulation_model
+from onnxsnpe.stages import Settings
 
 from .conftest import minmax_encodings
 

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from onnxsnpe import ImageOptions
-from onnxsnpe.api import Settings
 from onnxsnpe.compare import compare
+from onnxsnpe.stages import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -1,0 +1,326 @@
+"""The stages shared by ``quantize`` and ``compare``, wired in order: prepare (load, fix shapes,
+fold, find targets, open the datasets), optimize (steps that change weights), calibrate (one pass:
+statistics and the input list), encode (with automatic mixed precision when asked), evaluate.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from . import export
+from .data.datasets import Dataset, ImageOptions, Sample, open_dataset
+from .encode.constants import constant_encodings
+from .encode.encoding import Encoding, ParamEncoding
+from .encode.methods import DEFAULT_PERCENTILE, check_method
+from .encode.ranges import (
+    activation_encodings,
+    bias_encodings,
+    fixed_range_tensors,
+    weight_encodings,
+)
+from .errors import OnnxSnpeError
+from .graph.deploy import prepare_deploy_model
+from .graph.load import load_model, model_inputs
+from .graph.targets import QuantTargets, find_targets
+from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
+from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
+from .optimize.adaround import adaround
+from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
+from .optimize.bias_correction import correct_biases
+from .optimize.mixed_precision import choose_16bit, held_back_count
+from .report.evaluation import Evaluation, evaluate
+from .report.metrics import json_db
+from .report.sensitivity import OutputScorer, isolated_ranking
+from .simulate.arithmetic import ARITHMETICS
+from .stats.collect import collect_statistics
+from .stats.tensor_stats import TensorStats
+
+RANKING_SAMPLES = 4
+"""Held-back samples the isolated ranking of automatic mixed precision runs on (one run per tensor each)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How ranges and encodings are chosen."""
+
+    method: str = "minmax"
+    percentile: float = DEFAULT_PERCENTILE
+    weight_method: str = "minmax"
+    fixed_ranges: bool = True
+    act_bitwidth: int = 8
+    weight_bitwidth: int = 8
+    per_channel: bool = False
+    adaround: bool = False
+    adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS
+    adaround_samples: int = DEFAULT_ADAROUND_SAMPLES
+    bias_correction: bool = False
+    correction_samples: int = DEFAULT_CORRECTION_SAMPLES
+    auto_precision: bool = False
+    target_sqnr: float | None = None
+    max_16bit: int | None = None
+    bias_bitwidth: int = 32
+    write_bias_encodings: bool = False
+    arithmetic: str = "htp"
+
+    def check(self) -> None:
+        """Raise OnnxSnpeError for a setting SNPE or this tool does not support."""
+        check_method(self.method, self.percentile)
+        if self.arithmetic not in ARITHMETICS:
+            raise OnnxSnpeError(f"--arithmetic must be one of {', '.join(ARITHMETICS)}, got {self.arithmetic}")
+        check_method(self.weight_method, self.percentile, "--weight-method")
+        for flag, value, allowed in (
+            ("--act-bitwidth", self.act_bitwidth, (8, 16)),
+            ("--weight-bitwidth", self.weight_bitwidth, (8, 16)),
+            ("--bias-bitwidth", self.bias_bitwidth, (8, 32)),
+        ):
+            if value not in allowed:
+                raise OnnxSnpeError(f"{flag} must be one of {', '.join(map(str, allowed))}, got {value}")
+        for flag, count in (("--correction-samples", self.correction_samples),
+                            ("--adaround-samples", self.adaround_samples), ("--adaround-iters", self.adaround_iters)):
+            if count < 1:
+                raise OnnxSnpeError(f"{flag} must be 1 or more, got {count}")
+        if self.auto_precision:
+            if self.target_sqnr is None and self.max_16bit is None:
+                raise OnnxSnpeError("--auto-precision needs --target-sqnr DB, --max-16bit N or both")
+            if self.act_bitwidth != 8:
+                raise OnnxSnpeError("--auto-precision raises 8-bit activations to 16 bits: use --act-bitwidth 8")
+            if self.max_16bit is not None and self.max_16bit < 1:
+                raise OnnxSnpeError(f"--max-16bit must be 1 or more, got {self.max_16bit}")
+
+    def to_dict(self) -> dict:
+        settings = asdict(self)
+        if not self.bias_correction:
+            settings["correction_samples"] = None
+        if not self.adaround:
+            settings["adaround_iters"] = settings["adaround_samples"] = None
+        if not self.auto_precision:
+            settings["target_sqnr"] = settings["max_16bit"] = None
+        if "percentile" not in (self.method, self.weight_method):
+            settings["percentile"] = None
+        settings["bias_encodings_written"] = settings.pop("write_bias_encodings")
+        return settings
+
+
+@dataclass
+class Prepared:
+    """The deploy model, what gets encodings, and the datasets, ready to calibrate."""
+
+    model_path: Path
+    deploy: onnx.ModelProto
+    batchnorms_folded: int
+    targets: QuantTargets
+    input_names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    calib_set: Dataset
+    eval_set: Dataset
+    held_out: bool
+    weight_encodings: dict[str, ParamEncoding] | None = None
+    """Weight encodings fixed by an optimization (AdaRound's grids), else computed from the deploy weights."""
+    judging_set: Dataset | None = None
+    """Calibration samples held back from calibration and fitting, to judge automatic choices on."""
+
+    def describe_data(self) -> tuple[dict, dict]:
+        """The report's calibration and evaluation sections."""
+        evaluation = {
+            **_describe(self.eval_set),
+            "held_out": self.held_out,
+            "note": None if self.held_out else
+            "no --eval data: figures are measured on the calibration samples and flatter the result",
+        }
+        return _describe(self.calib_set), evaluation
+
+
+@dataclass
+class Encodings:
+    """Every encoding of one configuration."""
+
+    activations: dict[str, Encoding]
+    weights: dict[str, Encoding]
+    biases: dict[str, Encoding]
+    constants: dict[str, Encoding]  # static operands of elementwise ops, 8-bit min-max as SNPE quantizes them
+    written_params: dict[str, ParamEncoding]
+
+    @property
+    def params(self) -> dict[str, Encoding]:
+        """Every constant the quantized model quantizes: weights, biases and static operands."""
+        return {**self.weights, **self.constants, **self.biases}
+
+
+def check_analysis_samples(count: int) -> None:
+    """--analysis-samples must not be negative."""
+    if count < 0:
+        raise OnnxSnpeError(f"--analysis-samples must be 0 or more, got {count}")
+
+
+def prepare(
+    model: str | os.PathLike,
+    calib: str | os.PathLike,
+    eval_data: str | os.PathLike | None,
+    num_samples: int | None,
+    input_shapes: dict[str | None, tuple[int, ...]] | None,
+    image_options: ImageOptions | None,
+) -> Prepared:
+    """Load the model, open the datasets, fix the shapes from the first sample, fold the graph."""
+    model_path = Path(model).absolute()
+    onnx_model = load_model(model_path)
+    inputs = model_inputs(onnx_model)
+    calib_set = open_dataset(calib, inputs, image_options, input_shapes, num_samples)
+    calib_set.load(0)  # fixes the input shapes from the data
+    shapes = dict(calib_set.shapes)
+    eval_set = calib_set
+    if eval_data is not None:
+        eval_set = open_dataset(eval_data, inputs, image_options, input_shapes)
+        eval_set.shapes.update(shapes)  # the deploy model is static: eval samples must match
+    deploy, batchnorms_folded = prepare_deploy_model(onnx_model, shapes)
+    return Prepared(model_path, deploy, batchnorms_folded, find_targets(deploy), [spec.name for spec in inputs],
+                    shapes, calib_set, eval_set, eval_data is not None)
+
+
+def optimize(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+    """The steps that change the deploy model's weights before calibration, as ``settings`` ask, in
+    order: AdaRound, bias correction. Returns the prepared model with the new deploy graph (and, after
+    AdaRound, the weight encodings its weights lie on), and what each step did."""
+    done: dict = {}
+    if settings.auto_precision:
+        prepared = hold_back(prepared)
+    if not (settings.adaround or settings.bias_correction):
+        return prepared, done
+    deploy = prepared.deploy
+    weights = weight_encodings(deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method,
+                               settings.percentile, per_channel=settings.per_channel)
+    fixed = None
+    if settings.adaround:
+        start = time.perf_counter()
+        count = min(settings.adaround_samples, len(prepared.calib_set))
+        deploy, layers = adaround(deploy, weights, (prepared.calib_set.load(i) for i in range(count)),
+                                  settings.adaround_iters, progress=_bar("adaround", "layer", progress))
+        fixed = weights  # the rounded weights lie on these grids; re-encoding them could move a grid
+        done["adaround"] = {"samples": count, "iterations": settings.adaround_iters, "layers": len(layers),
+                            "seconds": round(time.perf_counter() - start, 3), "weights": [r.to_dict() for r in layers]}
+    if settings.bias_correction:
+        start = time.perf_counter()
+        count = min(settings.correction_samples, len(prepared.calib_set))
+        samples = [prepared.calib_set.load(i) for i in range(count)]
+        deploy, corrections = correct_biases(deploy, weights, samples, reference=prepared.deploy,
+                                             progress=_bar("bias correction", "layer", progress))
+        done["bias_correction"] = {"samples": count, "layers": len(corrections),
+                                   "seconds": round(time.perf_counter() - start, 3),
+                                   "corrections": [c.to_dict() for c in corrections]}
+    return replace(prepared, deploy=deploy, targets=find_targets(deploy), weight_encodings=fixed), done
+
+
+def hold_back(prepared: Prepared) -> Prepared:
+    """The last calibration samples (optimize.mixed_precision.held_back_count) set apart to judge on."""
+    entries = prepared.calib_set.entries
+    if len(entries) < 2:
+        raise OnnxSnpeError(f"{prepared.calib_set.path}: automatic choices need at least 2 calibration samples "
+                            "(some are held back to judge them)")
+    count = held_back_count(len(entries))
+    return replace(prepared, calib_set=replace(prepared.calib_set, entries=entries[:-count]),
+                   judging_set=replace(prepared.calib_set, entries=entries[-count:]))
+
+
+def _bar(label: str, unit: str, enabled: bool):
+    """A wrapper that shows a progress bar over a list, when progress is on."""
+    return lambda items: tqdm(items, desc=label, unit=unit, disable=not enabled or None, leave=False)
+
+
+def calibrate(
+    prepared: Prepared, staged: export.StagedOutput, methods: Iterable[str], progress: bool
+) -> dict[str, TensorStats]:
+    """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files."""
+    raw_writer = export.InputListWriter(staged, prepared.input_names)
+    samples = _teed(_progress(prepared.calib_set, "calibration", progress), raw_writer.add)
+    stats = collect_statistics(prepared.deploy, prepared.targets.activations, samples, methods=list(methods))
+    raw_writer.finish()
+    return stats
+
+
+def encode(
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings, raised: Iterable[str] = ()
+) -> Encodings:
+    """Activation, weight and bias encodings for one configuration; ``raised`` activations at 16 bits."""
+    deploy, targets = prepared.deploy, prepared.targets
+    fixed = fixed_range_tensors(deploy) if settings.fixed_ranges else None
+    activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
+                                       percentile=settings.percentile, fixed=fixed, raised=raised)
+    weights = prepared.weight_encodings or weight_encodings(
+        deploy, targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
+        per_channel=settings.per_channel)
+    biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
+    constants = constant_encodings(deploy, targets, weights, 8)
+    written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
+    return Encodings(activations, weights, biases, constants, written)
+
+
+def encode_with_precision(
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
+) -> tuple[Encodings, dict | None]:
+    """encode, with the activations raised to 16 bits that automatic mixed precision picks when asked.
+
+    The ranking uses the first RANKING_SAMPLES held-back calibration samples, the scores all of them.
+    """
+    if not settings.auto_precision:
+        return encode(prepared, stats, settings), None
+    samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
+    start = time.perf_counter()
+    plain = encode(prepared, stats, settings)
+    ranking = isolated_ranking(prepared.deploy, prepared.targets, plain.activations, samples[:RANKING_SAMPLES])
+    ranked = time.perf_counter() - start
+    scorer = OutputScorer(prepared.deploy, prepared.targets, samples, settings.arithmetic)
+
+    def score(raised: list[str]) -> float:
+        encodings = encode(prepared, stats, settings, raised)
+        return scorer(encodings.activations, encodings.params)
+
+    choice = choose_16bit([name for name, _ in ranking], score, settings.target_sqnr, settings.max_16bit)
+    record = {
+        **choice.to_dict(),
+        "held_back_samples": len(samples),
+        "ranking_samples": min(RANKING_SAMPLES, len(samples)),
+        "ranking_seconds": round(ranked, 3),
+        "ranking": [{"tensor": name, "isolated_sqnr_db": json_db(db)} for name, db in ranking[:20]],
+    }
+    return encode(prepared, stats, settings, choice.raised), record
+
+
+def evaluate_encodings(
+    prepared: Prepared,
+    stats: dict[str, TensorStats],
+    encodings: Encodings,
+    arithmetic: str,
+    analysis_samples: int,
+    progress: bool,
+) -> Evaluation:
+    """The simulated model (in ``arithmetic``) against FP32 on the evaluation samples, per output and tensor."""
+    return evaluate(
+        prepared.deploy,
+        prepared.targets,
+        encodings.activations,
+        encodings.params,
+        {name: (stats[name].min, stats[name].max) for name in prepared.targets.activations},
+        _progress(prepared.eval_set, "evaluation", progress),
+        isolated_samples=analysis_samples,
+        arithmetic=arithmetic,
+    )
+
+
+def _describe(dataset: Dataset) -> dict:
+    return {"path": str(Path(dataset.path).absolute()), "format": dataset.kind, "num_samples": len(dataset)}
+
+
+def _progress(dataset: Dataset, label: str, enabled: bool) -> Iterator[Sample]:
+    return iter(tqdm(dataset, desc=label, unit="sample", disable=not enabled or None, leave=False))
+
+
+def _teed(samples: Iterator[Sample], sink) -> Iterator[Sample]:
+    for sample in samples:
+        sink(sample)
+        yield sample
