@@ -20,10 +20,11 @@ from .errors import OnnxSnpeError
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
+from .recipe import run_recipe
 from .report.agreement import measure_agreement
 from .report.document import build_report
 from .report.html import write_html_report
-from .report.metrics import OutputComparison
+from .report.metrics import OutputComparison, json_db
 from .report.weight_analysis import analyze_weights
 from .simulate.arithmetic import ARITHMETICS, simulation_model
 from .simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
@@ -36,7 +37,7 @@ from .stages import (
     check_analysis_samples,
     encode_with_precision,
     evaluate_encodings,
-    optimize,
+    optimize_model,
     prepare,
 )
 
@@ -66,6 +67,7 @@ def quantize(
     act_bitwidth: int = 8,
     weight_bitwidth: int = 8,
     per_channel: bool = False,
+    optimize: bool = False,
     adaround: bool = False,
     adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS,
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES,
@@ -95,7 +97,8 @@ def quantize(
     start = time.perf_counter()
     settings = Settings(method=method, percentile=percentile, weight_method=weight_method, fixed_ranges=fixed_ranges,
                         act_bitwidth=act_bitwidth, weight_bitwidth=weight_bitwidth, per_channel=per_channel,
-                        adaround=adaround, adaround_iters=adaround_iters, adaround_samples=adaround_samples,
+                        optimize=optimize, adaround=adaround, adaround_iters=adaround_iters,
+                        adaround_samples=adaround_samples,
                         bias_correction=bias_correction, correction_samples=correction_samples,
                         auto_precision=auto_precision, target_sqnr=target_sqnr, max_16bit=max_16bit,
                         bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings, arithmetic=arithmetic)
@@ -106,13 +109,20 @@ def quantize(
     if htp_samples and (reason := qnn_unavailable_reason()):
         raise OnnxSnpeError(f"--htp: {reason}")
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
-    prepared, optimizations = optimize(prepared, settings, progress)
+    if settings.optimize:
+        prepared, settings, optimizations = run_recipe(prepared, settings, progress)
+    else:
+        prepared, optimizations = optimize_model(prepared, settings, progress)
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, [method], progress)
         encodings, precision = encode_with_precision(prepared, stats, settings)
         if precision is not None:
             optimizations["auto_precision"] = precision
+            if "recipe" in optimizations:
+                optimizations["recipe"]["ablation"].append(
+                    {"step": "+ auto precision", "sqnr_db": json_db(precision["final_sqnr_db"]),
+                     "top1_agreement": None, "kept": bool(precision["raised"]), "seconds": precision["seconds"]})
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
         weights = analyze_weights(prepared.deploy, encodings.weights, prepared.targets.weight_axes)
         qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)

@@ -117,6 +117,11 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
         "as QAIRT's --use_per_channel_quantization (default: per tensor, asymmetric)",
     )
     parser.add_argument(
+        "--optimize", action="store_true",
+        help="try AdaRound, then bias correction, each kept only if the simulated model does better on held-back "
+        "calibration samples; the report shows the ablation",
+    )
+    parser.add_argument(
         "--adaround", action="store_true",
         help="learn for each Conv/Gemm/MatMul weight whether it rounds up or down so the layer's output on "
         "calibration samples is reproduced (AdaRound; the weights in snpe_deploy.onnx are written on the "
@@ -284,6 +289,7 @@ def _run(args: argparse.Namespace) -> int:
             act_bitwidth=args.act_bitwidth,
             weight_bitwidth=args.weight_bitwidth,
             per_channel=args.per_channel,
+            optimize=args.optimize,
             adaround=args.adaround,
             adaround_iters=args.adaround_iters,
             adaround_samples=args.adaround_samples,
@@ -317,7 +323,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, per_channel=args.per_channel,
-                    adaround=args.adaround, adaround_iters=args.adaround_iters,
+                    optimize=args.optimize, adaround=args.adaround, adaround_iters=args.adaround_iters,
                     adaround_samples=args.adaround_samples,
                     bias_correction=args.bias_correction, correction_samples=args.correction_samples,
                     auto_precision=args.auto_precision, target_sqnr=args.target_sqnr, max_16bit=args.max_16bit,

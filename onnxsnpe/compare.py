@@ -14,9 +14,18 @@ from pathlib import Path
 from . import __version__, export
 from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
+from .recipe import run_recipe
 from .report.evaluation import worst_isolated
 from .report.html import write_comparison_html
-from .stages import Settings, calibrate, check_analysis_samples, encode, evaluate_encodings, optimize, prepare
+from .stages import (
+    Settings,
+    calibrate,
+    check_analysis_samples,
+    encode,
+    evaluate_encodings,
+    optimize_model,
+    prepare,
+)
 
 COMPARE_JSON = "compare.json"
 COMPARE_HTML = "compare.html"
@@ -61,7 +70,11 @@ def compare(
         settings.check()
     check_analysis_samples(analysis_samples)
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
-    prepared, optimizations = optimize(prepared, base, progress)
+    if base.optimize:
+        prepared, base, optimizations = run_recipe(prepared, base, progress)
+        configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth) for s in configs]
+    else:
+        prepared, optimizations = optimize_model(prepared, base, progress)
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)

@@ -62,6 +62,7 @@ class Settings:
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES
     bias_correction: bool = False
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES
+    optimize: bool = False
     auto_precision: bool = False
     target_sqnr: float | None = None
     max_16bit: int | None = None
@@ -123,6 +124,8 @@ class Prepared:
     held_out: bool
     weight_encodings: dict[str, ParamEncoding] | None = None
     """Weight encodings fixed by an optimization (AdaRound's grids), else computed from the deploy weights."""
+    fp32_deploy: onnx.ModelProto | None = None
+    """The deploy model before any step changed its weights (what bias correction aims at)."""
     judging_set: Dataset | None = None
     """Calibration samples held back from calibration and fitting, to judge automatic choices on."""
 
@@ -183,37 +186,56 @@ def prepare(
                     shapes, calib_set, eval_set, eval_data is not None)
 
 
-def optimize(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+def optimize_model(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
     """The steps that change the deploy model's weights before calibration, as ``settings`` ask, in
-    order: AdaRound, bias correction. Returns the prepared model with the new deploy graph (and, after
-    AdaRound, the weight encodings its weights lie on), and what each step did."""
+    order: AdaRound, bias correction (held-back samples set apart first when a choice is automatic).
+    Returns the prepared model with the new deploy graph, and what each step did."""
     done: dict = {}
-    if settings.auto_precision:
+    if settings.auto_precision or settings.optimize:
         prepared = hold_back(prepared)
-    if not (settings.adaround or settings.bias_correction):
-        return prepared, done
-    deploy = prepared.deploy
-    weights = weight_encodings(deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method,
-                               settings.percentile, per_channel=settings.per_channel)
-    fixed = None
     if settings.adaround:
-        start = time.perf_counter()
-        count = min(settings.adaround_samples, len(prepared.calib_set))
-        deploy, layers = adaround(deploy, weights, (prepared.calib_set.load(i) for i in range(count)),
-                                  settings.adaround_iters, progress=_bar("adaround", "layer", progress))
-        fixed = weights  # the rounded weights lie on these grids; re-encoding them could move a grid
-        done["adaround"] = {"samples": count, "iterations": settings.adaround_iters, "layers": len(layers),
-                            "seconds": round(time.perf_counter() - start, 3), "weights": [r.to_dict() for r in layers]}
+        prepared, done["adaround"] = apply_adaround(prepared, settings, progress)
     if settings.bias_correction:
-        start = time.perf_counter()
-        count = min(settings.correction_samples, len(prepared.calib_set))
-        samples = [prepared.calib_set.load(i) for i in range(count)]
-        deploy, corrections = correct_biases(deploy, weights, samples, reference=prepared.deploy,
-                                             progress=_bar("bias correction", "layer", progress))
-        done["bias_correction"] = {"samples": count, "layers": len(corrections),
-                                   "seconds": round(time.perf_counter() - start, 3),
-                                   "corrections": [c.to_dict() for c in corrections]}
-    return replace(prepared, deploy=deploy, targets=find_targets(deploy), weight_encodings=fixed), done
+        prepared, done["bias_correction"] = apply_bias_correction(prepared, settings, progress)
+    return prepared, done
+
+
+def _weights(prepared: Prepared, settings: Settings) -> dict[str, ParamEncoding]:
+    """The weight encodings: fixed by an earlier step (AdaRound), else from the deploy weights."""
+    return prepared.weight_encodings or weight_encodings(
+        prepared.deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
+        per_channel=settings.per_channel)
+
+
+def apply_adaround(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+    """AdaRound the deploy weights; their encodings are fixed from then on (re-encoding the rounded
+    weights could move a grid)."""
+    start = time.perf_counter()
+    weights = _weights(prepared, settings)
+    count = min(settings.adaround_samples, len(prepared.calib_set))
+    deploy, layers = adaround(prepared.deploy, weights, (prepared.calib_set.load(i) for i in range(count)),
+                              settings.adaround_iters, progress=_bar("adaround", "layer", progress))
+    record = {"samples": count, "iterations": settings.adaround_iters, "layers": len(layers),
+              "seconds": round(time.perf_counter() - start, 3), "weights": [r.to_dict() for r in layers]}
+    return _with_deploy(prepared, deploy, weights), record
+
+
+def apply_bias_correction(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+    """Correct the deploy biases towards the FP32 model's channel means (the model before any step)."""
+    start = time.perf_counter()
+    count = min(settings.correction_samples, len(prepared.calib_set))
+    samples = [prepared.calib_set.load(i) for i in range(count)]
+    deploy, corrections = correct_biases(prepared.deploy, _weights(prepared, settings), samples,
+                                         reference=prepared.fp32_deploy or prepared.deploy,
+                                         progress=_bar("bias correction", "layer", progress))
+    record = {"samples": count, "layers": len(corrections), "seconds": round(time.perf_counter() - start, 3),
+              "corrections": [c.to_dict() for c in corrections]}
+    return _with_deploy(prepared, deploy, prepared.weight_encodings), record
+
+
+def _with_deploy(prepared: Prepared, deploy: onnx.ModelProto, weights: dict | None) -> Prepared:
+    return replace(prepared, deploy=deploy, targets=find_targets(deploy), weight_encodings=weights,
+                   fp32_deploy=prepared.fp32_deploy or prepared.deploy)
 
 
 def hold_back(prepared: Prepared) -> Prepared:
@@ -251,9 +273,7 @@ def encode(
     fixed = fixed_range_tensors(deploy) if settings.fixed_ranges else None
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed, raised=raised)
-    weights = prepared.weight_encodings or weight_encodings(
-        deploy, targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
-        per_channel=settings.per_channel)
+    weights = _weights(prepared, settings)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
     constants = constant_encodings(deploy, targets, weights, 8)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}

@@ -20,7 +20,7 @@ from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
 from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
-from .metrics import TensorComparison
+from .metrics import OutputComparison, TensorComparison
 
 Sample = dict[str, np.ndarray]
 
@@ -61,11 +61,24 @@ class OutputScorer:
         self.references = [reference.run(self.outputs, sample) for sample in self.samples]
 
     def __call__(self, activations: dict[str, Encoding], params: dict[str, ParamEncoding]) -> float:
-        model, output_map = simulation_model(self.deploy, self.targets, activations, params, self.arithmetic)
+        """The lowest output SQNR of the quantized deploy model."""
+        return min(c.sqnr_db for c in self.compare(activations, params))
+
+    def compare(
+        self,
+        activations: dict[str, Encoding],
+        params: dict[str, ParamEncoding],
+        deploy: onnx.ModelProto | None = None,
+        targets: QuantTargets | None = None,
+    ) -> list[OutputComparison]:
+        """Each output of the quantized ``deploy`` (default: the scorer's own, e.g. with other weights)
+        against the FP32 outputs of the scorer's deploy model."""
+        deploy, targets = deploy or self.deploy, targets or self.targets
+        model, output_map = simulation_model(deploy, targets, activations, params, self.arithmetic)
         session = make_session(model)
         mapped = [output_map[o] for o in self.outputs]
-        comparisons = [TensorComparison(o) for o in self.outputs]
+        comparisons = [OutputComparison(o) for o in self.outputs]
         for sample, ref in zip(self.samples, self.references, strict=True):
             for comparison, want, got in zip(comparisons, ref, session.run(mapped, sample), strict=True):
                 comparison.update(want, got)
-        return min(c.sqnr_db for c in comparisons)
+        return comparisons
