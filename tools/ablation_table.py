@@ -1,0 +1,92 @@
+"""What each accuracy step buys on the real models, on held-out crops, for the README's ablation table.
+
+    python tools/ablation_table.py [--models a.onnx,b.onnx] [--schemes per_tensor,per_channel]
+                                   [--calib 128] [--eval 32] [--target-sqnr 25] [--max-16bit 20]
+
+Per model and weight scheme (8-bit weights, 8-bit activations, min-max, 32-bit biases, HTP
+arithmetic), the steps are applied cumulatively, as ``quantize`` applies them: nearest rounding,
++ AdaRound, + bias correction, + automatic mixed precision. Each row is measured on the held-out
+evaluation crops (tools/accuracy_table.py's crops: calibration from the top three quarters of each
+photograph, evaluation from the bottom quarter); the last calibration samples are held back for
+automatic precision, as with ``--auto-precision``. Prints one JSON line per row, then a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from accuracy_table import MODELS, SHARED, make_crops
+
+from onnxsnpe import ImageOptions
+from onnxsnpe.stages import (
+    Settings,
+    apply_adaround,
+    apply_bias_correction,
+    encode_with_precision,
+    evaluate_encodings,
+    hold_back,
+    prepare,
+)
+from onnxsnpe.stats.collect import collect_statistics
+
+
+def _measure(prepared, settings) -> dict:
+    stats = collect_statistics(prepared.deploy, prepared.targets.activations, iter(prepared.calib_set),
+                               methods=[settings.method])
+    encodings, precision = encode_with_precision(prepared, stats, settings)
+    output = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, 0, False).outputs[0].to_dict()
+    return {"sqnr_db": output["sqnr_db"], "top1": output.get("top1_agreement"),
+            "raised": None if precision is None else precision["count"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--schemes", default="per_tensor,per_channel")
+    parser.add_argument("--calib", type=int, default=128)
+    parser.add_argument("--eval", type=int, default=32)
+    parser.add_argument("--target-sqnr", type=float, default=25.0)
+    parser.add_argument("--max-16bit", type=int, default=20)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            size, norm = MODELS[name]
+            calib, held_out = Path(tmp, name, "calib"), Path(tmp, name, "eval")
+            make_crops(calib, size, args.calib, "top", seed=1)
+            make_crops(held_out, size, args.eval, "bottom", seed=2)
+            for scheme in args.schemes.split(","):
+                settings = Settings(per_channel=scheme == "per_channel")
+                prepared = hold_back(prepare(SHARED / "models" / name, calib, held_out, None, None,
+                                             ImageOptions(resize=size, **norm)))
+                cells = []
+                steps = [("nearest", None), ("+ adaround", apply_adaround),
+                         ("+ bias correction", apply_bias_correction), ("+ auto precision", None)]
+                for label, apply in steps:
+                    start = time.perf_counter()
+                    if apply is not None:
+                        settings = replace(settings, **{apply.__name__.removeprefix("apply_"): True})
+                        prepared, _ = apply(prepared, settings, False)
+                    if label == "+ auto precision":
+                        settings = replace(settings, auto_precision=True, target_sqnr=args.target_sqnr,
+                                           max_16bit=args.max_16bit)
+                    row = {"model": name, "scheme": scheme, "step": label, **_measure(prepared, settings),
+                           "seconds": round(time.perf_counter() - start, 1)}
+                    print(json.dumps(row), flush=True)
+                    top1 = f" ({100 * row['top1']:.0f}%)" if row["top1"] is not None else ""
+                    raised = f", {row['raised']} at 16 bits" if row["raised"] is not None else ""
+                    cells.append(f"{row['sqnr_db']:.2f}{top1}{raised}")
+                rows.append(f"| {name} | {scheme.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    print()
+    print("| model | weights | nearest | + AdaRound | + bias correction | + auto precision |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
