@@ -68,6 +68,7 @@ def quantize(
     weight_bitwidth: int = 8,
     per_channel: bool = False,
     optimize: bool = False,
+    cle: bool = False,
     adaround: bool = False,
     adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS,
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES,
@@ -97,7 +98,7 @@ def quantize(
     start = time.perf_counter()
     settings = Settings(method=method, percentile=percentile, weight_method=weight_method, fixed_ranges=fixed_ranges,
                         act_bitwidth=act_bitwidth, weight_bitwidth=weight_bitwidth, per_channel=per_channel,
-                        optimize=optimize, adaround=adaround, adaround_iters=adaround_iters,
+                        optimize=optimize, cle=cle, adaround=adaround, adaround_iters=adaround_iters,
                         adaround_samples=adaround_samples,
                         bias_correction=bias_correction, correction_samples=correction_samples,
                         auto_precision=auto_precision, target_sqnr=target_sqnr, max_16bit=max_16bit,

@@ -118,8 +118,13 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--optimize", action="store_true",
-        help="try AdaRound, then bias correction, each kept only if the simulated model does better on held-back "
+        help="try CLE, AdaRound, then bias correction, each kept only if the simulated model does better on held-back "
         "calibration samples; the report shows the ablation",
+    )
+    parser.add_argument(
+        "--cle", action="store_true",
+        help="cross-layer equalization: rescale Conv pairs joined by Relu/zero Pad so each channel's weight range "
+        "is balanced (the same function; clipped activations such as ReLU6 are left alone)",
     )
     parser.add_argument(
         "--adaround", action="store_true",
@@ -290,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
             weight_bitwidth=args.weight_bitwidth,
             per_channel=args.per_channel,
             optimize=args.optimize,
+            cle=args.cle,
             adaround=args.adaround,
             adaround_iters=args.adaround_iters,
             adaround_samples=args.adaround_samples,
@@ -323,7 +329,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, per_channel=args.per_channel,
-                    optimize=args.optimize, adaround=args.adaround, adaround_iters=args.adaround_iters,
+                    optimize=args.optimize, cle=args.cle, adaround=args.adaround, adaround_iters=args.adaround_iters,
                     adaround_samples=args.adaround_samples,
                     bias_correction=args.bias_correction, correction_samples=args.correction_samples,
                     auto_precision=args.auto_precision, target_sqnr=args.target_sqnr, max_16bit=args.max_16bit,

@@ -1,7 +1,7 @@
 """``--optimize``: apply what helps for the chosen scheme, and show what each step bought.
 
 For the weight scheme the user chose (per tensor or per channel, and its bitwidth), each step in
-turn, AdaRound then bias correction, is applied on top of the steps kept so far and kept only when
+turn, cross-layer equalization, AdaRound, bias correction, is applied on top of the steps kept so far and kept only when
 the simulated quantized model does better on the held-back calibration samples (the lowest output
 SQNR; never the ``--eval`` data the report measures with). Each trial calibrates again on the
 calibration samples, since a step changes the activations. The ablation rows give every trial's
@@ -15,10 +15,11 @@ from dataclasses import replace
 
 from .report.metrics import json_db
 from .report.sensitivity import OutputScorer
-from .stages import Prepared, Settings, apply_adaround, apply_bias_correction, encode, hold_back
+from .stages import Prepared, Settings, apply_adaround, apply_bias_correction, apply_cle, encode, hold_back
 from .stats.collect import collect_statistics
 
-STEPS = (("adaround", apply_adaround), ("bias_correction", apply_bias_correction))
+LABELS = {"cle": "CLE", "adaround": "AdaRound", "bias_correction": "bias correction"}
+STEPS = (("cle", apply_cle), ("adaround", apply_adaround), ("bias_correction", apply_bias_correction))
 
 
 def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, Settings, dict]:
@@ -26,7 +27,7 @@ def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[
     prepared = prepared if prepared.judging_set is not None else hold_back(prepared)
     samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
     scorer = OutputScorer(prepared.deploy, prepared.targets, samples, settings.arithmetic)
-    chosen = replace(settings, adaround=False, bias_correction=False)
+    chosen = replace(settings, cle=False, adaround=False, bias_correction=False)
 
     def judge(candidate: Prepared, candidate_settings: Settings) -> tuple[float, float | None]:
         stats = collect_statistics(candidate.deploy, candidate.targets.activations, iter(candidate.calib_set),
@@ -46,10 +47,11 @@ def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[
         trial, steps[name] = apply(prepared, trial_settings, progress)
         score, top1 = judge(trial, trial_settings)
         kept = score > best
-        rows.append({"step": f"+ {name.replace('_', ' ')}", "sqnr_db": json_db(score), "top1_agreement": top1,
+        rows.append({"step": f"+ {LABELS[name]}", "sqnr_db": json_db(score), "top1_agreement": top1,
                      "kept": kept, "seconds": round(time.perf_counter() - start, 3)})
         if kept:
             prepared, chosen, best = trial, trial_settings, score
     record = {"recipe": {"held_back_samples": len(samples), "ablation": rows, "kept": [
         name for name, _ in STEPS if getattr(chosen, name)]}, **{k: v for k, v in steps.items() if getattr(chosen, k)}}
-    return prepared, replace(settings, adaround=chosen.adaround, bias_correction=chosen.bias_correction), record
+    return prepared, replace(settings, cle=chosen.cle, adaround=chosen.adaround,
+                             bias_correction=chosen.bias_correction), record

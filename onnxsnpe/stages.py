@@ -34,6 +34,7 @@ from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.adaround import adaround
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .optimize.bias_correction import correct_biases
+from .optimize.cle import equalize
 from .optimize.mixed_precision import choose_16bit, held_back_count
 from .report.evaluation import Evaluation, evaluate
 from .report.metrics import json_db
@@ -63,6 +64,7 @@ class Settings:
     bias_correction: bool = False
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES
     optimize: bool = False
+    cle: bool = False
     auto_precision: bool = False
     target_sqnr: float | None = None
     max_16bit: int | None = None
@@ -188,11 +190,13 @@ def prepare(
 
 def optimize_model(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
     """The steps that change the deploy model's weights before calibration, as ``settings`` ask, in
-    order: AdaRound, bias correction (held-back samples set apart first when a choice is automatic).
+    order: CLE, AdaRound, bias correction (held-back samples set apart first when a choice is automatic).
     Returns the prepared model with the new deploy graph, and what each step did."""
     done: dict = {}
     if settings.auto_precision or settings.optimize:
         prepared = hold_back(prepared)
+    if settings.cle:
+        prepared, done["cle"] = apply_cle(prepared, settings, progress)
     if settings.adaround:
         prepared, done["adaround"] = apply_adaround(prepared, settings, progress)
     if settings.bias_correction:
@@ -205,6 +209,15 @@ def _weights(prepared: Prepared, settings: Settings) -> dict[str, ParamEncoding]
     return prepared.weight_encodings or weight_encodings(
         prepared.deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
         per_channel=settings.per_channel)
+
+
+def apply_cle(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+    """Cross-layer equalization of the deploy weights (the same function, balanced channel ranges)."""
+    start = time.perf_counter()
+    deploy, pairs = equalize(prepared.deploy)
+    record = {"pairs": len(pairs), "seconds": round(time.perf_counter() - start, 3),
+              "equalized": [pair.to_dict() for pair in pairs]}
+    return _with_deploy(prepared, deploy, prepared.weight_encodings), record
 
 
 def apply_adaround(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
