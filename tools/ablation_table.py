@@ -5,7 +5,7 @@
 
 Per model and weight scheme (8-bit weights, 8-bit activations, min-max, 32-bit biases, HTP
 arithmetic), the steps are applied cumulatively, as ``quantize`` applies them: nearest rounding,
-+ AdaRound, + bias correction, + automatic mixed precision. Each row is measured on the held-out
++ CLE, + AdaRound, + bias correction, + automatic mixed precision. Each row is measured on the held-out
 evaluation crops (tools/accuracy_table.py's crops: calibration from the top three quarters of each
 photograph, evaluation from the bottom quarter); the last calibration samples are held back for
 automatic precision, as with ``--auto-precision``. Prints one JSON line per row, then a Markdown table.
@@ -20,13 +20,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from accuracy_table import MODELS, SHARED, make_crops
+from accuracy_table import MODELS, SHARED, crop_sets
 
-from onnxsnpe import ImageOptions
 from onnxsnpe.stages import (
     Settings,
     apply_adaround,
     apply_bias_correction,
+    apply_cle,
     encode_with_precision,
     evaluate_encodings,
     hold_back,
@@ -56,16 +56,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            size, norm = MODELS[name]
-            calib, held_out = Path(tmp, name, "calib"), Path(tmp, name, "eval")
-            make_crops(calib, size, args.calib, "top", seed=1)
-            make_crops(held_out, size, args.eval, "bottom", seed=2)
+            calib, held_out, options = crop_sets(Path(tmp), name, args.calib, args.eval)
             for scheme in args.schemes.split(","):
                 settings = Settings(per_channel=scheme == "per_channel")
-                prepared = hold_back(prepare(SHARED / "models" / name, calib, held_out, None, None,
-                                             ImageOptions(resize=size, **norm)))
+                prepared = hold_back(prepare(SHARED / "models" / name, calib, held_out, None, None, options))
                 cells = []
-                steps = [("nearest", None), ("+ adaround", apply_adaround),
+                steps = [("nearest", None), ("+ CLE", apply_cle), ("+ adaround", apply_adaround),
                          ("+ bias correction", apply_bias_correction), ("+ auto precision", None)]
                 for label, apply in steps:
                     start = time.perf_counter()
@@ -83,8 +79,8 @@ def main() -> None:
                     cells.append(f"{row['sqnr_db']:.2f}{top1}{raised}")
                 rows.append(f"| {name} | {scheme.replace('_', ' ')} | " + " | ".join(cells) + " |")
     print()
-    print("| model | weights | nearest | + AdaRound | + bias correction | + auto precision |")
-    print("|---|---|---|---|---|---|")
+    print("| model | weights | nearest | + CLE | + AdaRound | + bias correction | + auto precision |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

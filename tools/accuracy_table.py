@@ -56,6 +56,15 @@ def make_crops(folder: Path, size: tuple[int, int], count: int, part: str, seed:
         )
 
 
+def crop_sets(root: Path, name: str, calib: int, evaluation: int) -> tuple[Path, Path, ImageOptions]:
+    """Calibration and held-out crops for model ``name`` under ``root``, and its preprocessing."""
+    size, norm = MODELS[name]
+    calib_dir, eval_dir = Path(root, name, "calib"), Path(root, name, "eval")
+    make_crops(calib_dir, size, calib, "top", seed=1)
+    make_crops(eval_dir, size, evaluation, "bottom", seed=2)
+    return calib_dir, eval_dir, ImageOptions(resize=size, **norm)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="minmax,percentile,mse,tf_enhanced")
@@ -69,11 +78,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            size, norm = MODELS[name]
-            calib, held_out = Path(tmp, name, "calib"), Path(tmp, name, "eval")
-            make_crops(calib, size, args.calib, "top", seed=1)
-            make_crops(held_out, size, args.eval, "bottom", seed=2)
-            options = ImageOptions(resize=size, **norm)
+            calib, held_out, options = crop_sets(Path(tmp), name, args.calib, args.eval)
             base = Settings(weight_bitwidth=args.weight_bitwidth, arithmetic=args.arithmetic)
             result = compare(SHARED / "models" / name, calib, Path(tmp, name, "out"), methods=methods,
                              act_bitwidths=[8], base=base,
