@@ -21,7 +21,7 @@ from .stages import (
     Settings,
     calibrate,
     check_analysis_samples,
-    encode,
+    encode_with_precision,
     evaluate_encodings,
     optimize_model,
     prepare,
@@ -64,7 +64,8 @@ def compare(
         raise OnnxSnpeError("compare needs at least one method and one activation bitwidth")
     base = base or Settings()
     configs = [
-        replace(base, method=m, act_bitwidth=b) for m in dict.fromkeys(methods) for b in dict.fromkeys(act_bitwidths)
+        replace(base, method=m, act_bitwidth=b, auto_precision=base.auto_precision and b == 8)
+        for m in dict.fromkeys(methods) for b in dict.fromkeys(act_bitwidths)
     ]
     for settings in configs:
         settings.check()
@@ -72,7 +73,8 @@ def compare(
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
     if base.optimize:
         prepared, base, optimizations = run_recipe(prepared, base, progress)
-        configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth) for s in configs]
+        configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)
+                   for s in configs]
     else:
         prepared, optimizations = optimize_model(prepared, base, progress)
 
@@ -82,7 +84,7 @@ def compare(
         rows = []
         for settings in configs:
             name = f"{settings.method}_a{settings.act_bitwidth}"
-            encodings = encode(prepared, stats, settings)
+            encodings, precision = encode_with_precision(prepared, stats, settings)
             evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples,
                                             progress)
             overrides = f"{name}/{export.OVERRIDES_FILE}"
@@ -94,6 +96,7 @@ def compare(
             rows.append({
                 "name": f"{settings.method} A{settings.act_bitwidth}W{settings.weight_bitwidth}",
                 "settings": settings.to_dict(),
+                "auto_precision": precision,
                 "outputs": [c.to_dict() for c in evaluation.outputs],
                 "worst_isolated": [f.name for f in worst_isolated(evaluation.tensors, 5)],
                 "overrides": overrides,
