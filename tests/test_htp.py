@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.encode.constants import constant_encodings
 from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize
+from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.report.agreement import measure_agreement
@@ -145,6 +146,38 @@ def test_htp_model_reproduces_the_htp_on_convolutions(case):
         error = np.abs(modeled(sample)[0] - htp.run(sample)[0]) / acts["y"].scale
         assert error.max() <= 1.001
         assert (error > 0.5).mean() <= tolerance
+
+
+@needs_qnn
+@pytest.mark.parametrize("seed", [223, 233])
+def test_htp_model_reproduces_the_htp_conv_with_per_channel_weights(seed):
+    """A 1x1 Conv with symmetric int8 weights per output channel, scales spread over 55x, large biases.
+
+    The per-channel offsets are computed relative to the largest weight scale (codes.requant_offset);
+    with each channel's own scale, one or more outputs of these probes differ by one step.
+    """
+    rng = np.random.default_rng(seed)
+    weight = (rng.normal(size=(64, 16, 1, 1)) * np.exp(rng.uniform(-3, 1, size=(64, 1, 1, 1)))).astype(np.float32)
+    bias = (rng.normal(size=64) * rng.uniform(0.1, 5) * 20).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[0, 0, 0, 0])
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 48, 48])
+    graph = helper.make_graph([node], "conv", [x_info], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.ir_version = 8
+    targets = find_targets(model)
+    x_enc = Encoding(8, float(rng.uniform(0.005, 0.05)), -int(rng.integers(0, 256)))
+    codes = rng.integers(0, 256, size=(1, 16, 48, 48)).astype(np.float64)
+    x = ((codes + x_enc.offset) * np.float32(x_enc.scale)).astype(np.float32)
+    y = np.einsum("nchw,oc->nohw", x.astype(np.float64), weight[:, :, 0, 0]) + bias[None, :, None, None]
+    low, high = np.percentile(y, [2, 98])  # clamp a few outputs at both ends
+    acts = {"x": x_enc, "y": asymmetric_encoding(min(low, 0.0), max(high, 0.0), 8)}
+    weights = weight_encodings(model, targets, 8, per_channel=True)
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc})
+    assert htp.cpu_nodes == []
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
+    np.testing.assert_array_equal(modeled({"x": x})[0], htp.run({"x": x})[0])
 
 
 def test_add_constants_pick_fraction_bits_from_the_scale_ratios():

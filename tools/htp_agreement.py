@@ -1,7 +1,7 @@
 """How closely onnxruntime's CPU and onnxsnpe's simulations follow Qualcomm's HTP, on the four real models.
 
     python tools/htp_agreement.py [--models effnet,det,rec,cls] [--extra-crops 56] [--per-op]
-                                  [--weights asymmetric|symmetric]
+                                  [--weights asymmetric|symmetric|per-channel]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
 calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
@@ -9,8 +9,9 @@ calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activat
 on the HTP emulator over calib_data/eval plus ``--extra-crops`` deterministic crops of the
 photographs in ../shared/images (agreement between two executions of one quantized model does not
 need held-out data). ``--weights symmetric`` encodes the weights signed symmetric per tensor
-(encoding.symmetric_encoding of the largest magnitude) instead of onnxsnpe's default per-tensor
-asymmetric min-max. Every execution is compared with the HTP's outputs:
+(encoding.symmetric_encoding of the largest magnitude), ``--weights per-channel`` signed symmetric
+per output channel (``--per-channel``: int8 with zero point 0, biases per channel), instead of
+onnxsnpe's default per-tensor asymmetric min-max. Every execution is compared with the HTP's outputs:
 
 - ``ort-cpu``: onnxruntime's CPU execution of the same QDQ model;
 - ``simulate``: simulate.build_simulation_model, onnxsnpe's simulation;
@@ -70,7 +71,7 @@ MODELS = {
     "cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (48, 192), HALF),
 }
 RUNS = ("ort-cpu", "simulate", "htp-model")
-WEIGHTS = ("asymmetric", "symmetric")
+WEIGHTS = ("asymmetric", "symmetric", "per-channel")
 
 
 def write_crops(folder: Path, count: int, seed: int = 0) -> None:
@@ -109,7 +110,7 @@ def calibrate(key: str, weights_kind: str = "asymmetric"):
     if weights_kind == "symmetric":
         weights = symmetric_weight_encodings(deploy, targets, 8)
     else:
-        weights = weight_encodings(deploy, targets, 8)
+        weights = weight_encodings(deploy, targets, 8, per_channel=weights_kind == "per-channel")
     params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
     params.update(constant_encodings(deploy, targets, params, 8))
     return deploy, targets, acts, params, inputs, options, calib
@@ -218,7 +219,8 @@ def main() -> int:
     parser.add_argument("--extra-crops", type=int, default=56, help="crops of ../shared/images added to eval")
     parser.add_argument("--per-op", action="store_true", help="also compare each op in isolation")
     parser.add_argument("--weights", choices=WEIGHTS, default="asymmetric",
-                        help="per-tensor weight encodings: asymmetric min-max (onnxsnpe's default) or symmetric")
+                        help="weight encodings: per-tensor asymmetric min-max (onnxsnpe's default), per-tensor "
+                             "symmetric, or symmetric per output channel")
     args = parser.parse_args()
     reason = qnn_unavailable_reason()
     if reason:

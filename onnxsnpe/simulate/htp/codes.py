@@ -50,13 +50,21 @@ def requant_offset(
     ``z / (base / s_out) / step``. Bit-exact on 7,680 probed channels with int8 weights; on
     re-expressed channels 21 of 3,838 probes with biases of 10^5 to 10^6 steps differ by one
     (sums within float32 noise of a tie).
+
+    Per-channel weight scales enter relative to the largest one, ``s_w = s_max * r`` with
+    ``r = s_w / s_max`` in float32 (tools/HTP.md, "Per-channel weights"): ``base = s_in * s_max``,
+    zero-point term ``z / ((base / s_out) * r) / step``, bias term ``(b * s_b) / (base * step) / r``.
+    With one scale ``r`` is 1 and this is the per-tensor rule above.
     """
     f32 = np.float32
     steps = np.asarray(steps, dtype=f32)
-    base = f32(in_scale) * f32(w_scale)
-    total = (f32(zero_point) / (base / f32(out_scale))) / steps
+    w_scale = np.asarray(w_scale, dtype=f32)
+    largest = w_scale.max()
+    ratio = w_scale / largest
+    base = f32(in_scale) * largest
+    total = (f32(zero_point) / ((base / f32(out_scale)) * ratio)) / steps
     if bias_codes is not None:
-        total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps)
+        total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
     return round_half_away(total.astype(np.float64))
 
 
