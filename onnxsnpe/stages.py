@@ -127,7 +127,7 @@ class Prepared:
     weight_encodings: dict[str, ParamEncoding] | None = None
     """Weight encodings fixed by an optimization (AdaRound's grids), else computed from the deploy weights."""
     fp32_deploy: onnx.ModelProto | None = None
-    """The deploy model before any step changed its weights (what bias correction aims at)."""
+    """The FP32 model the rounding steps stand for (after CLE, before AdaRound): bias correction aims at it."""
     judging_set: Dataset | None = None
     """Calibration samples held back from calibration and fitting, to judge automatic choices on."""
 
@@ -217,7 +217,8 @@ def apply_cle(prepared: Prepared, settings: Settings, progress: bool) -> tuple[P
     deploy, pairs = equalize(prepared.deploy)
     record = {"pairs": len(pairs), "seconds": round(time.perf_counter() - start, 3),
               "equalized": [pair.to_dict() for pair in pairs]}
-    return _with_deploy(prepared, deploy, prepared.weight_encodings), record
+    # the same function: bias correction aims at this model's channel means, not the unscaled ones
+    return replace(_with_deploy(prepared, deploy, prepared.weight_encodings), fp32_deploy=deploy), record
 
 
 def apply_adaround(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:

@@ -93,3 +93,14 @@ def test_real_models_compute_the_same_function_after_equalization(name):
     for sample in data:
         for want, got in zip(before.run(None, sample), after.run(None, sample), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def test_bias_correction_after_cle_aims_at_the_equalized_model(tmp_path, tiny_model, npy_folder):
+    from onnxsnpe.stages import Settings, apply_bias_correction, apply_cle, prepare
+
+    prepared = prepare(tiny_model, npy_folder, None, None, None, None)
+    settings = Settings(cle=True, bias_correction=True)
+    equalized, _ = apply_cle(prepared, settings, False)
+    assert equalized.fp32_deploy is equalized.deploy
+    corrected, record = apply_bias_correction(equalized, settings, False)
+    assert corrected.fp32_deploy is equalized.deploy and record["layers"] == 2
