@@ -252,11 +252,9 @@ def _round_layer(
 def _factor(gram: np.ndarray) -> np.ndarray:
     """``L`` with ``L L^T`` = the Gram matrix per group: exact up to FULL_RANK inputs, else from its top RANK
     eigenvectors."""
-    if gram.shape[-1] <= FULL_RANK:
-        values, vectors = np.linalg.eigh(gram)
-        return vectors * np.sqrt(np.maximum(values, 0))[:, np.newaxis, :]
     values, vectors = np.linalg.eigh(gram)
-    values, vectors = values[:, -RANK:], vectors[:, :, -RANK:]
+    if gram.shape[-1] > FULL_RANK:
+        values, vectors = values[:, -RANK:], vectors[:, :, -RANK:]
     return vectors * np.sqrt(np.maximum(values, 0))[:, np.newaxis, :]
 
 
