@@ -125,7 +125,7 @@ def quantize(
                     {"step": "+ auto precision", "sqnr_db": json_db(precision["final_sqnr_db"]),
                      "top1_agreement": None, "kept": bool(precision["raised"]), "seconds": precision["seconds"]})
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
-        weights = analyze_weights(prepared.deploy, encodings.weights, prepared.targets.weight_axes)
+        weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes, prepared.deploy)
         qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
         htp = compare_with_htp(prepared, encodings, qdq, htp_samples) if htp_samples else None
         export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)

@@ -26,7 +26,7 @@ def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[
     """The prepared model with the steps that helped applied, the settings that say which, and the record."""
     prepared = prepared if prepared.judging_set is not None else hold_back(prepared)
     samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
-    scorer = OutputScorer(prepared.deploy, prepared.targets, samples, settings.arithmetic)
+    scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
     chosen = replace(settings, cle=False, adaround=False, bias_correction=False)
 
     def judge(candidate: Prepared, candidate_settings: Settings) -> tuple[float, float | None]:

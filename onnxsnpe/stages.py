@@ -131,6 +131,11 @@ class Prepared:
     judging_set: Dataset | None = None
     """Calibration samples held back from calibration and fitting, to judge automatic choices on."""
 
+    @property
+    def reference(self) -> onnx.ModelProto:
+        """The FP32 model quantization is measured against: before any rounding step changed weights."""
+        return self.fp32_deploy or self.deploy
+
     def describe_data(self) -> tuple[dict, dict]:
         """The report's calibration and evaluation sections."""
         evaluation = {
@@ -306,13 +311,14 @@ def encode_with_precision(
     samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
     start = time.perf_counter()
     plain = encode(prepared, stats, settings)
-    ranking = isolated_ranking(prepared.deploy, prepared.targets, plain.activations, samples[:RANKING_SAMPLES])
+    ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations, samples[:RANKING_SAMPLES])
     ranked = time.perf_counter() - start
-    scorer = OutputScorer(prepared.deploy, prepared.targets, samples, settings.arithmetic)
+    scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
 
     def score(raised: list[str]) -> float:
         encodings = encode(prepared, stats, settings, raised)
-        return scorer(encodings.activations, encodings.params)
+        comparisons = scorer.compare(encodings.activations, encodings.params, prepared.deploy, prepared.targets)
+        return min(c.sqnr_db for c in comparisons)
 
     choice = choose_16bit([name for name, _ in ranking], score, settings.target_sqnr, settings.max_16bit)
     record = {
@@ -343,6 +349,7 @@ def evaluate_encodings(
         _progress(prepared.eval_set, "evaluation", progress),
         isolated_samples=analysis_samples,
         arithmetic=arithmetic,
+        reference=prepared.reference,
     )
 
 

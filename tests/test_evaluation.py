@@ -1,6 +1,7 @@
 """Report figures worked out by hand on small models, and the isolated ranking."""
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -115,3 +116,23 @@ def test_output_figures_come_from_the_chosen_arithmetic(arithmetic):
 def test_unknown_arithmetic_is_refused():
     with pytest.raises(OnnxSnpeError, match="--arithmetic"):
         Settings(arithmetic="fast").check()
+
+
+def test_evaluation_measures_against_the_reference_model(tmp_path, tiny_model):
+    """A deploy model whose weights were rounded is measured against the FP32 reference, not itself."""
+    deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    targets, observed, acts, params = minmax_encodings(deploy, samples)
+    weights = {name: enc for name, enc in params.items() if name in targets.weights}
+    rounded = onnx.ModelProto.FromString(deploy.SerializeToString())
+    for init in rounded.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(fake_quantize(numpy_helper.to_array(init), weights[init.name]),
+                                                  init.name))
+    against_itself = evaluate(rounded, targets, acts, params, observed, samples, 0, arithmetic="exact")
+    against_fp32 = evaluate(rounded, targets, acts, params, observed, samples, 0, arithmetic="exact",
+                            reference=deploy)
+    plain = evaluate(deploy, targets, acts, params, observed, samples, 0, arithmetic="exact")
+    assert against_fp32.outputs[0].sqnr_db == pytest.approx(plain.outputs[0].sqnr_db, abs=1e-6)
+    assert against_itself.outputs[0].sqnr_db > against_fp32.outputs[0].sqnr_db

@@ -67,6 +67,7 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         f"  simulated ({report['settings']['arithmetic']} arithmetic) vs FP32 on {ev['num_samples']}"
         f" {'held-out' if ev['held_out'] else 'calibration'} samples:",
     ]
+    lines.extend(_optimization_lines(report.get("optimizations", {})))
     width = max(len(o["name"]) for o in report["outputs"])
     for o in report["outputs"]:
         sqnr = "exact" if o["sqnr_db"] is None else f"{o['sqnr_db']:7.2f} dB"
@@ -97,6 +98,31 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
     lines.append(f"        --override_params --bias_bitwidth {report['settings']['bias_bitwidth']}")
     return "\n".join(lines)
 
+
+
+def _optimization_lines(done: dict) -> list[str]:
+    """One line per accuracy step that ran (report.json's ``optimizations``), and the recipe's ablation."""
+    lines = []
+    if "recipe" in done:
+        lines.append(f"  --optimize, judged on {done['recipe']['held_back_samples']} held-back calibration samples:")
+        for row in done["recipe"]["ablation"]:
+            sqnr = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f} dB"
+            lines.append(f"    {row['step']:<20} {sqnr:>10}  {'kept' if row['kept'] else 'not kept'}")
+    if "cle" in done:
+        lines.append(f"  CLE: {done['cle']['pairs']} Conv pairs equalized")
+    if "adaround" in done:
+        a = done["adaround"]
+        lines.append(f"  AdaRound: {a['layers']} weights, {a['iterations']} iterations on {a['samples']} samples,"
+                     f" {a['seconds']:.1f} s")
+    if "bias_correction" in done:
+        b = done["bias_correction"]
+        lines.append(f"  bias correction: {b['layers']} layers on {b['samples']} samples, {b['seconds']:.1f} s")
+    if "auto_precision" in done:
+        a = done["auto_precision"]
+        met = {True: ", target met", False: ", target not met", None: ""}[a["target_met"]]
+        lines.append(f"  auto precision: {a['count']} activations at 16 bits, held-back SQNR"
+                     f" {a['baseline_sqnr_db']:.2f} -> {a['final_sqnr_db']:.2f} dB{met} ({a['seconds']:.1f} s)")
+    return lines
 
 
 def _top(weights: list[WeightFigures], attribute: str) -> list[WeightFigures]:

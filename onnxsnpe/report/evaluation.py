@@ -94,24 +94,31 @@ def evaluate(
     samples: Iterable[dict[str, np.ndarray]],
     isolated_samples: int,
     arithmetic: str = "htp",
+    reference: onnx.ModelProto | None = None,
 ) -> Evaluation:
-    """Run FP32 and simulated models over ``samples``; isolated errors use the first ``isolated_samples``."""
+    """Run FP32 and simulated models over ``samples``; isolated errors use the first ``isolated_samples``.
+
+    ``reference`` is the FP32 model to measure against when ``deploy``'s weights were changed by a
+    rounding step (AdaRound, bias correction): the same tensors, the original weights. The isolated
+    errors quantize one tensor of the reference model.
+    """
+    reference = reference or deploy
     names = list(targets.activations)
     outputs = [o.name for o in deploy.graph.output]
     figures = [TensorFigures(n, activations[n], observed[n], TensorComparison(n)) for n in names]
     comparisons = [OutputComparison(o) for o in outputs]
     isolated_used = 0
 
-    reference = make_session(deploy, names)
-    ref_names = [o.name for o in reference.get_outputs()]
+    fp32 = make_session(reference, names)
+    ref_names = [o.name for o in fp32.get_outputs()]
     simulated, sim_map = simulation_model(deploy, targets, activations, params, arithmetic)
     simulated_session = make_session(simulated, [sim_map[n] for n in names])
-    isolated, iso_map = build_simulation_model(deploy, targets, activations, {}, switchable=True)
+    isolated, iso_map = build_simulation_model(reference, targets, activations, {}, switchable=True)
     isolated_session = make_session(isolated)
     iso_outputs = [iso_map[o] for o in outputs]
 
     for index, sample in enumerate(samples):
-        ref_values = dict(zip(ref_names, reference.run(None, sample), strict=True))
+        ref_values = dict(zip(ref_names, fp32.run(None, sample), strict=True))
         sim_values = simulated_session.run([sim_map[n] for n in [*outputs, *names]], sample)
         for comparison, sim in zip(comparisons, sim_values, strict=False):
             comparison.update(ref_values[comparison.name], sim)

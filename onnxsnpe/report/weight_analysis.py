@@ -55,10 +55,15 @@ class WeightFigures:
 
 
 def analyze_weights(
-    model: onnx.ModelProto, weights: dict[str, ParamEncoding], axes: dict[str, int | None]
+    model: onnx.ModelProto,
+    weights: dict[str, ParamEncoding],
+    axes: dict[str, int | None],
+    exported: onnx.ModelProto | None = None,
 ) -> list[WeightFigures]:
     """Figures for every weight with an encoding, in initializer order; ``axes`` maps each weight to
-    its output-channel axis (graph.targets.QuantTargets.weight_axes)."""
+    its output-channel axis (graph.targets.QuantTargets.weight_axes). ``exported`` holds the weights
+    as written when a step rounded them (AdaRound): "as exported" is then their error against ``model``'s."""
+    written = initializer_values(exported, list(weights)) if exported is not None else {}
     users = {}
     for node in model.graph.node:
         for name in node.input:
@@ -79,7 +84,7 @@ def analyze_weights(
                 op=users[name],
                 shape=tuple(array.shape),
                 encoding=enc,
-                sqnr_db=_sqnr(array, fake_quantize(array, enc)),
+                sqnr_db=_sqnr(array, fake_quantize(written.get(name, array), enc)),
                 per_channel_sqnr_db=per_channel,
                 sixteen_bit_sqnr_db=_sqnr(array, fake_quantize(array, sixteen)),
             )
