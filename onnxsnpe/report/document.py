@@ -67,7 +67,7 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         f"  simulated ({report['settings']['arithmetic']} arithmetic) vs FP32 on {ev['num_samples']}"
         f" {'held-out' if ev['held_out'] else 'calibration'} samples:",
     ]
-    lines.extend(_optimization_lines(report.get("optimizations", {})))
+    lines[-1:-1] = _optimization_lines(report.get("optimizations", {}))  # before the figures header
     width = max(len(o["name"]) for o in report["outputs"])
     for o in report["outputs"]:
         sqnr = "exact" if o["sqnr_db"] is None else f"{o['sqnr_db']:7.2f} dB"
