@@ -51,7 +51,8 @@ def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[
                      "kept": kept, "seconds": round(time.perf_counter() - start, 3)})
         if kept:
             prepared, chosen, best = trial, trial_settings, score
-    record = {"recipe": {"held_back_samples": len(samples), "ablation": rows, "kept": [
-        name for name, _ in STEPS if getattr(chosen, name)]}, **{k: v for k, v in steps.items() if getattr(chosen, k)}}
+    kept = [name for name, _ in STEPS if getattr(chosen, name)]
+    record = {"recipe": {"held_back_samples": len(samples), "ablation": rows, "kept": kept},
+              **{name: steps[name] for name in kept}}
     return prepared, replace(settings, cle=chosen.cle, adaround=chosen.adaround,
                              bias_correction=chosen.bias_correction), record

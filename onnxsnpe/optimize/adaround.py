@@ -8,9 +8,10 @@ patches: it is gathered once, streaming (memory does not grow with the samples),
 iteration then costs a product with ``C`` instead of a pass over the data. Each weight's code is
 ``floor(w / s) + h(v)`` with the rectified sigmoid ``h`` (zeta 1.1, gamma -0.1), clamped to the
 encoding's codes; ``v`` is learned with Adam on the output error plus ``lambda sum(1 - |2h - 1|^beta)``
-(lambda 0.01, beta annealed from 20 to 2 after a 20% warm start, AIMET's defaults), which drives
-every ``h`` to 0 or 1. Where ``C`` is large (more than ``FULL_RANK`` inputs per output) the
-iterations use its leading eigenvectors (``RANK`` of them); the result is judged on the exact ``C``.
+(lambda 0.01, beta annealed from 20 to 2 after a 20% warm start: the defaults AIMET is known for,
+not checked against its source), which drives every ``h`` to 0 or 1. Where ``C`` is large (more
+than ``FULL_RANK`` inputs per output) the iterations use its leading eigenvectors (``RANK`` of them);
+the result is judged on the exact ``C``.
 
 The inputs ``x`` are those of the FP32 network. The weights written are exactly on the grid of the
 weight encodings (which AdaRound does not change), so ``snpe-dlc-quantize --override_params``
@@ -37,7 +38,8 @@ ZETA, GAMMA = 1.1, -0.1
 REGULARIZATION = 0.01
 BETA_START, BETA_END, WARM_START = 20.0, 2.0, 0.2
 LEARNING_RATE = 1e-2
-"""Adam's step on v (AIMET uses 1e-3 over 10,000 iterations; 1e-2 reached the same error in 300 here)."""
+"""Adam's step on v. On EfficientNet-Lite0 (16 samples, 300 iterations) 1e-2 cut the median layer output
+error by 4.4 dB against nearest rounding, 1e-3 by 2.9 dB; 3e-2 gave 4.5 dB."""
 FULL_RANK = 512
 RANK = 256
 
