@@ -141,6 +141,7 @@ def quantize(
         report = build_report(
             model_path=prepared.model_path,
             input_shapes=prepared.shapes,
+            input_dtypes=prepared.input_dtypes,
             output_names=[o.name for o in prepared.deploy.graph.output],
             calibration=calibration,
             evaluation=evaluation_section,

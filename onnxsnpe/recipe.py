@@ -31,7 +31,7 @@ def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[
 
     def judge(candidate: Prepared, candidate_settings: Settings) -> tuple[float, float | None]:
         stats = collect_statistics(candidate.deploy, candidate.targets.activations, iter(candidate.calib_set),
-                                   methods=[candidate_settings.method])
+                                   methods=[candidate_settings.method], floors=candidate.targets.floors())
         encodings = encode(candidate, stats, candidate_settings)
         comparisons = scorer.compare(encodings.activations, encodings.params, candidate.deploy, candidate.targets)
         top1 = [c.top1 / c.rows for c in comparisons if c.rows]

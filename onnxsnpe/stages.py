@@ -136,6 +136,11 @@ class Prepared:
         """The FP32 model quantization is measured against: before any rounding step changed weights."""
         return self.fp32_deploy or self.deploy
 
+    @property
+    def input_dtypes(self) -> dict[str, str]:
+        """Each input's dtype as the samples carry it (float inputs as float32)."""
+        return {spec.name: "float32" if spec.dtype.kind == "f" else spec.dtype.name for spec in self.calib_set.inputs}
+
     def describe_data(self) -> tuple[dict, dict]:
         """The report's calibration and evaluation sections."""
         evaluation = {
@@ -279,7 +284,8 @@ def calibrate(
     """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files."""
     raw_writer = export.InputListWriter(staged, prepared.input_names)
     samples = _teed(_progress(prepared.calib_set, "calibration", progress), raw_writer.add)
-    stats = collect_statistics(prepared.deploy, prepared.targets.activations, samples, methods=list(methods))
+    stats = collect_statistics(prepared.deploy, prepared.targets.activations, samples, methods=list(methods),
+                               floors=prepared.targets.floors())
     raw_writer.finish()
     return stats
 
@@ -294,7 +300,7 @@ def encode(
                                        percentile=settings.percentile, fixed=fixed, raised=raised)
     weights = _weights(prepared, settings)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
-    constants = constant_encodings(deploy, targets, weights, 8)
+    constants = constant_encodings(deploy, targets, weights, 8, activations)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
     return Encodings(activations, weights, biases, constants, written)
 

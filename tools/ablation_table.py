@@ -37,7 +37,7 @@ from onnxsnpe.stats.collect import collect_statistics
 
 def _measure(prepared, settings) -> dict:
     stats = collect_statistics(prepared.deploy, prepared.targets.activations, iter(prepared.calib_set),
-                               methods=[settings.method])
+                               methods=[settings.method], floors=prepared.targets.floors())
     encodings, precision = encode_with_precision(prepared, stats, settings)
     output = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, 0, False).outputs[0].to_dict()
     return {"sqnr_db": output["sqnr_db"], "top1": output.get("top1_agreement"),

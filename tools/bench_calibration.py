@@ -139,7 +139,7 @@ def statistics_cost(deploy: onnx.ModelProto, data: list[dict[str, np.ndarray]], 
 def calibrate(deploy: onnx.ModelProto, data, method: str, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
     """Our calibration: the statistics pass and the range choice of every activation."""
     targets = find_targets(deploy)
-    stats = collect_statistics(deploy, targets.activations, data, [method], batch_size)
+    stats = collect_statistics(deploy, targets.activations, data, [method], batch_size, floors=targets.floors())
     activation_encodings(stats, targets, method, 8)
 
 

@@ -105,7 +105,7 @@ def calibrate(key: str, weights_kind: str = "asymmetric"):
     calib.load(0)
     deploy, _ = prepare_deploy_model(model, dict(calib.shapes))
     targets = find_targets(deploy)
-    stats = collect_statistics(deploy, targets.activations, calib, methods=["minmax"])
+    stats = collect_statistics(deploy, targets.activations, calib, methods=["minmax"], floors=targets.floors())
     acts = activation_encodings(stats, targets, "minmax", 8, fixed=fixed_range_tensors(deploy))
     if weights_kind == "symmetric":
         weights = symmetric_weight_encodings(deploy, targets, 8)

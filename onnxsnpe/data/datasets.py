@@ -2,14 +2,16 @@
 
 A dataset is a sorted list of files read lazily, one sample at a time, so memory stays flat in the
 number of samples. Every sample is checked against the model's inputs (names, rank, dtype, shape,
-finite values) and comes out as ``{input name: float32 array with batch dimension 1}``.
+finite values, token ids within the table they index) and comes out as ``{input name: array with
+batch dimension 1}``: float32 for float inputs, the model's own dtype for integer and boolean ones
+(token ids, attention masks), which are never quantized.
 """
 
 from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +79,7 @@ class Dataset:
         checked = {}
         for spec in self.inputs:
             array = sample[spec.name]
-            if array.dtype.kind != "f":
-                raise OnnxSnpeError(
-                    f"{where}: input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}"
-                )
+            array = _as_input_dtype(array, spec, where)
             if array.ndim == len(spec.dims) - 1:
                 array = array[np.newaxis]
             if array.ndim != len(spec.dims):
@@ -104,9 +103,10 @@ class Dataset:
                     f"{where}: input '{spec.name}' has shape {list(array.shape)}, earlier samples "
                     f"have {list(first)}; all samples must share one shape"
                 )
-            if not np.all(np.isfinite(array)):
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise OnnxSnpeError(f"{where}: input '{spec.name}' contains NaN or Inf")
-            checked[spec.name] = np.ascontiguousarray(array, dtype=np.float32)
+            _check_indices(array, spec, where)
+            checked[spec.name] = np.ascontiguousarray(array, dtype=np.float32 if spec.dtype.kind == "f" else spec.dtype)
         return checked
 
     def _read_image(self, path: Path) -> np.ndarray:
@@ -156,8 +156,52 @@ class Dataset:
                     f"{path}: holds {flat.size} float32 values, input '{spec.name}' of shape "
                     f"{list(shape)} needs {int(np.prod(shape))}"
                 )
-            sample[spec.name] = from_snpe_layout(flat, shape)
+            sample[spec.name] = from_snpe_layout(_from_float_raw(flat, spec, path), shape)
         return sample
+
+
+def _as_input_dtype(array: np.ndarray, spec: InputSpec, where: Path) -> np.ndarray:
+    """``array`` in the input's dtype: floats stay floats, integers fit the input's integer type, bools are bools."""
+    want = spec.dtype.kind
+    got = array.dtype.kind
+    if want == "f" and got == "f":
+        return array
+    if want in "iu" and got in "iu":
+        info = np.iinfo(spec.dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise OnnxSnpeError(
+                f"{where}: input '{spec.name}' has values outside {spec.dtype} "
+                f"[{array.min()}, {array.max()}]"
+            )
+        return array
+    if want == "b" and got == "b":
+        return array
+    raise OnnxSnpeError(f"{where}: input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}")
+
+
+def _check_indices(array: np.ndarray, spec: InputSpec, where: Path) -> None:
+    """Token ids and other indices within the table the input indexes (ONNX Gather: -n <= i < n)."""
+    if spec.index_limit is None or not array.size:
+        return
+    low, high = int(array.min()), int(array.max())
+    if low < -spec.index_limit or high >= spec.index_limit:
+        raise OnnxSnpeError(
+            f"{where}: input '{spec.name}' holds indices in [{low}, {high}], the table it indexes has "
+            f"{spec.index_limit} rows"
+        )
+
+
+def _from_float_raw(flat: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray:
+    """A float32 raw file's values in the input's dtype; integer and boolean inputs must hold whole numbers."""
+    if spec.dtype.kind == "f":
+        return flat
+    if not np.all(np.isfinite(flat)) or np.any(flat != np.round(flat)):
+        raise OnnxSnpeError(f"{path}: input '{spec.name}' is {spec.dtype}, the raw file holds non-integer values")
+    if spec.dtype.kind == "b":
+        if np.any((flat != 0) & (flat != 1)):
+            raise OnnxSnpeError(f"{path}: input '{spec.name}' is bool, the raw file holds values other than 0 and 1")
+        return flat.astype(bool)
+    return flat.astype(spec.dtype)
 
 
 def to_snpe_layout(array: np.ndarray) -> np.ndarray:
@@ -283,11 +327,7 @@ def _apply_shapes(inputs: list[InputSpec], shapes: dict[str | None, tuple[int, .
                     f"--input-shape {spec.name}:{','.join(map(str, shape))} does not fit the model's "
                     f"{_dims_text(spec.dims)}"
                 )
-            spec = InputSpec(spec.name, (spec.dims[0], *shape[1:]) if shape else (), spec.dtype)
-        if spec.dtype.kind != "f":
-            raise OnnxSnpeError(
-                f"input '{spec.name}' has dtype {spec.dtype}: only float inputs can be quantized for SNPE"
-            )
+            spec = replace(spec, dims=(spec.dims[0], *shape[1:]) if shape else ())
         fixed.append(spec)
     return fixed
 

@@ -24,16 +24,23 @@ STRUCTURAL_INPUTS = {
 
 
 def constant_encodings(
-    model: onnx.ModelProto, targets: QuantTargets, params: dict[str, ParamEncoding], bitwidth: int = 8
+    model: onnx.ModelProto,
+    targets: QuantTargets,
+    params: dict[str, ParamEncoding],
+    bitwidth: int = 8,
+    activations: dict[str, Encoding] | None = None,
 ) -> dict[str, Encoding]:
     """Min-max encodings of the float constants that feed quantized ops but have no param encoding.
 
     SNPE's quantizer gives every static input of a quantized op (the constant operand of an Add or
     Mul, a LayerNorm gamma, a Pow exponent) an encoding from its own min and max; a QNN graph has
     to carry them quantized too, or the op would run in float. Biases covered by ``targets`` are
-    skipped even when ``params`` lacks them (e.g. float biases). *Inferred* for SNPE: this is what
-    its converter does with static tensors, not confirmed by a source.
+    skipped even when ``params`` lacks them (e.g. float biases). The constants of a node that makes
+    an attention mask (the 0 and -inf of ``Where(mask, 0, -inf)``) take that mask's encoding from
+    ``activations``: their own min and max would be infinite or meaningless. *Inferred* for SNPE:
+    this is what its converter does with static tensors, not confirmed by a source.
     """
+    activations = activations or {}
     bias_names = {ref.bias for ref in targets.biases}
     values = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
     found: dict[str, Encoding] = {}
@@ -43,6 +50,9 @@ def constant_encodings(
             if name not in values or name in params or name in bias_names or name in found:
                 continue
             if index in structural:
+                continue
+            if node.output[0] in targets.masks and node.output[0] in activations:
+                found[name] = activations[node.output[0]]
                 continue
             array = numpy_helper.to_array(values[name])
             found[name] = asymmetric_encoding(float(array.min()), float(array.max()), bitwidth)

@@ -181,12 +181,15 @@ def _dtype(enc: ParamEncoding) -> type:
 
 
 def quantize(x: np.ndarray, enc: ParamEncoding) -> np.ndarray:
-    """Integer codes ``clamp(round(x / scale) - offset, 0, 2^bw - 1)``, as int64 (per channel along its axis)."""
+    """Integer codes ``clamp(round(x / scale) - offset, 0, 2^bw - 1)``, as int64 (per channel along its axis).
+
+    The clamp comes first (its bounds are integers, so the codes are the same): infinities clamp too.
+    """
     dtype = _dtype(enc)
     x = np.asarray(x, dtype=dtype)
     scale, offset, levels = _grid(enc, x.ndim, dtype)
-    q = round_half_away(x / scale) - offset
-    return np.clip(q, 0, levels).astype(np.int64)
+    q = round_half_away(np.clip(x / scale, offset, offset + levels)) - offset  # bounds are integers
+    return q.astype(np.int64)
 
 
 def dequantize(q: np.ndarray, enc: ParamEncoding) -> np.ndarray:
@@ -206,5 +209,5 @@ def fake_quantize(x: np.ndarray, enc: ParamEncoding) -> np.ndarray:
     dtype = _dtype(enc)
     x = np.asarray(x, dtype=dtype)
     scale, offset, levels = _grid(enc, x.ndim, dtype)
-    q = np.clip(round_half_away(x / scale) - offset, dtype(0), levels)
-    return ((q + offset) * scale).astype(np.float32)
+    rounded = round_half_away(np.clip(x / scale, offset, offset + levels))  # clamping first: -inf is safe
+    return (rounded * scale).astype(np.float32)

@@ -29,6 +29,7 @@ from .encoding import (
     bias_encoding,
     per_channel_symmetric,
 )
+from .masks import masked_ranges
 from .methods import DEFAULT_PERCENTILE, check_method
 from .range_search import mse_range, percentile_range
 from .tf_enhanced import tf_enhanced_range
@@ -77,19 +78,25 @@ def activation_encodings(
 
     ``fixed`` maps tensors to ranges that override the statistics (see fixed_range_tensors);
     ``raised`` names tensors encoded at 16 bits whatever ``bitwidth`` is (mixed precision).
+    Tensors carrying an attention mask get the ranges of encode/masks.py.
     """
     fixed = fixed or {}
     raised = set(raised)
-    encodings = {}
+
+    def bits(name: str) -> int:
+        return 16 if name in raised else bitwidth
+
+    ranges = {}
     for name in targets.activations:
-        bits = 16 if name in raised else bitwidth
         if name in fixed:
-            encodings[name] = asymmetric_encoding(*fixed[name], bits)
+            ranges[name] = fixed[name]
             continue
         observer = stats[name]
-        if observer.count == 0:
+        if observer.count == 0 and name not in targets.masks:
             raise OnnxSnpeError(f"tensor '{name}' produced no values on the calibration data")
-        encodings[name] = asymmetric_encoding(*chosen_range(observer, method, bits, percentile), bits)
+        ranges[name] = chosen_range(observer, method, bits(name), percentile) if observer.count else (0.0, 0.0)
+    ranges = masked_ranges(ranges, targets.masks, bits)
+    encodings = {name: asymmetric_encoding(*ranges[name], bits(name)) for name in targets.activations}
     for alias, root in targets.aliases.items():
         encodings[alias] = encodings[root]
     return encodings

@@ -17,11 +17,16 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT}
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A graph input: its name, declared dimensions (int, or None where dynamic) and numpy dtype."""
+    """A graph input: its name, declared dimensions (int, or None where dynamic) and numpy dtype.
+
+    ``index_limit``: for an integer input that indexes a constant table (token ids into an
+    embedding), the table's number of rows.
+    """
 
     name: str
     dims: tuple[int | None, ...]
     dtype: np.dtype
+    index_limit: int | None = None
 
     @property
     def is_static(self) -> bool:
@@ -56,6 +61,7 @@ def _first_line(exc: BaseException) -> str:
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The graph inputs that are fed at run time (initializers excluded)."""
     constants = {init.name for init in model.graph.initializer}
+    limits = _index_limits(model)
     specs = []
     for value in model.graph.input:
         if value.name in constants:
@@ -66,8 +72,22 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             for d in tensor_type.shape.dim
         )
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        specs.append(InputSpec(value.name, dims, dtype))
+        specs.append(InputSpec(value.name, dims, dtype, limits.get(value.name)))
     return specs
+
+
+def _index_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """Inputs used directly as Gather indices into a constant table, with the rows of that axis."""
+    tables = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    limits: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = tables[node.input[0]]
+            if dims:
+                rows = int(dims[axis])
+                limits[node.input[1]] = min(rows, limits.get(node.input[1], rows))
+    return limits
 
 
 def initializer_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:

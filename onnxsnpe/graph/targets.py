@@ -7,6 +7,7 @@
 - Constant weights of Conv, ConvTranspose and Gemm, and constant MatMul operands, get param
   encodings; biases of Conv, ConvTranspose and Gemm are listed for 32-bit bias quantization.
 - Integer and shape tensors are never quantized.
+- Tensors that carry an additive attention mask are marked (graph/masks.py).
 """
 
 from __future__ import annotations
@@ -17,23 +18,8 @@ import onnx
 from onnx import helper
 
 from .load import FLOAT_TYPES
-
-SQUASHING_PRODUCERS = frozenset(
-    {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div"}
-)
-"""Ops a following activation is squashed into."""
-
-SQUASHED_ACTIVATIONS = frozenset({"Relu", "Clip"})
-
-DATA_MOVEMENT = frozenset(
-    {
-        "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Split", "Slice",
-        "Pad", "MaxPool", "Identity", "DepthToSpace", "SpaceToDepth", "Dropout", "Expand", "Tile",
-    }
-)
-"""Ops whose output reuses the encoding of their (first) input."""
-
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+from .masks import MaskedTensor, find_masks
+from .ops import DATA_MOVEMENT, SQUASHED_ACTIVATIONS, SQUASHING_PRODUCERS, WEIGHTED_OPS
 
 
 @dataclass(frozen=True)
@@ -56,6 +42,12 @@ class QuantTargets:
     biases: list[BiasRef] = field(default_factory=list)
     weight_axes: dict[str, int | None] = field(default_factory=dict)
     """Each weight's output-channel axis (for per-channel encodings), None where it has none."""
+    masks: dict[str, MaskedTensor] = field(default_factory=dict)
+    """The activations on an additive attention mask's chain (graph/masks.py)."""
+
+    def floors(self) -> dict[str, float]:
+        """Each masked activation's floor: values at or below it are masked positions."""
+        return {name: mask.floor for name, mask in self.masks.items()}
 
     def root(self, tensor: str) -> str:
         """The tensor whose encoding ``tensor`` uses (itself unless it is an alias)."""
@@ -113,6 +105,8 @@ def find_targets(model: onnx.ModelProto) -> QuantTargets:
                     weights.setdefault(name, output_channel_axis(node, ranks[name], index))
     targets.weights = list(weights)
     targets.weight_axes = weights
+    activations = set(targets.activations)
+    targets.masks = {name: mask for name, mask in find_masks(model).items() if name in activations}
     return targets
 
 

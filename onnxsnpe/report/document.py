@@ -15,6 +15,7 @@ def build_report(
     *,
     model_path: Path,
     input_shapes: dict[str, tuple[int, ...]],
+    input_dtypes: dict[str, str],
     output_names: list[str],
     calibration: dict,
     evaluation: dict,
@@ -30,7 +31,7 @@ def build_report(
         "tool": {"name": "onnxsnpe", "version": __version__},
         "model": {
             "path": str(model_path),
-            "inputs": [{"name": n, "shape": list(s), "dtype": "float32"} for n, s in input_shapes.items()],
+            "inputs": [{"name": n, "shape": list(s), "dtype": input_dtypes[n]} for n, s in input_shapes.items()],
             "outputs": output_names,
         },
         "calibration": calibration,
@@ -96,8 +97,21 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
     lines.append(f"        --quantization_overrides {out_dir}/snpe_clip_ranges.json")
     lines.append(f"    snpe-dlc-quantize --input_dlc model.dlc --input_list {out_dir}/data.txt \\")
     lines.append(f"        --override_params --bias_bitwidth {report['settings']['bias_bitwidth']}")
+    lines += integer_input_lines(report["model"]["inputs"])
     return "\n".join(lines)
 
+
+
+def integer_input_lines(inputs: list[dict]) -> list[str]:
+    """What a model with integer or boolean inputs needs from SNPE's tools (SNPE.md section 3)."""
+    names = [i["name"] for i in inputs if i["dtype"] != "float32"]
+    if not names:
+        return []
+    return [
+        f"  integer/boolean inputs {', '.join(names)}: never quantized; data.txt's raw files hold them as",
+        "    float32, which snpe-dlc-quantize reads by default (do not pass --use_native_input_files);",
+        "    the converter narrows int64 inputs to int32 unless told --preserve_io datatype",
+    ]
 
 
 def _optimization_lines(done: dict) -> list[str]:

@@ -51,17 +51,21 @@ def collect_statistics(
     methods: Iterable[str] = ("minmax",),
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
+    floors: dict[str, float] | None = None,
 ) -> dict[str, TensorStats]:
     """Run ``model`` once over ``samples`` (each with batch dimension 1) and observe ``tensors``.
 
     ``workers`` batches run side by side (default: one per core, at most MAX_WORKERS), each in
     a session with an equal share of the cores. Every sample is consumed, even when there is
-    nothing to observe. Raises OnnxSnpeError if a tensor takes NaN or Inf.
+    nothing to observe. ``floors`` maps tensors carrying an attention mask to the value at or below
+    which their values are masked positions, left out (graph/masks.py). Raises OnnxSnpeError if a
+    tensor takes NaN, or Inf other than at a masked position.
     """
     methods = tuple(methods)
     cores = available_cores()
     workers = max(1, workers or min(cores, MAX_WORKERS))
-    stats = {name: TensorStats(methods) for name in tensors}
+    floors = floors or {}
+    stats = {name: TensorStats(methods, floors.get(name)) for name in tensors}
     runner = _Runner(model, tensors, batch_size, max(1, cores // workers), workers)
     batches = _batches(samples, runner.batch_size)
     for batch in batches:  # alone: the first run checks the sessions, early samples fix PDF grids
@@ -98,7 +102,7 @@ def _observe(
         try:
             if isinstance(outputs, _Reused):
                 if folds is not None and outputs.fold(stats, folds):
-                    outputs = {name: outputs.feed[name] for name in runner.fed}
+                    outputs = {**{name: outputs.feed[name] for name in runner.fed}, **outputs.unfolded(stats)}
                 else:
                     outputs = outputs.named()
             for name, values in outputs.items():
@@ -266,15 +270,24 @@ class _Reused:
     def fold(self, stats: dict[str, TensorStats], folds: dict[int, OutputFold | None]) -> bool:
         """Fold the session's tensors into ``stats`` in one call per kind of statistic, with this
         worker's ``folds`` (made at the first use of a set of arrays, which are kept); False where
-        that does not apply (a batch of several samples, a PDF without its grid, a huge tensor)."""
+        that does not apply (a batch of several samples, a PDF without its grid, a huge tensor).
+        Tensors with a mask floor are left to :meth:`unfolded`."""
         key = id(self.arrays)
         if key not in folds:
             pieces = self.session.pieces(self.arrays) if self.arrays[0].shape[0] == 1 else None
+            pieces = [piece for piece in pieces or [] if stats[piece[0]].floor is None]
             folds[key] = OutputFold(pieces, stats) if pieces and OutputFold.applies(stats, pieces) else None
         fold = folds[key]
         if fold is not None:
             fold.fold()
         return fold is not None
+
+
+    def unfolded(self, stats: dict[str, TensorStats]) -> dict[str, np.ndarray]:
+        """The session's tensors a fold leaves out (those with a mask floor), by name."""
+        return {tensor: self.session.real_values(tensor, raw)
+                for tensor, raw in zip(self.session.tensors, self.arrays, strict=True)
+                if stats[tensor].floor is not None}
 
 
 class _Buffers:

@@ -127,7 +127,7 @@ class ExposedSession:
 
     def values(self, raws: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Each tensor's values from the session's outputs: padding channels dropped, samples first."""
-        return {tensor: self._real(tensor, raw) for tensor, raw in zip(self.tensors, raws, strict=True)}
+        return {tensor: self.real_values(tensor, raw) for tensor, raw in zip(self.tensors, raws, strict=True)}
 
     def pieces(self, arrays: list[np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
         """Each tensor's values in ``arrays`` (one sample's outputs, written again by every
@@ -150,7 +150,8 @@ class ExposedSession:
             pieces.append((tensor, np.empty(partial.size, dtype=np.float32), partial[0]))
         return pieces
 
-    def _real(self, tensor: str, raw: np.ndarray) -> np.ndarray:
+    def real_values(self, tensor: str, raw: np.ndarray) -> np.ndarray:
+        """One tensor's values from its output array (padding channels dropped)."""
         layout = self.blocked.get(tensor)
         if layout is None or raw.shape[1] == layout.channels:
             return raw

@@ -46,10 +46,15 @@ class MinMaxObserver:
 
 
 class TensorStats:
-    """What the range methods need for one tensor: min/max, and a histogram or PDF if asked for."""
+    """What the range methods need for one tensor: min/max, and a histogram or PDF if asked for.
 
-    def __init__(self, methods: Iterable[str] = ("minmax",)) -> None:
+    With a ``floor`` (a tensor carrying an attention mask), values at or below it are masked
+    positions: they are left out, so the statistics describe the real values only.
+    """
+
+    def __init__(self, methods: Iterable[str] = ("minmax",), floor: float | None = None) -> None:
         methods = set(methods)
+        self.floor = floor
         self.minmax = MinMaxObserver()
         self.histogram = Histogram() if methods & HISTOGRAM_METHODS else None
         self.tf_enhanced = TfEnhancedObserver() if "tf_enhanced" in methods else None
@@ -68,6 +73,13 @@ class TensorStats:
 
     def update(self, batch: np.ndarray) -> None:
         """Fold in one batch (first axis: samples, in dataset order). ValueError on NaN or Inf."""
+        if self.floor is not None:
+            for sample in batch:
+                self._update(_unmasked(sample, self.floor))
+            return
+        self._update(batch)
+
+    def _update(self, batch: np.ndarray) -> None:
         flat = np.ascontiguousarray(batch, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
@@ -81,7 +93,7 @@ class TensorStats:
 
     def spawn(self) -> TensorStats:
         """Empty statistics for the same methods that merge into these (the PDF keeps its grid)."""
-        spawned = TensorStats()
+        spawned = TensorStats(floor=self.floor)
         spawned.histogram = Histogram(self.histogram.max_bins) if self.histogram is not None else None
         spawned.tf_enhanced = self.tf_enhanced.spawn() if self.tf_enhanced is not None else None
         return spawned
@@ -99,3 +111,11 @@ class TensorStats:
                 raise ValueError("cannot merge statistics collected for different methods")
             if mine is not None:
                 mine.merge(theirs)
+
+
+def _unmasked(sample: np.ndarray, floor: float) -> np.ndarray:
+    """One sample's values above ``floor``, as a batch of one; ValueError on NaN."""
+    flat = np.asarray(sample, dtype=np.float32).reshape(-1)
+    if np.isnan(flat).any():
+        raise ValueError("NaN values")
+    return flat[flat > floor][np.newaxis]
