@@ -80,23 +80,12 @@ class StagedOutput:
             self.discard()
 
 
-FLOAT32_EXACT = 2**24
-"""Integers up to this magnitude are exact in float32."""
-
-
-def _check_float_exact(name: str, values: np.ndarray) -> None:
-    if values.dtype.kind in "iu" and values.size and int(np.abs(values).max()) > FLOAT32_EXACT:
-        raise OnnxSnpeError(
-            f"input '{name}' holds integers beyond 2^24, which a float32 raw file cannot hold exactly"
-        )
-
-
 class InputListWriter:
     """Writes each calibration sample as raw float32 files (4-D in N,H,W,C) and lists them.
 
     Integer and boolean inputs (token ids, masks) are written as float32 too: SNPE's and QAIRT's
     quantizers read every raw file as float32 unless told ``--use_native_input_files``
-    (SNPE.md section 3), and float32 holds every integer up to 2^24 exactly.
+    (SNPE.md section 3), and float32 holds every integer up to 2^24 exactly (the datasets check that).
     """
 
     def __init__(self, output: StagedOutput, input_names: list[str]) -> None:
@@ -115,7 +104,6 @@ class InputListWriter:
             else:
                 file_name = f"{index:05d}_{k}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.raw"
             relative = f"{RAW_DIR}/{file_name}"
-            _check_float_exact(name, sample[name])
             np.ascontiguousarray(to_snpe_layout(sample[name]), dtype="<f4").tofile(self.output.stage(relative))
             paths[name] = self.output.final(relative)
         if len(self.input_names) == 1:

@@ -19,6 +19,7 @@ from onnxsnpe.graph.load import load_model
 from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.stats.collect import batch_dynamic_copy, collect_statistics
+from onnxsnpe.stats.exposure import ExposedSession
 from onnxsnpe.stats.folding import OutputFold
 from onnxsnpe.stats.histogram import Histogram, fitting_exponent
 from onnxsnpe.stats.kernels import key_range, key_values, value_range
@@ -357,3 +358,25 @@ def test_stats_for_other_methods_do_not_merge() -> None:
     with pytest.raises(ValueError, match="different methods"):
         TensorStats(["minmax"]).merge(TensorStats(["mse"]))
 
+
+
+def test_a_session_that_cannot_write_into_reused_arrays_falls_back(tiny_model, monkeypatch):
+    """When onnxruntime refuses the reused output arrays (shapes that change, or declared shapes the
+    run disagrees with), calibration goes on with ordinary runs and gives the same statistics."""
+    deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    targets = find_targets(deploy)
+    samples = [{"x": np.random.default_rng(i).normal(size=(1, 3, 8, 8)).astype(np.float32)} for i in range(6)]
+    expected = collect_statistics(deploy, targets.activations, samples, ["mse"], workers=2)
+    calls = []
+
+    def refuse(self, feed, arrays):
+        calls.append(1)
+        raise RuntimeError("Got invalid dimensions for output: Got: 1 Expected: 20")
+
+    monkeypatch.setattr(ExposedSession, "run_into", refuse)
+    got = collect_statistics(deploy, targets.activations, samples, ["mse"], workers=2)
+    assert calls, "the reused arrays were tried"
+    for name in targets.activations:
+        assert (got[name].min, got[name].max, got[name].count) == (expected[name].min, expected[name].max,
+                                                                    expected[name].count)
+        np.testing.assert_array_equal(got[name].histogram.counts, expected[name].histogram.counts)

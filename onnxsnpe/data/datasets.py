@@ -106,6 +106,7 @@ class Dataset:
             if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise OnnxSnpeError(f"{where}: input '{spec.name}' contains NaN or Inf")
             _check_indices(array, spec, where)
+            _check_float_exact(array, spec, where)
             checked[spec.name] = np.ascontiguousarray(array, dtype=np.float32 if spec.dtype.kind == "f" else spec.dtype)
         return checked
 
@@ -179,6 +180,18 @@ def _as_input_dtype(array: np.ndarray, spec: InputSpec, where: Path) -> np.ndarr
     raise OnnxSnpeError(f"{where}: input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}")
 
 
+FLOAT32_EXACT = 2**24
+"""Integers up to this magnitude are exact in float32, the type of SNPE's raw input files."""
+
+
+def _check_float_exact(array: np.ndarray, spec: InputSpec, where: Path) -> None:
+    if array.dtype.kind in "iu" and array.size and int(np.abs(array).max()) > FLOAT32_EXACT:
+        raise OnnxSnpeError(
+            f"{where}: input '{spec.name}' holds integers beyond 2^24, which SNPE's float32 raw files "
+            "cannot hold exactly"
+        )
+
+
 def _check_indices(array: np.ndarray, spec: InputSpec, where: Path) -> None:
     """Token ids and other indices within the table the input indexes (ONNX Gather: -n <= i < n)."""
     if spec.index_limit is None or not array.size:
@@ -201,6 +214,9 @@ def _from_float_raw(flat: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray
         if np.any((flat != 0) & (flat != 1)):
             raise OnnxSnpeError(f"{path}: input '{spec.name}' is bool, the raw file holds values other than 0 and 1")
         return flat.astype(bool)
+    info = np.iinfo(spec.dtype)
+    if flat.size and (flat.min() < info.min or flat.max() > info.max):
+        raise OnnxSnpeError(f"{path}: input '{spec.name}' holds values outside {spec.dtype}")
     return flat.astype(spec.dtype)
 
 

@@ -198,6 +198,8 @@ class _Runner:
                     log.debug("no batching: %s", exc)
         self.workers = workers
         self.buffers: _Buffers | None = None  # set up from the first results' shapes
+        self.bindable = True  # until a run into reused arrays fails
+        self.batch_checked = False  # whether batched runs were found to match single ones
 
     def run(self, batch: list[dict[str, np.ndarray]]) -> Iterator[tuple[dict | _Reused, Callable[[], None]]]:
         """The observed tensors of a batch (one batched result or one per sample), each with its
@@ -205,33 +207,46 @@ class _Runner:
         if self.batched is not None and len(batch) > 1:
             feed = {name: np.concatenate([s[name] for s in batch]) for name in batch[0]}
             if self.buffers is not None and len(batch) == self.batch_size:
-                yield self._bound(self.batched, feed)
-                return
+                bound = self._bound(self.batched, feed)
+                if bound is not None:
+                    yield bound
+                    return
             raws = self.batched.run(feed)
             outputs = self._named(self.batched, raws, feed)
-            if self.buffers is not None or self._agrees(outputs, batch):
+            if self.batch_checked or self._agrees(outputs, batch):
+                self.batch_checked = True
                 self._remember_shapes(raws)
                 yield outputs, _nothing
                 return
             log.info("the model does not batch consistently; calibrating one sample at a time")
             self.batched, self.batch_size, self.buffers = None, 1, None
         for sample in batch:
-            if self.buffers is not None and self.batched is None:
-                yield self._bound(self.session, sample)
-            else:
-                raws = self.session.run(sample) if self.session is not None else []
-                if self.batched is None:
-                    self._remember_shapes(raws)
-                yield self._named(self.session, raws, sample), _nothing
+            bound = self._bound(self.session, sample) if self.buffers is not None and self.batched is None else None
+            if bound is not None:
+                yield bound
+                continue
+            raws = self.session.run(sample) if self.session is not None else []
+            if self.batched is None:
+                self._remember_shapes(raws)
+            yield self._named(self.session, raws, sample), _nothing
 
     def _remember_shapes(self, raws: list[np.ndarray]) -> None:
-        if self.buffers is None and self.computed:
+        if self.buffers is None and self.computed and self.bindable:
             self.buffers = _Buffers([(self.batch_size, *raw.shape[1:]) for raw in raws], self.workers)
 
-    def _bound(self, session: ExposedSession, feed: dict[str, np.ndarray]) -> tuple[_Reused, Callable[[], None]]:
-        arrays = self.buffers.take()
-        session.run_into(feed, arrays)
+    def _bound(self, session: ExposedSession, feed: dict[str, np.ndarray]) -> tuple[_Reused, Callable[[], None]] | None:
+        """A run into a reused set of arrays, or None (from then on, for every run) if the session
+        will not write into arrays shaped like the first run's outputs: a tensor whose shape
+        changes from sample to sample, or a model whose declared shapes disagree with its run."""
         buffers = self.buffers
+        arrays = buffers.take()
+        try:
+            session.run_into(feed, arrays)
+        except Exception as exc:  # onnxruntime raises its own types; the run is retried unbound
+            buffers.give(arrays)
+            log.info("calibrating without reused output arrays: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            self.bindable, self.buffers = False, None
+            return None
         return _Reused(self, session, arrays, feed), lambda: buffers.give(arrays)
 
     def _named(
