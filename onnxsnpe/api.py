@@ -79,6 +79,7 @@ def quantize(
     max_16bit: int | None = None,
     bias_bitwidth: int = 32,
     write_bias_encodings: bool = False,
+    encoding_format: str = "legacy",
     arithmetic: str = "htp",
     input_shapes: dict[str | None, tuple[int, ...]] | None = None,
     image_options: ImageOptions | None = None,
@@ -102,7 +103,8 @@ def quantize(
                         adaround_samples=adaround_samples,
                         bias_correction=bias_correction, correction_samples=correction_samples,
                         auto_precision=auto_precision, target_sqnr=target_sqnr, max_16bit=max_16bit,
-                        bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings, arithmetic=arithmetic)
+                        bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings,
+                        encoding_format=encoding_format, arithmetic=arithmetic)
     settings.check()
     check_analysis_samples(analysis_samples)
     if htp_samples < 0:
@@ -132,7 +134,8 @@ def quantize(
         export.write_model(staged.stage(export.QDQ_FILE), qdq)
         export.write_json(
             staged.stage(export.OVERRIDES_FILE),
-            export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params),
+            export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params,
+                                  settings.encoding_format),
         )
         files = [export.DEPLOY_FILE, export.OVERRIDES_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/",
                  export.QDQ_FILE, export.REPORT_FILE, export.HTML_REPORT_FILE]

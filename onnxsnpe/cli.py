@@ -11,6 +11,7 @@ from . import __version__
 from .data.datasets import ImageOptions
 from .encode.methods import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
 from .errors import OnnxSnpeError
+from .export import ENCODING_FORMATS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
@@ -163,6 +164,11 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
         help="also write bias entries to the overrides (default: leave biases to snpe-dlc-quantize)",
     )
     parser.add_argument(
+        "--encoding-format", choices=ENCODING_FORMATS, default="legacy",
+        help="the overrides file's format: legacy (every SNPE and QAIRT converter) or 1.0.0 (AIMET's, read by "
+        "newer QAIRT, not by SNPE 2.5 and older; default legacy)",
+    )
+    parser.add_argument(
         "--arithmetic", choices=ARITHMETICS, default="htp",
         help="how the simulation computes: htp, the integer arithmetic measured on Qualcomm's HTP, or exact, "
         "float ops with exactly rounded fake quantization (default htp)",
@@ -306,6 +312,7 @@ def _run(args: argparse.Namespace) -> int:
             max_16bit=args.max_16bit,
             bias_bitwidth=args.bias_bitwidth,
             write_bias_encodings=args.write_bias_encodings,
+            encoding_format=args.encoding_format,
             arithmetic=args.arithmetic,
             input_shapes=dict(args.input_shape),
             analysis_samples=args.analysis_samples,
@@ -334,7 +341,8 @@ def _run_compare(args: argparse.Namespace) -> int:
                     bias_correction=args.bias_correction, correction_samples=args.correction_samples,
                     auto_precision=args.auto_precision, target_sqnr=args.target_sqnr, max_16bit=args.max_16bit,
                     bias_bitwidth=args.bias_bitwidth,
-                    write_bias_encodings=args.write_bias_encodings, arithmetic=args.arithmetic)
+                    write_bias_encodings=args.write_bias_encodings, encoding_format=args.encoding_format,
+                    arithmetic=args.arithmetic)
     result = compare(
         args.model, args.calib, args.out, methods=args.methods, act_bitwidths=args.act_bitwidth, base=base,
         eval_data=args.eval, num_samples=args.num_samples, input_shapes=dict(args.input_shape),

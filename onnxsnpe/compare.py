@@ -91,7 +91,8 @@ def compare(
             staged.stage(name).mkdir()
             export.write_json(
                 staged.stage(overrides),
-                export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params),
+                export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params,
+                                      settings.encoding_format),
             )
             rows.append({
                 "name": f"{settings.method} A{settings.act_bitwidth}W{settings.weight_bitwidth}",

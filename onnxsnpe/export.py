@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .data.datasets import to_snpe_layout
-from .encode.encoding import Encoding, ParamEncoding
+from .encode.encoding import ChannelEncodings, Encoding, ParamEncoding
 from .errors import OnnxSnpeError
 
 OVERRIDES_FILE = "snpe_clip_ranges.json"
@@ -116,21 +116,52 @@ class InputListWriter:
         self.output.stage(INPUT_LIST_FILE).write_text("".join(line + "\n" for line in self.lines))
 
 
+ENCODING_FORMATS = ("legacy", "1.0.0")
+"""The ``--quantization_overrides`` formats written (SNPE.md section 2): legacy, read by every SNPE and
+QAIRT converter, and AIMET's 1.0.0, read by newer QAIRT (not by SNPE 2.5 and older)."""
+
+
 def overrides_json(
-    model: onnx.ModelProto, activations: dict[str, Encoding], params: dict[str, ParamEncoding]
+    model: onnx.ModelProto,
+    activations: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
+    encoding_format: str = "legacy",
 ) -> dict:
-    """The legacy ``--quantization_overrides`` document, entries in graph order; a per-channel param
-    has one entry per output channel, in channel order."""
+    """The ``--quantization_overrides`` document, entries in graph order.
+
+    Legacy: a dict of lists, a per-channel param with one entry per output channel, in channel
+    order. 1.0.0: lists of named entries with a scale and an offset per channel (the offsets as
+    in legacy, i.e. ``-2^(bw-1)`` for symmetric ones, as AIMET writes them).
+    """
+    if encoding_format not in ENCODING_FORMATS:
+        raise ValueError(f"unknown encoding format {encoding_format!r}")
     order = [v.name for v in model.graph.input] + [o for n in model.graph.node for o in n.output]
+    named_activations = [(name, activations[name]) for name in dict.fromkeys(order) if name in activations]
+    named_params = [(init.name, params[init.name]) for init in model.graph.initializer if init.name in params]
+    if encoding_format == "legacy":
+        return {
+            "activation_encodings": {name: enc.entries() for name, enc in named_activations},
+            "param_encodings": {name: enc.entries() for name, enc in named_params},
+        }
     return {
-        "activation_encodings": {
-            name: activations[name].entries() for name in dict.fromkeys(order) if name in activations
-        },
-        "param_encodings": {
-            init.name: params[init.name].entries()
-            for init in model.graph.initializer
-            if init.name in params
-        },
+        "version": "1.0.0",
+        "activation_encodings": [_v1_entry(name, enc) for name, enc in named_activations],
+        "param_encodings": [_v1_entry(name, enc) for name, enc in named_params],
+        "excluded_layers": [],
+    }
+
+
+def _v1_entry(name: str, enc: ParamEncoding) -> dict:
+    """One tensor's 1.0.0 entry (AIMET's schema: name, dtype, enc_type, is_sym, bw, scale, offset)."""
+    channels = enc.channels if isinstance(enc, ChannelEncodings) else (enc,)
+    return {
+        "name": name,
+        "dtype": "INT",
+        "enc_type": "PER_CHANNEL" if isinstance(enc, ChannelEncodings) else "PER_TENSOR",
+        "is_sym": enc.is_symmetric,
+        "bw": enc.bitwidth,
+        "scale": [c.scale for c in channels],
+        "offset": [float(c.offset) for c in channels],
     }
 
 

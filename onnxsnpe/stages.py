@@ -70,6 +70,7 @@ class Settings:
     max_16bit: int | None = None
     bias_bitwidth: int = 32
     write_bias_encodings: bool = False
+    encoding_format: str = "legacy"
     arithmetic: str = "htp"
 
     def check(self) -> None:
@@ -78,6 +79,9 @@ class Settings:
         if self.arithmetic not in ARITHMETICS:
             raise OnnxSnpeError(f"--arithmetic must be one of {', '.join(ARITHMETICS)}, got {self.arithmetic}")
         check_method(self.weight_method, self.percentile, "--weight-method")
+        if self.encoding_format not in export.ENCODING_FORMATS:
+            raise OnnxSnpeError(f"--encoding-format must be one of {', '.join(export.ENCODING_FORMATS)}, "
+                                f"got {self.encoding_format}")
         for flag, value, allowed in (
             ("--act-bitwidth", self.act_bitwidth, (8, 16)),
             ("--weight-bitwidth", self.weight_bitwidth, (8, 16)),

@@ -1,5 +1,6 @@
 """Bad input: a one-line error naming the problem, exit code 1, no traceback, no partial output."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,14 @@ def test_unknown_argument_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["quantize", "--bogus"])
     assert info.value.code == 2
+
+
+def test_encoding_format_option_writes_1_0_0(capsys, tmp_path, tiny_model, npy_folder):
+    out = tmp_path / "o"
+    code = run_cli(capsys, "quantize", tiny_model, "--calib", npy_folder, "--out", out, "--quiet",
+                   "--analysis-samples", "0", "--per-channel", "--encoding-format", "1.0.0")[0]
+    assert code == 0
+    document = json.loads((out / "snpe_clip_ranges.json").read_text())
+    assert document["version"] == "1.0.0"
+    assert {e["enc_type"] for e in document["param_encodings"]} == {"PER_CHANNEL"}
+    assert json.loads((out / "report.json").read_text())["settings"]["encoding_format"] == "1.0.0"

@@ -6,7 +6,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.encode.constants import constant_encodings
-from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize, quantize
+from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize, per_channel_symmetric, quantize
+from onnxsnpe.export import overrides_json
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import load_model
 from onnxsnpe.graph.runtime import make_session
@@ -158,3 +159,36 @@ def test_symmetric_weights_are_signed_with_zero_point_zero(tiny):
     _, stored, _, zero_point = found[f"{weight}{SUFFIX}/DQ"]
     assert inits[stored].dtype == np.int8 and zero_point.dtype == np.int8 and int(zero_point) == 0
     assert np.abs(inits[stored].astype(int)).max() == 127
+
+
+def test_overrides_in_1_0_0_format_carry_the_same_encodings(tiny_model):
+    """AIMET's 1.0.0 schema (SNPE.md section 2): named entries, one scale and offset per channel,
+    offsets as in legacy; per-channel weights symmetric with offsets -2^(bw-1)."""
+    deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    targets = find_targets(deploy)
+    activations = {name: asymmetric_encoding(-1.0 - k, 2.0 + k, 8 if k % 2 else 16)
+                   for k, name in enumerate(targets.activations)}
+    weight = targets.weights[0]
+    params = {weight: per_channel_symmetric(np.array([0.5, 1.0, 2.0, 4.0]), 0, 8),
+              targets.weights[1]: asymmetric_encoding(-0.3, 0.7, 8)}
+    legacy = overrides_json(deploy, activations, params)
+    v1 = overrides_json(deploy, activations, params, "1.0.0")
+    assert v1["version"] == "1.0.0" and set(v1) == {"version", "activation_encodings", "param_encodings",
+                                                       "excluded_layers"}
+    assert [e["name"] for e in v1["activation_encodings"]] == list(legacy["activation_encodings"])
+    assert [e["name"] for e in v1["param_encodings"]] == list(legacy["param_encodings"])
+    for entry in v1["activation_encodings"] + v1["param_encodings"]:
+        assert set(entry) == {"name", "dtype", "enc_type", "is_sym", "bw", "scale", "offset"}
+        assert entry["dtype"] == "INT" and isinstance(entry["is_sym"], bool)
+        section = "activation_encodings" if entry in v1["activation_encodings"] else "param_encodings"
+        old = legacy[section][entry["name"]]
+        assert entry["bw"] == old[0]["bitwidth"]
+        assert entry["scale"] == [e["scale"] for e in old]
+        assert entry["offset"] == [float(e["offset"]) for e in old]
+    channelled = next(e for e in v1["param_encodings"] if e["name"] == weight)
+    assert channelled["enc_type"] == "PER_CHANNEL" and channelled["is_sym"] is True
+    assert channelled["offset"] == [-128.0] * 4
+    assert channelled["scale"] == pytest.approx([0.5 / 127, 1.0 / 127, 2.0 / 127, 4.0 / 127])
+    assert all(e["enc_type"] == "PER_TENSOR" for e in v1["activation_encodings"])
+    with pytest.raises(ValueError):
+        overrides_json(deploy, activations, params, "2.0.0")
