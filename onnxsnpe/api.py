@@ -82,6 +82,7 @@ def quantize(
     encoding_format: str = "legacy",
     arithmetic: str = "htp",
     input_shapes: dict[str | None, tuple[int, ...]] | None = None,
+    fixed_inputs: dict[str, list[float]] | None = None,
     image_options: ImageOptions | None = None,
     analysis_samples: int = 4,
     htp_samples: int = 0,
@@ -92,6 +93,7 @@ def quantize(
     Writes snpe_deploy.onnx, snpe_clip_ranges.json, data.txt with raw/, report.json and report.html.
     ``eval_data`` holds held-out samples for the report (default: the calibration samples);
     the isolated per-tensor errors use the first ``analysis_samples`` of them (0 skips them).
+    ``fixed_inputs`` ({name: values}) become constants, so that If nodes depending on them fold.
     Also writes snpe_qdq.onnx; with ``htp_samples`` > 0 runs that many evaluation samples on
     Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it.
     Raises OnnxSnpeError, with a one-line message, on bad input.
@@ -111,7 +113,7 @@ def quantize(
         raise OnnxSnpeError(f"--htp must be 0 or more, got {htp_samples}")
     if htp_samples and (reason := qnn_unavailable_reason()):
         raise OnnxSnpeError(f"--htp: {reason}")
-    prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
+    prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
     if settings.optimize:
         prepared, settings, optimizations = run_recipe(prepared, settings, progress)
     else:
@@ -145,6 +147,7 @@ def quantize(
             model_path=prepared.model_path,
             input_shapes=prepared.shapes,
             input_dtypes=prepared.input_dtypes,
+            fixed_inputs=fixed_inputs or {},
             output_names=[o.name for o in prepared.deploy.graph.output],
             calibration=calibration,
             evaluation=evaluation_section,

@@ -90,6 +90,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         "--input-shape", type=_input_shape, action="append", default=[], metavar="[NAME:]DIMS",
         help="fix an input's shape, e.g. x:1,3,320,320 (needed for raw input lists with dynamic dims)",
     )
+    parser.add_argument(
+        "--fix-input", type=_fixed_input, action="append", default=[], metavar="NAME=VALUE",
+        help="make an input a constant, e.g. sr=16000, so that the If branches that depend on it fold away "
+        "(samples then leave it out; repeatable)",
+    )
     images = parser.add_argument_group("image preprocessing (folders of images)")
     images.add_argument("--resize", type=_resize, metavar="H,W", help="resize to H,W (default: the model's size)")
     images.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb", help="channel order (default rgb)")
@@ -315,6 +320,7 @@ def _run(args: argparse.Namespace) -> int:
             encoding_format=args.encoding_format,
             arithmetic=args.arithmetic,
             input_shapes=dict(args.input_shape),
+            fixed_inputs=dict(args.fix_input),
             analysis_samples=args.analysis_samples,
             htp_samples=args.htp,
             image_options=_image_options(args),
@@ -323,6 +329,15 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(summary_text(result.report, result.out_dir, result.seconds))
     return 0
+
+
+def _fixed_input(text: str) -> tuple[str, list[float]]:
+    from .graph.fixed_inputs import parse_fixed_input
+
+    try:
+        return parse_fixed_input(text)
+    except OnnxSnpeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _image_options(args: argparse.Namespace) -> ImageOptions:
@@ -346,6 +361,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     result = compare(
         args.model, args.calib, args.out, methods=args.methods, act_bitwidths=args.act_bitwidth, base=base,
         eval_data=args.eval, num_samples=args.num_samples, input_shapes=dict(args.input_shape),
+        fixed_inputs=dict(args.fix_input),
         image_options=_image_options(args), analysis_samples=args.analysis_samples, progress=not args.quiet,
     )
     if not args.quiet:

@@ -51,6 +51,7 @@ def compare(
     eval_data: str | os.PathLike | None = None,
     num_samples: int | None = None,
     input_shapes: dict[str | None, tuple[int, ...]] | None = None,
+    fixed_inputs: dict[str, list[float]] | None = None,
     image_options: ImageOptions | None = None,
     analysis_samples: int = 1,
     progress: bool = True,
@@ -70,7 +71,7 @@ def compare(
     for settings in configs:
         settings.check()
     check_analysis_samples(analysis_samples)
-    prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options)
+    prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
     if base.optimize:
         prepared, base, optimizations = run_recipe(prepared, base, progress)
         configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)

@@ -26,7 +26,9 @@ from .encode.ranges import (
     weight_encodings,
 )
 from .errors import OnnxSnpeError
+from .graph.control_flow import check_supported
 from .graph.deploy import prepare_deploy_model
+from .graph.fixed_inputs import fix_inputs
 from .graph.load import load_model, model_inputs
 from .graph.targets import QuantTargets, find_targets
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
@@ -185,10 +187,14 @@ def prepare(
     num_samples: int | None,
     input_shapes: dict[str | None, tuple[int, ...]] | None,
     image_options: ImageOptions | None,
+    fixed_inputs: dict[str, list[float]] | None = None,
 ) -> Prepared:
-    """Load the model, open the datasets, fix the shapes from the first sample, fold the graph."""
+    """Load the model, open the datasets, fix the shapes from the first sample, fold the graph.
+
+    ``fixed_inputs`` become constants first (graph/fixed_inputs.py), so what depends on them folds.
+    """
     model_path = Path(model).absolute()
-    onnx_model = load_model(model_path)
+    onnx_model = fix_inputs(load_model(model_path), fixed_inputs or {})
     inputs = model_inputs(onnx_model)
     calib_set = open_dataset(calib, inputs, image_options, input_shapes, num_samples)
     calib_set.load(0)  # fixes the input shapes from the data
@@ -198,6 +204,7 @@ def prepare(
         eval_set = open_dataset(eval_data, inputs, image_options, input_shapes)
         eval_set.shapes.update(shapes)  # the deploy model is static: eval samples must match
     deploy, batchnorms_folded = prepare_deploy_model(onnx_model, shapes)
+    check_supported(deploy, str(model_path))
     return Prepared(model_path, deploy, batchnorms_folded, find_targets(deploy), [spec.name for spec in inputs],
                     shapes, calib_set, eval_set, eval_data is not None)
 

@@ -80,14 +80,14 @@ class Dataset:
         for spec in self.inputs:
             array = sample[spec.name]
             array = _as_input_dtype(array, spec, where)
-            if array.ndim == len(spec.dims) - 1:
+            if spec.dims and array.ndim == len(spec.dims) - 1:
                 array = array[np.newaxis]
             if array.ndim != len(spec.dims):
                 raise OnnxSnpeError(
                     f"{where}: input '{spec.name}' has rank {array.ndim} (shape {list(array.shape)}), "
                     f"the model expects rank {len(spec.dims)}"
                 )
-            if array.shape[0] != 1:
+            if array.ndim and array.shape[0] != 1:
                 raise OnnxSnpeError(
                     f"{where}: input '{spec.name}' holds a batch of {array.shape[0]}; give one sample per file"
                 )
