@@ -132,15 +132,15 @@ def quantize(
         weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes, prepared.deploy)
         qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
         htp = compare_with_htp(prepared, encodings, qdq, htp_samples) if htp_samples else None
-        export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
-        export.write_model(staged.stage(export.QDQ_FILE), qdq)
+        deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
+        qdq_files = export.write_model(staged.stage(export.QDQ_FILE), qdq)
         export.write_json(
             staged.stage(export.OVERRIDES_FILE),
             export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params,
                                   settings.encoding_format),
         )
-        files = [export.DEPLOY_FILE, export.OVERRIDES_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/",
-                 export.QDQ_FILE, export.REPORT_FILE, export.HTML_REPORT_FILE]
+        files = [*deploy_files, export.OVERRIDES_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/",
+                 *qdq_files, export.REPORT_FILE, export.HTML_REPORT_FILE]
         calibration, evaluation_section = prepared.describe_data()
         targets = prepared.targets
         report = build_report(

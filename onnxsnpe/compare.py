@@ -81,7 +81,7 @@ def compare(
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)
-        export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
+        deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         rows = []
         for settings in configs:
             name = f"{settings.method}_a{settings.act_bitwidth}"
@@ -112,7 +112,7 @@ def compare(
             "evaluation": {**evaluation_section, "isolated_samples": min(analysis_samples, len(prepared.eval_set))},
             "configurations": rows,
             "optimizations": optimizations,
-            "files": [export.DEPLOY_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/", COMPARE_JSON, COMPARE_HTML,
+            "files": [*deploy_files, export.INPUT_LIST_FILE, export.RAW_DIR + "/", COMPARE_JSON, COMPARE_HTML,
                       *(row["overrides"] for row in rows)],
         }
         export.write_json(staged.stage(COMPARE_JSON), report)

@@ -19,6 +19,7 @@ import onnx
 from .data.datasets import to_snpe_layout
 from .encode.encoding import ChannelEncodings, Encoding, ParamEncoding
 from .errors import OnnxSnpeError
+from .graph.large import save_model
 
 OVERRIDES_FILE = "snpe_clip_ranges.json"
 DEPLOY_FILE = "snpe_deploy.onnx"
@@ -170,6 +171,7 @@ def write_json(path: Path, document: dict) -> None:
     path.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
-def write_model(path: Path, model: onnx.ModelProto) -> None:
-    """Save an ONNX model in one file."""
-    onnx.save(model, str(path))
+def write_model(path: Path, model: onnx.ModelProto) -> list[str]:
+    """Save an ONNX model, in one file unless it is over protobuf's limit (graph/large.py); the
+    names of the files written."""
+    return save_model(model, path)

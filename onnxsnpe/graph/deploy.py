@@ -15,6 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from .large import infer_shapes
+
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,7 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return infer_shapes(model)
     except Exception as exc:  # inference is a help, not a requirement
         log.debug("shape inference failed: %s", exc)
         return model

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import OnnxSnpeError
+from .large import is_large
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT}
 
@@ -47,7 +48,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise OnnxSnpeError(f"not an ONNX model, or a model with no nodes: {path}")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path) if is_large(model) else model)
     except Exception as exc:
         raise OnnxSnpeError(f"invalid ONNX model {path}: {_first_line(exc)}") from exc
     return model

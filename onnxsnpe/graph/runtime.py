@@ -7,6 +7,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import OnnxSnpeError
+from .large import with_model_source
 
 
 def make_session(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:
@@ -33,8 +34,9 @@ def make_session(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.I
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(
-            exposed.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+        return with_model_source(
+            exposed, lambda source: ort.InferenceSession(source, sess_options=options,
+                                                         providers=["CPUExecutionProvider"])
         )
     except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

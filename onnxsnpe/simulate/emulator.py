@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from ..encode.encoding import Encoding, fake_quantize
 from ..errors import OnnxSnpeError
+from ..graph.large import with_model_source
 from ..graph.runtime import make_session
 
 QNN_EP = "QNNExecutionProvider"
@@ -92,7 +93,7 @@ class HtpSession:
         options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         options.add_provider_for_devices(_qnn_devices(qnn), {"backend_path": qnn.get_qnn_htp_path()})
         try:
-            self.session = ort.InferenceSession(self.model.SerializeToString(), sess_options=options)
+            self.session = with_model_source(self.model, lambda source: ort.InferenceSession(source, options))
         except Exception as exc:
             raise OnnxSnpeError(f"the QNN HTP backend rejected the model: {_first_line(exc)}") from exc
         self.cpu_nodes = self.io_nodes = None
@@ -130,8 +131,8 @@ def cpu_runner(model: onnx.ModelProto, input_encodings: dict[str, Encoding], nam
     """onnxruntime's own CPU execution of ``model`` (all graph optimizations on, as a user gets it)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
+    session = with_model_source(model, lambda source: ort.InferenceSession(
+        source, sess_options=options, providers=["CPUExecutionProvider"]))
     return lambda sample: session.run(names, quantize_inputs(sample, input_encodings))
 
 

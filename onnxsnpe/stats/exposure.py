@@ -34,6 +34,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import OnnxSnpeError
+from ..graph.large import is_large, save_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,12 @@ class ExposedSession:
         # ignore_cleanup_errors: a session may still map the weights file (Windows cannot delete it)
         with tempfile.TemporaryDirectory(prefix="onnxsnpe-", ignore_cleanup_errors=True) as tmp:
             optimized_path = Path(tmp) / OPTIMIZED if blocked else None
-            serialized = exposed.SerializeToString()
+            serialized: bytes | str
+            if is_large(exposed):
+                serialized = str(Path(tmp) / "exposed.onnx")
+                save_model(exposed, Path(serialized))
+            else:
+                serialized = exposed.SerializeToString()
             try:
                 self.session = _session(serialized, threads, optimized_path)
             except OnnxSnpeError:  # perhaps only the optimized model could not be saved
