@@ -82,3 +82,19 @@ def test_bias_correction_flag_changes_only_the_deploy_biases(tmp_path, tiny_mode
     assert before.keys() == after.keys()
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
     assert changed and all(before[name].ndim == 1 for name in changed)  # biases only
+
+
+def test_a_model_without_correctable_layers_is_returned_unchanged():
+    """MatMul-only models (transformers) have no Conv/Gemm bias to correct: nothing happens, no error."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    weights = weight_encodings(model, find_targets(model), 8)
+    corrected, corrections = correct_biases(model, weights, [{"x": rng.normal(size=(1, 4)).astype(np.float32)}])
+    assert corrections == []
+    assert [numpy_helper.to_array(i).tobytes() for i in corrected.graph.initializer] == \
+        [numpy_helper.to_array(i).tobytes() for i in model.graph.initializer]

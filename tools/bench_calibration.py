@@ -14,7 +14,11 @@ it prints
   onnxruntime's own quantize_static with MinMax and Percentile on the same samples; each with its
   ratio to the faster plain inference.
 
-Usage: python tools/bench_calibration.py [--samples 256] [--repeats 3] [--skip-ort] [--stats-samples 16]
+With ``--model minilm_l6``, the same on the MiniLM-L6 sentence encoder, its samples the sentences of
+tools/sentences.txt tokenized (tools/text_samples.py; needs the ``tokenizers`` package), cycled.
+
+Usage: python tools/bench_calibration.py [--model efficientnet_lite0|minilm_l6] [--samples 256] [--repeats 3]
+                                         [--skip-ort] [--stats-samples 16]
 This is not a test: timings depend on the machine and on what else runs on it.
 """
 
@@ -47,7 +51,8 @@ from onnxsnpe.stats.folding import OutputFold
 from onnxsnpe.stats.tensor_stats import TensorStats
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT.parent / "shared" / "models" / "efficientnet_lite0.onnx"
+MODELS = ROOT.parent / "shared" / "models"
+MODEL = MODELS / "efficientnet_lite0.onnx"
 IMAGE_DIRS = [ROOT.parent / "shared" / "images", ROOT / "calib_data" / "calib", ROOT / "calib_data" / "eval"]
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -60,7 +65,29 @@ def images() -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
+def text_samples(count: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """MiniLM-L6's inputs for tools/sentences.txt's sentences, cycled (``seed`` shifts the start)."""
+    import tempfile
+
+    from text_samples import split_sentences, write_samples
+
+    sentences = split_sentences(96, 0)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_samples(Path(tmp), sentences)
+        tokenized = [dict(np.load(path)) for path in sorted(Path(tmp).iterdir())]
+    for index in range(count):
+        yield tokenized[(index + seed) % len(tokenized)]
+
+
 def samples(count: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """The chosen model's samples (``--model``): image crops or tokenized sentences."""
+    if MODEL.name == "minilm_l6.onnx":
+        yield from text_samples(count, seed)
+    else:
+        yield from image_samples(count, seed)
+
+
+def image_samples(count: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Random square crops (a third of the short side or more), resized, maybe mirrored; made lazily."""
     photos = images()
     rng = np.random.default_rng(seed)
@@ -87,7 +114,8 @@ def plain_inference(model: onnx.ModelProto, data: list[dict[str, np.ndarray]], b
     """What a user's FP32 inference costs: a default onnxruntime session over the samples."""
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for start in range(0, len(data), batch):
-        session.run(None, {"input": np.concatenate([s["input"] for s in data[start : start + batch]])})
+        part = data[start : start + batch]
+        session.run(None, {name: np.concatenate([s[name] for s in part]) for name in part[0]})
 
 
 def exposed_session(deploy: onnx.ModelProto, threads: int, blocked: bool = True) -> ExposedSession:
@@ -182,13 +210,16 @@ def _status(key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("efficientnet_lite0", "minilm_l6"), default="efficientnet_lite0")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the best of each is kept")
     parser.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's quantize_static (slow)")
     parser.add_argument("--stats-samples", type=int, default=16, help="samples for the statistics-alone costs")
     args = parser.parse_args()
-
-    deploy, _ = prepare_deploy_model(load_model(MODEL), {"input": (1, 3, SIZE, SIZE)})
+    global MODEL
+    MODEL = MODELS / f"{args.model}.onnx"
+    shapes = {name: value.shape for name, value in next(samples(1)).items()}
+    deploy, _ = prepare_deploy_model(load_model(MODEL), shapes)
     targets = find_targets(deploy)
     print(f"model: {MODEL.name}, {len(targets.activations)} observed tensors, "
           f"{len(list(images()))} source photos; onnxruntime {ort.__version__}, numpy {np.__version__}, "

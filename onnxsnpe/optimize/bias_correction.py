@@ -77,6 +77,8 @@ def correct_biases(
     bias computes. So every node runs once per sample, as in one inference pass.
     """
     corrected, layers = _with_biases(model, weights)
+    if not layers:  # nothing to correct (e.g. MatMul layers only)
+        return corrected, []
     outputs = [layer.output for layer in layers]
     target = corrected if reference is None else reference
     reference_moments = _channel_moments(make_session(target, outputs), outputs, layers, samples)

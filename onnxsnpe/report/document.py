@@ -75,7 +75,8 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
     for o in report["outputs"]:
         sqnr = "exact" if o["sqnr_db"] is None else f"{o['sqnr_db']:7.2f} dB"
         agreement = f"   top-1 agree {100 * o['top1_agreement']:.1f}%" if "top1_agreement" in o else ""
-        lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}   max |err| {o['max_abs_error']:.4g}{agreement}")
+        cosine = "" if o.get("cosine") is None else f"   cosine {o['cosine']:.4f}"
+        lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}{cosine}   max |err| {o['max_abs_error']:.4g}{agreement}")
     if "htp" in report:
         htp = report["htp"]
         lines.append(f"  agreement with Qualcomm's HTP emulator on {htp['samples']} samples (SQNR, max error in LSB):")
