@@ -14,6 +14,7 @@ from onnxsnpe import quantize
 from onnxsnpe.cli import main
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.fixed_inputs import parse_fixed_input
+from onnxsnpe.graph.runtime import make_session
 
 
 def _branch(name: str, factor: float) -> onnx.GraphProto:
@@ -115,3 +116,53 @@ def test_fix_input_option(tmp_path, capsys):
         quantize(model, tmp_path / "calib", tmp_path / "o2", fixed_inputs={"rate": [1]}, progress=False)
     with pytest.raises(OnnxSnpeError, match="whole numbers"):
         quantize(model, tmp_path / "calib", tmp_path / "o3", fixed_inputs={"sr": [1.5]}, progress=False)
+
+
+def _counting_loop(path: Path, trips_as_input: bool) -> Path:
+    """v <- v * 0.5 + i (i the iteration), scan output v + 1 per iteration; 3 iterations."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Cast", ["i"], ["i_float"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["v_in", "half"], ["v_half"]),
+         helper.make_node("Add", ["v_half", "i_float"], ["v_out"]),
+         helper.make_node("Add", ["v_out", "one"], ["scan_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("scan_out", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "half")],
+    )
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    if trips_as_input:
+        inputs.append(helper.make_tensor_value_info("trips", TensorProto.INT64, []))
+    else:
+        inits.append(numpy_helper.from_array(np.array(3, np.int64), "trips"))
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["v_final", "scanned"], body=body, name="counter")],
+        "loop", inputs, [helper.make_tensor_value_info("v_final", TensorProto.FLOAT, [1, 4]),
+                         helper.make_tensor_value_info("scanned", TensorProto.FLOAT, [3, 1, 4])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("trips_as_input", [False, True])
+def test_a_loop_of_constant_trip_count_is_unrolled(tmp_path, trips_as_input):
+    model = _counting_loop(tmp_path / "loop.onnx", trips_as_input)
+    fixed = {"trips": [3]} if trips_as_input else None
+    result = quantize(model, _samples(tmp_path / "calib", False), tmp_path / "out", fixed_inputs=fixed,
+                      act_bitwidth=16, analysis_samples=0, progress=False)
+    deploy = onnx.load(tmp_path / "out" / "snpe_deploy.onnx")
+    assert "Loop" not in {n.op_type for n in deploy.graph.node}
+    x = np.random.default_rng(5).normal(size=(1, 4)).astype(np.float32)
+    original = make_session(onnx.load(model)).run(None, {"x": x, **({"trips": np.array(3)} if trips_as_input else {})})
+    unrolled = make_session(deploy).run(None, {"x": x})
+    for want, got in zip(original, unrolled, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert unrolled[1].shape == (3, 1, 4)
+    assert all(o.sqnr_db > 40 for o in result.outputs)

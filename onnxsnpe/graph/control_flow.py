@@ -1,10 +1,10 @@
 """Refuse, with a one-line error naming the node, the ops SNPE cannot take that preparation left.
 
-Preparation flattens an ``If`` whose condition is constant (graph/deploy.py); what remains has a
-condition computed from the inputs at run time, which SNPE cannot do: fixing the inputs it
-depends on (``--fix-input``) folds it. ``Loop`` and ``Scan`` have no SNPE op either (*ours*: no
-Qualcomm op list names them; the QAIRT converter documentation lists no control flow), nor do
-sequence and string ops.
+Preparation flattens an ``If`` whose condition is constant and unrolls a ``Loop`` of constant trip
+count (graph/deploy.py, unroll.py); an ``If`` that remains has a condition computed from the
+inputs at run time, which SNPE cannot do: fixing the inputs it depends on (``--fix-input``) folds
+it. ``Loop`` and ``Scan`` have no SNPE op either (*ours*: no Qualcomm op list names them; the
+QAIRT converter documentation lists no control flow), nor do sequence and string ops.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import onnx
 
 from ..errors import OnnxSnpeError
+from .unroll import MAX_ITERATIONS
 
 UNSUPPORTED = frozenset({
     "Loop", "Scan", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
@@ -35,8 +36,10 @@ def check_supported(model: onnx.ModelProto, path: str) -> None:
             raise OnnxSnpeError(f"{path}: {label} branches on a value computed at run time, which SNPE cannot "
                                 f"run; {hint}")
         if node.op_type in UNSUPPORTED:
-            what = ("unroll it before export (e.g. export with a fixed sequence length)"
-                    if node.op_type in ("Loop", "Scan") else "remove it from the model before export")
+            what = {"Loop": f"it was not unrolled (its trip count is not a constant from 1 to {MAX_ITERATIONS}, "
+                            "it may stop early, or its body holds a subgraph); export it unrolled",
+                    "Scan": "export it unrolled (e.g. with a fixed sequence length)"}.get(
+                        node.op_type, "remove it from the model before export")
             raise OnnxSnpeError(f"{path}: {label}: SNPE has no {node.op_type} op; {what}")
 
 

@@ -1,7 +1,8 @@
 """Load an FP32 ONNX model and prepare the deploy graph SNPE's converter will see.
 
 Preparation fixes the input shapes (SNPE needs static shapes), folds constant subgraphs (shape
-arithmetic, Constant nodes become initializers whose names the param encodings use) and folds
+arithmetic, Constant nodes become initializers whose names the param encodings use; If nodes with
+a constant condition become their branch), unrolls Loops of constant trip count (unroll.py), and folds
 BatchNormalization into a preceding Conv, ConvTranspose or Gemm, as the converter does
 (SNPE.md section 4). Nothing else changes the model's meaning.
 """
@@ -16,6 +17,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .large import infer_shapes
+from .unroll import unroll_loops
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,19 @@ def prepare_deploy_model(
 
     Returns the model and the number of BatchNormalization nodes folded.
     """
-    graph = gs.import_onnx(_with_input_shapes(model, input_shapes))
+    graph = _folded(gs.import_onnx(_with_input_shapes(model, input_shapes)))
+    written_out, loops = unroll_loops(gs.export_onnx(graph))
+    if loops:  # a Loop whose trip count folded to a constant: its copies fold further
+        graph = _folded(gs.import_onnx(_infer_shapes(written_out)))
+    folded = fold_batchnorms(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    prepared = _infer_shapes(gs.export_onnx(graph))
+    prepared.producer_name = "onnxsnpe"
+    return prepared, folded
+
+
+def _folded(graph: gs.Graph) -> gs.Graph:
+    """``graph`` with its constant subgraphs folded (If nodes with a constant condition flattened)."""
     previous = None
     for _ in range(4):  # folding shapes can expose more constants; stop when nothing changes
         graph.fold_constants(fold_shapes=True, error_ok=True)
@@ -40,11 +54,7 @@ def prepare_deploy_model(
             break
         previous = count
         graph = gs.import_onnx(_infer_shapes(gs.export_onnx(graph)))
-    folded = fold_batchnorms(graph)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    prepared = _infer_shapes(gs.export_onnx(graph))
-    prepared.producer_name = "onnxsnpe"
-    return prepared, folded
+    return graph
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
