@@ -166,3 +166,14 @@ def test_a_loop_of_constant_trip_count_is_unrolled(tmp_path, trips_as_input):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert unrolled[1].shape == (3, 1, 4)
     assert all(o.sqnr_db > 40 for o in result.outputs)
+
+
+def test_fixed_input_values_may_be_scalars_or_arrays(tmp_path):
+    model = _if_model(tmp_path / "vad.onnx")
+    calib = _samples(tmp_path / "calib", False)
+    for index, value in enumerate((16000, np.array([16000]))):
+        result = quantize(model, calib, tmp_path / f"out{index}", fixed_inputs={"sr": value},
+                          analysis_samples=0, progress=False)
+        assert result.report["model"]["fixed_inputs"] == {"sr": [16000.0]}
+    with pytest.raises(OnnxSnpeError, match="outside int64"):
+        quantize(model, calib, tmp_path / "o", fixed_inputs={"sr": [1e30]}, progress=False)

@@ -350,3 +350,26 @@ def test_quantize_refuses_ids_outside_table(tmp_path, model_path):
     assert "00002.npz" in message and "'ids'" in message and f"{ROWS} rows" in message
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+
+
+def test_ids_that_reach_the_table_through_a_cast_are_checked_too(tmp_path):
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+         helper.make_node("Gather", ["table", "ids64"], ["emb"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, SEQ])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [1, SEQ, 4])], [table])
+    path = tmp_path / "cast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    (spec,) = model_inputs(load_model(path))
+    assert spec.index_limit == 10
+
+
+def test_sequence_and_string_inputs_are_refused_in_one_line(tmp_path):
+    seq = helper.make_tensor_sequence_value_info("parts", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("ConcatFromSequence", ["parts"], ["y"], axis=0)], "g", [seq],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    path = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(OnnxSnpeError, match="'parts' is not a tensor"):
+        model_inputs(load_model(path))

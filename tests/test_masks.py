@@ -115,13 +115,72 @@ def test_masked_ranges_sit_a_softmax_margin_below_the_real_scores(tmp_path, form
     assert mask.min == pytest.approx(-width, abs=mask.scale) and mask.max == 0.0
 
 
-def test_without_a_softmax_the_chain_keeps_the_mask_value(tmp_path):
+def test_a_huge_constant_that_reaches_no_softmax_is_an_ordinary_operand(tmp_path):
+    """(1 - keep) * -10000 feeding a Relu, or audio scaled by 32768: no mask, ranges as observed."""
     model = onnx.load(_model(tmp_path / "m.onnx", "scaled", softmax=False))
     targets = find_targets(model)
-    assert all(not mask.sinks for mask in targets.masks.values())
+    assert targets.masks == {}
     stats = collect_statistics(model, targets.activations, iter(_samples("scaled", 4)), floors=targets.floors())
     encodings = activation_encodings(stats, targets, "minmax", 8)
     assert encodings["mask"].min == pytest.approx(-10000.0, rel=0.01)
+
+
+def _variant(path: Path, middle: str) -> Path:
+    """Where(keep, 0, -inf) added to scores, then ``middle`` before the Softmax(es)."""
+    make = helper.make_node
+    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf"),
+             numpy_helper.from_array(np.array(SCORES, np.int64), "shape"),
+             numpy_helper.from_array(np.array(-3.4e38, np.float32), "lowest")]
+    nodes = [make("Where", ["keep", "zero", "minus_inf"], ["mask"])]
+    outputs = ["out"]
+    if middle == "reshape":  # BART-like: the sum is viewed again before the Softmax
+        nodes += [make("Add", ["scores", "mask"], ["masked"]), make("Reshape", ["masked", "shape"], ["viewed"]),
+                  make("Softmax", ["viewed"], ["out"], axis=-1)]
+    elif middle == "max":  # OPT-like clamp at the float minimum
+        nodes += [make("Add", ["scores", "mask"], ["masked"]), make("Max", ["masked", "lowest"], ["clamped"]),
+                  make("Softmax", ["clamped"], ["out"], axis=-1)]
+    else:  # the mask split in halves, each added to a half of the heads
+        inits.append(numpy_helper.from_array(np.array([1, 1], np.int64), "halves"))
+        nodes += [make("Concat", ["mask", "mask"], ["both"], axis=1),
+                  make("Split", ["both", "halves"], ["m0", "m1"], axis=1),
+                  make("Split", ["scores", "halves"], ["s0", "s1"], axis=1),
+                  make("Add", ["s0", "m0"], ["a0"]), make("Add", ["s1", "m1"], ["a1"]),
+                  make("Softmax", ["a0"], ["out"], axis=-1), make("Softmax", ["a1"], ["out1"], axis=-1)]
+        outputs.append("out1")
+    shape = [1, 1, 4, LENGTH] if middle == "split" else SCORES
+    graph = helper.make_graph(
+        nodes, "mask", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, SCORES),
+                        helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, 1, LENGTH])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o in outputs], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("middle", ["reshape", "max", "split"])
+def test_masks_through_views_clamps_and_splits(tmp_path, middle):
+    model = _variant(tmp_path / "m.onnx", middle)
+    for part, seed in (("calib", 0), ("eval", 1)):
+        (tmp_path / part).mkdir()
+        for index, sample in enumerate(_samples("where", 10, seed)):
+            np.savez(tmp_path / part / f"{index:03d}.npz", **sample)
+    result = quantize(model, tmp_path / "calib", tmp_path / "out", eval_data=tmp_path / "eval",
+                      analysis_samples=0, progress=False)
+    assert all(o.sqnr_db > 25 for o in result.outputs), [o.to_dict() for o in result.outputs]
+
+
+def test_a_masked_tensor_that_is_also_an_output_is_compared_where_it_is_finite(tmp_path):
+    model = onnx.load(_model(tmp_path / "m.onnx", "where"))
+    model.graph.output.append(helper.make_tensor_value_info("masked", TensorProto.FLOAT, SCORES))
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    for index, sample in enumerate(_samples("where", 6)):
+        np.savez(tmp_path / "calib" / f"{index:03d}.npz", **sample)
+    result = quantize(tmp_path / "m.onnx", tmp_path / "calib", tmp_path / "out", analysis_samples=0, progress=False)
+    masked = next(o for o in result.outputs if o.name == "masked")
+    assert math.isfinite(masked.sqnr_db) and math.isfinite(masked.cosine) and masked.sqnr_db > 25
 
 
 @pytest.mark.parametrize("form", ["where", "scaled"])

@@ -112,7 +112,7 @@ def calibrate(key: str, weights_kind: str = "asymmetric"):
     else:
         weights = weight_encodings(deploy, targets, 8, per_channel=weights_kind == "per-channel")
     params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
-    params.update(constant_encodings(deploy, targets, params, 8))
+    params.update(constant_encodings(deploy, targets, params, 8, acts))
     return deploy, targets, acts, params, inputs, options, calib
 
 

@@ -188,7 +188,8 @@ def quantize(x: np.ndarray, enc: ParamEncoding) -> np.ndarray:
     dtype = _dtype(enc)
     x = np.asarray(x, dtype=dtype)
     scale, offset, levels = _grid(enc, x.ndim, dtype)
-    q = round_half_away(np.clip(x / scale, offset, offset + levels)) - offset  # bounds are integers
+    with np.errstate(over="ignore"):  # a huge value over a small scale: inf, clamped next
+        q = round_half_away(np.clip(x / scale, offset, offset + levels)) - offset  # bounds are integers
     return q.astype(np.int64)
 
 
@@ -209,5 +210,6 @@ def fake_quantize(x: np.ndarray, enc: ParamEncoding) -> np.ndarray:
     dtype = _dtype(enc)
     x = np.asarray(x, dtype=dtype)
     scale, offset, levels = _grid(enc, x.ndim, dtype)
-    rounded = round_half_away(np.clip(x / scale, offset, offset + levels))  # clamping first: -inf is safe
+    with np.errstate(over="ignore"):  # a huge value over a small scale: inf, clamped next
+        rounded = round_half_away(np.clip(x / scale, offset, offset + levels))  # clamping first: -inf is safe
     return (rounded * scale).astype(np.float32)

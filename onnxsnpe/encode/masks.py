@@ -11,9 +11,8 @@ a masked score K below the smallest real one carries at most exp(-K) of the weig
 position, so all n together stay under half a step of the Softmax output. Every other tensor of
 the chain (the mask itself, e.g. Where(mask, 0, -inf), whose real values are all 0) reaches down by
 that sink's whole width, so that a masked position added to any real score clamps to the sink's
-bottom. A chain that feeds no Softmax keeps the mask's own value (the constant as written, or twice
-the mask magnitude for -inf) in its range. *Ours*: no Qualcomm document says how SNPE treats mask
-constants (SNPE.md section 4); this keeps the model's function at the price of a wider range.
+bottom. *Ours*: no Qualcomm document says how SNPE treats mask constants (SNPE.md section 4); this
+keeps the model's function at the price of a wider range.
 """
 
 from __future__ import annotations
@@ -44,11 +43,8 @@ def masked_ranges(
     adjusted = dict(ranges)
     for name, mask in masks.items():
         low, high = _real(ranges[name])
-        if mask.sinks:
-            width = max(widths[sink.tensor] for sink in mask.sinks)
-            adjusted[name] = (min(low, high - width), high)
-        else:
-            adjusted[name] = (min(low, 2 * mask.floor), high)
+        width = max(widths[sink.tensor] for sink in mask.sinks)
+        adjusted[name] = (min(low, high - width), high)
     return adjusted
 
 

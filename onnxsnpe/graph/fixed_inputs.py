@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxSnpeError
-from .load import model_inputs
+from .load import InputSpec, model_inputs
 
 
 def parse_fixed_input(text: str) -> tuple[str, list[float]]:
@@ -43,19 +43,31 @@ def fix_inputs(model: onnx.ModelProto, values: dict[str, list[float] | float | n
         spec = specs.get(name)
         if spec is None:
             raise OnnxSnpeError(f"--fix-input names '{name}', the model's inputs are {sorted(specs)}")
-        array = np.asarray(given, dtype=np.float64).reshape(-1)
-        if any(d is None for d in spec.dims):
-            raise OnnxSnpeError(f"--fix-input {name}: the input has dynamic dims; only static inputs can be fixed")
-        shape = tuple(int(d) for d in spec.dims)
-        if array.size != int(np.prod(shape)):
-            raise OnnxSnpeError(f"--fix-input {name}: {array.size} values given, the input of shape "
-                                f"{list(shape)} needs {int(np.prod(shape))}")
-        if spec.dtype.kind in "iub" and np.any(array != np.round(array)):
-            raise OnnxSnpeError(f"--fix-input {name}: the input is {spec.dtype}, give whole numbers")
-        if spec.dtype.kind == "b" and np.any((array != 0) & (array != 1)):
-            raise OnnxSnpeError(f"--fix-input {name}: the input is bool, give 0 or 1")
-        fixed.graph.initializer.append(numpy_helper.from_array(array.astype(spec.dtype).reshape(shape), name))
+        fixed.graph.initializer.append(numpy_helper.from_array(_value(spec, given), name))
     kept = [value for value in fixed.graph.input if value.name not in values]
     del fixed.graph.input[:]
     fixed.graph.input.extend(kept)
     return fixed
+
+
+def _value(spec: InputSpec, given: list[float] | float | np.ndarray) -> np.ndarray:
+    """``given`` as the input's constant: its dtype and shape, checked."""
+    name = spec.name
+    array = np.asarray(given, dtype=np.float64).reshape(-1)
+    if any(d is None for d in spec.dims):
+        raise OnnxSnpeError(f"--fix-input {name}: the input has dynamic dims; only static inputs can be fixed")
+    shape = tuple(int(d) for d in spec.dims)
+    if array.size != int(np.prod(shape)):
+        raise OnnxSnpeError(f"--fix-input {name}: {array.size} values given, the input of shape "
+                            f"{list(shape)} needs {int(np.prod(shape))}")
+    if not np.all(np.isfinite(array)):
+        raise OnnxSnpeError(f"--fix-input {name}: values must be finite")
+    if spec.dtype.kind in "iub" and np.any(array != np.round(array)):
+        raise OnnxSnpeError(f"--fix-input {name}: the input is {spec.dtype}, give whole numbers")
+    if spec.dtype.kind == "b" and np.any((array != 0) & (array != 1)):
+        raise OnnxSnpeError(f"--fix-input {name}: the input is bool, give 0 or 1")
+    if spec.dtype.kind in "iu":
+        info = np.iinfo(spec.dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise OnnxSnpeError(f"--fix-input {name}: values outside {spec.dtype}")
+    return array.astype(spec.dtype).reshape(shape)

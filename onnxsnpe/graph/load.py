@@ -67,7 +67,11 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     for value in model.graph.input:
         if value.name in constants:
             continue
+        if not value.type.HasField("tensor_type"):
+            raise OnnxSnpeError(f"input '{value.name}' is not a tensor (a sequence or map): SNPE takes tensors only")
         tensor_type = value.type.tensor_type
+        if tensor_type.elem_type == onnx.TensorProto.STRING:
+            raise OnnxSnpeError(f"input '{value.name}' is a string tensor: SNPE takes numeric inputs only")
         dims = tuple(
             d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
             for d in tensor_type.shape.dim
@@ -77,17 +81,26 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+INDEX_CARRIERS = frozenset({"Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+"""Ops that pass token ids on unchanged (so ids that reach a Gather through them are still indices)."""
+
+
 def _index_limits(model: onnx.ModelProto) -> dict[str, int]:
-    """Inputs used directly as Gather indices into a constant table, with the rows of that axis."""
+    """Inputs used as Gather indices into a constant table (directly or through INDEX_CARRIERS), with
+    the rows of that axis."""
     tables = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    sources = {value.name: value.name for value in model.graph.input}  # tensor -> the input it carries
     limits: dict[str, int] = {}
     for node in model.graph.node:
+        if node.op_type in INDEX_CARRIERS and node.input and node.input[0] in sources:
+            sources[node.output[0]] = sources[node.input[0]]
         if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
+            source = sources.get(node.input[1])
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             dims = tables[node.input[0]]
-            if dims:
+            if source is not None and dims:
                 rows = int(dims[axis])
-                limits[node.input[1]] = min(rows, limits.get(node.input[1], rows))
+                limits[source] = min(rows, limits.get(source, rows))
     return limits
 
 

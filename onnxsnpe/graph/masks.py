@@ -6,9 +6,11 @@ range of every tensor they pass through (an 8-bit step of 39 for -1e4, of 1e36 f
 and no range at all for -inf) and wreck the attention scores. Here a mask *source* is the output
 of a node with a constant operand of magnitude at least MASK_MAGNITUDE, and a mask *chain* is every
 float tensor the source reaches through the ops that carry a mask unchanged (additions, Where
-branches, data movement) until the Softmax it feeds. Calibration leaves out the masked values of
-those tensors (at or below the chain's ``floor``) and the encoding stage gives the chain a range
-that puts masked positions far enough below the real scores (encode/masks.py).
+branches, Max/Min clamps, data movement) until the Softmax it feeds. Only chains that reach a
+Softmax are masks: a huge constant elsewhere (audio scaled by 32768) is an ordinary operand.
+Calibration leaves out the masked values of those tensors (at or below the chain's ``floor``) and
+the encoding stage gives the chain a range that puts masked positions far enough below the real
+scores (encode/masks.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ MASK_MAGNITUDE = 1e4
 MASK_SOURCES = frozenset({"Where", "Mul", "Add", "Sub"})
 """Ops whose huge constant operand makes their output a mask."""
 
-MASK_CARRIERS = frozenset({"Add", "Sub", "Where", "Cast", "Concat", "Min"}) | DATA_MOVEMENT
+MASK_CARRIERS = frozenset({"Add", "Sub", "Where", "Cast", "Concat", "Min", "Max"}) | DATA_MOVEMENT
 """Ops that pass a mask on to their output unchanged (for Where: as one of its branches)."""
 
 
@@ -70,17 +72,19 @@ def find_masks(model: onnx.ModelProto) -> dict[str, MaskedTensor]:
             for tensor in _chain(node.output[0], consumers, constants):
                 floors[tensor] = max(floors.get(tensor, -np.inf), floor)
     shapes = _shapes(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     sinks: dict[str, list[MaskSink]] = {}
     for tensor in floors:
         for node in consumers.get(tensor, []):
             if node.op_type == "Softmax" and node.input[0] == tensor:
-                sink = MaskSink(tensor, _axis_length(node, shapes.get(tensor)), node.output[0])
+                sink = MaskSink(tensor, _axis_length(node, shapes.get(tensor), opset), node.output[0])
                 sinks.setdefault(tensor, []).append(sink)
     masked = {}
     for tensor, floor in floors.items():
         reached = _chain(tensor, consumers, constants)
         found = tuple(sorted({sink for name in reached for sink in sinks.get(name, [])}))
-        masked[tensor] = MaskedTensor(floor, found)
+        if found:
+            masked[tensor] = MaskedTensor(floor, found)
     return masked
 
 
@@ -108,9 +112,8 @@ def _chain(start: str, consumers: dict[str, list[onnx.NodeProto]], constants: di
                 continue  # a condition, not a branch
             if node.op_type in DATA_MOVEMENT and node.input[0] != tensor:
                 continue  # a shape or index operand
-            out = node.output[0]
-            if out not in seen:
-                seen.append(out)
+            outputs = node.output if node.op_type == "Split" else node.output[:1]  # Dropout: no mask output
+            seen.extend(out for out in outputs if out and out not in seen)
     return seen
 
 
@@ -123,9 +126,11 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _axis_length(node: onnx.NodeProto, shape: tuple[int, ...] | None) -> int:
-    """The length of a Softmax's axis (its last axis by default); 1 where the shape is unknown."""
+def _axis_length(node: onnx.NodeProto, shape: tuple[int, ...] | None, opset: int) -> int:
+    """How many values one Softmax normalizes together: its axis's length (opset 13 on, default the
+    last axis), or before opset 13 the product of the dims from ``axis`` (default 1) on; 1 where the
+    shape is unknown."""
     if not shape:
         return 1
-    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-    return int(shape[axis])
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+    return int(shape[axis]) if opset >= 13 else int(np.prod(shape[axis:]))

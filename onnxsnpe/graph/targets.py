@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 from onnx import helper
@@ -105,9 +105,23 @@ def find_targets(model: onnx.ModelProto) -> QuantTargets:
                     weights.setdefault(name, output_channel_axis(node, ranks[name], index))
     targets.weights = list(weights)
     targets.weight_axes = weights
-    activations = set(targets.activations)
-    targets.masks = {name: mask for name, mask in find_masks(model).items() if name in activations}
+    targets.masks = _encoded_masks(find_masks(model), targets)
     return targets
+
+
+def _encoded_masks(masks: dict[str, MaskedTensor], targets: QuantTargets) -> dict[str, MaskedTensor]:
+    """The masked tensors that have their own encoding, their sinks named by the tensor whose encoding
+    they use (a Softmax may read the mask's sum through a Reshape, which aliases it)."""
+    activations = set(targets.activations)
+    encoded = {}
+    for name, mask in masks.items():
+        if name not in activations:
+            continue
+        sinks = tuple(sorted({replace(sink, tensor=targets.root(sink.tensor)) for sink in mask.sinks
+                              if targets.root(sink.tensor) in masks}))
+        if sinks:
+            encoded[name] = replace(mask, sinks=sinks)
+    return encoded
 
 
 def output_channel_axis(node: onnx.NodeProto, weight_rank: int, input_index: int) -> int | None:

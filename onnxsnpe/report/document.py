@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from .evaluation import Evaluation, worst_isolated
 from .weight_analysis import WeightFigures
@@ -34,7 +36,8 @@ def build_report(
             "path": str(model_path),
             "inputs": [{"name": n, "shape": list(s), "dtype": input_dtypes[n]} for n, s in input_shapes.items()],
             "outputs": output_names,
-            "fixed_inputs": {name: list(values) for name, values in fixed_inputs.items()},
+            "fixed_inputs": {name: [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+                             for name, values in fixed_inputs.items()},
         },
         "calibration": calibration,
         "evaluation": evaluation,

@@ -21,9 +21,12 @@ class TensorComparison:
         self.count = 0
 
     def update(self, reference: np.ndarray, simulated: np.ndarray) -> None:
-        """Add one sample's values."""
+        """Add one sample's values (positions where the reference is infinite are left out)."""
         ref = np.asarray(reference, dtype=np.float64).ravel()
         sim = np.asarray(simulated, dtype=np.float64).ravel()
+        finite = np.isfinite(ref)
+        if not finite.all():  # masked positions (-inf) of an output that carries an attention mask
+            ref, sim = ref[finite], sim[finite]
         err = sim - ref
         self.signal += inner(ref, ref)
         self.noise += inner(err, err)

@@ -206,7 +206,7 @@ class _Runner:
         release: by name, or as the reused arrays a session wrote them into."""
         if self.batched is not None and len(batch) > 1:
             feed = {name: np.concatenate([s[name] for s in batch]) for name in batch[0]}
-            if self.buffers is not None and len(batch) == self.batch_size:
+            if len(batch) == self.batch_size:
                 bound = self._bound(self.batched, feed)
                 if bound is not None:
                     yield bound
@@ -221,7 +221,7 @@ class _Runner:
             log.info("the model does not batch consistently; calibrating one sample at a time")
             self.batched, self.batch_size, self.buffers = None, 1, None
         for sample in batch:
-            bound = self._bound(self.session, sample) if self.buffers is not None and self.batched is None else None
+            bound = self._bound(self.session, sample) if self.batched is None else None
             if bound is not None:
                 yield bound
                 continue
@@ -238,7 +238,9 @@ class _Runner:
         """A run into a reused set of arrays, or None (from then on, for every run) if the session
         will not write into arrays shaped like the first run's outputs: a tensor whose shape
         changes from sample to sample, or a model whose declared shapes disagree with its run."""
-        buffers = self.buffers
+        buffers = self.buffers  # read once: another worker may give up on reused arrays meanwhile
+        if buffers is None:
+            return None
         arrays = buffers.take()
         try:
             session.run_into(feed, arrays)

@@ -100,14 +100,19 @@ class ExposedSession:
         """The session's output arrays for one feed (see :meth:`values`).
 
         The first run is checked: the ordinary session runs the same feed on another thread meanwhile.
+        An onnxruntime failure (e.g. a token id outside its table) becomes a one-line OnnxSnpeError.
         """
-        if self.reference is None:
-            return self.session.run(self.names, feed)
-        with ThreadPoolExecutor(1, thread_name_prefix="onnxsnpe-reference") as pool:
-            wanted = pool.submit(self.reference.run, self.tensors, feed)
-            raws = self.session.run(self.names, feed)
-            self._check(raws, wanted.result())
-        return raws
+        try:
+            if self.reference is None:
+                return self.session.run(self.names, feed)
+            with ThreadPoolExecutor(1, thread_name_prefix="onnxsnpe-reference") as pool:
+                wanted = pool.submit(self.reference.run, self.tensors, feed)
+                raws = self.session.run(self.names, feed)
+                self._check(raws, wanted.result())
+            return raws
+        except Exception as exc:  # onnxruntime raises its own types
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxSnpeError(f"onnxruntime failed on a calibration sample: {text}") from exc
 
     def run_into(self, feed: dict[str, np.ndarray], arrays: list[np.ndarray]) -> None:
         """Run with the outputs written into ``arrays`` (shaped like an earlier :meth:`run`'s results).
