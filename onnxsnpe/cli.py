@@ -142,6 +142,9 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
                         help=f"AdaRound iterations per layer (default {DEFAULT_ADAROUND_ITERATIONS})")
     parser.add_argument("--adaround-samples", type=int, default=DEFAULT_ADAROUND_SAMPLES, metavar="N",
                         help=f"calibration samples AdaRound fits on (default {DEFAULT_ADAROUND_SAMPLES})")
+    parser.add_argument("--adaround-inputs", choices=("fp32", "rounded"), default="fp32",
+                        help="the layer inputs AdaRound fits on: fp32 (the FP32 network's) or rounded (the "
+                        "network's with the earlier layers already rounded; two passes per layer; default fp32)")
     parser.add_argument(
         "--auto-precision", action="store_true",
         help="raise the activations whose 8-bit quantization costs most to 16 bits, one at a time, until "
@@ -310,6 +313,7 @@ def _run(args: argparse.Namespace) -> int:
             adaround=args.adaround,
             adaround_iters=args.adaround_iters,
             adaround_samples=args.adaround_samples,
+            adaround_inputs=args.adaround_inputs,
             bias_correction=args.bias_correction,
             correction_samples=args.correction_samples,
             auto_precision=args.auto_precision,
@@ -352,7 +356,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     base = Settings(percentile=args.percentile, weight_method=args.weight_method, fixed_ranges=args.fixed_ranges,
                     weight_bitwidth=args.weight_bitwidth, per_channel=args.per_channel,
                     optimize=args.optimize, cle=args.cle, adaround=args.adaround, adaround_iters=args.adaround_iters,
-                    adaround_samples=args.adaround_samples,
+                    adaround_samples=args.adaround_samples, adaround_inputs=args.adaround_inputs,
                     bias_correction=args.bias_correction, correction_samples=args.correction_samples,
                     auto_precision=args.auto_precision, target_sqnr=args.target_sqnr, max_16bit=args.max_16bit,
                     bias_bitwidth=args.bias_bitwidth,

@@ -33,6 +33,7 @@ from .graph.load import load_model, model_inputs
 from .graph.targets import QuantTargets, find_targets
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
+from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
 from .optimize.adaround import adaround
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .optimize.bias_correction import correct_biases
@@ -63,6 +64,7 @@ class Settings:
     adaround: bool = False
     adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES
+    adaround_inputs: str = "fp32"
     bias_correction: bool = False
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES
     optimize: bool = False
@@ -91,6 +93,9 @@ class Settings:
         ):
             if value not in allowed:
                 raise OnnxSnpeError(f"{flag} must be one of {', '.join(map(str, allowed))}, got {value}")
+        if self.adaround_inputs not in ADAROUND_INPUTS:
+            raise OnnxSnpeError(f"--adaround-inputs must be one of {', '.join(ADAROUND_INPUTS)}, "
+                                f"got {self.adaround_inputs}")
         for flag, count in (("--correction-samples", self.correction_samples),
                             ("--adaround-samples", self.adaround_samples), ("--adaround-iters", self.adaround_iters)):
             if count < 1:
@@ -108,7 +113,7 @@ class Settings:
         if not self.bias_correction:
             settings["correction_samples"] = None
         if not self.adaround:
-            settings["adaround_iters"] = settings["adaround_samples"] = None
+            settings["adaround_iters"] = settings["adaround_samples"] = settings["adaround_inputs"] = None
         if not self.auto_precision:
             settings["target_sqnr"] = settings["max_16bit"] = None
         if "percentile" not in (self.method, self.weight_method):
@@ -249,8 +254,10 @@ def apply_adaround(prepared: Prepared, settings: Settings, progress: bool) -> tu
     weights = _weights(prepared, settings)
     count = min(settings.adaround_samples, len(prepared.calib_set))
     deploy, layers = adaround(prepared.deploy, weights, (prepared.calib_set.load(i) for i in range(count)),
-                              settings.adaround_iters, progress=_bar("adaround", "layer", progress))
-    record = {"samples": count, "iterations": settings.adaround_iters, "layers": len(layers),
+                              settings.adaround_iters, progress=_bar("adaround", "layer", progress),
+                              inputs=settings.adaround_inputs)
+    record = {"samples": count, "iterations": settings.adaround_iters, "inputs": settings.adaround_inputs,
+              "layers": len(layers),
               "seconds": round(time.perf_counter() - start, 3), "weights": [r.to_dict() for r in layers]}
     return _with_deploy(prepared, deploy, weights), record
 

@@ -13,7 +13,13 @@ not checked against its source), which drives every ``h`` to 0 or 1. Where ``C``
 than ``FULL_RANK`` inputs per output) the iterations use its leading eigenvectors (``RANK`` of them);
 the result is judged on the exact ``C``.
 
-The inputs ``x`` are those of the FP32 network. The weights written are exactly on the grid of the
+By default the inputs ``x`` are those of the FP32 network. With ``inputs="rounded"`` the layers are
+rounded in graph order and each one's inputs ``x~`` are those of the network with the layers before
+it already rounded (activations float), so a layer also makes up for the error its inputs carry:
+the objective becomes ``E ||W x - W~ x~||^2``, which is the first form with ``C~ = E x~ x~^T`` and the
+target ``T = W + W (E x x~^T - C~)(C~ + lambda I)^-1`` in place of ``W`` (the ridge keeps ``T`` near
+``W`` where ``C~`` is poorly determined; ``T = W`` when the inputs carry no error). It costs two
+passes over the samples per layer. The weights written are exactly on the grid of the
 weight encodings (which AdaRound does not change), so ``snpe-dlc-quantize --override_params``
 with the exported encodings gives back the same integers; a layer keeps nearest rounding when the
 learned rounding does not lower its output error.
@@ -69,37 +75,80 @@ class _Layer:
     kernel: tuple[int, ...] = ()  # a Conv's kernel size (from its weight: kernel_shape is optional)
 
 
+INPUT_MODES = ("fp32", "rounded")
+RIDGE = 1e-3
+"""lambda of the rounded-inputs target, relative to the mean of C~'s diagonal."""
+
+
 def adaround(
     model: onnx.ModelProto,
     weights: dict[str, ParamEncoding],
     samples: Iterable[dict[str, np.ndarray]],
     iterations: int = DEFAULT_ITERATIONS,
     progress: Callable[[Sequence[_Layer]], Iterable[_Layer]] = lambda layers: layers,
+    inputs: str = "fp32",
 ) -> tuple[onnx.ModelProto, list[RoundedLayer]]:
     """A copy of ``model`` whose encoded Conv/Gemm/MatMul weights are AdaRounded on ``weights``' grids.
 
-    ``samples`` are calibration samples (FP32 inputs); ``progress`` wraps the list of layers.
+    ``samples`` are calibration samples (FP32 inputs); ``progress`` wraps the list of layers;
+    ``inputs`` "fp32" or "rounded" (module docstring).
     """
+    if inputs not in INPUT_MODES:
+        raise ValueError(f"unknown AdaRound inputs {inputs!r}")
     layers = _layers(model, weights)
-    grams = _gram_matrices(model, layers, samples)
+    samples = list(samples)
+    grams = _gram_matrices(model, layers, samples) if inputs == "fp32" else {}
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in weights}
-    rounded: dict[str, np.ndarray] = {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    initializers = {init.name: init for init in copy.graph.initializer}
     results = []
     for layer in progress(layers):
         array = values[layer.weight]
         enc = weights[layer.weight]
+        matrix = _as_matrix(layer, array)
         nearest = _as_matrix(layer, quantize(array, enc))  # SNPE's own rounding, half away from zero
-        codes, result = _round_layer(layer, _as_matrix(layer, array), nearest, _matrix_encoding(layer, array, enc),
-                                     *grams[layer.weight], iterations)
-        rounded[layer.weight] = _from_matrix(layer, codes, array.shape)
+        if inputs == "fp32":
+            gram, positions = grams[layer.weight]
+            target = None
+        else:
+            gram, cross, positions = _paired_grams(model, copy, layer, samples)
+            target = _rounded_inputs_target(matrix.astype(np.float64), gram, cross)
+        codes, result = _round_layer(layer, matrix, nearest, _matrix_encoding(layer, array, enc), gram, positions,
+                                     iterations, target)
+        rounded = dequantize(_from_matrix(layer, codes, array.shape), enc)
+        initializers[layer.weight].CopyFrom(numpy_helper.from_array(rounded, layer.weight))
         results.append(result)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for init in copy.graph.initializer:
-        if init.name in rounded:
-            enc = weights[init.name]
-            init.CopyFrom(numpy_helper.from_array(dequantize(rounded[init.name], enc), init.name))
     return copy, results
+
+
+def _paired_grams(
+    reference: onnx.ModelProto, current: onnx.ModelProto, layer: _Layer, samples: Sequence[dict[str, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``sum x~ x~^T`` and ``sum x~ x^T`` per group (float64) of the layer's input patches in ``current``
+    (x~) and in ``reference`` (x), and the number of patches."""
+    fed = {value.name for value in reference.graph.input}
+    exposed = [] if layer.input in fed else [layer.input]
+    sessions = [make_session(model, exposed) for model in (current, reference)]
+    gram, cross, count = 0.0, 0.0, 0
+    for sample in samples:
+        rounded, fp32 = (_patches(layer, session.run(exposed, sample)[0] if exposed else sample[layer.input])
+                         for session in sessions)
+        gram = gram + np.einsum("gkp,glp->gkl", rounded, rounded).astype(np.float64)
+        cross = cross + np.einsum("gkp,glp->gkl", rounded, fp32).astype(np.float64)
+        count += rounded.shape[2]
+    return gram, cross, count
+
+
+def _rounded_inputs_target(matrix: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """``T = W + W (E x x~^T - C~)(C~ + lambda I)^-1`` per group (module docstring); ``matrix`` [G, O, K],
+    ``gram`` = sum x~ x~^T and ``cross`` = sum x~ x^T, [G, K, K]."""
+    size = gram.shape[-1]
+    ridge = RIDGE * np.trace(gram, axis1=1, axis2=2)[:, None, None] / size * np.eye(size)
+    difference = np.transpose(cross, (0, 2, 1)) - gram  # sum x x~^T - sum x~ x~^T
+    # W D (C~ + lambda)^-1 = ((C~ + lambda)^-1 D^T W^T)^T, C~ symmetric
+    correction = np.linalg.solve(gram + ridge, np.transpose(difference, (0, 2, 1)) @ np.transpose(matrix, (0, 2, 1)))
+    return matrix + np.transpose(correction, (0, 2, 1))
 
 
 def _layers(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> list[_Layer]:
@@ -205,10 +254,14 @@ def _round_layer(
     gram: np.ndarray,
     positions: int,
     iterations: int,
+    target: np.ndarray | None = None,
 ) -> tuple[np.ndarray, RoundedLayer]:
-    """The codes (``q`` in [0, levels], shaped like ``matrix``) AdaRound picks for one layer."""
+    """The codes (``q`` in [0, levels], shaped like ``matrix``) AdaRound picks for one layer: each
+    weight rounded down or up, so that the output error against ``target`` (default: the weights
+    themselves) under ``gram`` is lowest."""
     scale, offset, levels = encoding
     weights = matrix.astype(np.float64)
+    goal = weights if target is None else target
     scaled = weights / scale
     floor = np.floor(scaled)
     low, high = offset, offset + levels  # the representable scaled values
@@ -220,7 +273,7 @@ def _round_layer(
     v = v.astype(np.float32)
     m, s = np.zeros_like(v), np.zeros_like(v)
     factor32 = factor.astype(np.float32)
-    weights32, scale32 = weights.astype(np.float32), scale.astype(np.float32)
+    goal32, scale32 = goal.astype(np.float32), scale.astype(np.float32)
     floor32, low32, high32 = floor.astype(np.float32), low.astype(np.float32), high.astype(np.float32)
     warm = int(iterations * WARM_START)
     for step in range(iterations):
@@ -228,7 +281,7 @@ def _round_layer(
         h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0, 1)
         soft = floor32 + h
         inside = (soft >= low32) & (soft <= high32)
-        error = np.clip(soft, low32, high32) * scale32 - weights32  # [G, O, K]
+        error = np.clip(soft, low32, high32) * scale32 - goal32  # [G, O, K]
         projected = _batched(error, factor32)  # [G, O, r]
         grad_w = 2 * _batched(projected, factor32.transpose(0, 2, 1))  # d(error C error^T)/d(error)
         grad_h = grad_w * scale32 * inside
@@ -242,7 +295,7 @@ def _round_layer(
         s = 0.999 * s + 0.001 * grad * grad
         v -= LEARNING_RATE * (m / (1 - 0.9 ** (step + 1))) / (np.sqrt(s / (1 - 0.999 ** (step + 1))) + 1e-8)
     learned = np.clip(floor + (v >= 0), low, high)
-    nearest_error, learned_error = (_output_error(c * scale - weights, gram) for c in (nearest, learned))
+    nearest_error, learned_error = (_output_error(c * scale - goal, gram) for c in (nearest, learned))
     keep = learned_error >= nearest_error
     chosen = nearest if keep else learned
     codes = (chosen - offset).astype(np.int64)
