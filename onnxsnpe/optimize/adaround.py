@@ -144,7 +144,8 @@ def _rounded_inputs_target(matrix: np.ndarray, gram: np.ndarray, cross: np.ndarr
     """``T = W + W (E x x~^T - C~)(C~ + lambda I)^-1`` per group (module docstring); ``matrix`` [G, O, K],
     ``gram`` = sum x~ x~^T and ``cross`` = sum x~ x^T, [G, K, K]."""
     size = gram.shape[-1]
-    ridge = RIDGE * np.trace(gram, axis1=1, axis2=2)[:, None, None] / size * np.eye(size)
+    scale = np.maximum(np.trace(gram, axis1=1, axis2=2) / size, np.finfo(np.float64).tiny)  # a dead group: 0
+    ridge = RIDGE * scale[:, None, None] * np.eye(size)
     difference = np.transpose(cross, (0, 2, 1)) - gram  # sum x x~^T - sum x~ x~^T
     # W D (C~ + lambda)^-1 = ((C~ + lambda)^-1 D^T W^T)^T, C~ symmetric
     correction = np.linalg.solve(gram + ridge, np.transpose(difference, (0, 2, 1)) @ np.transpose(matrix, (0, 2, 1)))
