@@ -144,12 +144,18 @@ def _rounded_inputs_target(matrix: np.ndarray, gram: np.ndarray, cross: np.ndarr
     """``T = W + W (E x x~^T - C~)(C~ + lambda I)^-1`` per group (module docstring); ``matrix`` [G, O, K],
     ``gram`` = sum x~ x~^T and ``cross`` = sum x~ x^T, [G, K, K]."""
     size = gram.shape[-1]
-    scale = np.maximum(np.trace(gram, axis1=1, axis2=2) / size, np.finfo(np.float64).tiny)  # a dead group: 0
-    ridge = RIDGE * scale[:, None, None] * np.eye(size)
-    difference = np.transpose(cross, (0, 2, 1)) - gram  # sum x x~^T - sum x~ x~^T
+    scale = np.trace(gram, axis1=1, axis2=2) / size
+    alive = scale > 0  # a group whose inputs are all zero keeps T = W
+    target = matrix.copy()
+    if not alive.any():
+        return target
+    ridge = RIDGE * scale[alive, None, None] * np.eye(size)
+    difference = np.transpose(cross[alive], (0, 2, 1)) - gram[alive]  # sum x x~^T - sum x~ x~^T
     # W D (C~ + lambda)^-1 = ((C~ + lambda)^-1 D^T W^T)^T, C~ symmetric
-    correction = np.linalg.solve(gram + ridge, np.transpose(difference, (0, 2, 1)) @ np.transpose(matrix, (0, 2, 1)))
-    return matrix + np.transpose(correction, (0, 2, 1))
+    correction = np.linalg.solve(gram[alive] + ridge,
+                                 np.transpose(difference, (0, 2, 1)) @ np.transpose(matrix[alive], (0, 2, 1)))
+    target[alive] += np.transpose(correction, (0, 2, 1))
+    return target
 
 
 def _layers(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> list[_Layer]:
