@@ -15,7 +15,7 @@ from onnxsnpe.encode.encoding import quantize as quantize_codes
 from onnxsnpe.encode.ranges import weight_encodings
 from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
-from onnxsnpe.optimize.adaround import _as_matrix, _layers, _patches, adaround
+from onnxsnpe.optimize.adaround import _as_matrix, _layers, _patches, _rounded_inputs_target, adaround
 
 
 def _conv(weight: np.ndarray, **attrs) -> onnx.ModelProto:
@@ -151,3 +151,17 @@ def test_rounded_inputs_make_up_for_the_error_earlier_layers_leave():
     assert all(r.adaround_error <= r.nearest_error for r in results)
     with pytest.raises(ValueError):
         adaround(model, weights, fitted, iterations=1, inputs="quantized")
+
+
+def test_the_rounded_inputs_target_is_the_weight_when_inputs_carry_no_error():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 200))
+    gram = np.einsum("gkp,glp->gkl", x, x)
+    gram[1] = 0.0  # a dead group: all its inputs zero
+    matrix = rng.normal(size=(2, 3, 5))
+    np.testing.assert_allclose(_rounded_inputs_target(matrix, gram, gram.copy()), matrix, atol=1e-12)
+    noisy = x + 0.1 * rng.normal(size=x.shape)  # x~: x with error; T solves min ||W x - T x~||^2 (ridge aside)
+    gram_q, cross = np.einsum("gkp,glp->gkl", noisy, noisy), np.einsum("gkp,glp->gkl", noisy, x)
+    target = _rounded_inputs_target(matrix, gram_q, cross)
+    best = np.linalg.lstsq(noisy[0].T, (matrix[0] @ x[0]).T, rcond=None)[0].T
+    np.testing.assert_allclose(target[0], best, rtol=1e-2, atol=1e-2)
