@@ -313,7 +313,7 @@ def encode(
 ) -> Encodings:
     """Activation, weight and bias encodings for one configuration; ``raised`` activations at 16 bits."""
     deploy, targets = prepared.deploy, prepared.targets
-    fixed = fixed_range_tensors(deploy) if settings.fixed_ranges else None
+    fixed = fixed_range_tensors(deploy, functions=settings.fixed_ranges)
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed, raised=raised)
     weights = _weights(prepared, settings)

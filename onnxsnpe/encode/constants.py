@@ -37,7 +37,9 @@ def constant_encodings(
     to carry them quantized too, or the op would run in float. Biases covered by ``targets`` are
     skipped even when ``params`` lacks them (e.g. float biases). The constants of a node that makes
     an attention mask (the 0 and -inf of ``Where(mask, 0, -inf)``) take that mask's encoding from
-    ``activations``: their own min and max would be infinite or meaningless. *Inferred* for SNPE:
+    ``activations``: their own min and max would be infinite or meaningless. A Gather's table takes
+    the encoding of the rows gathered from it (the table's own range: ranges.fixed_range_tensors),
+    so that both share one grid. *Inferred* for SNPE:
     this is what its converter does with static tensors, not confirmed by a source.
     """
     activations = activations or {}
@@ -51,8 +53,9 @@ def constant_encodings(
                 continue
             if index in structural:
                 continue
-            if node.output[0] in targets.masks and node.output[0] in activations:
-                found[name] = activations[node.output[0]]
+            if node.output[0] in activations and (node.output[0] in targets.masks
+                                                  or (node.op_type == "Gather" and index == 0)):
+                found[name] = activations[node.output[0]]  # a table keeps its gathered rows' grid
                 continue
             array = numpy_helper.to_array(values[name])
             found[name] = asymmetric_encoding(float(array.min()), float(array.max()), bitwidth)

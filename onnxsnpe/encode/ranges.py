@@ -16,9 +16,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..errors import OnnxSnpeError
-from ..graph.load import initializer_values
+from ..graph.load import FLOAT_TYPES, initializer_values
 from ..graph.targets import QuantTargets
 from ..stats.tensor_stats import TensorStats
 from .encoding import (
@@ -57,11 +58,21 @@ def chosen_range(
     return mse_range(stats.histogram, bitwidth)
 
 
-def fixed_range_tensors(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
-    """Outputs of Sigmoid, Softmax and Tanh with the ranges those functions fix."""
-    return {
-        node.output[0]: FIXED_RANGES[node.op_type] for node in model.graph.node if node.op_type in FIXED_RANGES
-    }
+def fixed_range_tensors(model: onnx.ModelProto, functions: bool = True) -> dict[str, tuple[float, float]]:
+    """Tensors whose range is known without statistics: the rows gathered from a constant table
+    (an embedding) keep the table's grid, as every data-movement op keeps its input's (SNPE.md
+    section 4; the HTP runs a Gather quantized only when its input and output encodings are the
+    same); with ``functions``, outputs of Sigmoid, Softmax and Tanh get the ranges those fix."""
+    tables = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
+    fixed = {}
+    for node in model.graph.node:
+        if functions and node.op_type in FIXED_RANGES:
+            fixed[node.output[0]] = FIXED_RANGES[node.op_type]
+        elif node.op_type == "Gather" and node.input[0] in tables:
+            table = numpy_helper.to_array(tables[node.input[0]])
+            if table.size:
+                fixed[node.output[0]] = (float(table.min()) + 0.0, float(table.max()) + 0.0)
+    return fixed
 
 
 def activation_encodings(

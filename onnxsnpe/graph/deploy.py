@@ -4,7 +4,8 @@ Preparation fixes the input shapes (SNPE needs static shapes), folds constant su
 arithmetic, Constant nodes become initializers whose names the param encodings use; If nodes with
 a constant condition become their branch), unrolls Loops of constant trip count (unroll.py), and folds
 BatchNormalization into a preceding Conv, ConvTranspose or Gemm, as the converter does
-(SNPE.md section 4). Nothing else changes the model's meaning.
+(SNPE.md section 4), and drops NaN guards (``Where(IsNaN(t), c, t)``) that a quantized ``t`` always
+passes. Nothing else changes the model's meaning.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def prepare_deploy_model(
     written_out, loops = unroll_loops(gs.export_onnx(graph))
     if loops:  # a Loop whose trip count folded to a constant: its copies fold further
         graph = _folded(gs.import_onnx(_infer_shapes(written_out)))
+    drop_nan_guards(graph)
     folded = fold_batchnorms(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     prepared = _infer_shapes(gs.export_onnx(graph))
@@ -79,6 +81,31 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # inference is a help, not a requirement
         log.debug("shape inference failed: %s", exc)
         return model
+
+
+def drop_nan_guards(graph: gs.Graph) -> int:
+    """Replace each ``Where(IsNaN(t), c, t)`` by ``t``; how many were.
+
+    Transformer exports guard a Softmax this way against rows whose scores are all -inf. On the
+    device ``t`` is quantized and can never be NaN, so the guard always passes ``t`` through, and
+    SNPE has no IsNaN (the HTP fails to build a graph with one: measured with onnxruntime-qnn).
+    Calibration refuses a tensor that takes NaN, so on the data it uses nothing changes. A guard
+    whose output is a graph output stays.
+    """
+    outputs = {t.name for t in graph.outputs}
+    dropped = 0
+    for where in [n for n in graph.nodes if n.op == "Where" and len(n.inputs) == 3]:
+        condition, guarded, out = where.inputs[0], where.inputs[2], where.outputs[0]
+        test = condition.inputs[0] if len(condition.inputs) == 1 else None
+        if test is None or test.op != "IsNaN" or test.inputs[0] is not guarded or out.name in outputs:
+            continue
+        for consumer in list(out.outputs):
+            for index, tensor in enumerate(consumer.inputs):
+                if tensor is out:
+                    consumer.inputs[index] = guarded
+        where.outputs.clear()
+        dropped += 1
+    return dropped
 
 
 def fold_batchnorms(graph: gs.Graph) -> int:
