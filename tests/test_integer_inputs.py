@@ -373,3 +373,17 @@ def test_sequence_and_string_inputs_are_refused_in_one_line(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(OnnxSnpeError, match="'parts' is not a tensor"):
         model_inputs(load_model(path))
+
+
+def test_gathered_rows_share_their_tables_encoding(tmp_path, model_path):
+    """A Gather keeps its table's grid (data movement; the HTP runs it quantized only so): the
+    gathered tensor's activation encoding is the table's param encoding, at 8 and at 16 bits."""
+    calib = npz_folder(tmp_path / "calib", [token_sample(i) for i in range(3)])
+    for bits in (8, 16):
+        out = tmp_path / f"out{bits}"
+        quantize(model_path, calib, out, act_bitwidth=bits, analysis_samples=0, progress=False)
+        overrides = json.loads((out / "snpe_clip_ranges.json").read_text())
+        deploy = onnx.load(str(out / "snpe_deploy.onnx"))
+        gather = next(n for n in deploy.graph.node if n.op_type == "Gather")
+        assert overrides["activation_encodings"][gather.output[0]] == overrides["param_encodings"][gather.input[0]]
+        assert overrides["param_encodings"][gather.input[0]][0]["bitwidth"] == bits

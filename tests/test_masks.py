@@ -208,3 +208,25 @@ def test_quantized_attention_keeps_masked_positions_at_zero_weight(tmp_path, for
         out = session.run(["out"], sample)[0]
         assert np.isfinite(out).all()
         assert out[..., 3 + k % 5:].sum(axis=-1).max() < 0.5 / 255
+
+
+def test_nan_guards_after_softmax_are_dropped_from_the_deploy_model(tmp_path):
+    """Where(IsNaN(softmax), 0, softmax), as PyTorch's attention exports it: gone from the deploy graph
+    (SNPE has no IsNaN; a quantized softmax is never NaN), same outputs on finite data."""
+    model = onnx.load(_model(tmp_path / "m.onnx", "where"))
+    graph = model.graph
+    graph.node[-1].output[0] = "probs"
+    graph.node.extend([helper.make_node("IsNaN", ["probs"], ["is_nan"]),
+                       helper.make_node("Where", ["is_nan", "zero", "probs"], ["guarded"]),
+                       helper.make_node("Relu", ["guarded"], ["out"])])
+    onnx.save(model, tmp_path / "guarded.onnx")
+    (tmp_path / "calib").mkdir()
+    samples = _samples("where", 4)
+    for index, sample in enumerate(samples):
+        np.savez(tmp_path / "calib" / f"{index}.npz", **sample)
+    quantize(tmp_path / "guarded.onnx", tmp_path / "calib", tmp_path / "out", analysis_samples=0, progress=False)
+    deploy = onnx.load(tmp_path / "out" / "snpe_deploy.onnx")
+    assert not {"IsNaN", "Where"} & {n.op_type for n in deploy.graph.node if n.output[0] != "mask"}
+    original, prepared = make_session(onnx.load(tmp_path / "guarded.onnx")), make_session(deploy)
+    for sample in samples:
+        np.testing.assert_array_equal(prepared.run(["out"], sample)[0], original.run(["out"], sample)[0])
