@@ -17,6 +17,7 @@ from . import export
 from .data.datasets import ImageOptions
 from .encode.methods import DEFAULT_PERCENTILE
 from .errors import OnnxSnpeError
+from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
@@ -72,7 +73,7 @@ def quantize(
     adaround: bool = False,
     adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS,
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES,
-    adaround_inputs: str = "fp32",
+    adaround_inputs: str = DEFAULT_ADAROUND_INPUTS,
     bias_correction: bool = False,
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES,
     auto_precision: bool = False,

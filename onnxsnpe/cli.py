@@ -12,8 +12,10 @@ from .data.datasets import ImageOptions
 from .encode.methods import ACTIVATION_METHODS, DEFAULT_PERCENTILE, WEIGHT_METHODS
 from .errors import OnnxSnpeError
 from .export import ENCODING_FORMATS
+from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
+from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .report.document import summary_text
 from .simulate.arithmetic import ARITHMETICS
@@ -142,9 +144,10 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
                         help=f"AdaRound iterations per layer (default {DEFAULT_ADAROUND_ITERATIONS})")
     parser.add_argument("--adaround-samples", type=int, default=DEFAULT_ADAROUND_SAMPLES, metavar="N",
                         help=f"calibration samples AdaRound fits on (default {DEFAULT_ADAROUND_SAMPLES})")
-    parser.add_argument("--adaround-inputs", choices=("fp32", "rounded"), default="fp32",
-                        help="the layer inputs AdaRound fits on: fp32 (the FP32 network's) or rounded (the "
-                        "network's with the earlier layers already rounded; two passes per layer; default fp32)")
+    parser.add_argument("--adaround-inputs", choices=ADAROUND_INPUTS, default=DEFAULT_ADAROUND_INPUTS,
+                        help="the layer inputs AdaRound fits on: rounded (the network's with the earlier layers "
+                        "already rounded; two passes per layer) or fp32 (the FP32 network's; "
+                        f"default {DEFAULT_ADAROUND_INPUTS})")
     parser.add_argument(
         "--auto-precision", action="store_true",
         help="raise the activations whose 8-bit quantization costs most to 16 bits, one at a time, until "

@@ -31,6 +31,7 @@ from .graph.deploy import prepare_deploy_model
 from .graph.fixed_inputs import fix_inputs
 from .graph.load import load_model, model_inputs
 from .graph.targets import QuantTargets, find_targets
+from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
@@ -64,7 +65,7 @@ class Settings:
     adaround: bool = False
     adaround_iters: int = DEFAULT_ADAROUND_ITERATIONS
     adaround_samples: int = DEFAULT_ADAROUND_SAMPLES
-    adaround_inputs: str = "fp32"
+    adaround_inputs: str = DEFAULT_ADAROUND_INPUTS
     bias_correction: bool = False
     correction_samples: int = DEFAULT_CORRECTION_SAMPLES
     optimize: bool = False

@@ -139,7 +139,7 @@ def test_rounded_inputs_make_up_for_the_error_earlier_layers_leave():
     model = _two_convs()
     weights = weight_encodings(model, find_targets(model), 4)
     fitted, held_out = _samples(32), _samples(16, seed=9)
-    plain, _ = adaround(model, weights, fitted, iterations=300)
+    plain, _ = adaround(model, weights, fitted, iterations=300, inputs="fp32")
     chained, results = adaround(model, weights, fitted, iterations=300, inputs="rounded")
     assert _network_error(model, chained, held_out) < _network_error(model, plain, held_out)
     for init in chained.graph.initializer:  # still on the exported grids

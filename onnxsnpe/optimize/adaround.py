@@ -13,7 +13,8 @@ not checked against its source), which drives every ``h`` to 0 or 1. Where ``C``
 than ``FULL_RANK`` inputs per output) the iterations use its leading eigenvectors (``RANK`` of them);
 the result is judged on the exact ``C``.
 
-By default the inputs ``x`` are those of the FP32 network. With ``inputs="rounded"`` the layers are
+With ``inputs="fp32"`` the inputs ``x`` are those of the FP32 network. With ``inputs="rounded"`` (the
+default) the layers are
 rounded in graph order and each one's inputs ``x~`` are those of the network with the layers before
 it already rounded (activations float), so a layer also makes up for the error its inputs carry:
 the objective becomes ``E ||W x - W~ x~||^2``, which is the first form with ``C~ = E x~ x~^T`` and the
@@ -75,7 +76,10 @@ class _Layer:
     kernel: tuple[int, ...] = ()  # a Conv's kernel size (from its weight: kernel_shape is optional)
 
 
-INPUT_MODES = ("fp32", "rounded")
+INPUT_MODES = ("rounded", "fp32")
+DEFAULT_INPUTS = "rounded"
+"""On EfficientNet-Lite0 (128 crops, 1000 iterations, 32 held-out crops) rounded inputs gave 15.8 dB
+per tensor where FP32 inputs gave 9.7 dB, and 17.8 against 17.2 dB per channel (README)."""
 RIDGE = 1e-3
 """lambda of the rounded-inputs target, relative to the mean of C~'s diagonal."""
 
@@ -86,7 +90,7 @@ def adaround(
     samples: Iterable[dict[str, np.ndarray]],
     iterations: int = DEFAULT_ITERATIONS,
     progress: Callable[[Sequence[_Layer]], Iterable[_Layer]] = lambda layers: layers,
-    inputs: str = "fp32",
+    inputs: str = DEFAULT_INPUTS,
 ) -> tuple[onnx.ModelProto, list[RoundedLayer]]:
     """A copy of ``model`` whose encoded Conv/Gemm/MatMul weights are AdaRounded on ``weights``' grids.
 
