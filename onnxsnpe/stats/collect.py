@@ -211,9 +211,15 @@ class _Runner:
                 if bound is not None:
                     yield bound
                     return
-            raws = self.batched.run(feed)
-            outputs = self._named(self.batched, raws, feed)
-            if self.batch_checked or self._agrees(outputs, batch):
+            try:
+                raws = self.batched.run(feed)
+            except OnnxSnpeError as exc:  # a graph whose folded shapes pin the batch of 1
+                if self.batch_checked:
+                    raise
+                log.info("the model does not run batched (%s); calibrating one sample at a time", exc)
+                raws = None
+            outputs = self._named(self.batched, raws, feed) if raws is not None else None
+            if raws is not None and (self.batch_checked or self._agrees(outputs, batch)):
                 self.batch_checked = True
                 self._remember_shapes(raws)
                 yield outputs, _nothing

@@ -60,8 +60,9 @@ class OutputFold:
     def applies(stats: dict[str, TensorStats], pieces: list[tuple[str, np.ndarray, np.ndarray | None]]) -> bool:
         """Whether statistics can be folded this way: every PDF has its grid, no piece is too large
         for one counting call (FLUSH values)."""
+        folded = [stats[name] for name, _, _ in pieces]  # not the tensors left out (masks: collect.py)
         return all(piece.size <= FLUSH for _, piece, _ in pieces) and all(
-            observed.tf_enhanced is None or observed.tf_enhanced.x_left is not None for observed in stats.values()
+            observed.tf_enhanced is None or observed.tf_enhanced.x_left is not None for observed in folded
         )
 
     def fold(self) -> None:
