@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import onnx
@@ -22,7 +23,8 @@ from .encode.methods import DEFAULT_PERCENTILE, check_method
 from .encode.ranges import (
     activation_encodings,
     bias_encodings,
-    fixed_range_tensors,
+    function_ranges,
+    gathered_table_ranges,
     weight_encodings,
 )
 from .errors import OnnxSnpeError
@@ -142,6 +144,11 @@ class Prepared:
     """The FP32 model the rounding steps stand for (after CLE, before AdaRound): bias correction aims at it."""
     judging_set: Dataset | None = None
     """Calibration samples held back from calibration and fitting, to judge automatic choices on."""
+
+    @cached_property
+    def table_ranges(self) -> dict[str, tuple[float, float]]:
+        """The deploy model's gathered table ranges (encode.ranges.gathered_table_ranges), read once."""
+        return gathered_table_ranges(self.deploy)
 
     @property
     def reference(self) -> onnx.ModelProto:
@@ -314,7 +321,7 @@ def encode(
 ) -> Encodings:
     """Activation, weight and bias encodings for one configuration; ``raised`` activations at 16 bits."""
     deploy, targets = prepared.deploy, prepared.targets
-    fixed = fixed_range_tensors(deploy, functions=settings.fixed_ranges)
+    fixed = {**(function_ranges(deploy) if settings.fixed_ranges else {}), **prepared.table_ranges}
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed, raised=raised)
     weights = _weights(prepared, settings)

@@ -168,12 +168,7 @@ def _as_input_dtype(array: np.ndarray, spec: InputSpec, where: Path) -> np.ndarr
     if want == "f" and got == "f":
         return array
     if want in "iu" and got in "iu":
-        info = np.iinfo(spec.dtype)
-        if array.size and (array.min() < info.min or array.max() > info.max):
-            raise OnnxSnpeError(
-                f"{where}: input '{spec.name}' has values outside {spec.dtype} "
-                f"[{array.min()}, {array.max()}]"
-            )
+        _check_within_dtype(array, spec, where)
         return array
     if want == "b" and got == "b":
         return array
@@ -214,10 +209,17 @@ def _from_float_raw(flat: np.ndarray, spec: InputSpec, path: Path) -> np.ndarray
         if np.any((flat != 0) & (flat != 1)):
             raise OnnxSnpeError(f"{path}: input '{spec.name}' is bool, the raw file holds values other than 0 and 1")
         return flat.astype(bool)
-    info = np.iinfo(spec.dtype)
-    if flat.size and (flat.min() < info.min or flat.max() > info.max):
-        raise OnnxSnpeError(f"{path}: input '{spec.name}' holds values outside {spec.dtype}")
+    _check_within_dtype(flat, spec, path)
     return flat.astype(spec.dtype)
+
+
+def _check_within_dtype(values: np.ndarray, spec: InputSpec, where: Path) -> None:
+    """Refuse values the integer input's dtype cannot hold (they would wrap)."""
+    info = np.iinfo(spec.dtype)
+    if values.size and (values.min() < info.min or values.max() > info.max):
+        raise OnnxSnpeError(
+            f"{where}: input '{spec.name}' holds values outside {spec.dtype} [{values.min()}, {values.max()}]"
+        )
 
 
 def to_snpe_layout(array: np.ndarray) -> np.ndarray:

@@ -34,21 +34,16 @@ def masked_ranges(
     masks: dict[str, MaskedTensor],
     bitwidth_of: Callable[[str], int],
 ) -> dict[str, tuple[float, float]]:
-    """``ranges`` (of the real values) with every masked tensor's low end moved down as above."""
+    """``ranges`` (of the real values; [0, 0] where every value was masked) with every masked tensor's
+    low end moved down as above."""
     widths: dict[str, float] = {}
     for mask in masks.values():
         for sink in mask.sinks:
-            low, high = _real(ranges[sink.tensor])
+            low, high = ranges[sink.tensor]
             widths[sink.tensor] = high - low + softmax_margin(sink.length, bitwidth_of(sink.softmax_output))
     adjusted = dict(ranges)
     for name, mask in masks.items():
-        low, high = _real(ranges[name])
+        low, high = ranges[name]
         width = max(widths[sink.tensor] for sink in mask.sinks)
         adjusted[name] = (min(low, high - width), high)
     return adjusted
-
-
-def _real(bounds: tuple[float, float]) -> tuple[float, float]:
-    """A range with no values seen (every value masked) taken as [0, 0]."""
-    low, high = bounds
-    return (low, high) if math.isfinite(low) and math.isfinite(high) else (0.0, 0.0)

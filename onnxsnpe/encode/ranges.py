@@ -59,20 +59,31 @@ def chosen_range(
 
 
 def fixed_range_tensors(model: onnx.ModelProto, functions: bool = True) -> dict[str, tuple[float, float]]:
-    """Tensors whose range is known without statistics: the rows gathered from a constant table
-    (an embedding) keep the table's grid, as every data-movement op keeps its input's (SNPE.md
-    section 4; the HTP runs a Gather quantized only when its input and output encodings are the
-    same); with ``functions``, outputs of Sigmoid, Softmax and Tanh get the ranges those fix."""
+    """Tensors whose range is known without statistics: gathered_table_ranges, and with ``functions``
+    the outputs of Sigmoid, Softmax and Tanh with the ranges those functions fix."""
+    return {**(function_ranges(model) if functions else {}), **gathered_table_ranges(model)}
+
+
+def function_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """Outputs of Sigmoid, Softmax and Tanh with the ranges those functions fix."""
+    return {
+        node.output[0]: FIXED_RANGES[node.op_type] for node in model.graph.node if node.op_type in FIXED_RANGES
+    }
+
+
+def gathered_table_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """The rows gathered from a constant table (an embedding), with the table's range: they keep the
+    table's grid, as every data-movement op keeps its input's (SNPE.md section 4; the HTP runs a
+    Gather quantized only when its input and output encodings are the same). It reads every table:
+    compute it once per model (stages.Prepared.table_ranges)."""
     tables = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
-    fixed = {}
+    ranges = {}
     for node in model.graph.node:
-        if functions and node.op_type in FIXED_RANGES:
-            fixed[node.output[0]] = FIXED_RANGES[node.op_type]
-        elif node.op_type == "Gather" and node.input[0] in tables:
+        if node.op_type == "Gather" and node.input[0] in tables:
             table = numpy_helper.to_array(tables[node.input[0]])
             if table.size:
-                fixed[node.output[0]] = (float(table.min()) + 0.0, float(table.max()) + 0.0)
-    return fixed
+                ranges[node.output[0]] = (float(table.min()) + 0.0, float(table.max()) + 0.0)
+    return ranges
 
 
 def activation_encodings(

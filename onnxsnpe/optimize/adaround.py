@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -37,6 +38,9 @@ from onnx import helper, numpy_helper
 
 from ..encode.encoding import ChannelEncodings, ParamEncoding, dequantize, quantize
 from ..graph.runtime import make_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 DEFAULT_ITERATIONS = 1000
 DEFAULT_SAMPLES = 128
@@ -102,6 +106,9 @@ def adaround(
     layers = _layers(model, weights)
     samples = list(samples)
     grams = _gram_matrices(model, layers, samples) if inputs == "fp32" else {}
+    fed = {value.name for value in model.graph.input}
+    layer_inputs = [name for name in dict.fromkeys(layer.input for layer in layers) if name not in fed]
+    reference = make_session(model, layer_inputs) if inputs == "rounded" else None  # FP32: one session
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in weights}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -116,7 +123,7 @@ def adaround(
             gram, positions = grams[layer.weight]
             target = None
         else:
-            gram, cross, positions = _paired_grams(model, copy, layer, samples)
+            gram, cross, positions = _paired_grams(reference, copy, layer, samples)
             target = _rounded_inputs_target(matrix.astype(np.float64), gram, cross)
         codes, result = _round_layer(layer, matrix, nearest, _matrix_encoding(layer, array, enc), gram, positions,
                                      iterations, target)
@@ -127,13 +134,14 @@ def adaround(
 
 
 def _paired_grams(
-    reference: onnx.ModelProto, current: onnx.ModelProto, layer: _Layer, samples: Sequence[dict[str, np.ndarray]]
+    reference: ort.InferenceSession, current: onnx.ModelProto, layer: _Layer, samples: Sequence[dict[str, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """``sum x~ x~^T`` and ``sum x~ x^T`` per group (float64) of the layer's input patches in ``current``
-    (x~) and in ``reference`` (x), and the number of patches."""
-    fed = {value.name for value in reference.graph.input}
+    (x~) and in the FP32 ``reference`` session, which exposes every layer's input (x); and the number
+    of patches."""
+    fed = {value.name for value in current.graph.input}
     exposed = [] if layer.input in fed else [layer.input]
-    sessions = [make_session(model, exposed) for model in (current, reference)]
+    sessions = [make_session(current, exposed), reference]
     gram, cross, count = 0.0, 0.0, 0
     for sample in samples:
         rounded, fp32 = (_patches(layer, session.run(exposed, sample)[0] if exposed else sample[layer.input])

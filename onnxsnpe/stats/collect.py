@@ -305,7 +305,6 @@ class _Reused:
             fold.fold()
         return fold is not None
 
-
     def unfolded(self, stats: dict[str, TensorStats]) -> dict[str, np.ndarray]:
         """The session's tensors a fold leaves out (those with a mask floor), by name."""
         return {tensor: self.session.real_values(tensor, raw)
