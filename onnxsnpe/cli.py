@@ -150,13 +150,15 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
                         f"default {DEFAULT_ADAROUND_INPUTS})")
     parser.add_argument(
         "--auto-precision", action="store_true",
-        help="raise the activations whose 8-bit quantization costs most to 16 bits, one at a time, until "
-        "--target-sqnr is met or --max-16bit are raised (judged on held-back calibration samples)",
+        help="raise to 16 bits the activations and weights whose 8-bit quantization costs most, until "
+        "--target-sqnr is met (fewest raised, by bisection) or --max-16bit are raised (judged on held-back "
+        "calibration samples)",
     )
     parser.add_argument("--target-sqnr", type=float, default=None, metavar="DB",
                         help="with --auto-precision: the output SQNR to reach")
     parser.add_argument("--max-16bit", type=int, default=None, metavar="N",
-                        help="with --auto-precision: at most this many 16-bit activations")
+                        help="with --auto-precision: raise at most this many tensors (a raised weight "
+                        "also raises its layer's input and output)")
     parser.add_argument(
         "--bias-correction", action="store_true",
         help="subtract from each layer's bias the mean shift weight quantization adds to its output, measured "

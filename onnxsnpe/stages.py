@@ -20,6 +20,7 @@ from .data.datasets import Dataset, ImageOptions, Sample, open_dataset
 from .encode.constants import constant_encodings
 from .encode.encoding import Encoding, ParamEncoding
 from .encode.methods import DEFAULT_PERCENTILE, check_method
+from .encode.precision import sixteen_bit_tensors
 from .encode.ranges import (
     activation_encodings,
     bias_encodings,
@@ -238,11 +239,21 @@ def optimize_model(prepared: Prepared, settings: Settings, progress: bool) -> tu
     return prepared, done
 
 
-def _weights(prepared: Prepared, settings: Settings) -> dict[str, ParamEncoding]:
-    """The weight encodings: fixed by an earlier step (AdaRound), else from the deploy weights."""
+def _weights(prepared: Prepared, settings: Settings, raised: Iterable[str] = ()) -> dict[str, ParamEncoding]:
+    """The weight encodings: fixed by an earlier step (AdaRound), else from the deploy weights, the
+    ``raised`` ones at 16 bits (never among the fixed ones: raisable_weights)."""
     return prepared.weight_encodings or weight_encodings(
         prepared.deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
-        per_channel=settings.per_channel)
+        per_channel=settings.per_channel, raised=raised)
+
+
+def raisable_weights(prepared: Prepared, settings: Settings) -> list[str]:
+    """The weights mixed precision may raise to 16 bits: 8-bit ones whose values no step fixed on an
+    8-bit grid (AdaRound's weights are rounded for their 8-bit encodings; at 16 bits they would keep
+    that rounding error)."""
+    if prepared.weight_encodings is not None or settings.weight_bitwidth != 8:
+        return []
+    return list(prepared.targets.weights)
 
 
 def apply_cle(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
@@ -319,12 +330,14 @@ def calibrate(
 def encode(
     prepared: Prepared, stats: dict[str, TensorStats], settings: Settings, raised: Iterable[str] = ()
 ) -> Encodings:
-    """Activation, weight and bias encodings for one configuration; ``raised`` activations at 16 bits."""
+    """Activation, weight and bias encodings for one configuration; ``raised`` activations and weights
+    at 16 bits, with the activations a 16-bit weight needs (encode.precision)."""
     deploy, targets = prepared.deploy, prepared.targets
+    sixteen_activations, sixteen_weights = sixteen_bit_tensors(targets, raised)
     fixed = {**(function_ranges(deploy) if settings.fixed_ranges else {}), **prepared.table_ranges}
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
-                                       percentile=settings.percentile, fixed=fixed, raised=raised)
-    weights = _weights(prepared, settings)
+                                       percentile=settings.percentile, fixed=fixed, raised=sixteen_activations)
+    weights = _weights(prepared, settings, sixteen_weights)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
     constants = constant_encodings(deploy, targets, weights, 8, activations)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
@@ -334,7 +347,8 @@ def encode(
 def encode_with_precision(
     prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
 ) -> tuple[Encodings, dict | None]:
-    """encode, with the activations raised to 16 bits that automatic mixed precision picks when asked.
+    """encode, with the activations and weights raised to 16 bits that automatic mixed precision picks
+    when asked (optimize/mixed_precision.py; weights only where raisable_weights allows).
 
     The ranking uses the first RANKING_SAMPLES held-back calibration samples, the scores all of them.
     """
@@ -343,7 +357,9 @@ def encode_with_precision(
     samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
     start = time.perf_counter()
     plain = encode(prepared, stats, settings)
-    ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations, samples[:RANKING_SAMPLES])
+    candidates = {name: plain.weights[name] for name in raisable_weights(prepared, settings)}
+    ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations, samples[:RANKING_SAMPLES],
+                               candidates)
     ranked = time.perf_counter() - start
     scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
 
@@ -353,14 +369,19 @@ def encode_with_precision(
         return min(c.sqnr_db for c in comparisons)
 
     choice = choose_16bit([name for name, _ in ranking], score, settings.target_sqnr, settings.max_16bit)
+    encodings = encode(prepared, stats, settings, choice.raised)
     record = {
         **choice.to_dict(),
+        "raised_weights": [name for name in choice.raised if name in candidates],
+        "activations_at_16_bits": sum(enc.bitwidth == 16 for name, enc in encodings.activations.items()
+                                      if name in prepared.targets.activations),
+        "weights_at_16_bits": sum(enc.bitwidth == 16 for enc in encodings.weights.values()),
         "held_back_samples": len(samples),
         "ranking_samples": min(RANKING_SAMPLES, len(samples)),
         "ranking_seconds": round(ranked, 3),
         "ranking": [{"tensor": name, "isolated_sqnr_db": json_db(db)} for name, db in ranking[:20]],
     }
-    return encode(prepared, stats, settings, choice.raised), record
+    return encodings, record
 
 
 def evaluate_encodings(

@@ -29,6 +29,7 @@ from .encoding import (
     asymmetric_encoding,
     bias_encoding,
     per_channel_symmetric,
+    symmetric_encoding,
 )
 from .masks import masked_ranges
 from .methods import DEFAULT_PERCENTILE, check_method
@@ -131,26 +132,40 @@ def weight_encodings(
     method: str = "minmax",
     percentile: float = DEFAULT_PERCENTILE,
     per_channel: bool = False,
+    raised: Iterable[str] = (),
 ) -> dict[str, ParamEncoding]:
     """Encodings of the weights, each range chosen by ``method``.
 
     Per tensor (SNPE's default): asymmetric. ``per_channel`` (QAIRT's
     ``--use_per_channel_quantization``): symmetric per output channel wherever the weight has an
     output-channel axis (targets.weight_axes), each channel's range chosen by ``method`` and made
-    symmetric around zero; the others stay per tensor.
+    symmetric around zero; the others stay per tensor. ``raised`` weights (mixed precision) are
+    encoded at 16 bits and symmetric, per tensor or per channel, as HTP takes a 16-bit weight.
     """
     check_method(method, percentile, "--weight-method")
     values = initializer_values(model, targets.weights)
+    raised = set(raised)
     encodings: dict[str, ParamEncoding] = {}
     for name, array in values.items():
         axis = targets.weight_axes.get(name) if per_channel else None
+        if name in raised:
+            low, high = _weight_range(array, method, 16, percentile)
+            encodings[name] = (symmetric_encoding(max(-low, high), 16) if axis is None else
+                               per_channel_symmetric(_channel_absmax(array, axis, method, 16, percentile), axis, 16))
+            continue
         if axis is None:
             encodings[name] = asymmetric_encoding(*_weight_range(array, method, bitwidth, percentile), bitwidth)
             continue
-        channels = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
-        ranges = [_weight_range(channel, method, bitwidth, percentile) for channel in channels]
-        encodings[name] = per_channel_symmetric(np.array([max(-low, high) for low, high in ranges]), axis, bitwidth)
+        encodings[name] = per_channel_symmetric(_channel_absmax(array, axis, method, bitwidth, percentile), axis,
+                                                bitwidth)
     return encodings
+
+
+def _channel_absmax(array: np.ndarray, axis: int, method: str, bitwidth: int, percentile: float) -> np.ndarray:
+    """Each channel's symmetric bound: the larger magnitude of the range ``method`` chooses for it."""
+    channels = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+    ranges = [_weight_range(channel, method, bitwidth, percentile) for channel in channels]
+    return np.array([max(-low, high) for low, high in ranges])
 
 
 def _weight_range(array: np.ndarray, method: str, bitwidth: int, percentile: float) -> tuple[float, float]:

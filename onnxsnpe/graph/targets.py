@@ -42,6 +42,8 @@ class QuantTargets:
     biases: list[BiasRef] = field(default_factory=list)
     weight_axes: dict[str, int | None] = field(default_factory=dict)
     """Each weight's output-channel axis (for per-channel encodings), None where it has none."""
+    weight_layers: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Each weight's layer: the activation it multiplies and the layer's output (its first consumer's)."""
     masks: dict[str, MaskedTensor] = field(default_factory=dict)
     """The activations on an additive attention mask's chain (graph/masks.py)."""
 
@@ -97,12 +99,14 @@ def find_targets(model: onnx.ModelProto) -> QuantTargets:
     for node in graph.node:
         if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in constants:
             weights.setdefault(node.input[1], output_channel_axis(node, ranks[node.input[1]], 1))
+            targets.weight_layers.setdefault(node.input[1], (node.input[0], node.output[0]))
             if len(node.input) > 2 and node.input[2] in constants:
                 targets.biases.append(BiasRef(node.input[2], node.input[1], node.input[0]))
         elif node.op_type == "MatMul":
             for index, name in enumerate(node.input):
                 if name in constants:
                     weights.setdefault(name, output_channel_axis(node, ranks[name], index))
+                    targets.weight_layers.setdefault(name, (node.input[1 - index], node.output[0]))
     targets.weights = list(weights)
     targets.weight_axes = weights
     targets.masks = _encoded_masks(find_masks(model), targets)

@@ -140,7 +140,8 @@ def _optimization_lines(done: dict) -> list[str]:
     if "auto_precision" in done:
         a = done["auto_precision"]
         met = {True: ", target met", False: ", target not met", None: ""}[a["target_met"]]
-        lines.append(f"  auto precision: {a['count']} activations at 16 bits, held-back SQNR"
+        lines.append(f"  auto precision: {a['count']} raised by {a['strategy']} ({a['activations_at_16_bits']}"
+                     f" activations and {a['weights_at_16_bits']} weights at 16 bits), held-back SQNR"
                      f" {a['baseline_sqnr_db']:.2f} -> {a['final_sqnr_db']:.2f} dB{met} ({a['seconds']:.1f} s)")
     return lines
 

@@ -45,7 +45,8 @@ def render_report(report: dict) -> str:
         + ", ".join(f"<code>{_e(i['name'])}</code> {i['shape']}" for i in report["model"]["inputs"])
         + ".<br>",
         f"Calibrated with <b>{_e(settings['method'])}</b> on {report['calibration']['num_samples']} samples; "
-        f"activations {settings['act_bitwidth']}-bit, weights {settings['weight_bitwidth']}-bit per tensor, "
+        f"activations {settings['act_bitwidth']}-bit, weights {settings['weight_bitwidth']}-bit "
+        f"{'per channel' if settings.get('per_channel') else 'per tensor'}, "
         f"bias {settings['bias_bitwidth']}-bit.<br>",
         f"Evaluated on {evaluation['num_samples']} {'held-out' if evaluation['held_out'] else 'calibration'} "
         f"samples from <code>{_e(evaluation['path'])}</code>.",
@@ -58,6 +59,7 @@ def render_report(report: dict) -> str:
               _outputs_table(report["outputs"])]
     if "htp" in report:
         parts.append(_htp_section(report["htp"]))
+    parts.append(_optimizations_section(report.get("optimizations", {})))
     parts += [
         "<h2>Where accuracy is lost</h2>",
         "<p>Cumulative: the quantized model's value of each tensor against FP32's. Isolated: the outputs' "
@@ -111,6 +113,58 @@ def _htp_section(htp: dict) -> str:
         f"<h2>Simulation against Qualcomm's HTP emulator ({htp['samples']} samples)</h2>"
         "<table><tr><th>simulation</th><th>output</th><th>SQNR dB vs HTP</th><th>max error (LSB)</th>"
         f"<th>top-1 agree</th></tr>{rows}</table><p>Ops that fell back to the CPU: {_e(fallback_text)}</p>"
+    )
+
+
+def _optimizations_section(done: dict) -> str:
+    """The accuracy steps that ran: --optimize's ablation (held-back samples, cumulative), what each
+    step did, and what automatic mixed precision raised; empty when none ran."""
+    if not done:
+        return ""
+    parts = ["<h2>Accuracy steps</h2>"]
+    if "recipe" in done:
+        recipe = done["recipe"]
+        rows = "".join(
+            f"<tr><td>{_e(row['step'])}</td><td>{_db(row['sqnr_db'])}</td>"
+            f"<td>{_percent(row['top1_agreement'])}</td><td>{'kept' if row['kept'] else 'not kept'}</td>"
+            f"<td>{row['seconds']:.1f}</td></tr>" for row in recipe["ablation"])
+        parts.append(
+            f"<p>--optimize: each step on top of the kept ones, judged on {recipe['held_back_samples']} held-back "
+            "calibration samples (lowest output SQNR), never on the evaluation data.</p>"
+            "<table><tr><th>step</th><th>held-back SQNR dB</th><th>top-1 agree</th><th>kept</th>"
+            f"<th>seconds</th></tr>{rows}</table>")
+    facts = []
+    if "cle" in done:
+        facts.append(f"CLE: {done['cle']['pairs']} layer pairs equalized ({done['cle']['seconds']:.1f} s)")
+    if "adaround" in done:
+        a = done["adaround"]
+        facts.append(f"AdaRound: {a['layers']} weights, {a['iterations']} iterations on {a['samples']} samples, "
+                     f"{a['inputs']} inputs ({a['seconds']:.1f} s)")
+    if "bias_correction" in done:
+        b = done["bias_correction"]
+        facts.append(f"bias correction: {b['layers']} layers on {b['samples']} samples ({b['seconds']:.1f} s)")
+    if facts:
+        parts.append("<ul>" + "".join(f"<li>{_e(fact)}</li>" for fact in facts) + "</ul>")
+    if "auto_precision" in done:
+        parts.append(_precision_section(done["auto_precision"]))
+    return "\n".join(parts)
+
+
+def _precision_section(record: dict, configuration: str = "") -> str:
+    """What automatic mixed precision raised, and how it chose."""
+    met = {True: "target met", False: "target not met", None: "no target"}[record["target_met"]]
+    weights = set(record.get("raised_weights", []))
+    items = "".join(f"<li><code>{_e(name)}</code>{' (weight)' if name in weights else ''}</li>"
+                    for name in record["raised"])
+    label = f" ({_e(configuration)})" if configuration else ""
+    return (
+        f"<h3>Automatic mixed precision{label}</h3>"
+        f"<p>{record['count']} tensors raised by {_e(record['strategy'])}: {record['activations_at_16_bits']} "
+        f"activations and {record['weights_at_16_bits']} weights at 16 bits; held-back SQNR "
+        f"{_db(record['baseline_sqnr_db'])} -> {_db(record['final_sqnr_db'])} dB, {met}; "
+        f"{record['evaluations']} scorings on {record['held_back_samples']} held-back samples, "
+        f"{record['seconds']:.1f} s.</p>"
+        f"<details><summary>raised tensors</summary><ul>{items}</ul></details>"
     )
 
 
@@ -287,6 +341,9 @@ def render_comparison(comparison: dict) -> str:
         f"<p class='note'>{_e(evaluation['note'])}</p>" if evaluation.get("note") else "",
         table,
         f"<div class='charts'>{_comparison_bars(configs)}</div>",
+        _optimizations_section(comparison.get("optimizations", {})),
+        *(_precision_section(config["auto_precision"], config["name"]) for config in configs
+          if config.get("auto_precision")),
     ])
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -1,9 +1,9 @@
 """How much each activation's quantization costs, and how well a whole configuration does, on a few
 samples: what automatic mixed precision (optimize/mixed_precision.py) ranks and scores with.
 
-- ``isolated_ranking``: per activation, the output SQNR when only it is quantized (everything else,
-  weights included, FP32), worst first; one switchable simulation serves every tensor, so it costs
-  one run per tensor per sample.
+- ``isolated_ranking``: per activation (and per weight given), the output SQNR when only it is
+  quantized (everything else FP32), worst first; one switchable simulation serves every tensor,
+  so it costs one run per tensor per sample.
 - ``OutputScorer``: the lowest output SQNR of the simulated quantized model (all activations and
   params quantized) against FP32 over the samples, with the FP32 outputs computed once.
 """
@@ -30,16 +30,20 @@ def isolated_ranking(
     targets: QuantTargets,
     activations: dict[str, Encoding],
     samples: Sequence[Sample],
+    weights: dict[str, ParamEncoding] | None = None,
 ) -> list[tuple[str, float]]:
-    """Every activation with its own encoding and its isolated output SQNR (dB), costliest first."""
+    """Every activation with its own encoding, and every weight in ``weights``, with its isolated
+    output SQNR (dB), costliest first."""
     outputs = [o.name for o in deploy.graph.output]
+    weights = weights or {}
     names = list(targets.activations)
     reference = make_session(deploy)
-    model, output_map = build_simulation_model(deploy, targets, activations, {}, switchable=True)
+    model, output_map = build_simulation_model(deploy, targets, activations, weights, switchable=True,
+                                               switched_params=list(weights))
     session = make_session(model)
     mapped = [output_map[o] for o in outputs]
-    comparisons = [TensorComparison(name) for name in names]
-    switch = np.zeros(len(names), dtype=bool)
+    comparisons = [TensorComparison(name) for name in [*names, *weights]]
+    switch = np.zeros(len(comparisons), dtype=bool)
     for sample in samples:
         ref = reference.run(outputs, sample)
         for position, comparison in enumerate(comparisons):

@@ -8,7 +8,7 @@ whole simulation; tests check the two agree bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -63,24 +63,30 @@ def build_simulation_model(
     params: dict[str, ParamEncoding],
     quantize_activations: Iterable[str] | None = None,
     switchable: bool = False,
+    switched_params: Sequence[str] = (),
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The deploy model with quantized params and fake-quant after each chosen activation.
 
     ``quantize_activations`` defaults to every activation with its own encoding (aliases need none:
     data movement keeps the grid). With ``switchable``, the model takes one more input,
-    ``SWITCH_INPUT``: a bool vector, one entry per chosen activation in order, that turns each
-    fake quantization on or off, so one session serves every combination. Returns the model and a
-    map from each original tensor name to the name that carries its simulated value.
+    ``SWITCH_INPUT``: a bool vector, one entry per chosen activation in order, then one per
+    ``switched_params`` entry (params that are quantized only when switched on; the other params
+    always are), that turns each quantization on or off, so one session serves every combination.
+    Returns the model and a map from each original tensor name to the name that carries its
+    simulated value.
     """
     sim = onnx.ModelProto()
     sim.CopyFrom(model)
     graph = sim.graph
+    chosen = list(targets.activations if quantize_activations is None else quantize_activations)
+    switched = set(switched_params) if switchable else set()
+    if switched:
+        _switch_params(graph, params, list(switched_params), len(chosen))
     for init in graph.initializer:
-        if init.name in params:
+        if init.name in params and init.name not in switched:
             values = numpy_helper.to_array(init)
             init.CopyFrom(numpy_helper.from_array(fake_quantize(values, params[init.name]), init.name))
 
-    chosen = list(targets.activations if quantize_activations is None else quantize_activations)
     renamed = {name: name + SUFFIX for name in chosen}
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -98,7 +104,8 @@ def build_simulation_model(
     _insert_after_producers(graph, chains)
     graph.initializer.extend(new_inits)
     if switchable:
-        graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, onnx.TensorProto.BOOL, [len(chosen)]))
+        graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, onnx.TensorProto.BOOL,
+                                                         [len(chosen) + len(switched)]))
 
     output_map = {name: renamed.get(name, name) for name in [*chosen, *(o.name for o in graph.output)]}
     for output in graph.output:
@@ -122,6 +129,35 @@ def _switched_fake_quant(
     branch = helper.make_node("If", [f"{output}/enabled"], [output], then_branch=then_branch,
                               else_branch=else_branch)
     return [flag, branch], [numpy_helper.from_array(np.array(index, dtype=np.int64), index_name)]
+
+
+def _switch_params(graph: onnx.GraphProto, params: dict[str, ParamEncoding], names: list[str], first: int) -> None:
+    """Replace each named initializer by an If on ``SWITCH_INPUT[first + i]`` that yields its quantized
+    or its FP32 value (both held as constants), placed before every node."""
+    by_name = {init.name: init for init in graph.initializer}
+    nodes = []
+    for index, name in enumerate(names, start=first):
+        values = numpy_helper.to_array(by_name[name])
+        branches = {}
+        for label, array in (("on", fake_quantize(values, params[name])), ("off", values)):
+            out = f"{name}{SUFFIX}/{label}"
+            constant = helper.make_node("Constant", [], [out], value=numpy_helper.from_array(array, out + "/value"))
+            branches[label] = helper.make_graph([constant], out, [],
+                                                [helper.make_tensor_value_info(out, by_name[name].data_type, None)])
+        index_name = f"{name}{SUFFIX}/index"
+        graph.initializer.append(numpy_helper.from_array(np.array(index, dtype=np.int64), index_name))
+        nodes.append(helper.make_node("Gather", [SWITCH_INPUT, index_name], [f"{name}{SUFFIX}/enabled"]))
+        nodes.append(helper.make_node("If", [f"{name}{SUFFIX}/enabled"], [name], then_branch=branches["on"],
+                                      else_branch=branches["off"]))
+    kept = [init for init in graph.initializer if init.name not in set(names)]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = [value for value in graph.input if value.name not in set(names)]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *existing])
 
 
 def _insert_after_producers(graph: onnx.GraphProto, chains: list[tuple[str, list[onnx.NodeProto]]]) -> None:
