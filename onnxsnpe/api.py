@@ -21,6 +21,7 @@ from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
+from .precision import encode_with_precision
 from .recipe import run_recipe
 from .report.agreement import measure_agreement
 from .report.document import build_report
@@ -36,7 +37,6 @@ from .stages import (
     Settings,
     calibrate,
     check_analysis_samples,
-    encode_with_precision,
     evaluate_encodings,
     optimize_model,
     prepare,
@@ -123,7 +123,7 @@ def quantize(
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, [method], progress)
-        encodings, precision = encode_with_precision(prepared, stats, settings)
+        prepared, encodings, precision = encode_with_precision(prepared, stats, settings)
         if precision is not None:
             optimizations["auto_precision"] = precision
             if "recipe" in optimizations:

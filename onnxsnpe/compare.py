@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__, export
 from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
+from .precision import encode_with_precision
 from .recipe import run_recipe
 from .report.evaluation import worst_isolated
 from .report.html import write_comparison_html
@@ -21,7 +22,6 @@ from .stages import (
     Settings,
     calibrate,
     check_analysis_samples,
-    encode_with_precision,
     evaluate_encodings,
     optimize_model,
     prepare,
@@ -85,16 +85,20 @@ def compare(
         rows = []
         for settings in configs:
             name = f"{settings.method}_a{settings.act_bitwidth}"
-            encodings, precision = encode_with_precision(prepared, stats, settings)
-            evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples,
+            configured, encodings, precision = encode_with_precision(prepared, stats, settings)
+            evaluation = evaluate_encodings(configured, stats, encodings, settings.arithmetic, analysis_samples,
                                             progress)
             overrides = f"{name}/{export.OVERRIDES_FILE}"
             staged.stage(name).mkdir()
             export.write_json(
                 staged.stage(overrides),
-                export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params,
+                export.overrides_json(configured.deploy, encodings.activations, encodings.written_params,
                                       settings.encoding_format),
             )
+            deploy = export.DEPLOY_FILE
+            if configured.deploy is not prepared.deploy:  # auto precision gave raised weights their FP32 values
+                deploy = f"{name}/{export.DEPLOY_FILE}"
+                export.write_model(staged.stage(deploy), configured.deploy)
             rows.append({
                 "name": f"{settings.method} A{settings.act_bitwidth}W{settings.weight_bitwidth}",
                 "settings": settings.to_dict(),
@@ -102,6 +106,7 @@ def compare(
                 "outputs": [c.to_dict() for c in evaluation.outputs],
                 "worst_isolated": [f.name for f in worst_isolated(evaluation.tensors, 5)],
                 "overrides": overrides,
+                "deploy": deploy,
             })
         calibration, evaluation_section = prepared.describe_data()
         report = {
@@ -113,7 +118,8 @@ def compare(
             "configurations": rows,
             "optimizations": optimizations,
             "files": [*deploy_files, export.INPUT_LIST_FILE, export.RAW_DIR + "/", COMPARE_JSON, COMPARE_HTML,
-                      *(row["overrides"] for row in rows)],
+                      *(row["overrides"] for row in rows),
+                      *(row["deploy"] for row in rows if row["deploy"] != export.DEPLOY_FILE)],
         }
         export.write_json(staged.stage(COMPARE_JSON), report)
         write_comparison_html(report, staged.stage(COMPARE_HTML))

@@ -42,16 +42,11 @@ from .optimize.adaround import adaround
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .optimize.bias_correction import correct_biases
 from .optimize.cle import equalize
-from .optimize.mixed_precision import choose_16bit, held_back_count
+from .optimize.mixed_precision import held_back_count
 from .report.evaluation import Evaluation, evaluate
-from .report.metrics import json_db
-from .report.sensitivity import OutputScorer, isolated_ranking
 from .simulate.arithmetic import ARITHMETICS
 from .stats.collect import collect_statistics
 from .stats.tensor_stats import TensorStats
-
-RANKING_SAMPLES = 4
-"""Held-back samples the isolated ranking of automatic mixed precision runs on (one run per tensor each)."""
 
 
 @dataclass(frozen=True)
@@ -240,20 +235,15 @@ def optimize_model(prepared: Prepared, settings: Settings, progress: bool) -> tu
 
 
 def _weights(prepared: Prepared, settings: Settings, raised: Iterable[str] = ()) -> dict[str, ParamEncoding]:
-    """The weight encodings: fixed by an earlier step (AdaRound), else from the deploy weights, the
-    ``raised`` ones at 16 bits (never among the fixed ones: raisable_weights)."""
-    return prepared.weight_encodings or weight_encodings(
-        prepared.deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method, settings.percentile,
-        per_channel=settings.per_channel, raised=raised)
-
-
-def raisable_weights(prepared: Prepared, settings: Settings) -> list[str]:
-    """The weights mixed precision may raise to 16 bits: 8-bit ones whose values no step fixed on an
-    8-bit grid (AdaRound's weights are rounded for their 8-bit encodings; at 16 bits they would keep
-    that rounding error)."""
-    if prepared.weight_encodings is not None or settings.weight_bitwidth != 8:
-        return []
-    return list(prepared.targets.weights)
+    """The weight encodings: those an earlier step fixed (AdaRound's grids), the others from the deploy
+    weights, the ``raised`` ones at 16 bits (a raised weight is never among the fixed ones:
+    precision.with_fp32_weights releases it)."""
+    fixed = prepared.weight_encodings or {}
+    if fixed.keys() >= set(prepared.targets.weights):
+        return fixed
+    computed = weight_encodings(prepared.deploy, prepared.targets, settings.weight_bitwidth, settings.weight_method,
+                                settings.percentile, per_channel=settings.per_channel, raised=raised)
+    return {name: fixed.get(name, encoding) for name, encoding in computed.items()}
 
 
 def apply_cle(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
@@ -342,46 +332,6 @@ def encode(
     constants = constant_encodings(deploy, targets, weights, 8, activations)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
     return Encodings(activations, weights, biases, constants, written)
-
-
-def encode_with_precision(
-    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
-) -> tuple[Encodings, dict | None]:
-    """encode, with the activations and weights raised to 16 bits that automatic mixed precision picks
-    when asked (optimize/mixed_precision.py; weights only where raisable_weights allows).
-
-    The ranking uses the first RANKING_SAMPLES held-back calibration samples, the scores all of them.
-    """
-    if not settings.auto_precision:
-        return encode(prepared, stats, settings), None
-    samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
-    start = time.perf_counter()
-    plain = encode(prepared, stats, settings)
-    candidates = {name: plain.weights[name] for name in raisable_weights(prepared, settings)}
-    ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations, samples[:RANKING_SAMPLES],
-                               candidates)
-    ranked = time.perf_counter() - start
-    scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
-
-    def score(raised: list[str]) -> float:
-        encodings = encode(prepared, stats, settings, raised)
-        comparisons = scorer.compare(encodings.activations, encodings.params, prepared.deploy, prepared.targets)
-        return min(c.sqnr_db for c in comparisons)
-
-    choice = choose_16bit([name for name, _ in ranking], score, settings.target_sqnr, settings.max_16bit)
-    encodings = encode(prepared, stats, settings, choice.raised)
-    record = {
-        **choice.to_dict(),
-        "raised_weights": [name for name in choice.raised if name in candidates],
-        "activations_at_16_bits": sum(enc.bitwidth == 16 for name, enc in encodings.activations.items()
-                                      if name in prepared.targets.activations),
-        "weights_at_16_bits": sum(enc.bitwidth == 16 for enc in encodings.weights.values()),
-        "held_back_samples": len(samples),
-        "ranking_samples": min(RANKING_SAMPLES, len(samples)),
-        "ranking_seconds": round(ranked, 3),
-        "ranking": [{"tensor": name, "isolated_sqnr_db": json_db(db)} for name, db in ranking[:20]],
-    }
-    return encodings, record
 
 
 def evaluate_encodings(

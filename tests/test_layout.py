@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnxsnpe"
 STAGES = ["errors", "graph", "data", "stats", "encode", "optimize", "simulate", "report",
-          "export", "stages", "recipe", "api", "compare", "cli"]
+          "export", "stages", "precision", "recipe", "api", "compare", "cli"]
 """Each top-level module or subpackage, in pipeline order; a module may import only from its own
 stage or earlier ones (the package's ``__init__`` and ``__version__`` are open to all)."""
 

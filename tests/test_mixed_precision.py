@@ -4,18 +4,24 @@ and the flag end to end."""
 import json
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from onnxsnpe import OnnxSnpeError, quantize
+from onnxsnpe.compare import compare
 from onnxsnpe.encode.precision import sixteen_bit_tensors
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import load_model
 from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.optimize.mixed_precision import PRUNE_SCORINGS, choose_16bit, held_back_count
+from onnxsnpe.precision import with_fp32_weights
 from onnxsnpe.report.metrics import TensorComparison
 from onnxsnpe.report.sensitivity import isolated_ranking
 from onnxsnpe.simulate.fake_quant import build_simulation_model
+from onnxsnpe.stages import Settings, apply_adaround, apply_bias_correction, encode, hold_back, prepare
+from onnxsnpe.stats.collect import collect_statistics
 
 from .conftest import minmax_encodings
 
@@ -121,3 +127,47 @@ def test_isolated_ranking_scores_each_weight_and_activation_alone(tiny_model):
         assert ranking[name] == pytest.approx(alone([], {name: weights[name]}), abs=1e-3)
     for name in targets.activations:
         assert ranking[name] == pytest.approx(alone([name], {}), abs=1e-3)
+
+
+def test_a_raised_weight_takes_back_its_fp32_value_after_adaround_and_bias_correction(tiny_model, npy_folder):
+    settings = Settings(adaround=True, adaround_iters=20, bias_correction=True)
+    prepared = hold_back(prepare(tiny_model, npy_folder, None, None, None, None))
+    original = prepared.deploy
+    prepared, _ = apply_adaround(prepared, settings, False)
+    prepared, _ = apply_bias_correction(prepared, settings, False)
+    raised, kept = "fc.w", "conv.w"
+    bias = next(ref.bias for ref in prepared.targets.biases if ref.weight == raised)
+    assert not np.array_equal(_initializer(prepared.deploy, raised), _initializer(original, raised))
+
+    released = with_fp32_weights(prepared, [raised])
+    for name in (raised, bias):  # weight and bias back at the FP32 values the steps stand for
+        np.testing.assert_array_equal(_initializer(released.deploy, name), _initializer(prepared.reference, name))
+    np.testing.assert_array_equal(_initializer(released.deploy, kept), _initializer(prepared.deploy, kept))
+    assert raised not in released.weight_encodings and released.weight_encodings[kept] == \
+        prepared.weight_encodings[kept]
+    assert with_fp32_weights(prepared, []) is prepared
+
+    stats = collect_statistics(released.deploy, released.targets.activations, iter(released.calib_set))
+    encodings = encode(released, stats, settings, [raised])
+    assert encodings.weights[kept] == prepared.weight_encodings[kept]  # AdaRound's grid, 8 bits
+    sixteen = encodings.weights[raised]
+    assert sixteen.bitwidth == 16 and sixteen.offset == -2 ** 15  # symmetric, from the FP32 values
+    assert sixteen.max == pytest.approx(np.abs(_initializer(prepared.reference, raised)).max(), rel=1e-4)
+
+
+def _initializer(model, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def test_compare_writes_a_configuration_its_own_deploy_model_when_raised_weights_take_fp32_values(
+        tmp_path, tiny_model, npy_folder):
+    base = Settings(adaround=True, adaround_iters=20, auto_precision=True, target_sqnr=200.0, max_16bit=6)
+    result = compare(tiny_model, npy_folder, tmp_path / "out", methods=["minmax"], act_bitwidths=[8], base=base,
+                     progress=False)
+    (row,) = result.report["configurations"]
+    raised_weights = row["auto_precision"]["raised_weights"]
+    assert raised_weights and row["auto_precision"]["fp32_weights_restored"]
+    assert row["deploy"] == "minmax_a8/snpe_deploy.onnx"
+    own, shared = (onnx.load(tmp_path / "out" / path) for path in (row["deploy"], "snpe_deploy.onnx"))
+    for name in raised_weights:
+        assert not np.array_equal(_initializer(own, name), _initializer(shared, name))

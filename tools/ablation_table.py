@@ -22,12 +22,12 @@ from pathlib import Path
 
 from accuracy_table import MODELS, SHARED, crop_sets
 
+from onnxsnpe.precision import encode_with_precision
 from onnxsnpe.stages import (
     Settings,
     apply_adaround,
     apply_bias_correction,
     apply_cle,
-    encode_with_precision,
     evaluate_encodings,
     hold_back,
     prepare,
@@ -38,7 +38,7 @@ from onnxsnpe.stats.collect import collect_statistics
 def _measure(prepared, settings) -> dict:
     stats = collect_statistics(prepared.deploy, prepared.targets.activations, iter(prepared.calib_set),
                                methods=[settings.method], floors=prepared.targets.floors())
-    encodings, precision = encode_with_precision(prepared, stats, settings)
+    prepared, encodings, precision = encode_with_precision(prepared, stats, settings)
     output = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, 0, False).outputs[0].to_dict()
     return {"sqnr_db": output["sqnr_db"], "top1": output.get("top1_agreement"),
             "raised": None if precision is None else precision["count"]}
