@@ -201,6 +201,7 @@ def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelPr
     output_encodings = {name: acts[name] for name in names}
     return {
         "samples": len(samples),
+        "htp_arch": session.arch,
         "cpu_fallback_ops": None if session.cpu_nodes is None else [list(n) for n in session.cpu_nodes],
         "agreement": {
             label: [a.to_dict() for a in measure_agreement(session.run, simulation_runner(model, output_map, names),

@@ -32,6 +32,12 @@ QNN_EP = "QNNExecutionProvider"
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
+A16W16_ARCH = "73"
+"""The HTP architecture sessions ask for when the model has a 16-bit weight: HTP runs A16W16 layers
+from v73 on (SNPE.md section 4), and the emulator refuses a Conv with int16 weights for the default
+architecture (measured: "was not selected by that EP"; accepted with htp_arch 73, 75 and 79)."""
+
+
 INSTALL_HINT = "pip install 'onnxsnpe[qnn]' (onnxruntime-qnn 2.x)"
 
 
@@ -71,15 +77,17 @@ def _qnn_devices(qnn) -> list:
 class HtpSession:
     """An onnxruntime session running a QDQ model on the QNN HTP backend.
 
-    ``cpu_nodes`` lists (op type, node name) of the compute nodes that fell back to onnxruntime's
-    CPU provider, ``io_nodes`` the QuantizeLinear/DequantizeLinear nodes it runs there (by design
-    the graph input and output conversions; the QNN provider renames the ones it moves). Both are
-    None when this onnxruntime cannot report node placement.
+    ``arch`` is the HTP architecture asked for (None: the backend's default; A16W16_ARCH when the
+    model has a 16-bit weight). ``cpu_nodes`` lists (op type, node name) of the compute nodes that
+    fell back to onnxruntime's CPU provider, ``io_nodes`` the QuantizeLinear/DequantizeLinear nodes
+    it runs there (by design the graph input and output conversions; the QNN provider renames the
+    ones it moves). Both are None when this onnxruntime cannot report node placement.
     """
 
     model: onnx.ModelProto
     input_encodings: dict[str, Encoding]
     session: ort.InferenceSession = field(init=False)
+    arch: str | None = field(init=False)
     cpu_nodes: list[tuple[str, str]] | None = field(init=False)
     io_nodes: list[tuple[str, str]] | None = field(init=False)
 
@@ -91,7 +99,9 @@ class HtpSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-        options.add_provider_for_devices(_qnn_devices(qnn), {"backend_path": qnn.get_qnn_htp_path()})
+        self.arch = A16W16_ARCH if has_16_bit_weights(self.model) else None
+        provider = {"backend_path": qnn.get_qnn_htp_path(), **({"htp_arch": self.arch} if self.arch else {})}
+        options.add_provider_for_devices(_qnn_devices(qnn), provider)
         try:
             self.session = with_model_source(self.model, lambda source: ort.InferenceSession(source, options))
         except Exception as exc:
@@ -114,6 +124,13 @@ class HtpSession:
     def run(self, sample: Sample) -> list[np.ndarray]:
         """The HTP outputs for one sample (inputs fake-quantized first, see the module docstring)."""
         return self.session.run(None, quantize_inputs(sample, self.input_encodings))
+
+
+def has_16_bit_weights(qdq: onnx.ModelProto) -> bool:
+    """Whether a DequantizeLinear of ``qdq`` reads a 16-bit constant tensor (a weight, not a zero point)."""
+    wide = {init.name for init in qdq.graph.initializer
+            if init.data_type in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)}
+    return any(node.op_type == "DequantizeLinear" and node.input[0] in wide for node in qdq.graph.node)
 
 
 def _first_line(exc: BaseException) -> str:
