@@ -29,7 +29,7 @@ from .report.html import write_html_report
 from .report.metrics import OutputComparison, json_db
 from .report.weight_analysis import analyze_weights
 from .simulate.arithmetic import ARITHMETICS, simulation_model
-from .simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
+from .simulate.emulator import HTP_ARCHS, HtpSession, qnn_unavailable_reason, simulation_runner
 from .simulate.qdq import build_qdq_model
 from .stages import (
     Encodings,
@@ -88,6 +88,7 @@ def quantize(
     image_options: ImageOptions | None = None,
     analysis_samples: int = 4,
     htp_samples: int = 0,
+    htp_arch: str | None = None,
     progress: bool = True,
 ) -> QuantizeResult:
     """Calibrate ``model`` on the samples at ``calib`` and write SNPE's inputs into ``out``.
@@ -97,7 +98,8 @@ def quantize(
     the isolated per-tensor errors use the first ``analysis_samples`` of them (0 skips them).
     ``fixed_inputs`` ({name: values}) become constants, so that If nodes depending on them fold.
     Also writes snpe_qdq.onnx; with ``htp_samples`` > 0 runs that many evaluation samples on
-    Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it.
+    Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it, the
+    emulator computing as HTP ``htp_arch`` (emulator.HtpSession: None picks).
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     start = time.perf_counter()
@@ -113,6 +115,8 @@ def quantize(
     check_analysis_samples(analysis_samples)
     if htp_samples < 0:
         raise OnnxSnpeError(f"--htp must be 0 or more, got {htp_samples}")
+    if htp_arch is not None and htp_arch not in HTP_ARCHS:
+        raise OnnxSnpeError(f"--htp-arch must be one of {', '.join(HTP_ARCHS)}, got {htp_arch}")
     if htp_samples and (reason := qnn_unavailable_reason()):
         raise OnnxSnpeError(f"--htp: {reason}")
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
@@ -133,7 +137,7 @@ def quantize(
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
         weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes, prepared.deploy)
         qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
-        htp = compare_with_htp(prepared, encodings, qdq, htp_samples) if htp_samples else None
+        htp = compare_with_htp(prepared, encodings, qdq, htp_samples, htp_arch) if htp_samples else None
         deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         qdq_files = export.write_model(staged.stage(export.QDQ_FILE), qdq)
         export.write_json(
@@ -184,14 +188,15 @@ def quantize(
     )
 
 
-def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelProto, count: int) -> dict:
+def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelProto, count: int,
+                     arch: str | None = None) -> dict:
     """Run ``count`` evaluation samples on the HTP backend and measure how closely our simulations follow it.
 
     Both arithmetics are compared (keys of ``agreement``): ``htp``, the HTP's measured integer
     arithmetic, and ``exact``, float ops with exact rounding.
     """
     acts = encodings.activations
-    session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts})
+    session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts}, arch)
     names = session.output_names
     samples = [prepared.eval_set.load(i) for i in range(min(count, len(prepared.eval_set)))]
     simulations = {

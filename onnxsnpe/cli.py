@@ -19,6 +19,7 @@ from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .report.document import summary_text
 from .simulate.arithmetic import ARITHMETICS
+from .simulate.emulator import A16W16_ARCH, HTP_ARCHS
 
 DEMO_MODEL = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 DEMO_IMAGES = ImageOptions(resize=(48, 192), mean=(0.5,), std=(0.5,))  # the model's own preprocessing
@@ -235,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N evaluation samples on Qualcomm's HTP emulator and report how closely the simulation follows "
         "it (needs onnxsnpe[qnn], i.e. onnxruntime-qnn, on x86-64 Linux)",
     )
+    q.add_argument(
+        "--htp-arch", choices=HTP_ARCHS, default=None,
+        help="with --htp: the HTP architecture the emulator computes as (default: the emulator's own, which "
+        f"computes as v68; v{A16W16_ARCH} when a weight is 16-bit, which older HTPs cannot run)",
+    )
     _add_common(q)
 
     c = commands.add_parser(
@@ -332,6 +338,7 @@ def _run(args: argparse.Namespace) -> int:
             fixed_inputs=dict(args.fix_input),
             analysis_samples=args.analysis_samples,
             htp_samples=args.htp,
+            htp_arch=args.htp_arch,
             image_options=_image_options(args),
             progress=not args.quiet,
         )

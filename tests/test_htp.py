@@ -465,3 +465,22 @@ def _a16w16(model, targets, acts, samples):
     wide = activation_encodings(stats, targets, "minmax", 8, raised=set(targets.activations))
     weights = weight_encodings(model, targets, 8, raised=targets.weights)
     return wide, {**weights, **bias_encodings(model, targets, wide, weights, 32)}
+
+
+@needs_qnn
+def test_an_htp_too_old_for_a_16_bit_weight_is_a_one_line_error_with_the_fix():
+    weight = np.random.default_rng(10).normal(size=(8, 4, 3, 3))
+    model = _conv_model(weight, activation="Relu")
+    samples = _samples(4)
+    targets, acts, params = _quantized(model, samples)
+    acts, params = _a16w16(model, targets, acts, samples)
+    with pytest.raises(OnnxSnpeError, match=f"needs HTP v{A16W16_ARCH} or later: --htp-arch {A16W16_ARCH}"):
+        HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, arch="68")
+
+
+def test_unknown_htp_arch_is_refused(tmp_path, tiny_model, npy_folder):
+    from onnxsnpe import quantize
+
+    with pytest.raises(OnnxSnpeError, match="--htp-arch must be one of 68, 69, 73, 75, 79, got 71"):
+        quantize(tiny_model, npy_folder, tmp_path / "out", htp_arch="71", progress=False)
+    assert not (tmp_path / "out").exists()

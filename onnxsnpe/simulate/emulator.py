@@ -32,10 +32,15 @@ QNN_EP = "QNNExecutionProvider"
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
+HTP_ARCHS = ("68", "69", "73", "75", "79")
+"""HTP architectures the emulator can be asked for (onnxruntime-qnn's ``htp_arch``). Measured with
+onnxruntime-qnn 2.7.0 on EfficientNet-Lite0 W8A8: the default computes as v68 and v69 do (identical
+outputs), v73 and v75 differently (24.2 dB between v68 and v75 on 16 held-out crops). The htp
+arithmetic (simulate/htp) was decoded on the default."""
 A16W16_ARCH = "73"
-"""The HTP architecture sessions ask for when the model has a 16-bit weight: HTP runs A16W16 layers
-from v73 on (SNPE.md section 4), and the emulator refuses a Conv with int16 weights for the default
-architecture (measured: "was not selected by that EP"; accepted with htp_arch 73, 75 and 79)."""
+"""The architecture sessions ask for by default when the model has a 16-bit weight: HTP runs A16W16
+layers from v73 on (SNPE.md section 4), and the emulator refuses a Conv with int16 weights for the
+default architecture, v68 and v69 (measured: "was not selected by that EP"; accepted by 73, 75, 79)."""
 
 
 INSTALL_HINT = "pip install 'onnxsnpe[qnn]' (onnxruntime-qnn 2.x)"
@@ -77,17 +82,18 @@ def _qnn_devices(qnn) -> list:
 class HtpSession:
     """An onnxruntime session running a QDQ model on the QNN HTP backend.
 
-    ``arch`` is the HTP architecture asked for (None: the backend's default; A16W16_ARCH when the
-    model has a 16-bit weight). ``cpu_nodes`` lists (op type, node name) of the compute nodes that
-    fell back to onnxruntime's CPU provider, ``io_nodes`` the QuantizeLinear/DequantizeLinear nodes
-    it runs there (by design the graph input and output conversions; the QNN provider renames the
-    ones it moves). Both are None when this onnxruntime cannot report node placement.
+    ``arch`` is the HTP architecture (one of HTP_ARCHS) to ask for; None asks for none (the
+    backend's default) unless the model has a 16-bit weight, which then asks for A16W16_ARCH.
+    ``cpu_nodes`` lists (op type, node name) of the compute nodes that fell back to onnxruntime's
+    CPU provider, ``io_nodes`` the QuantizeLinear/DequantizeLinear nodes it runs there (by design
+    the graph input and output conversions; the QNN provider renames the ones it moves). Both are
+    None when this onnxruntime cannot report node placement.
     """
 
     model: onnx.ModelProto
     input_encodings: dict[str, Encoding]
+    arch: str | None = None
     session: ort.InferenceSession = field(init=False)
-    arch: str | None = field(init=False)
     cpu_nodes: list[tuple[str, str]] | None = field(init=False)
     io_nodes: list[tuple[str, str]] | None = field(init=False)
 
@@ -99,13 +105,17 @@ class HtpSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-        self.arch = A16W16_ARCH if has_16_bit_weights(self.model) else None
+        if self.arch is None and has_16_bit_weights(self.model):
+            self.arch = A16W16_ARCH
         provider = {"backend_path": qnn.get_qnn_htp_path(), **({"htp_arch": self.arch} if self.arch else {})}
         options.add_provider_for_devices(_qnn_devices(qnn), provider)
         try:
             self.session = with_model_source(self.model, lambda source: ort.InferenceSession(source, options))
         except Exception as exc:
-            raise OnnxSnpeError(f"the QNN HTP backend rejected the model: {_first_line(exc)}") from exc
+            hint = ""
+            if self.arch in (None, "68", "69") and has_16_bit_weights(self.model):
+                hint = f" (a 16-bit weight needs HTP v{A16W16_ARCH} or later: --htp-arch {A16W16_ARCH})"
+            raise OnnxSnpeError(f"the QNN HTP backend rejected the model{hint}: {_first_line(exc)}") from exc
         self.cpu_nodes = self.io_nodes = None
         if hasattr(self.session, "get_provider_graph_assignment_info"):
             cpu = [
