@@ -1,11 +1,13 @@
 """What each accuracy step buys on the real models, on held-out crops, for the README's ablation table.
 
     python tools/ablation_table.py [--models a.onnx,b.onnx] [--schemes per_tensor,per_channel]
+                                   [--steps cle,adaround,bias_correction,auto_precision]
                                    [--calib 128] [--eval 32] [--target-sqnr 25] [--max-16bit 20]
 
 Per model and weight scheme (8-bit weights, 8-bit activations, min-max, 32-bit biases, HTP
 arithmetic), the steps are applied cumulatively, as ``quantize`` applies them: nearest rounding,
-+ CLE, + AdaRound, + bias correction, + automatic mixed precision. Each row is measured on the held-out
++ CLE, + AdaRound, + bias correction, + automatic mixed precision (``--steps`` picks a subset, in
+that order; ``--max-16bit 0`` sets no budget). Each row is measured on the held-out
 evaluation crops (tools/accuracy_table.py's crops: calibration from the top three quarters of each
 photograph, evaluation from the bottom quarter); the last calibration samples are held back for
 automatic precision, as with ``--auto-precision``. Prints one JSON line per row, then a Markdown table.
@@ -34,6 +36,10 @@ from onnxsnpe.stages import (
 )
 from onnxsnpe.stats.collect import collect_statistics
 
+STEPS = {"cle": "+ CLE", "adaround": "+ AdaRound", "bias_correction": "+ bias correction",
+         "auto_precision": "+ auto precision"}
+APPLY = {"cle": apply_cle, "adaround": apply_adaround, "bias_correction": apply_bias_correction}
+
 
 def _measure(prepared, settings) -> dict:
     stats = collect_statistics(prepared.deploy, prepared.targets.activations, iter(prepared.calib_set),
@@ -51,7 +57,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=128)
     parser.add_argument("--eval", type=int, default=32)
     parser.add_argument("--target-sqnr", type=float, default=25.0)
-    parser.add_argument("--max-16bit", type=int, default=20)
+    parser.add_argument("--max-16bit", type=int, default=20, help="0: no budget, the target alone")
+    parser.add_argument("--steps", default=",".join(STEPS), help="the steps after nearest rounding, in order")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,8 +68,7 @@ def main() -> None:
                 settings = Settings(per_channel=scheme == "per_channel")
                 prepared = hold_back(prepare(SHARED / "models" / name, calib, held_out, None, None, options))
                 cells = []
-                steps = [("nearest", None), ("+ CLE", apply_cle), ("+ adaround", apply_adaround),
-                         ("+ bias correction", apply_bias_correction), ("+ auto precision", None)]
+                steps = [("nearest", None), *((STEPS[step], APPLY.get(step)) for step in args.steps.split(","))]
                 for label, apply in steps:
                     start = time.perf_counter()
                     if apply is not None:
@@ -70,17 +76,18 @@ def main() -> None:
                         prepared, _ = apply(prepared, settings, False)
                     if label == "+ auto precision":
                         settings = replace(settings, auto_precision=True, target_sqnr=args.target_sqnr,
-                                           max_16bit=args.max_16bit)
+                                           max_16bit=args.max_16bit or None)
                     row = {"model": name, "scheme": scheme, "step": label, **_measure(prepared, settings),
                            "seconds": round(time.perf_counter() - start, 1)}
                     print(json.dumps(row), flush=True)
                     top1 = f" ({100 * row['top1']:.0f}%)" if row["top1"] is not None else ""
-                    raised = f", {row['raised']} at 16 bits" if row["raised"] is not None else ""
+                    raised = f", {row['raised']} raised" if row["raised"] is not None else ""
                     cells.append(f"{row['sqnr_db']:.2f}{top1}{raised}")
                 rows.append(f"| {name} | {scheme.replace('_', ' ')} | " + " | ".join(cells) + " |")
     print()
-    print("| model | weights | nearest | + CLE | + AdaRound | + bias correction | + auto precision |")
-    print("|---|---|---|---|---|---|---|")
+    labels = ["nearest", *(STEPS[step] for step in args.steps.split(","))]
+    print(f"| model | weights | {' | '.join(labels)} |")
+    print("|---|---|" + "---|" * len(labels))
     print("\n".join(rows))
 
 
