@@ -128,15 +128,7 @@ def _optimization_lines(done: dict) -> list[str]:
         for row in done["recipe"]["ablation"]:
             sqnr = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f} dB"
             lines.append(f"    {row['step']:<20} {sqnr:>10}  {'kept' if row['kept'] else 'not kept'}")
-    if "cle" in done:
-        lines.append(f"  CLE: {done['cle']['pairs']} Conv pairs equalized")
-    if "adaround" in done:
-        a = done["adaround"]
-        lines.append(f"  AdaRound: {a['layers']} weights, {a['iterations']} iterations on {a['samples']} samples,"
-                     f" {a['seconds']:.1f} s")
-    if "bias_correction" in done:
-        b = done["bias_correction"]
-        lines.append(f"  bias correction: {b['layers']} layers on {b['samples']} samples, {b['seconds']:.1f} s")
+    lines += [f"  {fact}" for fact in step_facts(done)]
     if "auto_precision" in done:
         a = done["auto_precision"]
         met = {True: ", target met", False: ", target not met", None: ""}[a["target_met"]]
@@ -144,6 +136,21 @@ def _optimization_lines(done: dict) -> list[str]:
                      f" activations and {a['weights_at_16_bits']} weights at 16 bits), held-back SQNR"
                      f" {a['baseline_sqnr_db']:.2f} -> {a['final_sqnr_db']:.2f} dB{met} ({a['seconds']:.1f} s)")
     return lines
+
+
+def step_facts(done: dict) -> list[str]:
+    """One line for each weight-changing step that ran (CLE, AdaRound, bias correction): what it did."""
+    facts = []
+    if "cle" in done:
+        facts.append(f"CLE: {done['cle']['pairs']} Conv pairs equalized ({done['cle']['seconds']:.1f} s)")
+    if "adaround" in done:
+        a = done["adaround"]
+        facts.append(f"AdaRound: {a['layers']} weights, {a['iterations']} iterations on {a['samples']} samples, "
+                     f"{a['inputs']} inputs ({a['seconds']:.1f} s)")
+    if "bias_correction" in done:
+        b = done["bias_correction"]
+        facts.append(f"bias correction: {b['layers']} layers on {b['samples']} samples ({b['seconds']:.1f} s)")
+    return facts
 
 
 def _top(weights: list[WeightFigures], attribute: str) -> list[WeightFigures]:

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .document import step_facts
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -133,16 +135,7 @@ def _optimizations_section(done: dict) -> str:
             "calibration samples (lowest output SQNR), never on the evaluation data.</p>"
             "<table><tr><th>step</th><th>held-back SQNR dB</th><th>top-1 agree</th><th>kept</th>"
             f"<th>seconds</th></tr>{rows}</table>")
-    facts = []
-    if "cle" in done:
-        facts.append(f"CLE: {done['cle']['pairs']} layer pairs equalized ({done['cle']['seconds']:.1f} s)")
-    if "adaround" in done:
-        a = done["adaround"]
-        facts.append(f"AdaRound: {a['layers']} weights, {a['iterations']} iterations on {a['samples']} samples, "
-                     f"{a['inputs']} inputs ({a['seconds']:.1f} s)")
-    if "bias_correction" in done:
-        b = done["bias_correction"]
-        facts.append(f"bias correction: {b['layers']} layers on {b['samples']} samples ({b['seconds']:.1f} s)")
+    facts = step_facts(done)
     if facts:
         parts.append("<ul>" + "".join(f"<li>{_e(fact)}</li>" for fact in facts) + "</ul>")
     if "auto_precision" in done:
