@@ -70,8 +70,9 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         f"W{report['settings']['weight_bitwidth']}, bias {report['settings']['bias_bitwidth']}-bit)",
         f"  encodings: {enc['activation_count']} activations ({enc['alias_count']} sharing their input's),"
         f" {enc['param_count']} params; {report['graph']['batchnorms_folded']} BatchNorms folded",
-        f"  simulated ({report['settings']['arithmetic']} arithmetic) vs FP32 on {ev['num_samples']}"
-        f" {'held-out' if ev['held_out'] else 'calibration'} samples:",
+        f"  simulated ({report['settings']['arithmetic']} arithmetic) vs FP32 on "
+        + (ev["subset"] if ev.get("subset") else
+           f"{ev['num_samples']} {'held-out' if ev['held_out'] else 'calibration'} samples") + ":",
     ]
     lines[-1:-1] = _optimization_lines(report.get("optimizations", {}))  # before the figures header
     width = max(len(o["name"]) for o in report["outputs"])
