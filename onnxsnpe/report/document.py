@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
-from .evaluation import Evaluation, worst_isolated
-from .weight_analysis import WeightFigures
+
+if TYPE_CHECKING:  # the command imports the summary; evaluation (numba) loads when a run needs it
+    from .evaluation import Evaluation
+    from .weight_analysis import WeightFigures
 
 WORST_COUNT = 10
 
@@ -29,7 +32,10 @@ def build_report(
     weights: list[WeightFigures],
     files: list[str],
 ) -> dict:
-    """The machine-readable report; contains nothing that changes between identical runs."""
+    """The machine-readable report; contains nothing that changes between identical runs (the
+    caller adds the stage timings)."""
+    from .evaluation import worst_isolated
+
     return {
         "tool": {"name": "onnxsnpe", "version": __version__},
         "model": {
