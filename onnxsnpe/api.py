@@ -150,7 +150,8 @@ def quantize(
         with timer.stage("qdq_model"):
             qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
         with timer.stage("htp_emulator"):
-            htp = compare_with_htp(prepared, encodings, qdq, htp_samples) if htp_samples else None
+            htp = compare_with_htp(prepared, encodings, qdq, htp_samples,
+                                   {settings.arithmetic: evaluation.simulation}) if htp_samples else None
         with timer.stage("writing"):
             deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
             qdq_files = export.write_model(staged.stage(export.QDQ_FILE), qdq)
@@ -206,18 +207,22 @@ def quantize(
     )
 
 
-def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelProto, count: int) -> dict:
+def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelProto, count: int,
+                     built: dict[str, tuple[onnx.ModelProto, dict[str, str]]] | None = None) -> dict:
     """Run ``count`` evaluation samples on the HTP backend and measure how closely our simulations follow it.
 
     Both arithmetics are compared (keys of ``agreement``): ``htp``, the HTP's measured integer
-    arithmetic, and ``exact``, float ops with exact rounding.
+    arithmetic, and ``exact``, float ops with exact rounding; ``built`` holds simulation models
+    already made for these encodings (the evaluation's), by arithmetic.
     """
+    built = built or {}
     acts = encodings.activations
     session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts})
     names = session.output_names
     samples = [prepared.eval_set.load(i) for i in range(min(count, len(prepared.eval_set)))]
     simulations = {
-        arithmetic: simulation_model(prepared.deploy, prepared.targets, acts, encodings.params, arithmetic)
+        arithmetic: built.get(arithmetic)
+        or simulation_model(prepared.deploy, prepared.targets, acts, encodings.params, arithmetic)
         for arithmetic in ARITHMETICS
     }
     output_encodings = {name: acts[name] for name in names}

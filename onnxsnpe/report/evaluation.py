@@ -95,6 +95,8 @@ class Evaluation:
     """Evaluation samples the figures were measured on."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent building the simulation, evaluating and in the isolated analysis."""
+    simulation: tuple[onnx.ModelProto, dict[str, str]] | None = None
+    """The simulated model evaluated and its map to tensor names, for whatever else runs it (--htp)."""
 
 
 def evaluate(
@@ -166,7 +168,7 @@ class Evaluator:
         if kept:
             self._isolated(figures, activations, kept)
         timings["isolated_analysis"] = time.perf_counter() - start
-        return Evaluation(run.comparisons, figures, len(kept), run.count, timings)
+        return Evaluation(run.comparisons, figures, len(kept), run.count, timings, (simulated, sim_map))
 
     def _isolated(self, figures: list[TensorFigures], activations: dict[str, Encoding],
                   kept: list[tuple[dict[str, np.ndarray], list[np.ndarray]]]) -> None:
