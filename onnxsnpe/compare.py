@@ -95,7 +95,7 @@ def compare(
         with timer.stage("writing"):
             deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         with timer.stage("reference_setup"):
-            evaluator = make_evaluator(prepared)
+            evaluator = make_evaluator(prepared, tensors=False)  # compare reports outputs and isolated ranks
         rows = []
         for settings in configs:
             name = f"{settings.method}_a{settings.act_bitwidth}"

@@ -479,9 +479,10 @@ def evaluate_encodings(
     return evaluation
 
 
-def make_evaluator(prepared: Prepared) -> Evaluator:
-    """The FP32 side of evaluation (reference model, session), for every configuration of ``prepared``."""
-    return Evaluator(prepared.reference, prepared.targets)
+def make_evaluator(prepared: Prepared, tensors: bool = True) -> Evaluator:
+    """The FP32 side of evaluation (reference model, session), for every configuration of ``prepared``;
+    ``tensors=False``: outputs and isolated errors only (Evaluator)."""
+    return Evaluator(prepared.reference, prepared.targets, tensors=tensors)
 
 
 def _describe(dataset: Dataset) -> dict:

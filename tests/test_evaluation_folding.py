@@ -116,3 +116,18 @@ def test_fold_matches_numpy_on_awkward_values():
                                                           comparison.simulated_power, comparison.abs_error_sum],
                                    rtol=1e-12)
         assert accumulator.max_errors[k] == comparison.max_abs_error and accumulator.counts[k, 2] == comparison.count
+
+
+def test_figures_do_not_depend_on_how_samples_are_shared_out(tiny_model):
+    from onnxsnpe.report.evaluation import Evaluator
+
+    deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(9)]
+    targets, observed, activations, params = minmax_encodings(deploy, samples[:4])
+    results = [Evaluator(deploy, targets, workers).evaluate(deploy, activations, params, observed, iter(samples), 3)
+               for workers in (1, 2, 3)]
+    figures = [([o.to_dict() for o in r.outputs], [f.to_dict() for f in r.tensors],
+                [(f.cumulative.abs_error_sum, f.isolated_noise) for f in r.tensors]) for r in results]
+    assert figures[0] == figures[1] == figures[2]
+    assert results[0].samples == 9 and results[0].isolated_samples == 3

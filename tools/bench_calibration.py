@@ -227,7 +227,8 @@ def write_samples(folder: Path, data: list[dict[str, np.ndarray]]) -> Path:
 
 def whole_command(deploy: onnx.ModelProto, samples_count: int, repeats: int) -> None:
     """The whole quantize and compare commands against plain inference over the same samples."""
-    from onnxsnpe import compare, quantize
+    from onnxsnpe import quantize
+    from onnxsnpe.compare import compare
 
     data = list(samples(samples_count))
     held_out = list(samples(64, seed=1))

@@ -130,17 +130,21 @@ class Evaluator:
     on how the samples were shared out.
     """
 
-    def __init__(self, reference: onnx.ModelProto, targets: QuantTargets, workers: int | None = None) -> None:
+    def __init__(self, reference: onnx.ModelProto, targets: QuantTargets, workers: int | None = None,
+                 tensors: bool = True) -> None:
+        """``tensors=False`` measures the outputs only (and the isolated errors): no tensor is exposed
+        or folded, which is all ``compare`` reports."""
         self.reference = reference
         self.targets = targets
         self.names = list(targets.activations)
+        self.folded = self.names if tensors else []  # the tensors whose cumulative figures are measured
         self.outputs = [o.name for o in reference.graph.output]
         cores = available_cores()
         self.workers = max(1, workers or min(cores, MAX_WORKERS))
         self.threads = max(1, cores // self.workers)
         inputs = {value.name for value in reference.graph.input}
-        self.fed = [name for name in self.names if name in inputs]  # the sample's values, not a run's
-        self.fp32 = make_session(reference, [n for n in self.names if n not in inputs], self.threads)
+        self.fed = [name for name in self.folded if name in inputs]  # the sample's values, not a run's
+        self.fp32 = make_session(reference, [n for n in self.folded if n not in inputs], self.threads)
         self.fp32_names = [o.name for o in self.fp32.get_outputs()]
 
     def evaluate(
@@ -157,9 +161,9 @@ class Evaluator:
         start = time.perf_counter()
         figures = [TensorFigures(n, activations[n], observed[n], TensorComparison(n)) for n in self.names]
         simulated, sim_map = simulation_model(deploy, self.targets, activations, params, arithmetic)
-        sim_names = list(dict.fromkeys(sim_map[n] for n in [*self.outputs, *self.names]))
+        sim_names = list(dict.fromkeys(sim_map[n] for n in [*self.outputs, *self.folded]))
         session = make_session(simulated, sim_names, self.threads)
-        run = _Run(self, figures, session, sim_names, sim_map)
+        run = _Run(self, figures if self.folded else [], session, sim_names, sim_map)
         timings = {"simulation_setup": time.perf_counter() - start}
         start = time.perf_counter()
         kept = run.evaluate(samples, isolated_samples)
@@ -212,9 +216,9 @@ class _Run:
         self.evaluator, self.figures, self.session, self.sim_names = evaluator, figures, session, sim_names
         ref_index = {name: k for k, name in enumerate(evaluator.fp32_names)}
         sim_index = {name: k for k, name in enumerate(sim_names)}
-        self.ref_tensors = [ref_index.get(n, -1 - evaluator.fed.index(n) if n in evaluator.fed else None)
-                            for n in evaluator.names]  # a negative index: the sample's input
-        self.sim_tensors = [sim_index[sim_map[n]] for n in evaluator.names]
+        fed = {name: -1 - k for k, name in enumerate(evaluator.fed)}  # a negative index: the sample's input
+        self.ref_tensors = [ref_index[n] if n in ref_index else fed[n] for n in evaluator.folded]
+        self.sim_tensors = [sim_index[sim_map[n]] for n in evaluator.folded]
         self.ref_outputs = [ref_index[o] for o in evaluator.outputs]
         self.sim_outputs = [sim_index[sim_map[o]] for o in evaluator.outputs]
         ranges = [f.histogram_range for f in figures]
