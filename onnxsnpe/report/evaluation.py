@@ -12,6 +12,9 @@ The simulated model computes with the chosen arithmetic (``ARITHMETICS``): ``htp
 arithmetic measured on Qualcomm's HTP (simulate/htp/), or ``exact``, float ops with exactly rounded
 fake quantization (simulate/fake_quant.py). The isolated errors always use the exact arithmetic: they rank
 tensors by the cost of their encoding, which does not depend on how the ops round.
+
+The pass costs two inferences a sample plus one compiled fold of every tensor (folding.py), samples
+side by side on the cores (``Evaluator``); the isolated runs are shared out the same way.
 """
 
 from __future__ import annotations
