@@ -35,9 +35,12 @@ from .stages import (
     Encodings,
     Prepared,
     Settings,
+    StageTimer,
     calibrate,
     check_analysis_samples,
+    check_eval_samples,
     evaluate_encodings,
+    limit_evaluation,
     optimize_model,
     prepare,
 )
@@ -87,6 +90,7 @@ def quantize(
     fixed_inputs: dict[str, list[float]] | None = None,
     image_options: ImageOptions | None = None,
     analysis_samples: int = 4,
+    eval_samples: int | str | None = None,
     htp_samples: int = 0,
     htp_arch: str | None = None,
     progress: bool = True,
@@ -96,13 +100,15 @@ def quantize(
     Writes snpe_deploy.onnx, snpe_clip_ranges.json, data.txt with raw/, report.json and report.html.
     ``eval_data`` holds held-out samples for the report (default: the calibration samples);
     the isolated per-tensor errors use the first ``analysis_samples`` of them (0 skips them).
+    ``eval_samples`` cuts the evaluation to the first N samples; by default every held-out sample,
+    or without ``eval_data`` the first 64 calibration samples; "all" takes every one.
     ``fixed_inputs`` ({name: values}) become constants, so that If nodes depending on them fold.
     Also writes snpe_qdq.onnx; with ``htp_samples`` > 0 runs that many evaluation samples on
     Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it, the
     emulator computing as HTP ``htp_arch`` (emulator.HtpSession: None picks).
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
-    start = time.perf_counter()
+    timer = StageTimer()
     settings = Settings(method=method, percentile=percentile, weight_method=weight_method, fixed_ranges=fixed_ranges,
                         act_bitwidth=act_bitwidth, weight_bitwidth=weight_bitwidth, per_channel=per_channel,
                         optimize=optimize, cle=cle, adaround=adaround, adaround_iters=adaround_iters,
@@ -113,38 +119,51 @@ def quantize(
                         encoding_format=encoding_format, arithmetic=arithmetic)
     settings.check()
     check_analysis_samples(analysis_samples)
+    check_eval_samples(eval_samples)
     if htp_samples < 0:
         raise OnnxSnpeError(f"--htp must be 0 or more, got {htp_samples}")
     if htp_arch is not None and htp_arch not in HTP_ARCHS:
         raise OnnxSnpeError(f"--htp-arch must be one of {', '.join(HTP_ARCHS)}, got {htp_arch}")
     if htp_samples and (reason := qnn_unavailable_reason()):
         raise OnnxSnpeError(f"--htp: {reason}")
-    prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
-    if settings.optimize:
-        prepared, settings, optimizations = run_recipe(prepared, settings, progress)
-    else:
-        prepared, optimizations = optimize_model(prepared, settings, progress)
+    with timer.stage("prepare"):
+        prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
+        prepared = limit_evaluation(prepared, eval_samples)
+    with timer.stage("optimize"):
+        if settings.optimize:
+            prepared, settings, optimizations = run_recipe(prepared, settings, progress)
+        else:
+            prepared, optimizations = optimize_model(prepared, settings, progress)
 
     with export.StagedOutput(out) as staged:
-        stats = calibrate(prepared, staged, [method], progress)
-        prepared, encodings, precision = encode_with_precision(prepared, stats, settings)
+        with timer.stage("calibration"):
+            stats = calibrate(prepared, staged, [method], progress)
+        with timer.stage("encoding"):
+            prepared, encodings, precision = encode_with_precision(prepared, stats, settings)
         if precision is not None:
             optimizations["auto_precision"] = precision
             if "recipe" in optimizations:
                 optimizations["recipe"]["ablation"].append(
                     {"step": "+ auto precision", "sqnr_db": json_db(precision["final_sqnr_db"]),
                      "top1_agreement": None, "kept": bool(precision["raised"]), "seconds": precision["seconds"]})
-        evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
-        weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes, prepared.deploy)
-        qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
-        htp = compare_with_htp(prepared, encodings, qdq, htp_samples, htp_arch) if htp_samples else None
-        deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
-        qdq_files = export.write_model(staged.stage(export.QDQ_FILE), qdq)
-        export.write_json(
-            staged.stage(export.OVERRIDES_FILE),
-            export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params,
-                                  settings.encoding_format),
-        )
+        evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress,
+                                        timer=timer)
+        with timer.stage("weight_analysis"):
+            weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes,
+                                      prepared.deploy)
+        with timer.stage("qdq_model"):
+            qdq = build_qdq_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
+        with timer.stage("htp_emulator"):
+            htp = compare_with_htp(prepared, encodings, qdq, htp_samples, htp_arch,
+                                   {settings.arithmetic: evaluation.simulation}) if htp_samples else None
+        with timer.stage("writing"):
+            deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
+            qdq_files = export.write_model(staged.stage(export.QDQ_FILE), qdq)
+            export.write_json(
+                staged.stage(export.OVERRIDES_FILE),
+                export.overrides_json(prepared.deploy, encodings.activations, encodings.written_params,
+                                      settings.encoding_format),
+            )
         files = [*deploy_files, export.OVERRIDES_FILE, export.INPUT_LIST_FILE, export.RAW_DIR + "/",
                  *qdq_files, export.REPORT_FILE, export.HTML_REPORT_FILE]
         calibration, evaluation_section = prepared.describe_data()
@@ -176,31 +195,39 @@ def quantize(
         if htp is not None:
             report["htp"] = htp
         report["optimizations"] = optimizations
+        with timer.stage("report_html"):
+            write_html_report(report, staged.stage(export.HTML_REPORT_FILE))
+        if not htp_samples:
+            timer.seconds.pop("htp_emulator")
+        report["timings"] = timer.to_dict()  # the one part of report.json that differs between identical runs
         export.write_json(staged.stage(export.REPORT_FILE), report)
-        write_html_report(report, staged.stage(export.HTML_REPORT_FILE))
     out_dir = staged.destination
     return QuantizeResult(
         out_dir=out_dir,
         files={name.rstrip("/"): out_dir / name.rstrip("/") for name in files},
         report=report,
         outputs=evaluation.outputs,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - timer.start,
     )
 
 
 def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelProto, count: int,
-                     arch: str | None = None) -> dict:
+                     arch: str | None = None,
+                     built: dict[str, tuple[onnx.ModelProto, dict[str, str]]] | None = None) -> dict:
     """Run ``count`` evaluation samples on the HTP backend and measure how closely our simulations follow it.
 
     Both arithmetics are compared (keys of ``agreement``): ``htp``, the HTP's measured integer
-    arithmetic, and ``exact``, float ops with exact rounding.
+    arithmetic, and ``exact``, float ops with exact rounding; ``built`` holds simulation models
+    already made for these encodings (the evaluation's), by arithmetic.
     """
+    built = built or {}
     acts = encodings.activations
     session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts}, arch)
     names = session.output_names
     samples = [prepared.eval_set.load(i) for i in range(min(count, len(prepared.eval_set)))]
     simulations = {
-        arithmetic: simulation_model(prepared.deploy, prepared.targets, acts, encodings.params, arithmetic)
+        arithmetic: built.get(arithmetic)
+        or simulation_model(prepared.deploy, prepared.targets, acts, encodings.params, arithmetic)
         for arithmetic in ARITHMETICS
     }
     output_encodings = {name: acts[name] for name in names}

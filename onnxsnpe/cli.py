@@ -66,6 +66,15 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
+def _eval_samples(text: str) -> int | str:
+    if text == "all":
+        return text
+    values = _int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or 'all', got '{text}'")
+    return values[0]
+
+
 def _resize(text: str) -> tuple[int, int]:
     values = _int_list(text)
     if len(values) != 2:
@@ -89,6 +98,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; files in it are replaced)")
     parser.add_argument("--eval", type=Path, help="held-out samples for the report (default: the calibration samples)")
     parser.add_argument("--num-samples", type=int, help="use only the first N calibration samples (sorted by name)")
+    parser.add_argument(
+        "--eval-samples", type=_eval_samples, metavar="N|all",
+        help="measure the report on the first N evaluation samples (default: every --eval sample, or without "
+        "--eval the first 64 calibration samples; all: every one)",
+    )
     parser.add_argument(
         "--input-shape", type=_input_shape, action="append", default=[], metavar="[NAME:]DIMS",
         help="fix an input's shape, e.g. x:1,3,320,320 (needed for raw input lists with dynamic dims)",
@@ -337,6 +351,7 @@ def _run(args: argparse.Namespace) -> int:
             input_shapes=dict(args.input_shape),
             fixed_inputs=dict(args.fix_input),
             analysis_samples=args.analysis_samples,
+            eval_samples=args.eval_samples,
             htp_samples=args.htp,
             htp_arch=args.htp_arch,
             image_options=_image_options(args),
@@ -378,7 +393,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         args.model, args.calib, args.out, methods=args.methods, act_bitwidths=args.act_bitwidth, base=base,
         eval_data=args.eval, num_samples=args.num_samples, input_shapes=dict(args.input_shape),
         fixed_inputs=dict(args.fix_input),
-        image_options=_image_options(args), analysis_samples=args.analysis_samples, progress=not args.quiet,
+        image_options=_image_options(args), analysis_samples=args.analysis_samples, eval_samples=args.eval_samples,
+        progress=not args.quiet,
     )
     if not args.quiet:
         print(comparison_summary(result.report, result.out_dir, result.seconds))

@@ -20,9 +20,13 @@ from .report.evaluation import worst_isolated
 from .report.html import write_comparison_html
 from .stages import (
     Settings,
+    StageTimer,
     calibrate,
     check_analysis_samples,
+    check_eval_samples,
     evaluate_encodings,
+    limit_evaluation,
+    make_evaluator,
     optimize_model,
     prepare,
 )
@@ -54,13 +58,15 @@ def compare(
     fixed_inputs: dict[str, list[float]] | None = None,
     image_options: ImageOptions | None = None,
     analysis_samples: int = 1,
+    eval_samples: int | str | None = None,
     progress: bool = True,
 ) -> CompareResult:
     """Every combination of ``methods`` and ``act_bitwidths`` from one calibration pass.
 
-    ``base`` holds the other settings (weight method and bits, bias bits, percentile, fixed ranges).
+    ``base`` holds the other settings (weight method and bits, bias bits, percentile, fixed ranges);
+    ``eval_samples`` as for quantize. One FP32 reference session serves every configuration.
     """
-    start = time.perf_counter()
+    timer = StageTimer()
     if not methods or not act_bitwidths:
         raise OnnxSnpeError("compare needs at least one method and one activation bitwidth")
     base = base or Settings()
@@ -71,23 +77,32 @@ def compare(
     for settings in configs:
         settings.check()
     check_analysis_samples(analysis_samples)
-    prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
-    if base.optimize:
-        prepared, base, optimizations = run_recipe(prepared, base, progress)
-        configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)
-                   for s in configs]
-    else:
-        prepared, optimizations = optimize_model(prepared, base, progress)
+    check_eval_samples(eval_samples)
+    with timer.stage("prepare"):
+        prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
+        prepared = limit_evaluation(prepared, eval_samples)
+    with timer.stage("optimize"):
+        if base.optimize:
+            prepared, base, optimizations = run_recipe(prepared, base, progress)
+            configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)
+                       for s in configs]
+        else:
+            prepared, optimizations = optimize_model(prepared, base, progress)
 
     with export.StagedOutput(out) as staged:
-        stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)
-        deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
+        with timer.stage("calibration"):
+            stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)
+        with timer.stage("writing"):
+            deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
+        with timer.stage("reference_setup"):
+            evaluator = make_evaluator(prepared, tensors=False)  # compare reports outputs and isolated ranks
         rows = []
         for settings in configs:
             name = f"{settings.method}_a{settings.act_bitwidth}"
-            configured, encodings, precision = encode_with_precision(prepared, stats, settings)
+            with timer.stage("encoding"):
+                configured, encodings, precision = encode_with_precision(prepared, stats, settings)
             evaluation = evaluate_encodings(configured, stats, encodings, settings.arithmetic, analysis_samples,
-                                            progress)
+                                            progress, evaluator, timer)
             overrides = f"{name}/{export.OVERRIDES_FILE}"
             staged.stage(name).mkdir()
             export.write_json(
@@ -121,9 +136,11 @@ def compare(
                       *(row["overrides"] for row in rows),
                       *(row["deploy"] for row in rows if row["deploy"] != export.DEPLOY_FILE)],
         }
+        with timer.stage("report_html"):
+            write_comparison_html(report, staged.stage(COMPARE_HTML))
+        report["timings"] = timer.to_dict()  # the one part that differs between identical runs
         export.write_json(staged.stage(COMPARE_JSON), report)
-        write_comparison_html(report, staged.stage(COMPARE_HTML))
-    return CompareResult(staged.destination, report, time.perf_counter() - start)
+    return CompareResult(staged.destination, report, time.perf_counter() - timer.start)
 
 
 def comparison_summary(report: dict, out_dir: Path, seconds: float) -> str:

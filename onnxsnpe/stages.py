@@ -5,9 +5,11 @@ statistics and the input list), encode (with automatic mixed precision when aske
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -43,10 +45,12 @@ from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMP
 from .optimize.bias_correction import correct_biases
 from .optimize.cle import equalize
 from .optimize.mixed_precision import held_back_count
-from .report.evaluation import Evaluation, evaluate
+from .report.evaluation import Evaluation, Evaluator
 from .simulate.arithmetic import ARITHMETICS
 from .stats.collect import collect_statistics
 from .stats.tensor_stats import TensorStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,8 @@ class Prepared:
     """The FP32 model the rounding steps stand for (after CLE, before AdaRound): bias correction aims at it."""
     judging_set: Dataset | None = None
     """Calibration samples held back from calibration and fitting, to judge automatic choices on."""
+    eval_available: int | None = None
+    """How many evaluation samples there were when eval_set was cut to the first few (limit_evaluation)."""
 
     @cached_property
     def table_ranges(self) -> dict[str, tuple[float, float]]:
@@ -161,9 +167,14 @@ class Prepared:
         evaluation = {
             **_describe(self.eval_set),
             "held_out": self.held_out,
+            "available_samples": self.eval_available or len(self.eval_set),
             "note": None if self.held_out else
             "no --eval data: figures are measured on the calibration samples and flatter the result",
         }
+        if self.eval_available is not None:
+            evaluation["subset"] = (f"the first {len(self.eval_set)} of {self.eval_available} "
+                                    f"{'evaluation' if self.held_out else 'calibration'} samples "
+                                    "(--eval-samples all for every one)")
         return _describe(self.calib_set), evaluation
 
 
@@ -181,6 +192,56 @@ class Encodings:
     def params(self) -> dict[str, Encoding]:
         """Every constant the quantized model quantizes: weights, biases and static operands."""
         return {**self.weights, **self.constants, **self.biases}
+
+
+DEFAULT_EVAL_SAMPLES = 64
+"""Without --eval, the report measures on the first this many calibration samples: enough for stable
+figures, at a fraction of a large calibration set's cost (--eval-samples all takes every one)."""
+
+
+def check_eval_samples(count: int | str | None) -> None:
+    """--eval-samples is a positive count, "all" or unset."""
+    if count is not None and count != "all" and (not isinstance(count, int) or count < 1):
+        raise OnnxSnpeError(f"--eval-samples must be a positive number or 'all', got {count}")
+
+
+def limit_evaluation(prepared: Prepared, count: int | str | None) -> Prepared:
+    """The evaluation set cut to its first ``count`` samples: by default (None) every held-out
+    sample, or the first DEFAULT_EVAL_SAMPLES calibration samples without --eval; "all": every one."""
+    check_eval_samples(count)
+    if count is None:
+        count = "all" if prepared.held_out else DEFAULT_EVAL_SAMPLES
+    available = len(prepared.eval_set)
+    if count == "all" or count >= available:
+        return prepared
+    return replace(prepared, eval_set=replace(prepared.eval_set, entries=prepared.eval_set.entries[:count]),
+                   eval_available=available)
+
+
+class StageTimer:
+    """Wall seconds per stage of one run: report.json's ``timings``, and the --debug log."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name`` (added to earlier time of the same name)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        log.debug("stage %s: %.3f s", name, seconds)
+
+    def to_dict(self) -> dict[str, float]:
+        """Seconds per stage in the order they ran, and the total so far (the command's, less its last writes)."""
+        return {**{name: round(value, 3) for name, value in self.seconds.items()},
+                "total": round(time.perf_counter() - self.start, 3)}
 
 
 def check_analysis_samples(count: int) -> None:
@@ -341,19 +402,37 @@ def evaluate_encodings(
     arithmetic: str,
     analysis_samples: int,
     progress: bool,
+    evaluator: Evaluator | None = None,
+    timer: StageTimer | None = None,
 ) -> Evaluation:
-    """The simulated model (in ``arithmetic``) against FP32 on the evaluation samples, per output and tensor."""
-    return evaluate(
+    """The simulated model (in ``arithmetic``) against FP32 on the evaluation samples, per output and tensor.
+
+    ``evaluator`` (made by :func:`make_evaluator`) serves several configurations with one FP32
+    session; ``timer`` gets the evaluation's stages."""
+    if evaluator is None:
+        start = time.perf_counter()
+        evaluator = make_evaluator(prepared)
+        if timer is not None:
+            timer.add("reference_setup", time.perf_counter() - start)
+    evaluation = evaluator.evaluate(
         prepared.deploy,
-        prepared.targets,
         encodings.activations,
         encodings.params,
         {name: (stats[name].min, stats[name].max) for name in prepared.targets.activations},
         _progress(prepared.eval_set, "evaluation", progress),
         isolated_samples=analysis_samples,
         arithmetic=arithmetic,
-        reference=prepared.reference,
     )
+    for name, seconds in evaluation.timings.items():
+        if timer is not None:
+            timer.add(name, seconds)
+    return evaluation
+
+
+def make_evaluator(prepared: Prepared, tensors: bool = True) -> Evaluator:
+    """The FP32 side of evaluation (reference model, session), for every configuration of ``prepared``;
+    ``tensors=False``: outputs and isolated errors only (Evaluator)."""
+    return Evaluator(prepared.reference, prepared.targets, tensors=tensors)
 
 
 def _describe(dataset: Dataset) -> dict:

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 from onnxsnpe import ImageOptions, quantize
 from onnxsnpe.cli import main
 from onnxsnpe.data.datasets import open_dataset
+from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.load import load_model, model_inputs
 from onnxsnpe.graph.runtime import make_session
 
@@ -123,11 +124,16 @@ def test_input_list_round_trip_gives_same_encodings(tmp_path, tiny_model, npy_fo
 
 def test_same_inputs_give_byte_identical_outputs(tmp_path, tiny_model, npy_folder):
     out = tmp_path / "out"
-    files = ["snpe_deploy.onnx", "snpe_clip_ranges.json", "data.txt", "report.json", "report.html", "raw/00000.raw"]
+    files = ["snpe_deploy.onnx", "snpe_clip_ranges.json", "data.txt", "report.html", "raw/00000.raw"]
     quantize(tiny_model, npy_folder, out, progress=False)
     first = {name: (out / name).read_bytes() for name in files}
+    report = json.loads((out / "report.json").read_text())
     quantize(tiny_model, npy_folder, out, progress=False)
     assert {name: (out / name).read_bytes() for name in files} == first
+    again = json.loads((out / "report.json").read_text())
+    assert set(report.pop("timings")) >= {"prepare", "calibration", "evaluation", "report_html", "total"}
+    again.pop("timings")
+    assert again == report  # all but the stage timings
 
 
 def test_batch_dimension_optional_and_num_samples(tmp_path, tiny_model):
@@ -263,3 +269,20 @@ def test_htp_arithmetic_simulation_equals_the_htp_on_efficientnet(tmp_path):
     (exact,) = result.report["htp"]["agreement"]["exact"]
     assert htp["max_error_lsb"] == 0 and htp["sqnr_db"] is None and htp["top1_agreement"] == 1.0
     assert exact["max_error_lsb"] > 0  # float arithmetic with exact rounding does not get there
+
+
+def test_report_measures_on_the_first_calibration_samples_by_default(tmp_path, tiny_model, npy_folder, monkeypatch):
+    from onnxsnpe import stages
+
+    monkeypatch.setattr(stages, "DEFAULT_EVAL_SAMPLES", 4)
+    result = quantize(tiny_model, npy_folder, tmp_path / "out", progress=False)
+    evaluation = result.report["evaluation"]
+    assert (evaluation["num_samples"], evaluation["available_samples"]) == (4, 6)
+    assert evaluation["subset"].startswith("the first 4 of 6 calibration samples")
+    assert result.report["calibration"]["num_samples"] == 6
+    every = quantize(tiny_model, npy_folder, tmp_path / "all", eval_samples="all", progress=False)
+    assert every.report["evaluation"]["num_samples"] == 6 and "subset" not in every.report["evaluation"]
+    held_out = quantize(tiny_model, npy_folder, tmp_path / "eval", eval_data=npy_folder, progress=False)
+    assert held_out.report["evaluation"]["num_samples"] == 6  # with --eval: all of it
+    with pytest.raises(OnnxSnpeError, match="--eval-samples"):
+        quantize(tiny_model, npy_folder, tmp_path / "bad", eval_samples=0, progress=False)

@@ -12,13 +12,17 @@ it prints
   sessions side by side on every core, as calibration runs them), and as plain NCHW outputs; of our
   calibration with each method (statistics pass plus the range choice), and minmax at batch 4; of
   onnxruntime's own quantize_static with MinMax and Percentile on the same samples; each with its
-  ratio to the faster plain inference.
+  ratio to the faster plain inference;
+- the whole command as a user runs it, from .npy files of the same samples (``--whole``, or only these
+  rows with ``--whole-only``): ``quantize --method mse`` (report on its default 64 calibration
+  samples), the same with ``--eval`` of 64 held-out samples, ``compare`` of 4 methods x 2 activation
+  bitwidths; the stage timings of the first; and its peak memory at 64 and 512 samples.
 
 With ``--model minilm_l6``, the same on the MiniLM-L6 sentence encoder, its samples the sentences of
 tools/sentences.txt tokenized (tools/text_samples.py; needs the ``tokenizers`` package), cycled.
 
 Usage: python tools/bench_calibration.py [--model efficientnet_lite0|minilm_l6] [--samples 256] [--repeats 3]
-                                         [--skip-ort] [--stats-samples 16]
+                                         [--skip-ort] [--stats-samples 16] [--whole | --whole-only]
 This is not a test: timings depend on the machine and on what else runs on it.
 """
 
@@ -210,6 +214,66 @@ def _status(key: str) -> float:
     raise KeyError(key)
 
 
+def write_samples(folder: Path, data: list[dict[str, np.ndarray]]) -> Path:
+    """The samples as one .npy (single input) or .npz file each, as a user would hand them over."""
+    folder.mkdir(parents=True)
+    for index, sample in enumerate(data):
+        if len(sample) == 1:
+            np.save(folder / f"{index:05d}.npy", next(iter(sample.values())))
+        else:
+            np.savez(folder / f"{index:05d}.npz", **sample)
+    return folder
+
+
+def whole_command(deploy: onnx.ModelProto, samples_count: int, repeats: int) -> None:
+    """The whole quantize and compare commands against plain inference over the same samples."""
+    from onnxsnpe import quantize
+    from onnxsnpe.compare import compare
+
+    data = list(samples(samples_count))
+    held_out = list(samples(64, seed=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        calib, evaluation = write_samples(root / "calib", data), write_samples(root / "eval", held_out)
+        calib64, calib512 = write_samples(root / "calib64", data[:64]), write_samples(root / "calib512",
+                                                                                  list(samples(512)))
+        logging.getLogger().setLevel(logging.ERROR)
+        reports = {}
+
+        def run_quantize(folder: Path, out: str, **options) -> None:
+            reports[out] = quantize(MODEL, folder, root / out, method="mse", progress=False, **options).report
+
+        runs: dict[str, Callable[[], object]] = {
+            "plain FP32, batch 1": lambda: plain_inference(deploy, data, 1),
+            "quantize --method mse": lambda: run_quantize(calib, "q"),
+            "quantize --method mse --eval (64)": lambda: run_quantize(calib, "qe", eval_data=evaluation),
+            "compare 4 methods x A8,A16": lambda: compare(MODEL, calib, root / "c", methods=list(ACTIVATION_METHODS),
+                                                          act_bitwidths=[8, 16], progress=False),
+        }
+        run_quantize(calib64, "warm")  # compile the kernels outside the timings
+        best = dict.fromkeys(runs, np.inf)
+        for _ in range(repeats):  # interleaved, best of each
+            for name, run in runs.items():
+                best[name] = min(best[name], timed(run))
+        baseline = best["plain FP32, batch 1"]
+        print(f"\nthe whole command over {len(data)} samples, read from .npy files (ratio: to plain inference "
+              "over the same samples in memory)")
+        print(f"{'what':<40}{'seconds':>9}{'ratio':>8}")
+        for name, seconds in best.items():
+            print(f"{name:<40}{seconds:>9.2f}{seconds / baseline:>8.2f}")
+        print("\nstage timings of the last quantize --method mse run (s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in reports["q"]["timings"].items()))
+        print("stage timings of the last quantize --method mse --eval run (s): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in reports["qe"]["timings"].items()))
+
+        print("\npeak memory of quantize --method mse, report included (RSS high-water mark, MB)")
+        print(f"{'report on':<36}{'64 samples':>12}{'512 samples':>13}{'ratio':>8}")
+        for label, options in (("the default 64 samples", {}), ("every calibration sample", {"eval_samples": "all"})):
+            peak64, _ = peak_rss_mb(lambda o=options: run_quantize(calib64, "m64", **o))
+            peak512, _ = peak_rss_mb(lambda o=options: run_quantize(calib512, "m512", **o))
+            print(f"{label:<36}{peak64:>12.0f}{peak512:>13.0f}{peak512 / peak64:>8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("efficientnet_lite0", "minilm_l6"), default="efficientnet_lite0")
@@ -217,6 +281,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the best of each is kept")
     parser.add_argument("--skip-ort", action="store_true", help="skip onnxruntime's quantize_static (slow)")
     parser.add_argument("--stats-samples", type=int, default=16, help="samples for the statistics-alone costs")
+    parser.add_argument("--whole", action="store_true", help="also time the whole quantize and compare commands")
+    parser.add_argument("--whole-only", action="store_true", help="only the whole-command rows")
     args = parser.parse_args()
     global MODEL
     MODEL = MODELS / f"{args.model}.onnx"
@@ -226,6 +292,9 @@ def main() -> None:
     sources = f"{len(list(images()))} source photos" if args.model == "efficientnet_lite0" else "96 sentences"
     print(f"model: {MODEL.name}, {len(targets.activations)} observed tensors, {sources}; "
           f"onnxruntime {ort.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}")
+    if args.whole_only:
+        whole_command(deploy, args.samples, args.repeats)
+        return
     for method in ACTIVATION_METHODS:  # compile the kernels outside the timings
         calibrate(deploy, list(samples(2)), method)
 
@@ -278,6 +347,8 @@ def main() -> None:
     print(f"{'what':<40}{'seconds':>9}{'ms/sample':>11}{'ratio':>8}")
     for name, seconds in rows:
         print(f"{name:<40}{seconds:>9.2f}{1000 * seconds / len(data):>11.2f}{seconds / baseline:>8.2f}")
+    if args.whole:
+        whole_command(deploy, args.samples, args.repeats)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
-from .evaluation import Evaluation, worst_isolated
-from .weight_analysis import WeightFigures
+
+if TYPE_CHECKING:  # the command imports the summary; evaluation (numba) loads when a run needs it
+    from .evaluation import Evaluation
+    from .weight_analysis import WeightFigures
 
 WORST_COUNT = 10
 
@@ -29,7 +32,10 @@ def build_report(
     weights: list[WeightFigures],
     files: list[str],
 ) -> dict:
-    """The machine-readable report; contains nothing that changes between identical runs."""
+    """The machine-readable report; contains nothing that changes between identical runs (the
+    caller adds the stage timings)."""
+    from .evaluation import worst_isolated
+
     return {
         "tool": {"name": "onnxsnpe", "version": __version__},
         "model": {
@@ -70,8 +76,9 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         f"W{report['settings']['weight_bitwidth']}, bias {report['settings']['bias_bitwidth']}-bit)",
         f"  encodings: {enc['activation_count']} activations ({enc['alias_count']} sharing their input's),"
         f" {enc['param_count']} params; {report['graph']['batchnorms_folded']} BatchNorms folded",
-        f"  simulated ({report['settings']['arithmetic']} arithmetic) vs FP32 on {ev['num_samples']}"
-        f" {'held-out' if ev['held_out'] else 'calibration'} samples:",
+        f"  simulated ({report['settings']['arithmetic']} arithmetic) vs FP32 on "
+        + (ev["subset"] if ev.get("subset") else
+           f"{ev['num_samples']} {'held-out' if ev['held_out'] else 'calibration'} samples") + ":",
     ]
     lines[-1:-1] = _optimization_lines(report.get("optimizations", {}))  # before the figures header
     width = max(len(o["name"]) for o in report["outputs"])

@@ -12,22 +12,33 @@ The simulated model computes with the chosen arithmetic (``ARITHMETICS``): ``htp
 arithmetic measured on Qualcomm's HTP (simulate/htp/), or ``exact``, float ops with exactly rounded
 fake quantization (simulate/fake_quant.py). The isolated errors always use the exact arithmetic: they rank
 tensors by the cost of their encoding, which does not depend on how the ops round.
+
+The pass costs two inferences a sample plus one compiled fold of every tensor (folding.py), samples
+side by side on the cores (``Evaluator``); the isolated runs are shared out the same way.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from ..encode.encoding import Encoding, ParamEncoding
 from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
 from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
+from ..stats.collect import available_cores
+from .folding import SUMS, Accumulator, TensorBins, fold, typed_arrays
 from .metrics import OutputComparison, TensorComparison, inner, json_db, sqnr_db
+from .parallel import ordered_map
+
+log = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 64
 
@@ -83,6 +94,12 @@ class Evaluation:
     outputs: list[OutputComparison]
     tensors: list[TensorFigures]
     isolated_samples: int
+    samples: int = 0
+    """Evaluation samples the figures were measured on."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent building the simulation, evaluating and in the isolated analysis."""
+    simulation: tuple[onnx.ModelProto, dict[str, str]] | None = None
+    """The simulated model evaluated and its map to tensor names, for whatever else runs it (--htp)."""
 
 
 def evaluate(
@@ -102,49 +119,234 @@ def evaluate(
     rounding step (AdaRound, bias correction): the same tensors, the original weights. The isolated
     errors quantize one tensor of the reference model.
     """
-    reference = reference or deploy
-    names = list(targets.activations)
-    outputs = [o.name for o in deploy.graph.output]
-    figures = [TensorFigures(n, activations[n], observed[n], TensorComparison(n)) for n in names]
-    comparisons = [OutputComparison(o) for o in outputs]
-    isolated_used = 0
+    evaluator = Evaluator(reference or deploy, targets)
+    return evaluator.evaluate(deploy, activations, params, observed, samples, isolated_samples, arithmetic)
 
-    fp32 = make_session(reference, names)
-    ref_names = [o.name for o in fp32.get_outputs()]
-    simulated, sim_map = simulation_model(deploy, targets, activations, params, arithmetic)
-    simulated_session = make_session(simulated, [sim_map[n] for n in names])
-    isolated, iso_map = build_simulation_model(reference, targets, activations, {}, switchable=True)
-    isolated_session = make_session(isolated)
-    iso_outputs = [iso_map[o] for o in outputs]
 
-    for index, sample in enumerate(samples):
-        ref_values = dict(zip(ref_names, fp32.run(None, sample), strict=True))
-        sim_values = simulated_session.run([sim_map[n] for n in [*outputs, *names]], sample)
-        for comparison, sim in zip(comparisons, sim_values, strict=False):
-            comparison.update(ref_values[comparison.name], sim)
-        for fig, sim in zip(figures, sim_values[len(outputs):], strict=True):
-            ref = ref_values[fig.name]
-            fig.cumulative.update(ref, sim)
-            enc = fig.encoding
-            half = 0.5 * enc.scale
-            fig.clipped += int(np.count_nonzero((ref < enc.min - half) | (ref > enc.max + half)))
-            fig.count += int(ref.size)
-            lo, hi = fig.histogram_range
-            fig.histogram += np.histogram(np.clip(ref, lo, hi), bins=HISTOGRAM_BINS, range=(lo, hi))[0]
-        if index >= isolated_samples:
-            continue
-        isolated_used += 1
-        ref_outputs = [ref_values[o].astype(np.float64) for o in outputs]
-        switch = np.zeros(len(names), dtype=bool)
-        for position, fig in enumerate(figures):
-            switch[:] = False
+class Evaluator:
+    """Evaluations against one FP32 reference model: its session is built once and serves every
+    configuration evaluated (``compare``).
+
+    Every core gets a worker that takes the next sample, runs the FP32 and the simulated model on
+    it (one thread each, into reused arrays) and folds all tensors in one compiled call
+    (report/folding.py); the per-sample sums are added in sample order, so the figures do not depend
+    on how the samples were shared out.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, targets: QuantTargets, workers: int | None = None,
+                 tensors: bool = True) -> None:
+        """``tensors=False`` measures the outputs only (and the isolated errors): no tensor is exposed
+        or folded, which is all ``compare`` reports."""
+        self.reference = reference
+        self.targets = targets
+        self.names = list(targets.activations)
+        self.folded = self.names if tensors else []  # the tensors whose cumulative figures are measured
+        self.outputs = [o.name for o in reference.graph.output]
+        cores = available_cores()
+        self.workers = max(1, workers or min(cores, MAX_WORKERS))
+        self.threads = max(1, cores // self.workers)
+        inputs = {value.name for value in reference.graph.input}
+        self.fed = [name for name in self.folded if name in inputs]  # the sample's values, not a run's
+        self.fp32 = make_session(reference, [n for n in self.folded if n not in inputs], self.threads)
+        self.fp32_names = [o.name for o in self.fp32.get_outputs()]
+
+    def evaluate(
+        self,
+        deploy: onnx.ModelProto,
+        activations: dict[str, Encoding],
+        params: dict[str, ParamEncoding],
+        observed: dict[str, tuple[float, float]],
+        samples: Iterable[dict[str, np.ndarray]],
+        isolated_samples: int,
+        arithmetic: str = "htp",
+    ) -> Evaluation:
+        """The figures of ``deploy`` quantized with these encodings (in ``arithmetic``) on ``samples``."""
+        start = time.perf_counter()
+        figures = [TensorFigures(n, activations[n], observed[n], TensorComparison(n)) for n in self.names]
+        simulated, sim_map = simulation_model(deploy, self.targets, activations, params, arithmetic)
+        sim_names = list(dict.fromkeys(sim_map[n] for n in [*self.outputs, *self.folded]))
+        session = make_session(simulated, sim_names, self.threads)
+        run = _Run(self, figures if self.folded else [], session, sim_names, sim_map)
+        timings = {"simulation_setup": time.perf_counter() - start}
+        start = time.perf_counter()
+        kept = run.evaluate(samples, isolated_samples)
+        timings["evaluation"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if kept:
+            self._isolated(figures, activations, kept)
+        timings["isolated_analysis"] = time.perf_counter() - start
+        return Evaluation(run.comparisons, figures, len(kept), run.count, timings, (simulated, sim_map))
+
+    def _isolated(self, figures: list[TensorFigures], activations: dict[str, Encoding],
+                  kept: list[tuple[dict[str, np.ndarray], list[np.ndarray]]]) -> None:
+        """The isolated errors: one run of the switchable model per tensor per kept sample (with its
+        FP32 outputs), shared out over the cores; added up in sample order."""
+        isolated, iso_map = build_simulation_model(self.reference, self.targets, activations, {}, switchable=True)
+        session = make_session(isolated, threads=self.threads)
+        iso_outputs = [iso_map[o] for o in self.outputs]
+        shape = (len(kept), len(figures), len(self.outputs))
+        signal, noise = np.zeros(shape), np.zeros(shape)
+
+        def work(_: None, index: int, job: tuple[int, int]) -> None:
+            sample_index, position = job
+            sample, ref_outputs = kept[sample_index]
+            switch = np.zeros(len(figures), dtype=bool)
             switch[position] = True
-            got = isolated_session.run(iso_outputs, {**sample, SWITCH_INPUT: switch})
-            for ref, value in zip(ref_outputs, got, strict=True):
+            got = session.run(iso_outputs, {**sample, SWITCH_INPUT: switch})
+            for k, (ref, value) in enumerate(zip(ref_outputs, got, strict=True)):
                 err = value.astype(np.float64) - ref
-                fig.isolated_signal += inner(ref, ref)
-                fig.isolated_noise += inner(err, err)
-    return Evaluation(comparisons, figures, isolated_used)
+                signal[sample_index, position, k] = inner(ref, ref)
+                noise[sample_index, position, k] = inner(err, err)
+
+        jobs = [(s, t) for s in range(len(kept)) for t in range(len(figures))]
+        ordered_map(jobs, [None] * self.workers, work, lambda index, result: None)
+        for position, fig in enumerate(figures):  # in the order the figures were always summed
+            for s in range(len(kept)):
+                for k in range(len(self.outputs)):
+                    fig.isolated_signal += float(signal[s, position, k])
+                    fig.isolated_noise += float(noise[s, position, k])
+
+
+MAX_WORKERS = 4
+"""Samples in flight at most: each worker holds its own FP32 and simulated tensors."""
+
+
+class _Run:
+    """One configuration's pass over the evaluation samples."""
+
+    def __init__(self, evaluator: Evaluator, figures: list[TensorFigures], session: ort.InferenceSession,
+                 sim_names: list[str], sim_map: dict[str, str]) -> None:
+        self.evaluator, self.figures, self.session, self.sim_names = evaluator, figures, session, sim_names
+        ref_index = {name: k for k, name in enumerate(evaluator.fp32_names)}
+        sim_index = {name: k for k, name in enumerate(sim_names)}
+        fed = {name: -1 - k for k, name in enumerate(evaluator.fed)}  # a negative index: the sample's input
+        self.ref_tensors = [ref_index[n] if n in ref_index else fed[n] for n in evaluator.folded]
+        self.sim_tensors = [sim_index[sim_map[n]] for n in evaluator.folded]
+        self.ref_outputs = [ref_index[o] for o in evaluator.outputs]
+        self.sim_outputs = [sim_index[sim_map[o]] for o in evaluator.outputs]
+        ranges = [f.histogram_range for f in figures]
+        thresholds = [(f.encoding.min - 0.5 * f.encoding.scale, f.encoding.max + 0.5 * f.encoding.scale)
+                      for f in figures]
+        self.bins = TensorBins(ranges, thresholds, HISTOGRAM_BINS)
+        self.comparisons = [OutputComparison(o) for o in evaluator.outputs]
+        self.sums = np.zeros((len(figures), SUMS))
+        self.count = 0
+
+    def evaluate(self, samples: Iterable[dict[str, np.ndarray]],
+                 isolated_samples: int) -> list[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+        """Fold every sample; returns the first ``isolated_samples`` samples with their FP32 outputs."""
+        kept: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
+        iterator = iter(samples)
+        first = next(iterator, None)
+        if first is None:
+            return kept
+        first = _contiguous(first)
+        ref_arrays = self.evaluator.fp32.run(None, first)  # alone: its shapes size every worker's arrays
+        sim_arrays = self.session.run(self.sim_names, first)
+        workers = [_Worker(self, ref_arrays, sim_arrays, first) for _ in range(self.evaluator.workers)]
+        isolated = max(0, isolated_samples)
+
+        def consume(index: int, result: tuple) -> None:
+            sums, outputs, sample = result
+            self.sums += sums
+            for comparison, (ref, sim) in zip(self.comparisons, outputs, strict=True):
+                comparison.update(ref, sim)
+            if index < isolated:
+                kept.append((sample, [ref.astype(np.float64) for ref, _ in outputs]))
+            self.count += 1
+
+        consume(0, workers[0].fold(ref_arrays, sim_arrays, first))
+
+        def work(worker: _Worker, index: int, sample: dict[str, np.ndarray]) -> tuple:
+            return worker.evaluate(_contiguous(sample))
+
+        ordered_map(iterator, workers, work, lambda index, result: consume(index + 1, result))  # after the first
+        for worker in workers[1:]:
+            workers[0].accumulator.merge(worker.accumulator)
+        self._settle(workers[0].accumulator)
+        return kept
+
+    def _settle(self, accumulator: Accumulator) -> None:
+        """Write the folded figures into each tensor's figures."""
+        for k, fig in enumerate(self.figures):
+            comparison = fig.cumulative
+            comparison.signal, comparison.noise, comparison.dot, comparison.simulated_power, \
+                comparison.abs_error_sum = (float(v) for v in self.sums[k])
+            comparison.max_abs_error = float(accumulator.max_errors[k])
+            fig.clipped, fig.count, comparison.count = (int(v) for v in accumulator.counts[k])
+            fig.histogram = accumulator.histograms[k].copy()
+
+
+class _Worker:
+    """One worker's arrays, sessions bound to them, and running figures."""
+
+    def __init__(self, run: _Run, ref_like: list[np.ndarray], sim_like: list[np.ndarray],
+                 first: dict[str, np.ndarray]) -> None:
+        self.run = run
+        self.ref_arrays = [np.empty_like(a) for a in ref_like]
+        self.sim_arrays = [np.empty_like(a) for a in sim_like]
+        self.bindings = [_bind(run.evaluator.fp32, run.evaluator.fp32_names, self.ref_arrays),
+                         _bind(run.session, run.sim_names, self.sim_arrays)]
+        self.sessions = [run.evaluator.fp32, run.session]
+        self.fed = [np.array(first[name], dtype=np.float32) for name in run.evaluator.fed]  # copied into
+        self.references = typed_arrays(_pick(run.ref_tensors, self.ref_arrays, self.fed))
+        self.simulated = typed_arrays([self.sim_arrays[k] for k in run.sim_tensors])
+        self.accumulator = Accumulator(len(run.figures), HISTOGRAM_BINS)
+        self.bound = True  # until a run into these arrays fails (a tensor whose shape changes)
+
+    def evaluate(self, sample: dict[str, np.ndarray]) -> tuple:
+        """Run both models on ``sample`` and fold it: (this sample's sums, output pairs, sample)."""
+        if self.bound:
+            try:
+                for name, array in zip(self.run.evaluator.fed, self.fed, strict=True):
+                    np.copyto(array, sample[name])
+                for session, binding in zip(self.sessions, self.bindings, strict=True):
+                    for name, value in sample.items():
+                        binding.bind_cpu_input(name, value)
+                    session.run_with_iobinding(binding)
+                return self._folded(self.references, self.simulated, self.ref_arrays, self.sim_arrays, sample)
+            except Exception as exc:  # onnxruntime raises its own types; runs continue unbound
+                log.info("evaluating without reused output arrays: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                self.bound = False
+        ref_arrays = self.sessions[0].run(None, sample)
+        sim_arrays = self.sessions[1].run(self.run.sim_names, sample)
+        return self.fold(ref_arrays, sim_arrays, sample)
+
+    def fold(self, ref_arrays: list[np.ndarray], sim_arrays: list[np.ndarray], sample: dict[str, np.ndarray]) -> tuple:
+        """Fold one sample's arrays as a run returned them (not the reused ones)."""
+        fed = [_float32(sample[name]) for name in self.run.evaluator.fed]
+        references = typed_arrays([_float32(a) for a in _pick(self.run.ref_tensors, ref_arrays, fed)])
+        simulated = typed_arrays([_float32(sim_arrays[k]) for k in self.run.sim_tensors])
+        return self._folded(references, simulated, ref_arrays, sim_arrays, sample, copy=False)
+
+    def _folded(self, references, simulated, ref_arrays: list[np.ndarray], sim_arrays: list[np.ndarray],
+                sample: dict[str, np.ndarray], copy: bool = True) -> tuple:
+        if self.run.figures:
+            fold(self.run.bins, references, simulated, self.accumulator)
+        outputs = [(ref_arrays[r].copy() if copy else ref_arrays[r], sim_arrays[s].copy() if copy else sim_arrays[s])
+                   for r, s in zip(self.run.ref_outputs, self.run.sim_outputs, strict=True)]
+        return self.accumulator.sums.copy(), outputs, sample
+
+
+def _bind(session: ort.InferenceSession, names: list[str], arrays: list[np.ndarray]) -> ort.IOBinding:
+    """An IO binding writing ``session``'s outputs ``names`` into ``arrays``."""
+    binding = session.io_binding()
+    for name, array in zip(names, arrays, strict=True):
+        binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    return binding
+
+
+def _pick(indices: list[int], arrays: list[np.ndarray], fed: list[np.ndarray]) -> list[np.ndarray]:
+    """The arrays at ``indices``: a run's outputs, or for a negative index -1 - i, fed input i."""
+    return [arrays[k] if k >= 0 else fed[-1 - k] for k in indices]
+
+
+def _contiguous(sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(value) for name, value in sample.items()}
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def worst_isolated(figures: list[TensorFigures], count: int = 10) -> list[TensorFigures]:

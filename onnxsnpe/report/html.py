@@ -1,17 +1,13 @@
-"""report.html: the report as a page a person can open offline, charts drawn by matplotlib as inline SVG."""
+"""report.html: the report as a page a person can open offline, charts drawn as inline SVG (svg.py)."""
 
 from __future__ import annotations
 
 import html
-import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .document import step_facts
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from .svg import DOT_COLOUR, LINE_COLOUR, PALETTE, Chart, box_marker, dot_marker, line_marker, log_ticks, value_ticks
 
 HISTOGRAMS_SHOWN = 6
 STYLE = """
@@ -220,76 +216,72 @@ def _weights_section(weights: dict) -> str:
     )
 
 
-def _figure(figsize: tuple[float, float]) -> Figure:
-    """A matplotlib figure; matplotlib loads on the first chart, not with the package."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize)
-
-
-def _svg(figure: Figure) -> str:
-    buffer = io.StringIO()
-    import matplotlib
-
-    with matplotlib.rc_context({"svg.hashsalt": "onnxsnpe", "svg.fonttype": "none"}):
-        figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
-    text = buffer.getvalue()
-    return text[text.index("<svg"):]
-
-
 def _finite(values: list[float | None], cap: float) -> list[float]:
     """dB values for plotting: exact (None) or above ``cap`` drawn at ``cap``."""
     return [cap if v is None or not math.isfinite(v) or v > cap else v for v in values]
 
 
 def _error_along_graph(tensors: list[dict], worst: set[str]) -> str:
-    figure = _figure(figsize=(11, 3.6))
-    ax = figure.add_subplot()
-    index = list(range(len(tensors)))
+    chart = Chart(1100, 360, "Error along the graph")
     cap = 100.0
-    ax.plot(index, _finite([t["cumulative_sqnr_db"] for t in tensors], cap), label="cumulative SQNR (tensor)")
-    ax.plot(index, _finite([t["isolated_output_sqnr_db"] for t in tensors], cap), ".", markersize=4,
-            label="isolated SQNR (outputs)")
-    marked = [i for i, t in enumerate(tensors) if t["name"] in worst]
-    ax.plot(marked, _finite([tensors[i]["isolated_output_sqnr_db"] for i in marked], cap), "o", mfc="none",
-            color="crimson", markersize=8, label="ten worst")
-    ax.set_xlabel("quantized tensor, in graph order")
-    ax.set_ylabel("SQNR (dB)")
-    ax.set_title("Error along the graph")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    return _svg(figure)
+    cumulative = _finite([t["cumulative_sqnr_db"] for t in tensors], cap)
+    isolated = _finite([t["isolated_output_sqnr_db"] for t in tensors], cap)
+    ylim, yticks = value_ticks(min(cumulative + isolated, default=0.0), max(cumulative + isolated, default=1.0), 8)
+    xlim, xticks = value_ticks(0, max(len(tensors) - 1, 1), 8)
+    chart.scales(xlim, ylim)
+    chart.axes([(t, f"{t:g}") for t, _ in xticks], yticks, "quantized tensor, in graph order", "SQNR (dB)")
+    chart.polyline(list(enumerate(cumulative)), LINE_COLOUR)
+    chart.dots(list(enumerate(isolated)), 2.2, DOT_COLOUR)
+    marked = [(i, isolated[i]) for i, t in enumerate(tensors) if t["name"] in worst]
+    chart.dots(marked, 6, "crimson", hollow=True)
+    chart.legend([("cumulative SQNR (tensor)", line_marker(LINE_COLOUR)),
+                  ("isolated SQNR (outputs)", dot_marker(DOT_COLOUR)),
+                  ("ten worst", dot_marker("crimson", 5, hollow=True))])
+    return chart.svg()
 
 
 def _worst_bars(worst: list[dict]) -> str:
-    figure = _figure(figsize=(11, 0.4 * max(len(worst), 1) + 1.2))
-    ax = figure.add_subplot()
-    labels = [_shorten(t["name"]) for t in worst][::-1]
-    ax.barh(labels, _finite([t["isolated_output_sqnr_db"] for t in worst], 100.0)[::-1], color="crimson")
-    ax.set_xlabel("output SQNR with only this tensor quantized (dB); lower costs more")
-    ax.set_title("Worst tensors, isolated")
-    ax.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    return _svg(figure)
+    labels = [_shorten(t["name"]) for t in worst]
+    values = _finite([t["isolated_output_sqnr_db"] for t in worst], 100.0)
+    left = int(min(max((len(label) for label in labels), default=10) * 7.4 + 18, 480))
+    chart = Chart(1100, int(40 * max(len(worst), 1) + 110), "Worst tensors, isolated", left=left)
+    return _bars(chart, labels, [[v] for v in values], ["crimson"],
+                 "output SQNR with only this tensor quantized (dB); lower costs more")
+
+
+def _bars(chart: Chart, labels: list[str], values: list[list[float]], colours: list[str], xlabel: str) -> str:
+    """Horizontal bars from 0, one row per label (top to bottom), one bar per series in each row."""
+    flat = [v for row in values for v in row]
+    xlim, xticks = value_ticks(min(0.0, *flat) if flat else 0.0, max(0.0, *flat) if flat else 1.0)
+    xlim = (min(xlim[0], 0.0) if min(flat, default=0.0) < 0 else 0.0, xlim[1])
+    chart.scales(xlim, (len(labels) - 0.4, -0.6))
+    chart.axes([t for t in xticks if t[0] >= xlim[0]], [(row, label) for row, label in enumerate(labels)], xlabel,
+               ygrid=False)
+    series = max((len(row) for row in values), default=1)
+    height = 0.8 / series
+    for row, bars in enumerate(values):
+        for k, value in enumerate(bars):
+            top = row - 0.4 + k * height
+            chart.parts.append(chart.rect(0.0, top, value, top + height, colours[k % len(colours)]))
+    return chart.svg()
 
 
 def _histogram(tensor: dict) -> str:
     hist = tensor["histogram"]
     counts = hist["counts"]
     width = (hist["max"] - hist["min"]) / len(counts)
-    edges = [hist["min"] + i * width for i in range(len(counts))]
-    figure = _figure(figsize=(4.6, 2.8))
-    ax = figure.add_subplot()
-    ax.bar(edges, [max(c, 0.8) for c in counts], width=width, align="edge", color="steelblue", log=True)
     enc = tensor["encoding"]
+    chart = Chart(460, 280, _shorten(tensor["name"], 40), left=52, font=12)
+    xlim, xticks = value_ticks(hist["min"], hist["max"], 5)
+    ylim, yticks = log_ticks(max(counts, default=1))
+    chart.scales(xlim, ylim, ylog=True)
+    chart.axes(xticks, yticks, f"value (dashed: encoding range; {100 * tensor['clipped_share']:.2f}% clipped)",
+               xgrid=False, ygrid=False)
+    chart.parts.append("".join(chart.rect(hist["min"] + i * width, 0.5, hist["min"] + (i + 1) * width, max(c, 0.8),
+                                          "steelblue") for i, c in enumerate(counts) if c > 0))
     for x in (enc["min"], enc["max"]):
-        ax.axvline(x, color="crimson", linestyle="--", linewidth=1.2)
-    ax.set_title(_shorten(tensor["name"], 40), fontsize=9)
-    ax.set_xlabel(f"value (dashed: encoding range; {100 * tensor['clipped_share']:.2f}% clipped)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    figure.tight_layout()
-    return _svg(figure)
+        chart.vline(x, "crimson")
+    return chart.svg()
 
 
 def _shorten(name: str, limit: int = 60) -> str:
@@ -346,19 +338,11 @@ def render_comparison(comparison: dict) -> str:
 
 def _comparison_bars(configs: list[dict]) -> str:
     outputs = [o["name"] for o in configs[0]["outputs"]]
-    figure = _figure(figsize=(11, 0.45 * len(configs) * len(outputs) + 1.4))
-    ax = figure.add_subplot()
-    height = 0.8 / len(outputs)
-    for k, name in enumerate(outputs):
-        values = _finite([next(o["sqnr_db"] for o in c["outputs"] if o["name"] == name) for c in configs], 100.0)
-        positions = [i + k * height for i in range(len(configs))]
-        ax.barh(positions, values, height=height, label=_shorten(name, 40))
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(configs))], [c["name"] for c in configs])
-    ax.invert_yaxis()
-    ax.set_xlabel("output SQNR against FP32 (dB); higher is better")
-    ax.set_title("Configurations compared")
-    ax.grid(axis="x", alpha=0.3)
+    values = [_finite([next(o["sqnr_db"] for o in c["outputs"] if o["name"] == name) for name in outputs], 100.0)
+              for c in configs]
+    labels = [c["name"] for c in configs]
+    chart = Chart(1100, int(45 * len(configs) * len(outputs) + 110), "Configurations compared",
+                  left=int(max(len(label) for label in labels) * 7.4 + 18))
     if len(outputs) > 1:
-        ax.legend(fontsize=8)
-    figure.tight_layout()
-    return _svg(figure)
+        chart.legend([(_shorten(name, 40), box_marker(PALETTE[k % len(PALETTE)])) for k, name in enumerate(outputs)])
+    return _bars(chart, labels, values, list(PALETTE), "output SQNR against FP32 (dB); higher is better")
