@@ -40,6 +40,7 @@ from .stages import (
     evaluate_encodings,
     optimize_model,
     prepare,
+    weight_set,
 )
 
 
@@ -122,7 +123,7 @@ def quantize(
         prepared, optimizations = optimize_model(prepared, settings, progress)
 
     with export.StagedOutput(out) as staged:
-        stats = calibrate(prepared, staged, [method], progress)
+        stats = calibrate(prepared, staged, [method], progress, weights=weight_set(prepared, settings))
         encodings, precision = encode_with_precision(prepared, stats, settings)
         if precision is not None:
             optimizations["auto_precision"] = precision

@@ -25,6 +25,7 @@ from .stages import (
     evaluate_encodings,
     optimize_model,
     prepare,
+    weight_set,
 )
 
 COMPARE_JSON = "compare.json"
@@ -80,7 +81,8 @@ def compare(
         prepared, optimizations = optimize_model(prepared, base, progress)
 
     with export.StagedOutput(out) as staged:
-        stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)
+        stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress,
+                          weights=weight_set(prepared, base))
         deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         rows = []
         for settings in configs:

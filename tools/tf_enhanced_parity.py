@@ -12,10 +12,19 @@ its own, never in onnxsnpe's dependencies; there, with onnxsnpe's own dependenci
 Both calibrate the deploy model of EfficientNet-Lite0 (../shared/models; BatchNorms folded, as
 onnxsnpe writes it) on the same crops of the real photographs that tools/accuracy_table.py makes
 (its first ``--samples`` calibration crops), fed one sample at a time in file order. AIMET runs its
-QuantizationSimModel with ``quant_scheme="tf_enhanced"`` and its default per-tensor configuration
-(8-bit activations); onnxsnpe runs its calibration pass and the ``tf_enhanced`` range choice. For
-every tensor both calibrate, prints AIMET's [min, max], ours, and the distance of each end in
-AIMET's steps, then the share of tensors whose two ends are both within 2 steps.
+QuantizationSimModel with ``quant_scheme="tf_enhanced"`` and its per-tensor configuration
+(``default_config.json``; 8-bit activations). Its calibration runs the network with the weights
+quantized (SNPE.md section 5), so three comparisons are printed:
+
+1. onnxsnpe calibrating the FP32 deploy model (what it did before it quantized the weights
+   first), against AIMET with its own weight encodings;
+2. onnxsnpe calibrating the deploy model with AIMET's own weight encodings applied, against the
+   same AIMET run: the histogram and the search alone;
+3. onnxsnpe's pipeline (stages.calibrate: the weights it exports, 8-bit per-tensor min-max,
+   quantized) against AIMET with those same weight encodings loaded and frozen.
+
+For every tensor both calibrate, it lists the farthest ones (AIMET's [min, max], ours, the distance
+of each end in AIMET's steps) and the share of tensors whose two ends are both within 2 steps.
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ import onnx
 from onnx import numpy_helper
 
 from onnxsnpe import ImageOptions
+from onnxsnpe.encode.encoding import Encoding
+from onnxsnpe.encode.quantized_weights import quantized_weights
 from onnxsnpe.encode.ranges import chosen_range
-from onnxsnpe.stages import prepare
+from onnxsnpe.stages import Settings, prepare, weight_set
 from onnxsnpe.stats.collect import collect_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +59,28 @@ def _accuracy_table():
     return module
 
 
-def aimet_ranges(deploy, samples: list[dict[str, np.ndarray]], bitwidth: int) -> tuple[dict, dict]:
+def aimet_ranges(deploy, samples: list[dict[str, np.ndarray]], bitwidth: int,
+                 weights: dict[str, Encoding] | None = None) -> tuple[dict, dict]:
     """aimet-onnx's TF-enhanced activation [min, max] per tensor name, samples fed one at a time, with
-    its per-tensor configuration; and its weights as its calibration saw them (quantized)."""
+    its per-tensor configuration; and its weights' encodings as its calibration used them. With
+    ``weights``, AIMET's weight quantizers take those encodings, frozen, instead of their own."""
+    from aimet_onnx.common import libpymo
     from aimet_onnx.common.quantsim_config import quantsim_config
     from aimet_onnx.quantsim import QuantizationSimModel
 
     config = Path(quantsim_config.__file__).parent / "default_config.json"  # per tensor ("default" is per channel)
     sim = QuantizationSimModel(deploy, quant_scheme="tf_enhanced", activation_type=f"int{bitwidth}",
                                param_type="int8", config_file=str(config), providers=["CPUExecutionProvider"])
+    for name, encoding in (weights or {}).items():
+        quantizer = sim.qc_quantize_op_dict.get(name)
+        if quantizer is None or not quantizer.enabled:
+            continue
+        frozen = libpymo.TfEncoding()
+        frozen.bw, frozen.delta, frozen.offset = encoding.bitwidth, encoding.scale, encoding.offset
+        frozen.min, frozen.max = encoding.min, encoding.max
+        quantizer.use_symmetric_encodings = encoding.is_symmetric
+        quantizer.load_encodings([frozen])
+        quantizer.freeze_encodings()
     sim.compute_encodings(samples)
     ranges = {}
     for name in sim.activation_names:
@@ -126,19 +150,32 @@ def main() -> int:
         prepared = prepare(MODEL, calib, None, args.samples, None, ImageOptions(resize=size, **norm))
         samples = list(prepared.calib_set)
     aimet, weights = aimet_ranges(prepared.deploy, samples, args.bitwidth)
-    quantized = with_quantized_weights(prepared.deploy, weights)
-    for label, model in (("FP32 weights", prepared.deploy), ("AIMET's quantized weights", quantized)):
-        ours = our_ranges(model, prepared, samples, args.bitwidth)
-        rows = compare(aimet, ours, args.bitwidth)
+    ours_fp32 = our_ranges(prepared.deploy, prepared, samples, args.bitwidth)
+    ours_aimet_weights = our_ranges(with_quantized_weights(prepared.deploy, weights), prepared, samples,
+                                    args.bitwidth)
+    settings = Settings(method="tf_enhanced", act_bitwidth=args.bitwidth)
+    exported = weight_set(prepared, settings)  # the weights onnxsnpe exports, as its calibration quantizes them
+    aimet_exported, _ = aimet_ranges(prepared.deploy, samples, args.bitwidth, exported)
+    ours_pipeline = our_ranges(quantized_weights(prepared.deploy, exported), prepared, samples, args.bitwidth)
+    runs = (
+        ("1. onnxsnpe on the FP32 deploy model vs AIMET", aimet, ours_fp32),
+        ("2. onnxsnpe with AIMET's own weight encodings (per tensor, TF-enhanced) vs AIMET", aimet,
+         ours_aimet_weights),
+        ("3. onnxsnpe's pipeline (its exported 8-bit per-tensor min-max weights) vs AIMET with them frozen",
+         aimet_exported, ours_pipeline),
+    )
+    for label, reference, ours in runs:
+        rows = compare(reference, ours, args.bitwidth)
         within = [row for row in rows if max(row[3], row[4]) <= TOLERANCE_STEPS]
         rows.sort(key=lambda row: -max(row[3], row[4]))
-        print(f"\nonnxsnpe calibrating the deploy model with {label}; farthest tensors:")
+        print(f"\n{label}; farthest tensors:")
         print(f"{'tensor':50s} {'AIMET min':>10s} {'max':>10s} {'ours min':>10s} {'max':>10s}  steps off")
         for name, (a_min, a_max), (o_min, o_max), d_min, d_max in rows[: args.show]:
             print(f"{name[-50:]:50s} {a_min:10.4f} {a_max:10.4f} {o_min:10.4f} {o_max:10.4f} {d_min:6.2f} {d_max:6.2f}")
-        print(f"{label}: {len(within)} of {len(rows)} tensors within {TOLERANCE_STEPS:g} steps of AIMET at both ends "
-              f"({100 * len(within) / max(len(rows), 1):.1f}%); {MODEL.name}, {args.samples} crops, "
-              f"{args.bitwidth}-bit activations, aimet-onnx {_version('aimet-onnx')} per-tensor configuration")
+        print(f"{len(within)} of {len(rows)} tensors within {TOLERANCE_STEPS:g} steps of AIMET at both ends "
+              f"({100 * len(within) / max(len(rows), 1):.1f}%)")
+    print(f"\n{MODEL.name}, {args.samples} crops, {args.bitwidth}-bit activations, "
+          f"aimet-onnx {_version('aimet-onnx')} per-tensor configuration")
     return 0
 
 
