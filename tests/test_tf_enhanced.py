@@ -260,3 +260,28 @@ def test_matches_aimet_onnx_2_42(name: str) -> None:
     assert (observer.x_left[0], observer.x_left[1] - observer.x_left[0]) == pytest.approx((left, size), rel=1e-9)
     assert (nonzero[0], nonzero[-1]) == (first, last)
     assert tf_enhanced_range(observer, 8) == pytest.approx((low, high), rel=1e-6, abs=1e-7)
+
+
+def test_calibration_observes_the_network_with_its_weights_quantized(tmp_path, tiny_model, npy_folder) -> None:
+    """As AIMET's calibration runs it (weight quantizers on): tf_enhanced's PDFs are those of the
+    deploy model with the exported weights fake-quantized, alone or beside another method (which
+    still observes the FP32 model)."""
+    from onnxsnpe import export
+    from onnxsnpe.encode.quantized_weights import quantized_weights
+    from onnxsnpe.stages import Settings, calibrate, prepare, weight_set
+    from onnxsnpe.stats.collect import collect_statistics
+
+    prepared = prepare(tiny_model, npy_folder, None, None, None, None)
+    weights = weight_set(prepared, Settings(method="tf_enhanced"))
+    runs = []
+    for k, methods in enumerate((["tf_enhanced"], ["tf_enhanced", "minmax"])):
+        with export.StagedOutput(tmp_path / f"out{k}") as staged:
+            runs.append(calibrate(prepared, staged, methods, False, weights=weights))
+    samples, tensors = list(prepared.calib_set), prepared.targets.activations
+    quantized = collect_statistics(quantized_weights(prepared.deploy, weights), tensors, samples, ["tf_enhanced"])
+    fp32 = collect_statistics(prepared.deploy, tensors, samples, ["tf_enhanced"])
+    for name in tensors:
+        for run in runs:
+            np.testing.assert_array_equal(run[name].tf_enhanced.counts, quantized[name].tf_enhanced.counts)
+        assert runs[1][name].max == fp32[name].max  # minmax beside it: the FP32 model
+    assert any(not np.array_equal(quantized[n].tf_enhanced.counts, fp32[n].tf_enhanced.counts) for n in tensors)
