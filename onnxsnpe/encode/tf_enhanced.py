@@ -89,11 +89,12 @@ def _costs(x_left: np.ndarray, pdf: np.ndarray, steps: np.float32, delta: np.nda
     with np.errstate(over="ignore", invalid="ignore"):
         low_index = bucket_index(delta * offset_f, start, step)
         high_index = bucket_index(delta * (offset_f + steps), start, step)
-    return _candidate_costs(start, step, pdf.astype(np.float64), delta, offset_f, low_index, high_index)
+    occupied = np.flatnonzero(pdf > 0)  # empty buckets add exact zeros: skipping them changes no sum
+    return _candidate_costs(start, step, pdf.astype(np.float64), occupied, delta, offset_f, low_index, high_index)
 
 
 @numba.njit(nogil=True, cache=True)
-def _candidate_costs(start, step, pdf, delta, offset, low_index, high_index):  # pragma: no cover - compiled
+def _candidate_costs(start, step, pdf, occupied, delta, offset, low_index, high_index):  # pragma: no cover - compiled
     """AIMET's cost loops: per candidate, buckets below its range cost their squared distance to the
     lowest bucket's midpoint, buckets from the highest one up to its midpoint, the rest their
     quantization error at the midpoint (float32 arithmetic, squared in float64); each term is
@@ -105,7 +106,7 @@ def _candidate_costs(start, step, pdf, delta, offset, low_index, high_index):  #
         low_mid = np.float64(np.float32(origin + low_index[c] * step + step / 2))
         high_mid = np.float64(np.float32(origin + high_index[c] * step + step / 2))
         saturation_low = saturation_high = quantization = 0.0
-        for b in range(pdf.shape[0]):
+        for b in occupied:
             mid = origin + b * step + step / 2
             below, above = b < low_index[c], b >= high_index[c]
             if below:
