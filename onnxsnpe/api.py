@@ -43,6 +43,7 @@ from .stages import (
     limit_evaluation,
     optimize_model,
     prepare,
+    weight_set,
 )
 
 
@@ -137,7 +138,7 @@ def quantize(
 
     with export.StagedOutput(out) as staged:
         with timer.stage("calibration"):
-            stats = calibrate(prepared, staged, [method], progress)
+            stats = calibrate(prepared, staged, [method], progress, weights=weight_set(prepared, settings))
         with timer.stage("encoding"):
             prepared, encodings, precision = encode_with_precision(prepared, stats, settings)
         if precision is not None:

@@ -29,6 +29,7 @@ from .stages import (
     make_evaluator,
     optimize_model,
     prepare,
+    weight_set,
 )
 
 COMPARE_JSON = "compare.json"
@@ -91,7 +92,8 @@ def compare(
 
     with export.StagedOutput(out) as staged:
         with timer.stage("calibration"):
-            stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)
+            stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress,
+                              weights=weight_set(prepared, base))
         with timer.stage("writing"):
             deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         with timer.stage("reference_setup"):

@@ -13,9 +13,10 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from .encode.quantized_weights import quantized_weights
 from .report.metrics import json_db
 from .report.sensitivity import OutputScorer
-from .stages import Prepared, Settings, apply_adaround, apply_bias_correction, apply_cle, encode, hold_back
+from .stages import Prepared, Settings, apply_adaround, apply_bias_correction, apply_cle, encode, hold_back, weight_set
 from .stats.collect import collect_statistics
 
 LABELS = {"cle": "CLE", "adaround": "AdaRound", "bias_correction": "bias correction"}
@@ -30,7 +31,10 @@ def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[
     chosen = replace(settings, cle=False, adaround=False, bias_correction=False)
 
     def judge(candidate: Prepared, candidate_settings: Settings) -> tuple[float, float | None]:
-        stats = collect_statistics(candidate.deploy, candidate.targets.activations, iter(candidate.calib_set),
+        model = candidate.deploy  # tf_enhanced observes it with quantized weights, as calibrate does
+        if candidate_settings.method == "tf_enhanced":
+            model = quantized_weights(model, weight_set(candidate, candidate_settings))
+        stats = collect_statistics(model, candidate.targets.activations, iter(candidate.calib_set),
                                    methods=[candidate_settings.method], floors=candidate.targets.floors())
         encodings = encode(candidate, stats, candidate_settings)
         comparisons = scorer.compare(encodings.activations, encodings.params, candidate.deploy, candidate.targets)

@@ -23,6 +23,7 @@ from .encode.constants import constant_encodings
 from .encode.encoding import Encoding, ParamEncoding
 from .encode.methods import DEFAULT_PERCENTILE, check_method
 from .encode.precision import sixteen_bit_tensors
+from .encode.quantized_weights import quantized_weights
 from .encode.ranges import (
     activation_encodings,
     bias_encodings,
@@ -295,7 +296,7 @@ def optimize_model(prepared: Prepared, settings: Settings, progress: bool) -> tu
     return prepared, done
 
 
-def _weights(prepared: Prepared, settings: Settings, raised: Iterable[str] = ()) -> dict[str, ParamEncoding]:
+def weight_set(prepared: Prepared, settings: Settings, raised: Iterable[str] = ()) -> dict[str, ParamEncoding]:
     """The weight encodings: those an earlier step fixed (AdaRound's grids), the others from the deploy
     weights, the ``raised`` ones at 16 bits (a raised weight is never among the fixed ones:
     precision.with_fp32_weights releases it)."""
@@ -321,7 +322,7 @@ def apply_adaround(prepared: Prepared, settings: Settings, progress: bool) -> tu
     """AdaRound the deploy weights; their encodings are fixed from then on (re-encoding the rounded
     weights could move a grid)."""
     start = time.perf_counter()
-    weights = _weights(prepared, settings)
+    weights = weight_set(prepared, settings)
     count = min(settings.adaround_samples, len(prepared.calib_set))
     deploy, layers = adaround(prepared.deploy, weights, (prepared.calib_set.load(i) for i in range(count)),
                               settings.adaround_iters, progress=_bar("adaround", "layer", progress),
@@ -337,7 +338,7 @@ def apply_bias_correction(prepared: Prepared, settings: Settings, progress: bool
     start = time.perf_counter()
     count = min(settings.correction_samples, len(prepared.calib_set))
     samples = [prepared.calib_set.load(i) for i in range(count)]
-    deploy, corrections = correct_biases(prepared.deploy, _weights(prepared, settings), samples,
+    deploy, corrections = correct_biases(prepared.deploy, weight_set(prepared, settings), samples,
                                          reference=prepared.fp32_deploy or prepared.deploy,
                                          progress=_bar("bias correction", "layer", progress))
     record = {"samples": count, "layers": len(corrections), "seconds": round(time.perf_counter() - start, 3),
@@ -367,14 +368,31 @@ def _bar(label: str, unit: str, enabled: bool):
 
 
 def calibrate(
-    prepared: Prepared, staged: export.StagedOutput, methods: Iterable[str], progress: bool
+    prepared: Prepared, staged: export.StagedOutput, methods: Iterable[str], progress: bool,
+    weights: dict[str, ParamEncoding] | None = None,
 ) -> dict[str, TensorStats]:
-    """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files."""
+    """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files.
+
+    ``tf_enhanced`` observes the deploy model with ``weights`` fake-quantized, as AIMET's calibration
+    runs it (encode/quantized_weights.py); the other methods the FP32 deploy model. Asked for
+    together, they take a pass each, the tf_enhanced PDFs joining the other statistics.
+    """
+    methods = set(methods)
+    quantized = "tf_enhanced" in methods and weights is not None
+    plain = methods - {"tf_enhanced"} if quantized else methods
     raw_writer = export.InputListWriter(staged, prepared.input_names)
     samples = _teed(_progress(prepared.calib_set, "calibration", progress), raw_writer.add)
-    stats = collect_statistics(prepared.deploy, prepared.targets.activations, samples, methods=list(methods),
-                               floors=prepared.targets.floors())
+    floors = prepared.targets.floors()
+    model = quantized_weights(prepared.deploy, weights) if quantized else None
+    stats = collect_statistics(prepared.deploy if plain else model, prepared.targets.activations, samples,
+                               methods=sorted(plain or methods), floors=floors)
     raw_writer.finish()
+    if quantized and plain:
+        pdfs = collect_statistics(model, prepared.targets.activations,
+                                  _progress(prepared.calib_set, "calibration (tf_enhanced)", progress),
+                                  methods=["tf_enhanced"], floors=floors)
+        for name, observed in pdfs.items():
+            stats[name].tf_enhanced = observed.tf_enhanced
     return stats
 
 
@@ -388,7 +406,7 @@ def encode(
     fixed = {**(function_ranges(deploy) if settings.fixed_ranges else {}), **prepared.table_ranges}
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed, raised=sixteen_activations)
-    weights = _weights(prepared, settings, sixteen_weights)
+    weights = weight_set(prepared, settings, sixteen_weights)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
     constants = constant_encodings(deploy, targets, weights, 8, activations)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}

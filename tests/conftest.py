@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MODELS = SHARED / "models"
 CALIB_DATA = ROOT / "calib_data"
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+"""CI sets CI=true: there every test must run (../shared, Chromium and the HTP emulator are installed),
+so a skip is turned into a failure instead of passing silently."""
+
+
+def _fail_skip_in_ci(report) -> None:
+    """In CI, make a skipped test or module a failure that names the skip's reason."""
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every test must run (CI=true): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test skipped in CI fails (see IN_CI)."""
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A test module skipped as a whole in CI fails (see IN_CI)."""
+    outcome = yield
+    _fail_skip_in_ci(outcome.get_result())
 
 
 def shared_model(name: str) -> Path:

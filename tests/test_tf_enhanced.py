@@ -1,8 +1,15 @@
-"""tf_enhanced against a line-by-line transcription of AIMET's TF-enhanced analyzer (SNPE.md section 5).
+"""tf_enhanced against a line-by-line transcription of AIMET's TF-enhanced analyzer (SNPE.md section 5),
+and against encodings and histograms recorded from aimet-onnx 2.42 itself.
 
-The reference below follows quic/aimet ``UpdatePdf``/``GetHistogram_cpu``/``InitializePdf`` and
-``TfEnhancedEncodingAnalyzer`` with plain loops and the same float32 (C++ ``float``) and float64
-(``double``) steps, so that the vectorized implementation is checked bit for bit.
+The reference below follows quic/aimet ``TfEnhancedEncodingAnalyzer`` (the search) with plain loops
+and the same float32 (C++ ``float``) and float64 (``double``) steps, so that the vectorized
+implementation is checked bit for bit. Its histogram is the one aimet-onnx 2.42's compiled
+``UpdatePdf`` keeps, as measured through its ``libpymo`` (tools/HTP.md, "TF-enhanced"): 1536
+buckets over the first sample's range widened 3x, starting at the multiple of the bucket size at
+or below the widened range's low end, a value in bucket ``floor(x / size) - first``. (The public source this test
+first transcribed had 512 buckets over the widened range and rounded ``x / size - left0 / size``
+in float32; aimet-onnx 2.42 does not compute that, and 17 of 61 EfficientNet-Lite0 tensors ended
+more than 2 steps from its encodings.)
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from onnxsnpe.encode.tf_enhanced import tf_enhanced_range
 from onnxsnpe.stats.pdf import TfEnhancedObserver
 
 F = np.float32
-PDF_SIZE = 512
+PDF_SIZE = 1536
 
 
 def cpp_round(x: float) -> float:
@@ -43,15 +50,14 @@ class ReferencePdf:
             if min_val == max_val:
                 max_val = max(max_val, F(min_val + F(0.01)))
             center = F((max_val + min_val) / F(2))
-            min_val = F(center - F(F(3) * F(center - min_val)))
-            max_val = F(center + F(F(3) * F(max_val - center)))
-            bucket_size = (float(max_val) - float(min_val)) / PDF_SIZE
-            self.x_left = [float(min_val) + i * bucket_size for i in range(PDF_SIZE)]
-        bucket_size = F(self.x_left[1] - self.x_left[0])
-        pdf_offset = F(F(self.x_left[0]) / bucket_size)
+            wide_min = F(center - F(F(3) * F(center - min_val)))
+            wide_max = F(center + F(F(3) * F(max_val - center)))
+            self.size = (float(wide_max) - float(wide_min)) / PDF_SIZE
+            self.first = math.floor(float(wide_min) / self.size)
+            self.x_left = [(self.first + i) * self.size for i in range(PDF_SIZE)]
         histogram = [0] * PDF_SIZE
         for value in data:
-            index = int(cpp_round(float(F(F(value / bucket_size) - pdf_offset))))
+            index = math.floor(float(value) / self.size) - self.first
             if 0 <= index < PDF_SIZE:
                 histogram[index] += 1
         for i in range(PDF_SIZE):
@@ -216,3 +222,66 @@ def test_samples_report_their_exact_range_dropped_values_included() -> None:
     assert observer.update_sample(np.zeros(0, np.float32)) is None
     zeros = TfEnhancedObserver().update_sample(-np.zeros(4, np.float32))
     assert zeros == (0.0, 0.0) and not np.signbit(zeros[0])
+
+
+def _aimet_cases():
+    """The sample sequences whose results AIMET_2_42 records."""
+    rng = np.random.default_rng(11)
+    yield "grows_past_first", [np.linspace(-1, 3, 1000), np.linspace(-10, 10, 1000)]
+    yield "far_outliers_dropped", [np.linspace(-1, 3, 1000), np.linspace(-100, 100, 1000)]
+    yield "positive_only", [np.linspace(0.5, 0.7, 1000)]
+    yield "constant_then_spread", [np.full(8, 2.0), np.linspace(1.9, 2.1, 64)]
+    yield "zeros_skipped", [np.zeros(16), rng.normal(size=500), rng.normal(size=500) * 3]
+    yield "gaussian_batches", [rng.normal(size=2000) * s for s in (1.0, 1.5, 0.5, 2.5)]
+
+
+AIMET_2_42 = {
+    # name: (encoding min, max, first left edge, bucket size, lowest and highest non-empty bucket), as
+    # aimet-onnx 2.42's libpymo.BlockTensorQuantizer (tf_enhanced, 8 bits, asymmetric) reports them
+    # after updateStats on each array as float32, computeEncodings and getStatsHistogram
+    "grows_past_first": (-4.984987735748291, 7.007199764251709, -5.0, 0.0078125, 0, 1535),
+    "far_outliers_dropped": (-4.910294055938721, 6.902205944061279, -5.0, 0.0078125, 12, 1524),
+    "positive_only": (0.0, 0.6999999284744263, 0.29960935714188963, 0.00039062497671693563, 513, 1025),
+    "constant_then_spread": (0.0, 2.017458915710449, 1.9899981021881104, 1.9531231373548508e-05, 105, 1406),
+    "zeros_skipped": (-8.302962303161621, 7.736851215362549, -9.210361577570438, 0.012531104187171849, 73, 1353),
+    "gaussian_batches": (-7.245564937591553, 9.550971984863281, -10.300544301668804, 0.013697532316049532, 212, 1451),
+}
+
+
+@pytest.mark.parametrize("name", list(AIMET_2_42))
+def test_matches_aimet_onnx_2_42(name: str) -> None:
+    """Histogram grid and encoding as aimet-onnx 2.42 computes them (recorded from the package itself)."""
+    arrays = dict(_aimet_cases())[name]
+    observer = TfEnhancedObserver()
+    for array in arrays:
+        observer.update_sample(np.asarray(array, np.float32))
+    low, high, left, size, first, last = AIMET_2_42[name]
+    nonzero = np.flatnonzero(observer.pdf())
+    assert (observer.x_left[0], observer.x_left[1] - observer.x_left[0]) == pytest.approx((left, size), rel=1e-9)
+    assert (nonzero[0], nonzero[-1]) == (first, last)
+    assert tf_enhanced_range(observer, 8) == pytest.approx((low, high), rel=1e-6, abs=1e-7)
+
+
+def test_calibration_observes_the_network_with_its_weights_quantized(tmp_path, tiny_model, npy_folder) -> None:
+    """As AIMET's calibration runs it (weight quantizers on): tf_enhanced's PDFs are those of the
+    deploy model with the exported weights fake-quantized, alone or beside another method (which
+    still observes the FP32 model)."""
+    from onnxsnpe import export
+    from onnxsnpe.encode.quantized_weights import quantized_weights
+    from onnxsnpe.stages import Settings, calibrate, prepare, weight_set
+    from onnxsnpe.stats.collect import collect_statistics
+
+    prepared = prepare(tiny_model, npy_folder, None, None, None, None)
+    weights = weight_set(prepared, Settings(method="tf_enhanced"))
+    runs = []
+    for k, methods in enumerate((["tf_enhanced"], ["tf_enhanced", "minmax"])):
+        with export.StagedOutput(tmp_path / f"out{k}") as staged:
+            runs.append(calibrate(prepared, staged, methods, False, weights=weights))
+    samples, tensors = list(prepared.calib_set), prepared.targets.activations
+    quantized = collect_statistics(quantized_weights(prepared.deploy, weights), tensors, samples, ["tf_enhanced"])
+    fp32 = collect_statistics(prepared.deploy, tensors, samples, ["tf_enhanced"])
+    for name in tensors:
+        for run in runs:
+            np.testing.assert_array_equal(run[name].tf_enhanced.counts, quantized[name].tf_enhanced.counts)
+        assert runs[1][name].max == fp32[name].max  # minmax beside it: the FP32 model
+    assert any(not np.array_equal(quantized[n].tf_enhanced.counts, fp32[n].tf_enhanced.counts) for n in tensors)

@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..encode.encoding import ParamEncoding, fake_quantize
+from ..encode.encoding import ParamEncoding
+from ..encode.quantized_weights import quantized_weights
 from ..graph.runtime import make_session
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -82,7 +83,7 @@ def correct_biases(
     outputs = [layer.output for layer in layers]
     target = corrected if reference is None else reference
     reference_moments = _channel_moments(make_session(target, outputs), outputs, layers, samples)
-    quantized = _quantized_weights(corrected, weights)
+    quantized = quantized_weights(corrected, weights)
     biases = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in corrected.graph.initializer
               if init.name in {layer.bias for layer in layers}}
     caches = [dict(sample) for sample in samples]
@@ -211,17 +212,6 @@ def _output_channels(node: onnx.NodeProto, weight: onnx.TensorProto) -> int | No
     if len(dims) != 2 or attrs.get("beta", 1.0) != 1.0:
         return None
     return dims[0] if attrs.get("transB", 0) else dims[1]
-
-
-def _quantized_weights(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> onnx.ModelProto:
-    """``model`` with its weights fake-quantized."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for init in copy.graph.initializer:
-        if init.name in weights:
-            init.CopyFrom(numpy_helper.from_array(fake_quantize(numpy_helper.to_array(init), weights[init.name]),
-                                                  init.name))
-    return copy
 
 
 def _channel_moments(

@@ -48,7 +48,7 @@ class OutputFold:
         self._seen: list[np.ndarray | None] = [None] * len(self.histograms)  # counts arrays the grids belong to
         pdfs = [self.entries[k][0].tf_enhanced for k in self.pdfs]
         self._pdf_counts = _typed([pdf.counts for pdf in pdfs], np.int64)
-        self._pdf_grids = np.array([pdf.grid for pdf in pdfs], dtype=np.float32).reshape(-1, 2)
+        self._pdf_grids = np.array([pdf.grid for pdf in pdfs], dtype=np.float64).reshape(-1, 2)
         self._pieces = {kind: _typed([self.entries[k][1] for k in rows], np.float32)
                         for kind, rows in (("histograms", self.histograms), ("pdfs", self.pdfs), ("bare", self.bare))}
         # the kernels' results: (zeros, misses, min, max) per histogram piece, (min, max) per other piece

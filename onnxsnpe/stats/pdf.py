@@ -4,10 +4,16 @@ SNPE's own quantizer is closed source; AIMET's TF-enhanced analyzer is its publi
 (SNPE.md section 5; quic/aimet ``UpdatePdf``). This module keeps its statistics, including its
 float32/float64 mix and its quirks (the search over them is encode/tf_enhanced.py):
 
-- A 512-bucket histogram over a range fixed by the first sample that is not all zeros: that
-  sample's [min, max], widened 3x around its centre. Values outside are dropped but still count
-  in the sample's size. A value goes to bucket ``round(x / size - left0 / size)``.
+- A histogram of 1536 buckets fixed by the first sample that is not all zeros: each bucket is
+  1/1536 of that sample's [min, max] widened 3x around its centre (so about 1/512 of the sample's
+  range), and the buckets start at the multiple of that size at or below the widened range's low
+  end (so zero is a bucket edge). Values outside are dropped but still count in the sample's
+  size. A value goes to bucket ``floor(x / size) - first`` (float64).
 - Each sample's bucket counts divided by its size, averaged over samples, make the PDF.
+
+This is what aimet-onnx 2.42's compiled analyzer does (measured through its own ``libpymo``:
+tools/HTP.md, "TF-enhanced"); AIMET's older public source had 512 buckets over the widened range,
+with the bucket of ``round(x / size - left0 / size)`` in float32.
 
 The result depends on which sample comes first, by definition, as with SNPE reading ``data.txt`` in
 order: samples are fed one at a time in dataset order, so the batch size does not matter, but the
@@ -21,7 +27,7 @@ import numpy as np
 
 from .kernels import CHUNK, LANES, key_range, key_values, tally_slots
 
-PDF_SIZE = 512
+PDF_SIZE = 1536
 AIMET_MIN_RANGE = 0.01
 """AIMET widens a first sample whose min equals its max by this much before fixing the grid."""
 
@@ -34,7 +40,8 @@ class TfEnhancedObserver:
     """AIMET's per-tensor PDF: bucket counts over a grid fixed by the first non-zero sample."""
 
     def __init__(self) -> None:
-        self.x_left: np.ndarray | None = None  # float64 left edges of the 512 buckets
+        self.x_left: np.ndarray | None = None  # float64 left edges of the PDF_SIZE buckets
+        self.spec: tuple[float, float] | None = None  # (bucket size, index of the first bucket): see grid
         self.counts = np.zeros(PDF_SIZE, dtype=np.int64)
         self.elements = 0  # values in all samples since the grid was fixed, dropped ones included
         self.updated = False  # any sample seen, even if all were zeros
@@ -61,14 +68,14 @@ class TfEnhancedObserver:
             low, high = flat.min(), flat.max()
             if not (np.isfinite(low) and np.isfinite(high)) or (low == 0 and high == 0):
                 return float(low) + 0.0, float(high) + 0.0  # AIMET waits for a sample not all zeros
-            self.x_left = initial_grid(low, high)
+            self.spec = initial_grid(low, high)
+            self.x_left = left_edges(*self.spec)
         return self.settle(flat.size, _bucket_counts(flat, *self.grid, self.counts))
 
     @property
-    def grid(self) -> tuple[np.float32, np.float32]:
-        """The bucketing kernel's view of the fixed grid: (bucket size, first left edge / size), float32."""
-        size = _F32(self.x_left[1] - self.x_left[0])
-        return size, _F32(_F32(self.x_left[0]) / size)
+    def grid(self) -> tuple[float, float]:
+        """The bucketing kernel's view of the fixed grid: (bucket size, index of the first bucket), float64."""
+        return self.spec
 
     def settle(self, size: int, counted: tuple) -> tuple[float, float]:
         """Account for a sample of ``size`` values whose buckets the kernel has counted on :attr:`grid`;
@@ -81,6 +88,7 @@ class TfEnhancedObserver:
         """An empty observer on this one's grid, for samples whose counts merge into this one."""
         spawned = TfEnhancedObserver()
         spawned.x_left = None if self.x_left is None else self.x_left.copy()
+        spawned.spec = self.spec
         return spawned
 
     def merge(self, other: TfEnhancedObserver) -> None:
@@ -89,8 +97,8 @@ class TfEnhancedObserver:
         if other.x_left is None:
             return
         if self.x_left is None:
-            self.x_left = other.x_left.copy()
-        elif not np.array_equal(self.x_left, other.x_left):
+            self.x_left, self.spec = other.x_left.copy(), other.spec
+        elif self.spec != other.spec:
             raise ValueError("tf_enhanced statistics merge only when both runs start from the same first sample")
         self.counts += other.counts
         self.elements += other.elements
@@ -100,17 +108,24 @@ class TfEnhancedObserver:
         return self.counts / max(self.elements, 1)
 
 
-def initial_grid(low: float, high: float) -> np.ndarray:
-    """Bucket left edges from a first sample's min and max: the range widened 3x around its centre."""
+def initial_grid(low: float, high: float) -> tuple[float, float]:
+    """(bucket size, index of the first bucket) from a first sample's min and max: the range widened
+    3x around its centre (float32), split in PDF_SIZE buckets (float64); the first bucket the one
+    holding the widened range's low end."""
     low, high = _F32(low), _F32(high)
     with np.errstate(over="ignore"):
         if low == high:
             high = max(high, _F32(low + _F32(AIMET_MIN_RANGE)))
         center = _F32((high + low) / 2)
-        low = max(FLOAT32_LOWEST, _F32(center - 3 * _F32(center - low)))
-        high = min(FLOAT32_HIGHEST, _F32(center + 3 * _F32(high - center)))
-    size = (np.float64(high) - np.float64(low)) / PDF_SIZE
-    return np.float64(low) + np.arange(PDF_SIZE, dtype=np.float64) * size
+        wide_low = max(FLOAT32_LOWEST, _F32(center - 3 * _F32(center - low)))
+        wide_high = min(FLOAT32_HIGHEST, _F32(center + 3 * _F32(high - center)))
+        size = (np.float64(wide_high) - np.float64(wide_low)) / PDF_SIZE
+    return float(size), float(np.floor(np.float64(wide_low) / size))
+
+
+def left_edges(size: float, first: float) -> np.ndarray:
+    """Left edges of the PDF_SIZE buckets of the grid (size, first), float64."""
+    return (first + np.arange(PDF_SIZE, dtype=np.float64)) * size
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -128,10 +143,10 @@ def bucket_index(value: np.ndarray, start: np.float32, step: np.float64) -> np.n
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
-    """AIMET's ``GetHistogram``: bucket ``round(x / size - offset)`` in float32, half away from zero.
+def _bucket_counts(values, size, first, counts):  # pragma: no cover - compiled
+    """AIMET's ``GetHistogram``: bucket ``floor(x / size) - first`` in float64.
 
-    Values outside the 512 buckets (and NaN) are dropped. Per chunk, a vectorized loop computes the
+    Values outside the PDF_SIZE buckets (and NaN) are dropped. Per chunk, a vectorized loop computes the
     buckets, the chunk's key range is folded in (kernels.key_range), then interleaved
     sub-histograms count the buckets. Returns the (min, max) of all the values, NaN or Inf included.
     """
@@ -144,9 +159,8 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
     for start in range(0, n, CHUNK):
         chunk = values[start : start + CHUNK]  # indexed from 0: see histogram._count
         for k in range(chunk.shape[0]):
-            shifted = chunk[k] / size - offset  # float32 arithmetic throughout
-            rounded = round_half_away_f32(shifted)
-            slots[k] = np.uint32(rounded) if (rounded >= 0 and rounded < PDF_SIZE) else np.uint32(drop)
+            index = np.floor(np.float64(chunk[k]) / size) - first
+            slots[k] = np.uint32(index) if (index >= 0 and index < PDF_SIZE) else np.uint32(drop)
         low, high = key_range(keys[start : start + CHUNK], low, high)
         tally_slots(slots, chunk.shape[0], parts, values, start + CHUNK)
     for lane in range(LANES):
@@ -156,8 +170,8 @@ def _bucket_counts(values, size, offset, counts):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def bucket_counts_pieces(pieces, sizes, offsets, counts, results):  # pragma: no cover - compiled
+def bucket_counts_pieces(pieces, sizes, firsts, counts, results):  # pragma: no cover - compiled
     """``_bucket_counts`` of every piece in one call: piece k into ``counts[k]`` on the grid
-    ``(sizes[k], offsets[k])``; ``results[k]`` gets its (min, max), for :meth:`TfEnhancedObserver.settle`."""
+    ``(sizes[k], firsts[k])``; ``results[k]`` gets its (min, max), for :meth:`TfEnhancedObserver.settle`."""
     for k in range(len(pieces)):
-        results[k, 0], results[k, 1] = _bucket_counts(pieces[k], sizes[k], offsets[k], counts[k])
+        results[k, 0], results[k, 1] = _bucket_counts(pieces[k], sizes[k], firsts[k], counts[k])
