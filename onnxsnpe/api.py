@@ -89,6 +89,7 @@ def quantize(
     analysis_samples: int = 4,
     htp_samples: int = 0,
     progress: bool = True,
+    ray: str | bool | None = None,
 ) -> QuantizeResult:
     """Calibrate ``model`` on the samples at ``calib`` and write SNPE's inputs into ``out``.
 
@@ -98,6 +99,7 @@ def quantize(
     ``fixed_inputs`` ({name: values}) become constants, so that If nodes depending on them fold.
     Also writes snpe_qdq.onnx; with ``htp_samples`` > 0 runs that many evaluation samples on
     Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it.
+    ``ray`` (True for a local cluster, or a cluster's address) calibrates on Ray, with the same result.
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     start = time.perf_counter()
@@ -122,7 +124,7 @@ def quantize(
         prepared, optimizations = optimize_model(prepared, settings, progress)
 
     with export.StagedOutput(out) as staged:
-        stats = calibrate(prepared, staged, [method], progress)
+        stats = calibrate(prepared, staged, [method], progress, ray)
         encodings, precision = encode_with_precision(prepared, stats, settings)
         if precision is not None:
             optimizations["auto_precision"] = precision

@@ -55,10 +55,12 @@ def compare(
     image_options: ImageOptions | None = None,
     analysis_samples: int = 1,
     progress: bool = True,
+    ray: str | bool | None = None,
 ) -> CompareResult:
     """Every combination of ``methods`` and ``act_bitwidths`` from one calibration pass.
 
     ``base`` holds the other settings (weight method and bits, bias bits, percentile, fixed ranges).
+    ``ray`` (True for a local cluster, or a cluster's address) calibrates on Ray, with the same result.
     """
     start = time.perf_counter()
     if not methods or not act_bitwidths:
@@ -80,7 +82,7 @@ def compare(
         prepared, optimizations = optimize_model(prepared, base, progress)
 
     with export.StagedOutput(out) as staged:
-        stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress)
+        stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress, ray)
         deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         rows = []
         for settings in configs:

@@ -48,6 +48,7 @@ from .report.metrics import json_db
 from .report.sensitivity import OutputScorer, isolated_ranking
 from .simulate.arithmetic import ARITHMETICS
 from .stats.collect import collect_statistics
+from .stats.distributed import collect_on_ray
 from .stats.tensor_stats import TensorStats
 
 RANKING_SAMPLES = 4
@@ -316,10 +317,21 @@ def _bar(label: str, unit: str, enabled: bool):
 
 
 def calibrate(
-    prepared: Prepared, staged: export.StagedOutput, methods: Iterable[str], progress: bool
+    prepared: Prepared, staged: export.StagedOutput, methods: Iterable[str], progress: bool,
+    ray: str | bool | None = None,
 ) -> dict[str, TensorStats]:
-    """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files."""
+    """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files.
+
+    With ``ray`` (True, or a cluster's address) the pass runs on Ray (stats/distributed.py), with the
+    same result."""
     raw_writer = export.InputListWriter(staged, prepared.input_names)
+    if ray not in (None, False):
+        stats = collect_on_ray(prepared.deploy, prepared.targets.activations, prepared.calib_set, methods,
+                               prepared.targets.floors(), address=None if ray is True else ray,
+                               sink=raw_writer.write, progress=progress)
+        raw_writer.list_written(len(prepared.calib_set))
+        raw_writer.finish()
+        return stats
     samples = _teed(_progress(prepared.calib_set, "calibration", progress), raw_writer.add)
     stats = collect_statistics(prepared.deploy, prepared.targets.activations, samples, methods=list(methods),
                                floors=prepared.targets.floors())
