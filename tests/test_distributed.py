@@ -8,6 +8,7 @@ import filecmp
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.load import load_model, model_inputs
 from onnxsnpe.stages import Settings, encode, prepare
 from onnxsnpe.stats.collect import collect_statistics
-from onnxsnpe.stats.distributed import collect_on_ray, connect
+from onnxsnpe.stats.distributed import check_reachable, collect_on_ray, connect
 from onnxsnpe.stats.tensor_stats import TensorStats
 
 from .conftest import CALIB_DATA, conv_model
@@ -164,3 +165,12 @@ def test_without_ray_installed_the_option_says_how_to_get_it(monkeypatch) -> Non
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(OnnxSnpeError, match=r'pip install "onnxsnpe\[ray\]"'):
         connect()
+
+
+def test_an_address_nobody_answers_at_is_refused_at_once() -> None:
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(OnnxSnpeError, match=f"nothing answers at 127.0.0.1:{port}.*ray start --head"):
+        check_reachable(f"127.0.0.1:{port}")

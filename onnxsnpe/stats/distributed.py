@@ -21,6 +21,7 @@ the process (``ray.shutdown()`` ends it).
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -58,6 +59,8 @@ def connect(address: str | None = None):
         raise OnnxSnpeError('--ray needs Ray: pip install "onnxsnpe[ray]"') from exc
     if ray.is_initialized():
         return ray
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -67,6 +70,23 @@ def connect(address: str | None = None):
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise OnnxSnpeError(f"--ray: cannot connect to {where}: {_first_line(exc)}") from exc
     return ray
+
+
+CONNECT_SECONDS = 10
+"""How long the head node's port may take to answer (Ray itself keeps trying for minutes)."""
+
+
+def check_reachable(address: str) -> None:
+    """Refuse at once an address whose host and port nobody answers on (``host:port``, also after
+    ``ray://``; other forms such as ``auto`` are left to Ray)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise OnnxSnpeError(f"--ray: nothing answers at {address} ({exc.strerror or exc}); "
+                            "start the cluster's head there with 'ray start --head'") from exc
 
 
 def cluster_cpus(ray) -> int:
@@ -121,9 +141,14 @@ def collect_on_ray(
         bar.close()
         if reporter is not None:
             ray.kill(reporter)
-    parts = [first, *parts] if first is not None else parts
-    stats = {name: observed.spawn() for name, observed in parts[0].items()}  # writable: Ray's arrays are not
-    for part in parts:  # in sample order
+    return merge_in_order([first, *parts] if first is not None else parts)
+
+
+def merge_in_order(parts: list[dict[str, TensorStats]]) -> dict[str, TensorStats]:
+    """The statistics of every part (in sample order), merged into new ones: the arrays of results
+    Ray hands back are read-only."""
+    stats = {name: observed.spawn() for name, observed in parts[0].items()}
+    for part in parts:
         for name, observed in part.items():
             stats[name].merge(observed)
     return stats
