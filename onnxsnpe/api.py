@@ -125,7 +125,7 @@ def quantize(
 
     with export.StagedOutput(out) as staged:
         stats = calibrate(prepared, staged, [method], progress, ray)
-        encodings, precision = encode_with_precision(prepared, stats, settings)
+        encodings, precision = encode_with_precision(prepared, stats, settings, ray)
         if precision is not None:
             optimizations["auto_precision"] = precision
             if "recipe" in optimizations:

@@ -87,7 +87,7 @@ def compare(
         rows = []
         for settings in configs:
             name = f"{settings.method}_a{settings.act_bitwidth}"
-            encodings, precision = encode_with_precision(prepared, stats, settings)
+            encodings, precision = encode_with_precision(prepared, stats, settings, ray)
             evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples,
                                             progress)
             overrides = f"{name}/{export.OVERRIDES_FILE}"

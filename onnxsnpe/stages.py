@@ -45,10 +45,11 @@ from .optimize.cle import equalize
 from .optimize.mixed_precision import choose_16bit, held_back_count
 from .report.evaluation import Evaluation, evaluate
 from .report.metrics import json_db
+from .report.ranking_on_ray import isolated_ranking_on_ray
 from .report.sensitivity import OutputScorer, isolated_ranking
 from .simulate.arithmetic import ARITHMETICS
 from .stats.collect import collect_statistics
-from .stats.distributed import collect_on_ray
+from .stats.distributed import collect_on_ray, dataset_part
 from .stats.tensor_stats import TensorStats
 
 RANKING_SAMPLES = 4
@@ -357,12 +358,13 @@ def encode(
 
 
 def encode_with_precision(
-    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings, ray: str | bool | None = None
 ) -> tuple[Encodings, dict | None]:
     """encode, with the activations and weights raised to 16 bits that automatic mixed precision picks
     when asked (optimize/mixed_precision.py; weights only where raisable_weights allows).
 
-    The ranking uses the first RANKING_SAMPLES held-back calibration samples, the scores all of them.
+    The ranking uses the first RANKING_SAMPLES held-back calibration samples, the scores all of them;
+    with ``ray`` the ranking runs on Ray (report/ranking_on_ray.py), with the same result.
     """
     if not settings.auto_precision:
         return encode(prepared, stats, settings), None
@@ -370,8 +372,13 @@ def encode_with_precision(
     start = time.perf_counter()
     plain = encode(prepared, stats, settings)
     candidates = {name: plain.weights[name] for name in raisable_weights(prepared, settings)}
-    ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations, samples[:RANKING_SAMPLES],
-                               candidates)
+    if ray not in (None, False):
+        ranking = isolated_ranking_on_ray(prepared.reference, prepared.targets, plain.activations,
+                                          dataset_part(prepared.judging_set, 0, RANKING_SAMPLES), candidates,
+                                          address=None if ray is True else ray)
+    else:
+        ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations,
+                                   samples[:RANKING_SAMPLES], candidates)
     ranked = time.perf_counter() - start
     scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
 

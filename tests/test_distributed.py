@@ -21,9 +21,11 @@ from onnxsnpe.cli import DEMO_IMAGES, main
 from onnxsnpe.data.datasets import open_dataset
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.load import load_model, model_inputs
+from onnxsnpe.report.ranking_on_ray import isolated_ranking_on_ray
+from onnxsnpe.report.sensitivity import isolated_ranking
 from onnxsnpe.stages import Settings, encode, prepare
 from onnxsnpe.stats.collect import collect_statistics
-from onnxsnpe.stats.distributed import check_reachable, collect_on_ray, connect
+from onnxsnpe.stats.distributed import check_reachable, collect_on_ray, connect, dataset_part
 from onnxsnpe.stats.tensor_stats import TensorStats
 
 from .conftest import CALIB_DATA, conv_model
@@ -165,6 +167,17 @@ def test_without_ray_installed_the_option_says_how_to_get_it(monkeypatch) -> Non
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(OnnxSnpeError, match=r'pip install "onnxsnpe\[ray\]"'):
         connect()
+
+
+def test_isolated_ranking_on_ray_is_the_in_process_one(cluster, demo) -> None:
+    prepared, expected = demo
+    encodings = encode(prepared, expected, Settings(method="minmax"))
+    weights = dict(list(encodings.weights.items())[:5])
+    samples = dataset_part(prepared.calib_set, 0, 2)
+    want = isolated_ranking(prepared.deploy, prepared.targets, encodings.activations, list(samples), weights)
+    got = isolated_ranking_on_ray(prepared.deploy, prepared.targets, encodings.activations, samples, weights,
+                                  groups=3)
+    assert got == want and len(got) == len(prepared.targets.activations) + 5
 
 
 def test_an_address_nobody_answers_at_is_refused_at_once() -> None:

@@ -142,7 +142,7 @@ def _one_task(ray, deploy: onnx.ModelProto, targets, dataset: Dataset, count: in
     """One shard task of ``count`` samples, run alone, as collect_on_ray runs it (its result if ``keep``)."""
     task = ray.remote(num_cpus=1)(distributed._shard_task)
     ref = task.remote(model=deploy.SerializeToString(), tensors=targets.activations, methods=("minmax",),
-                      floors=targets.floors(), dataset=distributed._part(dataset, 0, count), first_index=0,
+                      floors=targets.floors(), dataset=distributed.dataset_part(dataset, 0, count), first_index=0,
                       continuing=None, sink=None, reporter=None, shard=1)
     result = ray.get(ref)
     return result if keep else None

@@ -130,13 +130,13 @@ def collect_on_ray(
     try:
         first, start = None, 0
         if "tf_enhanced" in methods:
-            (first, start), = _gather(ray, bar, reporter, [task(_first_task).remote(dataset=dataset, **common)])
+            (first, start), = gather(ray, [task(_first_task).remote(dataset=dataset, **common)], bar, reporter)
         bounds = np.linspace(start, count, min(shards, count - start) + 1).round().astype(int)
         continuing = ray.put(first)
-        refs = [task(_shard_task).remote(shard=shard, dataset=_part(dataset, low, high), first_index=int(low),
+        refs = [task(_shard_task).remote(shard=shard, dataset=dataset_part(dataset, low, high), first_index=int(low),
                                          continuing=continuing, **common)
                 for shard, (low, high) in enumerate(pairwise(bounds), 1)]
-        parts = _gather(ray, bar, reporter, refs)
+        parts = gather(ray, refs, bar, reporter)
     finally:
         bar.close()
         if reporter is not None:
@@ -154,12 +154,12 @@ def merge_in_order(parts: list[dict[str, TensorStats]]) -> dict[str, TensorStats
     return stats
 
 
-def _part(dataset: Dataset, low: int, high: int) -> Dataset:
+def dataset_part(dataset: Dataset, low: int, high: int) -> Dataset:
     """The dataset's samples ``low`` to ``high - 1``: their file names, no arrays."""
     return replace(dataset, entries=dataset.entries[low:high], shapes=dict(dataset.shapes))
 
 
-def _gather(ray, bar: tqdm, reporter, refs: list) -> list:
+def gather(ray, refs: list, bar: tqdm | None = None, reporter=None) -> list:
     """The tasks' results in the order of ``refs``, updating the bar meanwhile. On the first failure the
     other tasks are cancelled and the failure raised: a task's OnnxSnpeError as itself, an error of
     Ray's (a task that died beyond its retries) as an OnnxSnpeError."""
@@ -173,7 +173,7 @@ def _gather(ray, bar: tqdm, reporter, refs: list) -> list:
             ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=POLL_SECONDS)
             for index in [i for i, ref in pending.items() if ref in ready]:
                 results[index] = ray.get(pending.pop(index))
-            if reporter is not None:
+            if reporter is not None and bar is not None:
                 if asked is None:
                     asked = reporter.total.remote()
                 elif ray.wait([asked], timeout=0)[0]:
