@@ -119,7 +119,7 @@ def quantize(
         raise OnnxSnpeError(f"--htp: {reason}")
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
     if settings.optimize:
-        prepared, settings, optimizations = run_recipe(prepared, settings, progress)
+        prepared, settings, optimizations = run_recipe(prepared, settings, progress, ray)
     else:
         prepared, optimizations = optimize_model(prepared, settings, progress)
 

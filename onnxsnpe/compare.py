@@ -75,7 +75,7 @@ def compare(
     check_analysis_samples(analysis_samples)
     prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
     if base.optimize:
-        prepared, base, optimizations = run_recipe(prepared, base, progress)
+        prepared, base, optimizations = run_recipe(prepared, base, progress, ray)
         configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)
                    for s in configs]
     else:

@@ -88,6 +88,7 @@ def bench_ray(deploy: onnx.ModelProto, samples: Callable[..., Iterator[dict[str,
 
         print(f"\ntime over {count} samples read from raw files by path, best of {repeats} interleaved rounds")
         print(f"{'method':<14}{'in-process s':>14}{'Ray s':>8}{'ratio':>8}   encodings")
+        per_sample = {}
         for method in ("minmax", "tf_enhanced"):
             best = {"in-process": np.inf, "ray": np.inf}
             results = {}
@@ -97,6 +98,7 @@ def bench_ray(deploy: onnx.ModelProto, samples: Callable[..., Iterator[dict[str,
                     results[label] = run(timed_list, method)
                     best[label] = min(best[label], time.perf_counter() - start)
             same = _entries(results["ray"]) == _entries(results["in-process"])
+            per_sample[method] = best["in-process"] / count
             print(f"{method:<14}{best['in-process']:>14.2f}{best['ray']:>8.2f}{best['ray'] / best['in-process']:>8.2f}"
                   f"   {'identical' if same else 'DIFFERENT'}")
 
@@ -111,18 +113,18 @@ def bench_ray(deploy: onnx.ModelProto, samples: Callable[..., Iterator[dict[str,
                   f"  {1000 * seconds / n:.2f} ms/sample")
         print(f"ratio {rows[1][1] / rows[0][1]:.3f}")
 
-        print("\nfor the estimate on N machines (minmax; a task alone on the cluster, one CPU)")
-        shard_times = {n: _best(lambda n=n: _one_task(ray, deploy, targets, dataset(timed_list), n), repeats)
-                       for n in (8, 128)}
-        per_sample = (shard_times[128] - shard_times[8]) / 120
-        fixed = shard_times[8] - 8 * per_sample
-        print(f"one task, 8 samples {shard_times[8]:.3f} s, 128 samples {shard_times[128]:.3f} s: "
-              f"fixed {fixed:.3f} s + {1000 * per_sample:.2f} ms/sample")
-        part = _one_task(ray, deploy, targets, dataset(timed_list), 8, keep=True)
-        merge = _best(lambda: distributed.merge_in_order([part, part]), repeats) / 2
-        print(f"merging one shard's statistics on the driver {1000 * merge:.1f} ms; "
-              f"their size {len(pickle.dumps(part)) / 2**20:.2f} MB; in-process pass on {available_cores()} cores "
-              f"{1000 * best['in-process'] / count:.2f} ms/sample ({method})")
+        print("\nfor the estimate on N machines (a task alone on the cluster, one CPU)")
+        for method in ("minmax", "percentile"):
+            times = {n: _best(lambda n=n, m=method: _one_task(ray, deploy, targets, dataset(timed_list), n, m),
+                              repeats) for n in (8, 128)}
+            task_sample = (times[128] - times[8]) / 120
+            part = _one_task(ray, deploy, targets, dataset(timed_list), 128, method, keep=True)
+            merge = _best(lambda part=part: distributed.merge_in_order([part, part]), repeats) / 2
+            print(f"{method:<11} one task, 8 samples {times[8]:.3f} s, 128 samples {times[128]:.3f} s: "
+                  f"fixed {times[8] - 8 * task_sample:.3f} s + {1000 * task_sample:.2f} ms/sample; merging one "
+                  f"shard's statistics on the driver {1000 * merge:.1f} ms, "
+                  f"their size {len(pickle.dumps(part)) / 2**20:.2f} MB")
+        print(f"in-process pass on {available_cores()} cores: {1000 * per_sample['minmax']:.2f} ms/sample (minmax)")
 
 
 def _entries(encodings: dict[str, Encoding]) -> dict:
@@ -138,10 +140,10 @@ def _best(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _one_task(ray, deploy: onnx.ModelProto, targets, dataset: Dataset, count: int, keep: bool = False):
+def _one_task(ray, deploy: onnx.ModelProto, targets, dataset: Dataset, count: int, method: str, keep: bool = False):
     """One shard task of ``count`` samples, run alone, as collect_on_ray runs it (its result if ``keep``)."""
     task = ray.remote(num_cpus=1)(distributed._shard_task)
-    ref = task.remote(model=deploy.SerializeToString(), tensors=targets.activations, methods=("minmax",),
+    ref = task.remote(model=deploy.SerializeToString(), tensors=targets.activations, methods=(method,),
                       floors=targets.floors(), dataset=distributed.dataset_part(dataset, 0, count), first_index=0,
                       continuing=None, sink=None, reporter=None, shard=1)
     result = ray.get(ref)
