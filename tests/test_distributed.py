@@ -5,15 +5,18 @@ a bad sample in a shard."""
 from __future__ import annotations
 
 import filecmp
+import io
 import json
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from onnxsnpe import export
 from onnxsnpe.api import quantize
@@ -24,6 +27,7 @@ from onnxsnpe.graph.load import load_model, model_inputs
 from onnxsnpe.report.ranking_on_ray import isolated_ranking_on_ray
 from onnxsnpe.report.sensitivity import isolated_ranking
 from onnxsnpe.stages import Settings, encode, prepare
+from onnxsnpe.stats import distributed
 from onnxsnpe.stats.collect import collect_statistics
 from onnxsnpe.stats.distributed import check_reachable, collect_on_ray, connect, dataset_part
 from onnxsnpe.stats.tensor_stats import TensorStats
@@ -79,11 +83,29 @@ def overrides_bytes(prepared, stats: dict[str, TensorStats], method: str) -> byt
     return json.dumps(document, sort_keys=True).encode()
 
 
+class ShownBar(tqdm):
+    """A bar shown even where stderr is not a terminal (as under pytest), into a string; remembers its counts."""
+
+    counts: ClassVar[list[int]] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+
+    def update(self, n: int = 1) -> None:
+        super().update(n)
+        ShownBar.counts.append(self.n)
+
+
 @pytest.mark.parametrize("shards", [1, 2, 3])
-def test_encodings_on_ray_are_the_in_process_ones_for_any_shard_count(cluster, demo, shards: int) -> None:
+def test_encodings_on_ray_are_the_in_process_ones_for_any_shard_count(cluster, demo, shards: int,
+                                                                       monkeypatch) -> None:
     prepared, expected = demo
+    monkeypatch.setattr(distributed, "tqdm", ShownBar)  # with the progress actor
+    ShownBar.counts = []
     got = collect_on_ray(prepared.deploy, prepared.targets.activations, prepared.calib_set, METHODS,
-                         prepared.targets.floors(), shards=shards, progress=shards == 3)
+                         prepared.targets.floors(), shards=shards, progress=True)
+    assert ShownBar.counts and ShownBar.counts[-1] == len(prepared.calib_set)
+    assert ShownBar.counts == sorted(ShownBar.counts)  # no task ran twice here
     assert_same_stats(got, expected)
     for method in METHODS:
         assert overrides_bytes(prepared, got, method) == overrides_bytes(prepared, expected, method), method
@@ -178,6 +200,23 @@ def test_isolated_ranking_on_ray_is_the_in_process_one(cluster, demo) -> None:
     got = isolated_ranking_on_ray(prepared.deploy, prepared.targets, encodings.activations, samples, weights,
                                   groups=3)
     assert got == want and len(got) == len(prepared.targets.activations) + 5
+
+
+def test_workers_running_other_onnxsnpe_code_are_refused_in_one_line(cluster, demo, monkeypatch) -> None:
+    prepared, _ = demo
+    monkeypatch.setattr(distributed, "code_fingerprint", lambda: "another version")  # in the driver only
+    with pytest.raises(OnnxSnpeError) as caught:
+        collect_on_ray(prepared.deploy, prepared.targets.activations, prepared.calib_set, ["minmax"], shards=2)
+    message = str(caught.value)
+    assert "\n" not in message and "runs the onnxsnpe in" in message and "whose code differs" in message
+
+
+def test_progress_counts_a_task_run_again_from_its_start() -> None:
+    progress = distributed._Progress()
+    progress.report(1, 5)
+    progress.report(2, 7)
+    progress.report(1, 2)  # shard 1 again, after its worker died
+    assert progress.total() == 9
 
 
 def test_an_address_nobody_answers_at_is_refused_at_once() -> None:

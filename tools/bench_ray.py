@@ -145,6 +145,7 @@ def _one_task(ray, deploy: onnx.ModelProto, targets, dataset: Dataset, count: in
     task = ray.remote(num_cpus=1)(distributed._shard_task)
     ref = task.remote(model=deploy.SerializeToString(), tensors=targets.activations, methods=(method,),
                       floors=targets.floors(), dataset=distributed.dataset_part(dataset, 0, count), first_index=0,
-                      continuing=None, sink=None, reporter=None, shard=1)
+                      continuing=None, sink=None, reporter=None, shard=1,
+                      code=distributed.code_fingerprint())
     result = ray.get(ref)
     return result if keep else None

@@ -17,7 +17,7 @@ import onnx
 from ..data.datasets import Dataset
 from ..encode.encoding import Encoding, ParamEncoding
 from ..graph.targets import QuantTargets
-from ..stats.distributed import RETRIES, cluster_cpus, connect, gather
+from ..stats.distributed import RETRIES, check_code, cluster_cpus, code_fingerprint, connect, gather
 from .metrics import TensorComparison
 from .sensitivity import IsolatedModel, ranked
 
@@ -41,11 +41,13 @@ def isolated_ranking_on_ray(
     bounds = np.linspace(0, count, groups + 1).round().astype(int)
     task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_group_task)
     model, reference = ray.put(switchable), ray.put(deploy)
-    refs = [task.remote(model, reference, samples, list(range(low, high))) for low, high in pairwise(bounds)]
+    refs = [task.remote(model, reference, samples, list(range(low, high)), code_fingerprint())
+            for low, high in pairwise(bounds)]
     return ranked(comparison for part in gather(ray, refs) for comparison in part)
 
 
 def _group_task(switchable: IsolatedModel, deploy: onnx.ModelProto, samples: Dataset,
-                positions: list[int]) -> list[TensorComparison]:
+                positions: list[int], code: str) -> list[TensorComparison]:
     """In a worker: the isolated errors of the tensors at ``positions``."""
+    check_code(code)
     return switchable.errors(deploy, (samples.load(i) for i in range(len(samples))), positions, threads=1)

@@ -20,12 +20,15 @@ the process (``ray.shutdown()`` ends it).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -65,7 +68,8 @@ def connect(address: str | None = None):
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=available_cores(), include_dashboard=False, logging_level=logging.WARNING)
+            # its start-up notes (token authentication is on, ...) are not the user's concern
+            ray.init(num_cpus=available_cores(), include_dashboard=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise OnnxSnpeError(f"--ray: cannot connect to {where}: {_first_line(exc)}") from exc
@@ -87,6 +91,27 @@ def check_reachable(address: str) -> None:
     except OSError as exc:
         raise OnnxSnpeError(f"--ray: nothing answers at {address} ({exc.strerror or exc}); "
                             "start the cluster's head there with 'ray start --head'") from exc
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A digest of this onnxsnpe's source files. Ray workers import onnxsnpe on their own (from their
+    node's installation, or from a source checkout in the folder the command was started in, which
+    Ray puts first on their path): each task checks that it runs the driver's code."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_code(expected: str) -> None:
+    """In a worker: refuse to run other onnxsnpe code than the driver's (results could differ)."""
+    if code_fingerprint() != expected:
+        where = Path(__file__).resolve().parents[1]
+        raise OnnxSnpeError(f"--ray: the Ray worker on {socket.gethostname()} runs the onnxsnpe in {where}, "
+                            "whose code differs from this command's: install the same onnxsnpe on every node "
+                            "(and start the command outside other copies of its source)")
 
 
 def cluster_cpus(ray) -> int:
@@ -123,10 +148,10 @@ def collect_on_ray(
     count = len(dataset)
     shards = max(1, shards or cluster_cpus(ray))
     bar = tqdm(total=count, desc="calibration", unit="sample", disable=not progress or None, leave=False)
-    reporter = ray.remote(num_cpus=0)(_Progress).remote() if progress else None
+    reporter = None if bar.disable else ray.remote(num_cpus=0)(_Progress).remote()  # no bar, no counting
     task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)
     common = dict(model=ray.put(model.SerializeToString()), tensors=tensors, methods=methods, floors=floors,
-                  sink=ray.put(sink), reporter=reporter)
+                  sink=ray.put(sink), reporter=reporter, code=code_fingerprint())
     try:
         first, start = None, 0
         if "tf_enhanced" in methods:
@@ -137,6 +162,7 @@ def collect_on_ray(
                                          continuing=continuing, **common)
                 for shard, (low, high) in enumerate(pairwise(bounds), 1)]
         parts = gather(ray, refs, bar, reporter)
+        bar.update(count - bar.n)  # every task is done; their last counts may still be on their way
     finally:
         bar.close()
         if reporter is not None:
@@ -184,6 +210,9 @@ def gather(ray, refs: list, bar: tqdm | None = None, reporter=None) -> list:
         cause = exc.cause
         if isinstance(cause, OnnxSnpeError):
             raise OnnxSnpeError(str(cause)) from None
+        if isinstance(cause, ray.exceptions.RayError):  # e.g. a worker that cannot unpickle the task
+            raise OnnxSnpeError(f"--ray: a task failed on the cluster ({_first_line(cause)}); do all nodes "
+                                "run this command's onnxsnpe?") from exc
         raise cause from None  # a bug shows as it would in-process
     except ray.exceptions.RayError as exc:
         _cancel(ray, pending.values())
@@ -200,8 +229,9 @@ def _cancel(ray, refs: Iterable) -> None:
 
 
 def _first_task(model: bytes, tensors: list[str], methods: tuple[str, ...], floors: dict[str, float],
-                dataset: Dataset, sink: Sink | None, reporter) -> tuple[dict[str, TensorStats], int]:
+                dataset: Dataset, sink: Sink | None, reporter, code: str) -> tuple[dict[str, TensorStats], int]:
     """In a worker: the first samples alone, until every PDF has its grid (collect.collect_first)."""
+    check_code(code)
     samples = _read(dataset, 0, sink, reporter, 0)
     stats, count = collect_first(onnx.ModelProto.FromString(model), tensors, samples, methods, floors, threads=1)
     if reporter is not None:
@@ -211,8 +241,9 @@ def _first_task(model: bytes, tensors: list[str], methods: tuple[str, ...], floo
 
 def _shard_task(model: bytes, tensors: list[str], methods: tuple[str, ...], floors: dict[str, float],
                 dataset: Dataset, first_index: int, continuing: dict[str, TensorStats] | None, sink: Sink | None,
-                reporter, shard: int) -> dict[str, TensorStats]:
+                reporter, shard: int, code: str) -> dict[str, TensorStats]:
     """In a worker: the statistics of one shard, on the first samples' PDF grids when there are any."""
+    check_code(code)
     samples = _read(dataset, first_index, sink, reporter, shard)
     return collect_statistics(onnx.ModelProto.FromString(model), tensors, samples, methods, DEFAULT_BATCH_SIZE,
                               workers=1, floors=floors, threads=1, continuing=continuing)
