@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -72,7 +73,11 @@ def connect(address: str | None = None):
             ray.init(num_cpus=available_cores(), include_dashboard=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise OnnxSnpeError(f"--ray: cannot connect to {where}: {_first_line(exc)}") from exc
+        hint = ""
+        if address and address != "auto" and not os.environ.get("RAY_AUTH_MODE"):
+            hint = ("; a cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its "
+                    "token (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+        raise OnnxSnpeError(f"--ray: cannot connect to {where}: {_first_line(exc)}{hint}") from exc
     return ray
 
 
