@@ -15,9 +15,11 @@ from . import __version__, export
 from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
 from .recipe import run_recipe
-from .report.evaluation import worst_isolated
+from .report.evaluation import Evaluation, worst_isolated
 from .report.html import write_comparison_html
 from .stages import (
+    Encodings,
+    Prepared,
     Settings,
     calibrate,
     check_analysis_samples,
@@ -26,6 +28,8 @@ from .stages import (
     optimize_model,
     prepare,
 )
+from .stats.distributed import RETRIES, check_code, code_fingerprint, connect, gather
+from .stats.tensor_stats import TensorStats
 
 COMPARE_JSON = "compare.json"
 COMPARE_HTML = "compare.html"
@@ -60,7 +64,8 @@ def compare(
     """Every combination of ``methods`` and ``act_bitwidths`` from one calibration pass.
 
     ``base`` holds the other settings (weight method and bits, bias bits, percentile, fixed ranges).
-    ``ray`` (True for a local cluster, or a cluster's address) calibrates on Ray, with the same result.
+    ``ray`` (True for a local cluster, or a cluster's address) calibrates on Ray and evaluates the
+    configurations there, one task each, with the same results.
     """
     start = time.perf_counter()
     if not methods or not act_bitwidths:
@@ -85,11 +90,12 @@ def compare(
         stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress, ray)
         deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         rows = []
-        for settings in configs:
+        if ray not in (None, False):
+            results = _configurations_on_ray(prepared, stats, configs, analysis_samples, ray)
+        else:
+            results = (_configuration(prepared, stats, settings, analysis_samples, progress) for settings in configs)
+        for settings, (encodings, precision, evaluation) in zip(configs, results, strict=True):
             name = f"{settings.method}_a{settings.act_bitwidth}"
-            encodings, precision = encode_with_precision(prepared, stats, settings, ray)
-            evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples,
-                                            progress)
             overrides = f"{name}/{export.OVERRIDES_FILE}"
             staged.stage(name).mkdir()
             export.write_json(
@@ -120,6 +126,36 @@ def compare(
         export.write_json(staged.stage(COMPARE_JSON), report)
         write_comparison_html(report, staged.stage(COMPARE_HTML))
     return CompareResult(staged.destination, report, time.perf_counter() - start)
+
+
+def _configuration(
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings, analysis_samples: int, progress: bool
+) -> tuple[Encodings, dict | None, Evaluation]:
+    """One configuration's encodings (with its automatic mixed precision, if asked) and evaluation."""
+    encodings, precision = encode_with_precision(prepared, stats, settings)
+    evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress)
+    return encodings, precision, evaluation
+
+
+def _configurations_on_ray(
+    prepared: Prepared, stats: dict[str, TensorStats], configs: list[Settings], analysis_samples: int,
+    address: str | bool,
+) -> list[tuple[Encodings, dict | None, Evaluation]]:
+    """_configuration of every configuration, one Ray task each (stats/distributed.py); the evaluation
+    samples are read by path in the tasks. The results are those of the run without Ray."""
+    ray = connect(None if address is True else address)
+    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_configuration_task)
+    shared, stats_ref = ray.put(prepared), ray.put(stats)
+    return gather(ray, [task.remote(shared, stats_ref, settings, analysis_samples, code_fingerprint())
+                        for settings in configs])
+
+
+def _configuration_task(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings,
+                        analysis_samples: int, code: str) -> tuple[Encodings, dict | None, Evaluation]:
+    """In a worker: one configuration, without progress bars (a ranking for automatic mixed precision
+    runs in the task: tasks started from tasks could wait for CPUs their parents hold)."""
+    check_code(code)
+    return _configuration(prepared, stats, settings, analysis_samples, progress=False)
 
 
 def comparison_summary(report: dict, out_dir: Path, seconds: float) -> str:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from onnxsnpe import export
 from onnxsnpe.api import quantize
 from onnxsnpe.cli import DEMO_IMAGES, main
+from onnxsnpe.compare import compare
 from onnxsnpe.data.datasets import open_dataset
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.load import load_model, model_inputs
@@ -45,7 +46,8 @@ DEMO_MODEL = CALIB_DATA / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 def cluster():
     """A local Ray cluster of 2 CPUs for this module's tests, shut down after them."""
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             logging_level="WARNING")  # "local": a new cluster, even if another runs on the machine
     # the killing sink below is defined here, a module Ray's workers cannot import by name
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
@@ -143,6 +145,17 @@ def test_quantize_on_ray_writes_the_same_files(cluster, tmp_path: Path) -> None:
     for raw in raws:
         assert filecmp.cmp(local.out_dir / export.RAW_DIR / raw, remote.out_dir / export.RAW_DIR / raw,
                            shallow=False), raw
+
+
+def test_compare_on_ray_writes_the_same_files(cluster, tmp_path: Path) -> None:
+    options = dict(methods=["minmax", "tf_enhanced"], act_bitwidths=[8], image_options=DEMO_IMAGES,
+                   analysis_samples=1, progress=False)
+    local = compare(DEMO_MODEL, CALIB_DATA / "calib", tmp_path / "local", eval_data=CALIB_DATA / "eval", **options)
+    remote = compare(DEMO_MODEL, CALIB_DATA / "calib", tmp_path / "ray", eval_data=CALIB_DATA / "eval", ray=True,
+                     **options)
+    assert remote.report == local.report
+    for name in ("compare.json", "minmax_a8/snpe_clip_ranges.json", "tf_enhanced_a8/snpe_clip_ranges.json"):
+        assert filecmp.cmp(local.out_dir / name, remote.out_dir / name, shallow=False), name
 
 
 class KillOnce:

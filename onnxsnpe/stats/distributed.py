@@ -14,8 +14,9 @@ nothing again, and the raw files it writes (``sink``) get the same bytes again.
 Ray is optional (``pip install "onnxsnpe[ray]"``) and imported only here, on first use. With no
 address a local cluster is started with the machine's cores; with one, the job joins a running
 cluster (``ray start --head``), whose every node needs onnxsnpe installed and the samples (and the
-output folder, for the raw files) at the same paths. The connection stays open for later calls in
-the process (``ray.shutdown()`` ends it).
+output folder, for the raw files) at the same paths; each task checks that its worker runs the
+driver's onnxsnpe code (check_code). The connection stays open for later calls in the process
+(``ray.shutdown()`` ends it).
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ from ..errors import OnnxSnpeError
 from ..graph.large import is_large
 from .collect import DEFAULT_BATCH_SIZE, available_cores, collect_first, collect_statistics
 from .tensor_stats import TensorStats
-
-log = logging.getLogger(__name__)
 
 RETRIES = 3
 """Times Ray runs a task again whose worker died (an error raised by the task is not retried)."""
@@ -70,7 +69,8 @@ def connect(address: str | None = None):
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             # its start-up notes (token authentication is on, ...) are not the user's concern
-            ray.init(num_cpus=available_cores(), include_dashboard=False, logging_level=logging.ERROR)
+            ray.init(address="local", num_cpus=available_cores(), include_dashboard=False,
+                     logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         hint = ""
