@@ -99,7 +99,8 @@ def quantize(
     ``fixed_inputs`` ({name: values}) become constants, so that If nodes depending on them fold.
     Also writes snpe_qdq.onnx; with ``htp_samples`` > 0 runs that many evaluation samples on
     Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it.
-    ``ray`` (True for a local cluster, or a cluster's address) calibrates on Ray, with the same result.
+    ``ray`` (True for a local cluster, or a cluster's address) runs the calibration, ``optimize``'s trial
+    calibrations and automatic mixed precision's ranking on Ray, with the same results.
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     start = time.perf_counter()
