@@ -95,6 +95,7 @@ def quantize(
     htp_samples: int = 0,
     htp_arch: str | None = None,
     progress: bool = True,
+    ray: str | bool | None = None,
 ) -> QuantizeResult:
     """Calibrate ``model`` on the samples at ``calib`` and write SNPE's inputs into ``out``.
 
@@ -107,6 +108,8 @@ def quantize(
     Also writes snpe_qdq.onnx; with ``htp_samples`` > 0 runs that many evaluation samples on
     Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it, the
     emulator computing as HTP ``htp_arch`` (emulator.HtpSession: None picks).
+    ``ray`` (True for a local cluster, or a cluster's address) runs the calibration, ``optimize``'s trial
+    calibrations and automatic mixed precision's ranking on Ray, with the same results.
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     timer = StageTimer()
@@ -132,15 +135,16 @@ def quantize(
         prepared = limit_evaluation(prepared, eval_samples)
     with timer.stage("optimize"):
         if settings.optimize:
-            prepared, settings, optimizations = run_recipe(prepared, settings, progress)
+            prepared, settings, optimizations = run_recipe(prepared, settings, progress, ray)
         else:
             prepared, optimizations = optimize_model(prepared, settings, progress)
 
     with export.StagedOutput(out) as staged:
         with timer.stage("calibration"):
-            stats = calibrate(prepared, staged, [method], progress, weights=weight_set(prepared, settings))
+            stats = calibrate(prepared, staged, [method], progress, weights=weight_set(prepared, settings),
+                              ray=ray)
         with timer.stage("encoding"):
-            prepared, encodings, precision = encode_with_precision(prepared, stats, settings)
+            prepared, encodings, precision = encode_with_precision(prepared, stats, settings, ray)
         if precision is not None:
             optimizations["auto_precision"] = precision
             if "recipe" in optimizations:

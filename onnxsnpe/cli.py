@@ -112,6 +112,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         help="make an input a constant, e.g. sr=16000, so that the If branches that depend on it fold away "
         "(samples then leave it out; repeatable)",
     )
+    parser.add_argument(
+        "--ray", nargs="?", const=True, metavar="ADDRESS",
+        help="calibrate on a Ray cluster (pip install 'onnxsnpe[ray]'): the one at ADDRESS (e.g. 127.0.0.1:6379, "
+        "after 'ray start --head'), or a local one without it (give it last or as --ray=ADDRESS); same results",
+    )
     images = parser.add_argument_group("image preprocessing (folders of images)")
     images.add_argument("--resize", type=_resize, metavar="H,W", help="resize to H,W (default: the model's size)")
     images.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb", help="channel order (default rgb)")
@@ -356,6 +361,7 @@ def _run(args: argparse.Namespace) -> int:
             htp_arch=args.htp_arch,
             image_options=_image_options(args),
             progress=not args.quiet,
+            ray=args.ray,
         )
     if not args.quiet:
         print(summary_text(result.report, result.out_dir, result.seconds))
@@ -394,7 +400,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         eval_data=args.eval, num_samples=args.num_samples, input_shapes=dict(args.input_shape),
         fixed_inputs=dict(args.fix_input),
         image_options=_image_options(args), analysis_samples=args.analysis_samples, eval_samples=args.eval_samples,
-        progress=not args.quiet,
+        progress=not args.quiet, ray=args.ray,
     )
     if not args.quiet:
         print(comparison_summary(result.report, result.out_dir, result.seconds))

@@ -16,9 +16,11 @@ from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
 from .precision import encode_with_precision
 from .recipe import run_recipe
-from .report.evaluation import worst_isolated
+from .report.evaluation import Evaluation, Evaluator, worst_isolated
 from .report.html import write_comparison_html
 from .stages import (
+    Encodings,
+    Prepared,
     Settings,
     StageTimer,
     calibrate,
@@ -31,6 +33,8 @@ from .stages import (
     prepare,
     weight_set,
 )
+from .stats.distributed import RETRIES, check_code, code_fingerprint, connect, gather
+from .stats.tensor_stats import TensorStats
 
 COMPARE_JSON = "compare.json"
 COMPARE_HTML = "compare.html"
@@ -61,11 +65,13 @@ def compare(
     analysis_samples: int = 1,
     eval_samples: int | str | None = None,
     progress: bool = True,
+    ray: str | bool | None = None,
 ) -> CompareResult:
     """Every combination of ``methods`` and ``act_bitwidths`` from one calibration pass.
 
     ``base`` holds the other settings (weight method and bits, bias bits, percentile, fixed ranges);
     ``eval_samples`` as for quantize. One FP32 reference session serves every configuration.
+    ``ray`` (True for a local cluster, or a cluster's address) calibrates on Ray, with the same results.
     """
     timer = StageTimer()
     if not methods or not act_bitwidths:
@@ -84,7 +90,7 @@ def compare(
         prepared = limit_evaluation(prepared, eval_samples)
     with timer.stage("optimize"):
         if base.optimize:
-            prepared, base, optimizations = run_recipe(prepared, base, progress)
+            prepared, base, optimizations = run_recipe(prepared, base, progress, ray)
             configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)
                        for s in configs]
         else:
@@ -93,18 +99,19 @@ def compare(
     with export.StagedOutput(out) as staged:
         with timer.stage("calibration"):
             stats = calibrate(prepared, staged, {s.method for s in configs} | {base.weight_method}, progress,
-                              weights=weight_set(prepared, base))
+                              weights=weight_set(prepared, base), ray=ray)
         with timer.stage("writing"):
             deploy_files = export.write_model(staged.stage(export.DEPLOY_FILE), prepared.deploy)
         with timer.stage("reference_setup"):
             evaluator = make_evaluator(prepared, tensors=False)  # compare reports outputs and isolated ranks
         rows = []
-        for settings in configs:
+        if ray not in (None, False):
+            results = _configurations_on_ray(prepared, stats, configs, analysis_samples, ray)
+        else:
+            results = (_configuration(prepared, stats, settings, analysis_samples, progress, evaluator, timer)
+                       for settings in configs)
+        for settings, (configured, encodings, precision, evaluation) in zip(configs, results, strict=True):
             name = f"{settings.method}_a{settings.act_bitwidth}"
-            with timer.stage("encoding"):
-                configured, encodings, precision = encode_with_precision(prepared, stats, settings)
-            evaluation = evaluate_encodings(configured, stats, encodings, settings.arithmetic, analysis_samples,
-                                            progress, evaluator, timer)
             overrides = f"{name}/{export.OVERRIDES_FILE}"
             staged.stage(name).mkdir()
             export.write_json(
@@ -113,7 +120,7 @@ def compare(
                                       settings.encoding_format),
             )
             deploy = export.DEPLOY_FILE
-            if configured.deploy is not prepared.deploy:  # auto precision gave raised weights their FP32 values
+            if precision and precision["fp32_weights_restored"]:  # raised weights took back their FP32 values
                 deploy = f"{name}/{export.DEPLOY_FILE}"
                 export.write_model(staged.stage(deploy), configured.deploy)
             rows.append({
@@ -143,6 +150,39 @@ def compare(
         report["timings"] = timer.to_dict()  # the one part that differs between identical runs
         export.write_json(staged.stage(COMPARE_JSON), report)
     return CompareResult(staged.destination, report, time.perf_counter() - timer.start)
+
+
+def _configuration(
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings, analysis_samples: int, progress: bool,
+    evaluator: Evaluator | None = None, timer: StageTimer | None = None,
+) -> tuple[Prepared, Encodings, dict | None, Evaluation]:
+    """One configuration's model (raised weights may take their FP32 values), encodings (with its
+    automatic mixed precision, if asked) and evaluation."""
+    configured, encodings, precision = encode_with_precision(prepared, stats, settings)
+    evaluation = evaluate_encodings(configured, stats, encodings, settings.arithmetic, analysis_samples, progress,
+                                    evaluator, timer)
+    return configured, encodings, precision, evaluation
+
+
+def _configurations_on_ray(
+    prepared: Prepared, stats: dict[str, TensorStats], configs: list[Settings], analysis_samples: int,
+    address: str | bool,
+) -> list[tuple[Prepared, Encodings, dict | None, Evaluation]]:
+    """_configuration of every configuration, one Ray task each (stats/distributed.py); the evaluation
+    samples are read by path in the tasks. The results are those of the run without Ray."""
+    ray = connect(None if address is True else address)
+    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_configuration_task)
+    shared, stats_ref = ray.put(prepared), ray.put(stats)
+    return gather(ray, [task.remote(shared, stats_ref, settings, analysis_samples, code_fingerprint())
+                        for settings in configs])
+
+
+def _configuration_task(prepared: Prepared, stats: dict[str, TensorStats], settings: Settings,
+                        analysis_samples: int, code: str) -> tuple[Prepared, Encodings, dict | None, Evaluation]:
+    """In a worker: one configuration, without progress bars (a ranking for automatic mixed precision
+    runs in the task: tasks started from tasks could wait for CPUs their parents hold)."""
+    check_code(code)
+    return _configuration(prepared, stats, settings, analysis_samples, False, make_evaluator(prepared, tensors=False))
 
 
 def comparison_summary(report: dict, out_dir: Path, seconds: float) -> str:

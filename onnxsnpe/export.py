@@ -98,19 +98,35 @@ class InputListWriter:
     def add(self, sample: dict[str, np.ndarray]) -> None:
         """Write one sample's raw files and remember its line."""
         index = len(self.lines)
-        paths = {}
-        for k, name in enumerate(self.input_names):
-            if len(self.input_names) == 1:
-                file_name = f"{index:05d}.raw"
-            else:
-                file_name = f"{index:05d}_{k}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.raw"
-            relative = f"{RAW_DIR}/{file_name}"
-            np.ascontiguousarray(to_snpe_layout(sample[name]), dtype="<f4").tofile(self.output.stage(relative))
-            paths[name] = self.output.final(relative)
+        self.write(index, sample)
+        self.lines.append(self.line(index))
+
+    def write(self, index: int, sample: dict[str, np.ndarray]) -> None:
+        """Write the raw files of sample ``index`` (from any process that sees the staging folder;
+        writing them again writes the same bytes)."""
+        for relative, name in zip(self._files(index), self.input_names, strict=True):
+            path = self.output.stage(relative)
+            try:
+                np.ascontiguousarray(to_snpe_layout(sample[name]), dtype="<f4").tofile(path)
+            except OSError as exc:
+                raise OnnxSnpeError(f"{path}: cannot write raw file: {exc.strerror or exc}") from exc
+
+    def line(self, index: int) -> str:
+        """Sample ``index``'s line of data.txt."""
+        paths = [str(self.output.final(relative)) for relative in self._files(index)]
         if len(self.input_names) == 1:
-            self.lines.append(str(paths[self.input_names[0]]))
-        else:
-            self.lines.append(" ".join(f"{name}:={path}" for name, path in paths.items()))
+            return paths[0]
+        return " ".join(f"{name}:={path}" for name, path in zip(self.input_names, paths, strict=True))
+
+    def list_written(self, count: int) -> None:
+        """List samples 0 to ``count - 1``, whose raw files :meth:`write` wrote."""
+        self.lines = [self.line(index) for index in range(count)]
+
+    def _files(self, index: int) -> list[str]:
+        if len(self.input_names) == 1:
+            return [f"{RAW_DIR}/{index:05d}.raw"]
+        return [f"{RAW_DIR}/{index:05d}_{k}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.raw"
+                for k, name in enumerate(self.input_names)]
 
     def finish(self) -> None:
         """Write data.txt."""

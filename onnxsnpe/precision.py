@@ -21,8 +21,10 @@ from onnx import numpy_helper
 
 from .optimize.mixed_precision import choose_16bit
 from .report.metrics import json_db
+from .report.ranking_on_ray import isolated_ranking_on_ray
 from .report.sensitivity import OutputScorer, isolated_ranking
 from .stages import Encodings, Prepared, Settings, encode
+from .stats.distributed import dataset_part
 from .stats.tensor_stats import TensorStats
 
 RANKING_SAMPLES = 4
@@ -69,13 +71,15 @@ def _changed_values(prepared: Prepared, names: set[str]) -> dict[str, onnx.Tenso
 
 
 def encode_with_precision(
-    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings
+    prepared: Prepared, stats: dict[str, TensorStats], settings: Settings, ray: str | bool | None = None
 ) -> tuple[Prepared, Encodings, dict | None]:
     """The prepared model and its encodings, with the activations and weights raised to 16 bits that
     automatic mixed precision picks when asked, and the record of the choice (None when not asked).
 
     The ranking uses the first RANKING_SAMPLES held-back calibration samples, the scores all of them.
     A weight an earlier step fixed is ranked by the cost of its nearest rounding on its fixed grid.
+    With ``ray`` (True, or a cluster's address) the ranking runs on Ray (report/ranking_on_ray.py),
+    with the same result.
     """
     if not settings.auto_precision:
         return prepared, encode(prepared, stats, settings), None
@@ -83,8 +87,13 @@ def encode_with_precision(
     start = time.perf_counter()
     plain = encode(prepared, stats, settings)
     candidates = {name: plain.weights[name] for name in raisable_weights(prepared, settings)}
-    ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations, samples[:RANKING_SAMPLES],
-                               candidates)
+    if ray not in (None, False):
+        ranking = isolated_ranking_on_ray(prepared.reference, prepared.targets, plain.activations,
+                                          dataset_part(prepared.judging_set, 0, RANKING_SAMPLES), candidates,
+                                          address=None if ray is True else ray)
+    else:
+        ranking = isolated_ranking(prepared.reference, prepared.targets, plain.activations,
+                                   samples[:RANKING_SAMPLES], candidates)
     ranked = time.perf_counter() - start
     scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
 

@@ -18,13 +18,17 @@ from .report.metrics import json_db
 from .report.sensitivity import OutputScorer
 from .stages import Prepared, Settings, apply_adaround, apply_bias_correction, apply_cle, encode, hold_back, weight_set
 from .stats.collect import collect_statistics
+from .stats.distributed import collect_on_ray
 
 LABELS = {"cle": "CLE", "adaround": "AdaRound", "bias_correction": "bias correction"}
 STEPS = (("cle", apply_cle), ("adaround", apply_adaround), ("bias_correction", apply_bias_correction))
 
 
-def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, Settings, dict]:
-    """The prepared model with the steps that helped applied, the settings that say which, and the record."""
+def run_recipe(
+    prepared: Prepared, settings: Settings, progress: bool, ray: str | bool | None = None
+) -> tuple[Prepared, Settings, dict]:
+    """The prepared model with the steps that helped applied, the settings that say which, and the record.
+    With ``ray`` each trial's calibration runs on Ray (stats/distributed.py), with the same result."""
     prepared = prepared if prepared.judging_set is not None else hold_back(prepared)
     samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
     scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
@@ -34,8 +38,13 @@ def run_recipe(prepared: Prepared, settings: Settings, progress: bool) -> tuple[
         model = candidate.deploy  # tf_enhanced observes it with quantized weights, as calibrate does
         if candidate_settings.method == "tf_enhanced":
             model = quantized_weights(model, weight_set(candidate, candidate_settings))
-        stats = collect_statistics(model, candidate.targets.activations, iter(candidate.calib_set),
-                                   methods=[candidate_settings.method], floors=candidate.targets.floors())
+        if ray not in (None, False):
+            stats = collect_on_ray(model, candidate.targets.activations, candidate.calib_set,
+                                   [candidate_settings.method], candidate.targets.floors(),
+                                   address=None if ray is True else ray)
+        else:
+            stats = collect_statistics(model, candidate.targets.activations, iter(candidate.calib_set),
+                                       methods=[candidate_settings.method], floors=candidate.targets.floors())
         encodings = encode(candidate, stats, candidate_settings)
         comparisons = scorer.compare(encodings.activations, encodings.params, candidate.deploy, candidate.targets)
         top1 = [c.top1 / c.rows for c in comparisons if c.rows]

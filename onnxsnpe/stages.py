@@ -49,6 +49,7 @@ from .optimize.mixed_precision import held_back_count
 from .report.evaluation import Evaluation, Evaluator
 from .simulate.arithmetic import ARITHMETICS
 from .stats.collect import collect_statistics
+from .stats.distributed import collect_on_ray
 from .stats.tensor_stats import TensorStats
 
 log = logging.getLogger(__name__)
@@ -369,28 +370,41 @@ def _bar(label: str, unit: str, enabled: bool):
 
 def calibrate(
     prepared: Prepared, staged: export.StagedOutput, methods: Iterable[str], progress: bool,
-    weights: dict[str, ParamEncoding] | None = None,
+    weights: dict[str, ParamEncoding] | None = None, ray: str | bool | None = None,
 ) -> dict[str, TensorStats]:
     """One pass over the calibration samples: statistics for ``methods``, and data.txt with its raw files.
 
     ``tf_enhanced`` observes the deploy model with ``weights`` fake-quantized, as AIMET's calibration
     runs it (encode/quantized_weights.py); the other methods the FP32 deploy model. Asked for
-    together, they take a pass each, the tf_enhanced PDFs joining the other statistics.
+    together, they take a pass each, the tf_enhanced PDFs joining the other statistics. With ``ray``
+    (True, or a cluster's address) the passes run on Ray (stats/distributed.py), with the same result.
     """
     methods = set(methods)
     quantized = "tf_enhanced" in methods and weights is not None
     plain = methods - {"tf_enhanced"} if quantized else methods
     raw_writer = export.InputListWriter(staged, prepared.input_names)
-    samples = _teed(_progress(prepared.calib_set, "calibration", progress), raw_writer.add)
     floors = prepared.targets.floors()
     model = quantized_weights(prepared.deploy, weights) if quantized else None
-    stats = collect_statistics(prepared.deploy if plain else model, prepared.targets.activations, samples,
-                               methods=sorted(plain or methods), floors=floors)
+    first = prepared.deploy if plain else model
+    on_ray = ray not in (None, False)
+    address = None if ray is True else ray
+    if on_ray:
+        stats = collect_on_ray(first, prepared.targets.activations, prepared.calib_set, sorted(plain or methods),
+                               floors, address=address, sink=raw_writer.write, progress=progress)
+        raw_writer.list_written(len(prepared.calib_set))
+    else:
+        samples = _teed(_progress(prepared.calib_set, "calibration", progress), raw_writer.add)
+        stats = collect_statistics(first, prepared.targets.activations, samples, methods=sorted(plain or methods),
+                                   floors=floors)
     raw_writer.finish()
     if quantized and plain:
-        pdfs = collect_statistics(model, prepared.targets.activations,
-                                  _progress(prepared.calib_set, "calibration (tf_enhanced)", progress),
-                                  methods=["tf_enhanced"], floors=floors)
+        if on_ray:
+            pdfs = collect_on_ray(model, prepared.targets.activations, prepared.calib_set, ["tf_enhanced"], floors,
+                                  address=address, progress=progress)
+        else:
+            pdfs = collect_statistics(model, prepared.targets.activations,
+                                      _progress(prepared.calib_set, "calibration (tf_enhanced)", progress),
+                                      methods=["tf_enhanced"], floors=floors)
         for name, observed in pdfs.items():
             stats[name].tf_enhanced = observed.tf_enhanced
     return stats

@@ -21,8 +21,17 @@ it prints
 With ``--model minilm_l6``, the same on the MiniLM-L6 sentence encoder, its samples the sentences of
 tools/sentences.txt tokenized (tools/text_samples.py; needs the ``tokenizers`` package), cycled.
 
+With ``--ray`` (needs ``pip install -e ".[ray]"``), instead: calibration on a local Ray cluster
+(stats/distributed.py, one shard per core) against the in-process pass, both reading the same
+``--samples`` crops from raw files by path (an SNPE input list, as a user's data would come), and
+the driver's peak RSS for ``--ray-samples`` samples (the same crops listed again and again) against
+500; then what the estimate of the speed-up on N machines needs: a task's fixed cost and cost per
+sample (shards of 8 and 128 samples, alone on the cluster), the driver's cost of merging one
+shard's statistics, their size.
+
 Usage: python tools/bench_calibration.py [--model efficientnet_lite0|minilm_l6] [--samples 256] [--repeats 3]
                                          [--skip-ort] [--stats-samples 16] [--whole | --whole-only]
+                                         [--ray] [--ray-samples 10000]
 This is not a test: timings depend on the machine and on what else runs on it.
 """
 
@@ -283,6 +292,8 @@ def main() -> None:
     parser.add_argument("--stats-samples", type=int, default=16, help="samples for the statistics-alone costs")
     parser.add_argument("--whole", action="store_true", help="also time the whole quantize and compare commands")
     parser.add_argument("--whole-only", action="store_true", help="only the whole-command rows")
+    parser.add_argument("--ray", action="store_true", help="benchmark calibration on a local Ray cluster instead")
+    parser.add_argument("--ray-samples", type=int, default=10_000, help="samples of --ray's memory run")
     args = parser.parse_args()
     global MODEL
     MODEL = MODELS / f"{args.model}.onnx"
@@ -292,6 +303,11 @@ def main() -> None:
     sources = f"{len(list(images()))} source photos" if args.model == "efficientnet_lite0" else "96 sentences"
     print(f"model: {MODEL.name}, {len(targets.activations)} observed tensors, {sources}; "
           f"onnxruntime {ort.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}")
+    if args.ray:
+        from bench_ray import bench_ray
+
+        bench_ray(deploy, samples, args.samples, args.ray_samples, args.repeats, peak_rss_mb)
+        return
     if args.whole_only:
         whole_command(deploy, args.samples, args.repeats)
         return

@@ -10,7 +10,8 @@ samples: what automatic mixed precision (optimize/mixed_precision.py) ranks and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -34,23 +35,51 @@ def isolated_ranking(
 ) -> list[tuple[str, float]]:
     """Every activation with its own encoding, and every weight in ``weights``, with its isolated
     output SQNR (dB), costliest first."""
-    outputs = [o.name for o in deploy.graph.output]
-    weights = weights or {}
-    names = list(targets.activations)
-    reference = make_session(deploy)
-    model, output_map = build_simulation_model(deploy, targets, activations, weights, switchable=True,
-                                               switched_params=list(weights))
-    session = make_session(model)
-    mapped = [output_map[o] for o in outputs]
-    comparisons = [TensorComparison(name) for name in [*names, *weights]]
-    switch = np.zeros(len(comparisons), dtype=bool)
-    for sample in samples:
-        ref = reference.run(outputs, sample)
-        for position, comparison in enumerate(comparisons):
-            switch[:] = False
-            switch[position] = True
-            for want, got in zip(ref, session.run(mapped, {**sample, SWITCH_INPUT: switch}), strict=True):
-                comparison.update(want, got)
+    switchable = IsolatedModel.build(deploy, targets, activations, weights or {})
+    return ranked(switchable.errors(deploy, samples))
+
+
+@dataclass
+class IsolatedModel:
+    """The switchable simulation the isolated errors run: ``names`` in switch order, ``outputs`` the
+    deploy model's, ``mapped`` the simulation's outputs that stand for them."""
+
+    model: onnx.ModelProto
+    names: list[str]
+    outputs: list[str]
+    mapped: list[str]
+
+    @classmethod
+    def build(cls, deploy: onnx.ModelProto, targets: QuantTargets, activations: dict[str, Encoding],
+              weights: dict[str, ParamEncoding]) -> IsolatedModel:
+        """One simulation in which each activation, and each weight in ``weights``, can be quantized alone."""
+        outputs = [o.name for o in deploy.graph.output]
+        model, output_map = build_simulation_model(deploy, targets, activations, weights, switchable=True,
+                                                   switched_params=list(weights))
+        return cls(model, [*targets.activations, *weights], outputs, [output_map[o] for o in outputs])
+
+    def errors(self, deploy: onnx.ModelProto, samples: Iterable[Sample],
+               positions: Sequence[int] | None = None, threads: int = 0) -> list[TensorComparison]:
+        """The model outputs against ``deploy``'s FP32 ones with only one tensor quantized, for the
+        tensors at ``positions`` (default: all), accumulated over the samples in order; sessions of
+        ``threads`` threads (default: onnxruntime's)."""
+        positions = range(len(self.names)) if positions is None else positions
+        reference = make_session(deploy, threads=threads)
+        session = make_session(self.model, threads=threads)
+        comparisons = [TensorComparison(self.names[position]) for position in positions]
+        switch = np.zeros(len(self.names), dtype=bool)
+        for sample in samples:
+            ref = reference.run(self.outputs, sample)
+            for position, comparison in zip(positions, comparisons, strict=True):
+                switch[:] = False
+                switch[position] = True
+                for want, got in zip(ref, session.run(self.mapped, {**sample, SWITCH_INPUT: switch}), strict=True):
+                    comparison.update(want, got)
+        return comparisons
+
+
+def ranked(comparisons: Iterable[TensorComparison]) -> list[tuple[str, float]]:
+    """(name, isolated output SQNR in dB), costliest first."""
     return sorted(((c.name, c.sqnr_db) for c in comparisons), key=lambda item: (item[1], item[0]))
 
 

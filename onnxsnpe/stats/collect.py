@@ -52,32 +52,55 @@ def collect_statistics(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
     floors: dict[str, float] | None = None,
+    threads: int | None = None,
+    continuing: dict[str, TensorStats] | None = None,
 ) -> dict[str, TensorStats]:
     """Run ``model`` once over ``samples`` (each with batch dimension 1) and observe ``tensors``.
 
     ``workers`` batches run side by side (default: one per core, at most MAX_WORKERS), each in
-    a session with an equal share of the cores. Every sample is consumed, even when there is
-    nothing to observe. ``floors`` maps tensors carrying an attention mask to the value at or below
-    which their values are masked positions, left out (graph/masks.py). Raises OnnxSnpeError if a
-    tensor takes NaN, or Inf other than at a masked position.
+    a session with ``threads`` threads (default: an equal share of the cores). Every sample is
+    consumed, even when there is nothing to observe. ``floors`` maps tensors carrying an attention
+    mask to the value at or below which their values are masked positions, left out
+    (graph/masks.py). ``continuing`` holds the statistics of the samples before these (from
+    :func:`collect_first`): the result starts on their PDF grids and is returned apart, for the
+    caller to merge into them. Raises OnnxSnpeError if a tensor takes NaN, or Inf other than at a
+    masked position.
     """
     methods = tuple(methods)
     cores = available_cores()
     workers = max(1, workers or min(cores, MAX_WORKERS))
     floors = floors or {}
-    stats = {name: TensorStats(methods, floors.get(name)) for name in tensors}
-    runner = _Runner(model, tensors, batch_size, max(1, cores // workers), workers)
+    if continuing is not None:
+        stats = {name: continuing[name].spawn() for name in tensors}
+    else:
+        stats = {name: TensorStats(methods, floors.get(name)) for name in tensors}
+    runner = _Runner(model, tensors, batch_size, threads or max(1, cores // workers), workers)
     batches = _batches(samples, runner.batch_size)
-    for batch in batches:  # alone: the first run checks the sessions, early samples fix PDF grids
-        _observe(runner, batch, stats)
-        if not any(observed.order_matters for observed in stats.values()):
-            break
+    _observe_alone(runner, batches, stats)
     shares = [stats] + [{name: observed.spawn() for name, observed in stats.items()} for _ in range(workers - 1)]
     _share_out(runner, batches, shares)
     for share in shares[1:]:
         for name, observed in share.items():
             stats[name].merge(observed)
     return stats
+
+
+def collect_first(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    samples: Iterable[dict[str, np.ndarray]],
+    methods: Iterable[str] = ("minmax",),
+    floors: dict[str, float] | None = None,
+    threads: int = 1,
+) -> tuple[dict[str, TensorStats], int]:
+    """The statistics of the first ``samples``, run one at a time in order until the order of the
+    rest no longer matters (every PDF has its grid: at once without ``tf_enhanced``), and how many
+    samples that took. :func:`collect_statistics` with ``continuing`` takes the rest, in any split.
+    """
+    floors = floors or {}
+    stats = {name: TensorStats(methods, floors.get(name)) for name in tensors}
+    runner = _Runner(model, tensors, 1, threads)
+    return stats, _observe_alone(runner, _batches(samples, 1), stats)
 
 
 MAX_WORKERS = 4
@@ -90,6 +113,18 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _observe_alone(runner: _Runner, batches: Iterator[list], stats: dict[str, TensorStats]) -> int:
+    """Observe batches one at a time: the first run checks the sessions, and early samples fix the PDF
+    grids, up to the batch after which none lacks its grid. Returns the number of samples observed."""
+    observed = 0
+    for batch in batches:
+        _observe(runner, batch, stats)
+        observed += len(batch)
+        if not any(tensor.order_matters for tensor in stats.values()):
+            break
+    return observed
 
 
 def _observe(
