@@ -22,7 +22,7 @@ from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .precision import encode_with_precision
-from .recipe import run_recipe
+from .recipe import optimize_weights
 from .report.agreement import measure_agreement
 from .report.document import build_report
 from .report.html import write_html_report
@@ -41,7 +41,6 @@ from .stages import (
     check_eval_samples,
     evaluate_encodings,
     limit_evaluation,
-    optimize_model,
     prepare,
     weight_set,
 )
@@ -134,10 +133,7 @@ def quantize(
         prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
         prepared = limit_evaluation(prepared, eval_samples)
     with timer.stage("optimize"):
-        if settings.optimize:
-            prepared, settings, optimizations = run_recipe(prepared, settings, progress, ray)
-        else:
-            prepared, optimizations = optimize_model(prepared, settings, progress)
+        prepared, settings, optimizations = optimize_weights(prepared, settings, progress, ray)
 
     with export.StagedOutput(out) as staged:
         with timer.stage("calibration"):

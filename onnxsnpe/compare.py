@@ -15,7 +15,7 @@ from . import __version__, export
 from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
 from .precision import encode_with_precision
-from .recipe import run_recipe
+from .recipe import optimize_weights
 from .report.evaluation import Evaluation, Evaluator, worst_isolated
 from .report.html import write_comparison_html
 from .stages import (
@@ -29,7 +29,6 @@ from .stages import (
     evaluate_encodings,
     limit_evaluation,
     make_evaluator,
-    optimize_model,
     prepare,
     weight_set,
 )
@@ -89,12 +88,9 @@ def compare(
         prepared = prepare(model, calib, eval_data, num_samples, input_shapes, image_options, fixed_inputs)
         prepared = limit_evaluation(prepared, eval_samples)
     with timer.stage("optimize"):
-        if base.optimize:
-            prepared, base, optimizations = run_recipe(prepared, base, progress, ray)
-            configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)
-                       for s in configs]
-        else:
-            prepared, optimizations = optimize_model(prepared, base, progress)
+        prepared, base, optimizations = optimize_weights(prepared, base, progress, ray)
+    configs = [replace(base, method=s.method, act_bitwidth=s.act_bitwidth, auto_precision=s.auto_precision)
+               for s in configs]
 
     with export.StagedOutput(out) as staged:
         with timer.stage("calibration"):

@@ -16,7 +16,17 @@ from dataclasses import replace
 from .encode.quantized_weights import quantized_weights
 from .report.metrics import json_db
 from .report.sensitivity import OutputScorer
-from .stages import Prepared, Settings, apply_adaround, apply_bias_correction, apply_cle, encode, hold_back, weight_set
+from .stages import (
+    Prepared,
+    Settings,
+    apply_adaround,
+    apply_bias_correction,
+    apply_cle,
+    encode,
+    hold_back,
+    optimize_model,
+    weight_set,
+)
 from .stats.collect import collect_statistics
 from .stats.distributed import collect_on_ray
 
@@ -69,3 +79,13 @@ def run_recipe(
               **{name: steps[name] for name in kept}}
     return prepared, replace(settings, cle=chosen.cle, adaround=chosen.adaround,
                              bias_correction=chosen.bias_correction), record
+
+
+def optimize_weights(prepared: Prepared, settings: Settings, progress: bool,
+             ray: str | bool | None = None) -> tuple[Prepared, Settings, dict]:
+    """The weight-changing steps as ``settings`` ask: the recipe with ``--optimize`` (its settings say
+    which steps it kept), else each step asked for (stages.optimize_model)."""
+    if settings.optimize:
+        return run_recipe(prepared, settings, progress, ray)
+    prepared, done = optimize_model(prepared, settings, progress)
+    return prepared, settings, done
