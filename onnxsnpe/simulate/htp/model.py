@@ -41,19 +41,14 @@ they are exact (float32 rounds ``t * m`` across a tie now and then).
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 from ...encode.encoding import Encoding, ParamEncoding
 from ...graph.targets import QuantTargets
-from ..fake_quant import SUFFIX as FQ_SUFFIX
 from ..fake_quant import build_simulation_model
 from .channelwise import lower_batch_norm, lower_global_average_pool
-from .codes import int8
+from .codes import int8, output_encoding
 from .elementwise import lower_add, lower_mul
 from .linear import lower_linear
-
-ROUNDING_NODES = ("abs", "whole", "frac", "down", "up", "rabs", "sign", "round")
-"""Outputs of the round-half-away-from-zero nodes in fake_quant.fake_quant_nodes' chain."""
 
 
 def htp_simulation_model(
@@ -73,6 +68,7 @@ def htp_simulation_model(
     activations = _concat_encodings(graph, activations)
     constants = {init.name: init for init in graph.initializer}
     lowered_params: set[str] = set()
+    on_grid: list[str] = []  # outputs the lowered ops requantize to their own encoding
     nodes: list[onnx.NodeProto] = []
     opset = next((o.version for o in deploy.opset_import if o.domain in ("", "ai.onnx")), 13)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
@@ -92,16 +88,19 @@ def htp_simulation_model(
             nodes.append(node)
             continue
         chain, inits, consumed = lowered
+        own = activations.get(node.output[0])
+        if own is not None and own is output_encoding(node, targets, activations):
+            on_grid.append(node.output[0])
         nodes.extend(chain)
         graph.initializer.extend(inits)
         lowered_params.update(consumed)
     del graph.node[:]
     graph.node.extend(nodes)
     remaining = {name: enc for name, enc in params.items() if name not in lowered_params}
-    sim, output_map = build_simulation_model(model, targets, activations, remaining)
-    inputs = {v.name for v in deploy.graph.input}
-    _round_half_up(sim.graph, [name for name in targets.activations if name not in inputs])
-    return sim, output_map
+    inputs = {v.name for v in deploy.graph.input}  # the HTP's Quantize of a float input rounds half away
+    return build_simulation_model(model, targets, activations, remaining,
+                                  round_half_up=[name for name in targets.activations if name not in inputs],
+                                  on_grid=on_grid)
 
 
 def _concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -> dict[str, Encoding]:
@@ -128,24 +127,3 @@ def _concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) 
             if name in produced and name not in outputs and readers.get(name) == 1 and int8(own):
                 updated[name] = enc
     return updated
-
-
-def _round_half_up(graph: onnx.GraphProto, tensors: list[str]) -> None:
-    """Make the fake quantization of ``tensors`` round ties up (``floor(v + 0.5)``), as HTP ops do.
-
-    Rewrites the rounding part of fake_quant.fake_quant_nodes' chain; graph inputs keep rounding
-    half away from zero, as the HTP's Quantize of a float input does.
-    """
-    chains = {f"{name}{FQ_SUFFIX}/": name for name in tensors}
-    kept = []
-    for node in graph.node:
-        output = node.output[0] if node.output else ""
-        prefix, _, part = output.rpartition("/")
-        if prefix + "/" in chains and part in ROUNDING_NODES:
-            if part == "round":
-                kept.append(helper.make_node("Add", [prefix + "/c", prefix + "/half"], [prefix + "/shifted"]))
-                kept.append(helper.make_node("Floor", [prefix + "/shifted"], [output]))
-            continue
-        kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
