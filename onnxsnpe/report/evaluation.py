@@ -34,9 +34,9 @@ from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
 from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
 from ..stats.collect import available_cores
+from ..stats.parallel import ordered_map
 from .folding import SUMS, Accumulator, TensorBins, fold, typed_arrays
 from .metrics import OutputComparison, TensorComparison, inner, json_db, sqnr_db
-from .parallel import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Evaluator:
                 noise[sample_index, position, k] = inner(err, err)
 
         jobs = [(s, t) for s in range(len(kept)) for t in range(len(figures))]
-        ordered_map(jobs, [None] * self.workers, work, lambda index, result: None)
+        ordered_map(jobs, [None] * self.workers, work, lambda index, result: None, "onnxsnpe-isolated")
         for position, fig in enumerate(figures):  # in the order the figures were always summed
             for s in range(len(kept)):
                 for k in range(len(self.outputs)):
@@ -260,7 +260,8 @@ class _Run:
         def work(worker: _Worker, index: int, sample: dict[str, np.ndarray]) -> tuple:
             return worker.evaluate(_contiguous(sample))
 
-        ordered_map(iterator, workers, work, lambda index, result: consume(index + 1, result))  # after the first
+        ordered_map(iterator, workers, work, lambda index, result: consume(index + 1, result),  # after the first
+                    "onnxsnpe-evaluation")
         for worker in workers[1:]:
             workers[0].accumulator.merge(worker.accumulator)
         self._settle(workers[0].accumulator)

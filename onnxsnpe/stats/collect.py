@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from onnx import numpy_helper
 from ..errors import OnnxSnpeError, bad_values
 from .exposure import ExposedSession
 from .folding import OutputFold
+from .parallel import ordered_map
 from .tensor_stats import TensorStats
 
 log = logging.getLogger(__name__)
@@ -150,44 +150,14 @@ def _observe(
 
 
 def _share_out(runner: _Runner, batches: Iterator[list], shares: list[dict[str, TensorStats]]) -> None:
-    """Observe the remaining batches with one worker per share of statistics, this thread included.
+    """Observe the remaining batches with one worker per share of statistics, this thread included
+    (parallel.ordered_map: the first error stops every worker after its current batch and is raised here)."""
+    folds: dict[int, dict[int, OutputFold | None]] = {id(share): {} for share in shares}
 
-    The first error stops every worker after its current batch and is raised here.
-    """
-    lock = threading.Lock()
-    failed = threading.Event()
-    errors: list[BaseException] = []
+    def work(stats: dict[str, TensorStats], index: int, batch: list[dict[str, np.ndarray]]) -> None:
+        _observe(runner, batch, stats, folds[id(stats)])
 
-    def next_batch() -> list[dict[str, np.ndarray]] | None:
-        with lock:  # the samples may come from a generator, which only one thread may advance
-            return None if failed.is_set() else next(batches, None)
-
-    def work(stats: dict[str, TensorStats]) -> None:
-        folds: dict[int, OutputFold | None] = {}
-        while (batch := next_batch()) is not None:
-            _observe(runner, batch, stats, folds)
-
-    def helper(stats: dict[str, TensorStats]) -> None:
-        try:
-            work(stats)
-        except BaseException as exc:  # handed to the calling thread, which raises it
-            errors.append(exc)
-            failed.set()
-
-    helpers = [threading.Thread(target=helper, args=(share,), name="onnxsnpe-calibration", daemon=True)
-               for share in shares[1:]]
-    for thread in helpers:
-        thread.start()
-    try:
-        work(shares[0])
-    except BaseException:
-        failed.set()
-        raise
-    finally:
-        for thread in helpers:
-            thread.join()
-    if errors:
-        raise errors[0]
+    ordered_map(batches, shares, work, lambda index, result: None, "onnxsnpe-calibration")
 
 
 def _batches(samples: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[list[dict[str, np.ndarray]]]:

@@ -1,4 +1,5 @@
-"""Work shared out over the cores, results taken in order: what evaluation runs sample by sample.
+"""Work shared out over the cores, results taken in order: how calibration runs its batches and
+evaluation its samples.
 
 Each worker thread takes the next item, works on it with its own state (sessions writing into
 its own arrays: onnxruntime and the compiled folds release the GIL) and hands the result over;
@@ -22,10 +23,11 @@ def ordered_map(
     states: list[State],
     work: Callable[[State, int, Item], Result],
     consume: Callable[[int, Result], None],
+    name: str = "onnxsnpe-worker",
 ) -> None:
     """Run ``work(state, index, item)`` for every item, one worker thread per state (this thread
     is the first), and ``consume(index, result)`` in index order. The first error stops every
-    worker after its current item and is raised here."""
+    worker after its current item and is raised here. ``name`` names the threads."""
     iterator = enumerate(items)
     lock = threading.Lock()
     pending: dict[int, Result] = {}
@@ -54,7 +56,7 @@ def ordered_map(
             errors.append(exc)
             failed.set()
 
-    threads = [threading.Thread(target=helper, args=(state,), name="onnxsnpe-evaluation", daemon=True)
+    threads = [threading.Thread(target=helper, args=(state,), name=name, daemon=True)
                for state in states[1:]]
     for thread in threads:
         thread.start()
