@@ -136,3 +136,25 @@ def test_evaluation_measures_against_the_reference_model(tmp_path, tiny_model):
     plain = evaluate(deploy, targets, acts, params, observed, samples, 0, arithmetic="exact")
     assert against_fp32.outputs[0].sqnr_db == pytest.approx(plain.outputs[0].sqnr_db, abs=1e-6)
     assert against_itself.outputs[0].sqnr_db > against_fp32.outputs[0].sqnr_db
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 20])
+def test_outputs_only_evaluator_reuses_fp32_outputs_within_its_limit(monkeypatch, tiny_model, limit):
+    """compare's evaluator keeps FP32 outputs for the next configuration (up to KEPT_OUTPUT_BYTES);
+    the figures equal those of a fresh evaluator whether or not they were kept."""
+    from onnxsnpe.report import evaluation
+
+    monkeypatch.setattr(evaluation, "KEPT_OUTPUT_BYTES", limit)
+    deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(7)]
+    targets, observed, acts8, params = minmax_encodings(deploy, samples)
+    _, _, acts16, _ = minmax_encodings(deploy, samples, 16)
+    shared = evaluation.Evaluator(deploy, targets, workers=2, tensors=False)
+    runs = [shared.evaluate(deploy, acts, params, observed, samples, 1) for acts in (acts8, acts16)]
+    assert len(shared.kept_outputs) == (len(samples) if limit else 0)
+    for acts, run in zip((acts8, acts16), runs, strict=True):
+        fresh = evaluation.Evaluator(deploy, targets, workers=2, tensors=False)
+        alone = fresh.evaluate(deploy, acts, params, observed, samples, 1)
+        assert [o.to_dict() for o in run.outputs] == [o.to_dict() for o in alone.outputs]
+        assert [f.isolated_sqnr_db for f in run.tensors] == [f.isolated_sqnr_db for f in alone.tensors]

@@ -20,6 +20,7 @@ side by side on the cores (``Evaluator``); the isolated runs are shared out the 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -136,7 +137,8 @@ class Evaluator:
     def __init__(self, reference: onnx.ModelProto, targets: QuantTargets, workers: int | None = None,
                  tensors: bool = True) -> None:
         """``tensors=False`` measures the outputs only (and the isolated errors): no tensor is exposed
-        or folded, which is all ``compare`` reports."""
+        or folded, which is all ``compare`` reports. Its FP32 outputs are then kept, sample by sample,
+        for the next configuration: every configuration is evaluated on the same samples in order."""
         self.reference = reference
         self.targets = targets
         self.names = list(targets.activations)
@@ -149,6 +151,20 @@ class Evaluator:
         self.fed = [name for name in self.folded if name in inputs]  # the sample's values, not a run's
         self.fp32 = make_session(reference, [n for n in self.folded if n not in inputs], self.threads)
         self.fp32_names = [o.name for o in self.fp32.get_outputs()]
+        self.kept_outputs: dict[int, list[np.ndarray]] | None = None if tensors else {}
+        self.kept_bytes = 0
+        self.keeping = threading.Lock()  # workers keep outputs side by side
+
+    def keep(self, index: int, outputs: list[np.ndarray]) -> None:
+        """Keep sample ``index``'s FP32 outputs for the next configuration, while they fit in
+        KEPT_OUTPUT_BYTES (memory stays flat in the number of samples)."""
+        if self.kept_outputs is None:
+            return
+        size = sum(a.nbytes for a in outputs)
+        with self.keeping:
+            if index not in self.kept_outputs and self.kept_bytes + size <= KEPT_OUTPUT_BYTES:
+                self.kept_outputs[index] = outputs
+                self.kept_bytes += size
 
     def evaluate(
         self,
@@ -208,6 +224,8 @@ class Evaluator:
 
 
 MAX_WORKERS = 4
+KEPT_OUTPUT_BYTES = 256 << 20
+"""FP32 outputs ``compare`` keeps for its next configurations at most; beyond, it runs FP32 again."""
 """Samples in flight at most: each worker holds its own FP32 and simulated tensors."""
 
 
@@ -241,7 +259,12 @@ class _Run:
         if first is None:
             return kept
         first = _contiguous(first)
-        ref_arrays = self.evaluator.fp32.run(None, first)  # alone: its shapes size every worker's arrays
+        kept_outputs = self.evaluator.kept_outputs
+        if kept_outputs is None:
+            ref_arrays = self.evaluator.fp32.run(None, first)  # alone: its shapes size every worker's arrays
+        else:
+            ref_arrays = kept_outputs.get(0) or self.evaluator.fp32.run(None, first)
+            self.evaluator.keep(0, ref_arrays)
         sim_arrays = self.session.run(self.sim_names, first)
         workers = [_Worker(self, ref_arrays, sim_arrays, first) for _ in range(self.evaluator.workers)]
         isolated = max(0, isolated_samples)
@@ -258,7 +281,7 @@ class _Run:
         consume(0, workers[0].fold(ref_arrays, sim_arrays, first))
 
         def work(worker: _Worker, index: int, sample: dict[str, np.ndarray]) -> tuple:
-            return worker.evaluate(_contiguous(sample))
+            return worker.evaluate(_contiguous(sample), index + 1)
 
         ordered_map(iterator, workers, work, lambda index, result: consume(index + 1, result),  # after the first
                     "onnxsnpe-evaluation")
@@ -295,8 +318,16 @@ class _Worker:
         self.accumulator = Accumulator(len(run.figures), HISTOGRAM_BINS)
         self.bound = True  # until a run into these arrays fails (a tensor whose shape changes)
 
-    def evaluate(self, sample: dict[str, np.ndarray]) -> tuple:
-        """Run both models on ``sample`` and fold it: (this sample's sums, output pairs, sample)."""
+    def evaluate(self, sample: dict[str, np.ndarray], index: int) -> tuple:
+        """Run both models on sample number ``index`` and fold it: (this sample's sums, output pairs,
+        sample). FP32 outputs kept from an earlier configuration are taken instead of a run."""
+        evaluator = self.run.evaluator
+        if evaluator.kept_outputs is not None:
+            reference = evaluator.kept_outputs.get(index)
+            if reference is None:
+                reference = evaluator.fp32.run(None, sample)
+                evaluator.keep(index, reference)
+            return self.fold(reference, self.run.session.run(self.run.sim_names, sample), sample)
         if self.bound:
             try:
                 for name, array in zip(self.run.evaluator.fed, self.fed, strict=True):
