@@ -321,6 +321,29 @@ def test_pdf_grid_comes_from_the_first_nonzero_sample_whatever_the_workers(deplo
     np.testing.assert_array_equal(two["x"].tf_enhanced.x_left, alone["x"].tf_enhanced.x_left)
 
 
+def test_a_pdf_that_never_gets_its_grid_does_not_hold_the_others_back(deploy, spread_out) -> None:
+    """A masked tensor whose kept values are always empty (as MiniLM's additive masks are zero where
+    they keep anything) never fixes its PDF grid: the other tensors are still folded by the workers
+    side by side, and the result is the one of a single worker; a tensor whose grid comes from a
+    later sample (x here: zeros first) takes its samples in dataset order whichever worker ran them."""
+    targets = find_targets(deploy)
+    samples = [{"x": np.zeros((1, 3, 8, 8), np.float32)} for _ in range(2)] + _samples(10)
+    floors = {name: 1e9 for name in targets.activations[-1:]}  # every value at or below the floor
+    folded: list = []
+    original = OutputFold.fold
+    OutputFold.fold = _counting(original, folded)
+    try:
+        one = collect_statistics(deploy, targets.activations, samples, ["tf_enhanced"], workers=1, floors=floors)
+        folded.clear()
+        two = collect_statistics(deploy, targets.activations, samples, ["tf_enhanced"], workers=2, floors=floors)
+    finally:
+        OutputFold.fold = original
+    assert len(folded) == len(samples) - 1  # all but the first run, which runs alone
+    assert one[targets.activations[-1]].tf_enhanced.x_left is None
+    assert one["x"].tf_enhanced.x_left is not None
+    assert all(_state(two[name]) == _state(one[name]) for name in targets.activations[:-1])
+
+
 @pytest.mark.parametrize("methods", [["minmax"], ["percentile"], ["tf_enhanced"], ["mse", "tf_enhanced"]])
 def test_folded_samples_give_the_statistics_of_tensor_by_tensor_updates(monkeypatch, methods) -> None:
     """Samples folded in one call per kind of statistic, from onnxruntime's blocked layout with a

@@ -12,8 +12,10 @@ right after folding: memory does not grow with the number of samples.
 What is kept per tensor depends on the range methods asked for: min and max always, an
 order-independent histogram for ``percentile`` and ``mse``, AIMET's first-sample PDF for
 ``tf_enhanced``. The first batch runs alone (it fixes the PDFs' grids and checks the sessions), so
-the result does not depend on how the rest is shared out. Statistics merge, so runs over parts of
-the data combine into one.
+the result does not depend on how the rest is shared out; a PDF still without its grid after it
+(a tensor all zeros so far, or a mask whose kept values are always zeros) takes its values batch by
+batch in dataset order from whichever worker ran them, so it holds no other tensor back.
+Statistics merge, so runs over parts of the data combine into one.
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ def collect_statistics(
         stats = {name: TensorStats(methods, floors.get(name)) for name in tensors}
     runner = _Runner(model, tensors, batch_size, threads or max(1, cores // workers), workers)
     batches = _batches(samples, runner.batch_size)
-    _observe_alone(runner, batches, stats)
+    _observe(runner, next(batches, []), stats)  # alone: it checks the sessions and fixes most PDF grids
+    in_order = frozenset(name for name, observed in stats.items() if observed.order_matters)
     shares = [stats] + [{name: observed.spawn() for name, observed in stats.items()} for _ in range(workers - 1)]
-    _share_out(runner, batches, shares)
+    _share_out(runner, batches, shares, in_order)
     for share in shares[1:]:
         for name, observed in share.items():
             stats[name].merge(observed)
@@ -129,35 +132,53 @@ def _observe_alone(runner: _Runner, batches: Iterator[list], stats: dict[str, Te
 
 def _observe(
     runner: _Runner, batch: list[dict[str, np.ndarray]], stats: dict[str, TensorStats],
-    folds: dict[int, OutputFold | None] | None = None,
-) -> None:
+    folds: dict[int, OutputFold | None] | None = None, in_order: frozenset[str] = frozenset(),
+) -> dict[str, np.ndarray]:
     """Run one batch and fold its tensors into ``stats``: with the worker's ``folds`` where they
-    apply (see _Reused.fold), else tensor by tensor."""
+    apply (see _Reused.fold), else tensor by tensor. The tensors ``in_order`` are not folded but
+    returned (copied), for the caller to fold in sample order."""
+    held: dict[str, np.ndarray] = {}
     for outputs, release in runner.run(batch):
         try:
             if isinstance(outputs, _Reused):
-                if folds is not None and outputs.fold(stats, folds):
-                    outputs = {**{name: outputs.feed[name] for name in runner.fed}, **outputs.unfolded(stats)}
+                if folds is not None and outputs.fold(stats, folds, in_order):
+                    outputs = {**{name: outputs.feed[name] for name in runner.fed},
+                               **outputs.unfolded(stats, in_order)}
                 else:
                     outputs = outputs.named()
             for name, values in outputs.items():
-                try:
-                    stats[name].update(values)
-                except ValueError as exc:
-                    raise bad_values(name, exc) from exc
+                if name in in_order:
+                    held[name] = np.array(values)
+                else:
+                    _update(stats, name, values)
         finally:
             release()
+    return held
 
 
-def _share_out(runner: _Runner, batches: Iterator[list], shares: list[dict[str, TensorStats]]) -> None:
+def _update(stats: dict[str, TensorStats], name: str, values: np.ndarray) -> None:
+    try:
+        stats[name].update(values)
+    except ValueError as exc:
+        raise bad_values(name, exc) from exc
+
+
+def _share_out(runner: _Runner, batches: Iterator[list], shares: list[dict[str, TensorStats]],
+               in_order: frozenset[str]) -> None:
     """Observe the remaining batches with one worker per share of statistics, this thread included
-    (parallel.ordered_map: the first error stops every worker after its current batch and is raised here)."""
+    (parallel.ordered_map: the first error stops every worker after its current batch and is raised
+    here). The tensors ``in_order`` (PDFs still without their grid: the sample that fixes it must
+    come first) go into the first share batch by batch in dataset order, whichever worker ran them."""
     folds: dict[int, dict[int, OutputFold | None]] = {id(share): {} for share in shares}
 
-    def work(stats: dict[str, TensorStats], index: int, batch: list[dict[str, np.ndarray]]) -> None:
-        _observe(runner, batch, stats, folds[id(stats)])
+    def work(stats: dict[str, TensorStats], index: int, batch: list[dict[str, np.ndarray]]) -> dict:
+        return _observe(runner, batch, stats, folds[id(stats)], in_order)
 
-    ordered_map(batches, shares, work, lambda index, result: None, "onnxsnpe-calibration")
+    def consume(index: int, held: dict[str, np.ndarray]) -> None:
+        for name, values in held.items():
+            _update(shares[0], name, values)
+
+    ordered_map(batches, shares, work, consume, "onnxsnpe-calibration")
 
 
 def _batches(samples: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[list[dict[str, np.ndarray]]]:
@@ -295,26 +316,27 @@ class _Reused:
         """Every observed tensor by name."""
         return self.runner._named(self.session, self.arrays, self.feed)
 
-    def fold(self, stats: dict[str, TensorStats], folds: dict[int, OutputFold | None]) -> bool:
+    def fold(self, stats: dict[str, TensorStats], folds: dict[int, OutputFold | None],
+             in_order: frozenset[str] = frozenset()) -> bool:
         """Fold the session's tensors into ``stats`` in one call per kind of statistic, with this
         worker's ``folds`` (made at the first use of a set of arrays, which are kept); False where
         that does not apply (a batch of several samples, a PDF without its grid, a huge tensor).
-        Tensors with a mask floor are left to :meth:`unfolded`."""
+        Tensors with a mask floor, and those ``in_order``, are left to :meth:`unfolded`."""
         key = id(self.arrays)
         if key not in folds:
             pieces = self.session.pieces(self.arrays) if self.arrays[0].shape[0] == 1 else None
-            pieces = [piece for piece in pieces or [] if stats[piece[0]].floor is None]
+            pieces = [piece for piece in pieces or [] if stats[piece[0]].floor is None and piece[0] not in in_order]
             folds[key] = OutputFold(pieces, stats) if pieces and OutputFold.applies(stats, pieces) else None
         fold = folds[key]
         if fold is not None:
             fold.fold()
         return fold is not None
 
-    def unfolded(self, stats: dict[str, TensorStats]) -> dict[str, np.ndarray]:
-        """The session's tensors a fold leaves out (those with a mask floor), by name."""
+    def unfolded(self, stats: dict[str, TensorStats], in_order: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+        """The session's tensors a fold leaves out (those with a mask floor or ``in_order``), by name."""
         return {tensor: self.session.real_values(tensor, raw)
                 for tensor, raw in zip(self.session.tensors, self.arrays, strict=True)
-                if stats[tensor].floor is not None}
+                if stats[tensor].floor is not None or tensor in in_order}
 
 
 class _Buffers:
