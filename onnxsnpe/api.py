@@ -148,7 +148,7 @@ def quantize(
                     {"step": "+ auto precision", "sqnr_db": json_db(precision["final_sqnr_db"]),
                      "top1_agreement": None, "kept": bool(precision["raised"]), "seconds": precision["seconds"]})
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress,
-                                        timer=timer)
+                                        timer=timer, ray=ray)
         with timer.stage("weight_analysis"):
             weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes,
                                       prepared.deploy)

@@ -436,14 +436,16 @@ def evaluate_encodings(
     progress: bool,
     evaluator: Evaluator | None = None,
     timer: StageTimer | None = None,
+    ray: str | bool | None = None,
 ) -> Evaluation:
     """The simulated model (in ``arithmetic``) against FP32 on the evaluation samples, per output and tensor.
 
     ``evaluator`` (made by :func:`make_evaluator`) serves several configurations with one FP32
-    session; ``timer`` gets the evaluation's stages."""
+    session; ``timer`` gets the evaluation's stages. Without one, ``ray`` (True, or a cluster's
+    address) runs the isolated analysis on Ray, with the same figures."""
     if evaluator is None:
         start = time.perf_counter()
-        evaluator = make_evaluator(prepared)
+        evaluator = make_evaluator(prepared, ray=ray)
         if timer is not None:
             timer.add("reference_setup", time.perf_counter() - start)
     evaluation = evaluator.evaluate(
@@ -461,10 +463,10 @@ def evaluate_encodings(
     return evaluation
 
 
-def make_evaluator(prepared: Prepared, tensors: bool = True) -> Evaluator:
+def make_evaluator(prepared: Prepared, tensors: bool = True, ray: str | bool | None = None) -> Evaluator:
     """The FP32 side of evaluation (reference model, session), for every configuration of ``prepared``;
-    ``tensors=False``: outputs and isolated errors only (Evaluator)."""
-    return Evaluator(prepared.reference, prepared.targets, tensors=tensors)
+    ``tensors=False``: outputs and isolated errors only; ``ray``: the isolated errors on Ray (Evaluator)."""
+    return Evaluator(prepared.reference, prepared.targets, tensors=tensors, ray=ray, dataset=prepared.eval_set)
 
 
 def _describe(dataset: Dataset) -> dict:

@@ -25,9 +25,10 @@ from onnxsnpe.compare import compare
 from onnxsnpe.data.datasets import open_dataset
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.load import load_model, model_inputs
+from onnxsnpe.report import evaluation
 from onnxsnpe.report.ranking_on_ray import isolated_ranking_on_ray
 from onnxsnpe.report.sensitivity import isolated_ranking
-from onnxsnpe.stages import Settings, encode, prepare
+from onnxsnpe.stages import Settings, encode, evaluate_encodings, prepare
 from onnxsnpe.stats import distributed
 from onnxsnpe.stats.collect import collect_statistics
 from onnxsnpe.stats.distributed import check_reachable, collect_on_ray, connect, dataset_part
@@ -222,6 +223,21 @@ def test_isolated_ranking_on_ray_is_the_in_process_one(cluster, demo) -> None:
     got = isolated_ranking_on_ray(prepared.deploy, prepared.targets, encodings.activations, samples, weights,
                                   groups=3)
     assert got == want and len(got) == len(prepared.targets.activations) + 5
+
+
+def test_the_reports_isolated_analysis_on_ray_is_the_in_process_one(cluster, demo, monkeypatch) -> None:
+    prepared, expected = demo
+    encodings = encode(prepared, expected, Settings(method="minmax"))
+    local = evaluate_encodings(prepared, expected, encodings, "exact", 3, False)
+    calls = []
+    on_ray = evaluation.isolated_sums_on_ray
+    monkeypatch.setattr(evaluation, "isolated_sums_on_ray", lambda *args, **kwargs: calls.append(1) or on_ray(
+        *args, **kwargs, groups=3))
+    remote = evaluate_encodings(prepared, expected, encodings, "exact", 3, False, ray=True)
+    assert calls == [1]
+    assert remote.isolated_samples == local.isolated_samples == 3
+    figures = [[(f.name, f.isolated_signal, f.isolated_noise) for f in e.tensors] for e in (local, remote)]
+    assert figures[0] == figures[1] and sum(noise > 0 for _, _, noise in figures[0]) > 10
 
 
 def test_workers_running_other_onnxsnpe_code_are_refused_in_one_line(cluster, demo, monkeypatch) -> None:
