@@ -108,7 +108,8 @@ def quantize(
     Qualcomm's HTP backend (onnxruntime-qnn) and reports how closely the simulation follows it, the
     emulator computing as HTP ``htp_arch`` (emulator.HtpSession: None picks).
     ``ray`` (True for a local cluster, or a cluster's address) runs the calibration, ``optimize``'s trial
-    calibrations and automatic mixed precision's ranking on Ray, with the same results.
+    calibrations, AdaRound's rounding where its order allows, automatic mixed precision's ranking and
+    the report's isolated analysis on Ray, with the same results.
     Raises OnnxSnpeError, with a one-line message, on bad input.
     """
     timer = StageTimer()
@@ -148,7 +149,7 @@ def quantize(
                     {"step": "+ auto precision", "sqnr_db": json_db(precision["final_sqnr_db"]),
                      "top1_agreement": None, "kept": bool(precision["raised"]), "seconds": precision["seconds"]})
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress,
-                                        timer=timer)
+                                        timer=timer, ray=ray)
         with timer.stage("weight_analysis"):
             weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes,
                                       prepared.deploy)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 
 from .encode.quantized_weights import quantized_weights
 from .report.metrics import json_db
@@ -38,7 +39,8 @@ def run_recipe(
     prepared: Prepared, settings: Settings, progress: bool, ray: str | bool | None = None
 ) -> tuple[Prepared, Settings, dict]:
     """The prepared model with the steps that helped applied, the settings that say which, and the record.
-    With ``ray`` each trial's calibration runs on Ray (stats/distributed.py), with the same result."""
+    With ``ray`` each trial's calibration runs on Ray (stats/distributed.py), and AdaRound's rounding
+    where its order allows (optimize/adaround_on_ray.py), with the same result."""
     prepared = prepared if prepared.judging_set is not None else hold_back(prepared)
     samples = [prepared.judging_set.load(i) for i in range(len(prepared.judging_set))]
     scorer = OutputScorer(prepared.reference, prepared.targets, samples, settings.arithmetic)
@@ -64,7 +66,8 @@ def run_recipe(
     rows = [{"step": "nearest rounding", "sqnr_db": json_db(best), "top1_agreement": top1, "kept": True,
              "seconds": 0.0}]
     steps = {}
-    for name, apply in STEPS:
+    for name, step in STEPS:
+        apply = partial(step, ray=ray) if step is apply_adaround else step
         start = time.perf_counter()
         trial_settings = replace(chosen, **{name: True})
         trial, steps[name] = apply(prepared, trial_settings, progress)
@@ -84,8 +87,8 @@ def run_recipe(
 def optimize_weights(prepared: Prepared, settings: Settings, progress: bool,
              ray: str | bool | None = None) -> tuple[Prepared, Settings, dict]:
     """The weight-changing steps as ``settings`` ask: the recipe with ``--optimize`` (its settings say
-    which steps it kept), else each step asked for (stages.optimize_model)."""
+    which steps it kept), else each step asked for (stages.optimize_model); ``ray`` as for run_recipe."""
     if settings.optimize:
         return run_recipe(prepared, settings, progress, ray)
-    prepared, done = optimize_model(prepared, settings, progress)
+    prepared, done = optimize_model(prepared, settings, progress, ray)
     return prepared, settings, done

@@ -41,7 +41,8 @@ from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
-from .optimize.adaround import adaround
+from .optimize.adaround import adaround, run_here
+from .optimize.adaround_on_ray import ray_runner
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .optimize.bias_correction import correct_biases
 from .optimize.cle import equalize
@@ -281,17 +282,19 @@ def prepare(
                     shapes, calib_set, eval_set, eval_data is not None)
 
 
-def optimize_model(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+def optimize_model(prepared: Prepared, settings: Settings, progress: bool,
+                   ray: str | bool | None = None) -> tuple[Prepared, dict]:
     """The steps that change the deploy model's weights before calibration, as ``settings`` ask, in
     order: CLE, AdaRound, bias correction (held-back samples set apart first when a choice is automatic).
-    Returns the prepared model with the new deploy graph, and what each step did."""
+    Returns the prepared model with the new deploy graph, and what each step did. ``ray``: AdaRound's
+    rounding on Ray where its order allows (apply_adaround)."""
     done: dict = {}
     if settings.auto_precision or settings.optimize:
         prepared = hold_back(prepared)
     if settings.cle:
         prepared, done["cle"] = apply_cle(prepared, settings, progress)
     if settings.adaround:
-        prepared, done["adaround"] = apply_adaround(prepared, settings, progress)
+        prepared, done["adaround"] = apply_adaround(prepared, settings, progress, ray)
     if settings.bias_correction:
         prepared, done["bias_correction"] = apply_bias_correction(prepared, settings, progress)
     return prepared, done
@@ -319,15 +322,18 @@ def apply_cle(prepared: Prepared, settings: Settings, progress: bool) -> tuple[P
     return replace(_with_deploy(prepared, deploy, prepared.weight_encodings), fp32_deploy=deploy), record
 
 
-def apply_adaround(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
+def apply_adaround(prepared: Prepared, settings: Settings, progress: bool,
+                   ray: str | bool | None = None) -> tuple[Prepared, dict]:
     """AdaRound the deploy weights; their encodings are fixed from then on (re-encoding the rounded
-    weights could move a grid)."""
+    weights could move a grid). With ``ray`` (True, or a cluster's address) the layers that can be
+    rounded side by side are rounded in Ray tasks (optimize/adaround_on_ray.py), with the same weights."""
     start = time.perf_counter()
     weights = weight_set(prepared, settings)
     count = min(settings.adaround_samples, len(prepared.calib_set))
     deploy, layers = adaround(prepared.deploy, weights, (prepared.calib_set.load(i) for i in range(count)),
                               settings.adaround_iters, progress=_bar("adaround", "layer", progress),
-                              inputs=settings.adaround_inputs)
+                              inputs=settings.adaround_inputs,
+                              runner=run_here if ray in (None, False) else ray_runner(None if ray is True else ray))
     record = {"samples": count, "iterations": settings.adaround_iters, "inputs": settings.adaround_inputs,
               "layers": len(layers),
               "seconds": round(time.perf_counter() - start, 3), "weights": [r.to_dict() for r in layers]}
@@ -436,14 +442,16 @@ def evaluate_encodings(
     progress: bool,
     evaluator: Evaluator | None = None,
     timer: StageTimer | None = None,
+    ray: str | bool | None = None,
 ) -> Evaluation:
     """The simulated model (in ``arithmetic``) against FP32 on the evaluation samples, per output and tensor.
 
     ``evaluator`` (made by :func:`make_evaluator`) serves several configurations with one FP32
-    session; ``timer`` gets the evaluation's stages."""
+    session; ``timer`` gets the evaluation's stages. Without one, ``ray`` (True, or a cluster's
+    address) runs the isolated analysis on Ray, with the same figures."""
     if evaluator is None:
         start = time.perf_counter()
-        evaluator = make_evaluator(prepared)
+        evaluator = make_evaluator(prepared, ray=ray)
         if timer is not None:
             timer.add("reference_setup", time.perf_counter() - start)
     evaluation = evaluator.evaluate(
@@ -461,10 +469,10 @@ def evaluate_encodings(
     return evaluation
 
 
-def make_evaluator(prepared: Prepared, tensors: bool = True) -> Evaluator:
+def make_evaluator(prepared: Prepared, tensors: bool = True, ray: str | bool | None = None) -> Evaluator:
     """The FP32 side of evaluation (reference model, session), for every configuration of ``prepared``;
-    ``tensors=False``: outputs and isolated errors only (Evaluator)."""
-    return Evaluator(prepared.reference, prepared.targets, tensors=tensors)
+    ``tensors=False``: outputs and isolated errors only; ``ray``: the isolated errors on Ray (Evaluator)."""
+    return Evaluator(prepared.reference, prepared.targets, tensors=tensors, ray=ray, dataset=prepared.eval_set)
 
 
 def _describe(dataset: Dataset) -> dict:

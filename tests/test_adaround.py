@@ -15,7 +15,15 @@ from onnxsnpe.encode.encoding import quantize as quantize_codes
 from onnxsnpe.encode.ranges import weight_encodings
 from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
-from onnxsnpe.optimize.adaround import _as_matrix, _layers, _patches, _rounded_inputs_target, adaround
+from onnxsnpe.optimize import adaround as adaround_module
+from onnxsnpe.optimize.adaround import (
+    _as_matrix,
+    _layers,
+    _patches,
+    _rounded_inputs_target,
+    adaround,
+    layer_waves,
+)
 
 
 def _conv(weight: np.ndarray, **attrs) -> onnx.ModelProto:
@@ -165,3 +173,53 @@ def test_the_rounded_inputs_target_is_the_weight_when_inputs_carry_no_error():
     target = _rounded_inputs_target(matrix, gram_q, cross)
     best = np.linalg.lstsq(noisy[0].T, (matrix[0] @ x[0]).T, rcond=None)[0].T
     np.testing.assert_allclose(target[0], best, rtol=1e-2, atol=1e-2)
+
+
+def branches() -> onnx.ModelProto:
+    """x [1,4,9,9] -> Conv a -> Relu -> (Conv b 3x3, Conv c 1x1) -> Add -> Conv d = y: b and c are
+    parallel branches."""
+    rng = np.random.default_rng(5)
+    shapes = {"wa": (6, 4, 3, 3), "wb": (5, 6, 3, 3), "wc": (5, 6, 1, 1), "wd": (3, 5, 3, 3)}
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name) for name, shape in shapes.items()]
+    pads = [1, 1, 1, 1]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=pads), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "wb"], ["b"], pads=pads), helper.make_node("Conv", ["r", "wc"], ["c"]),
+             helper.make_node("Add", ["b", "c"], ["s"]), helper.make_node("Conv", ["s", "wd"], ["y"], pads=pads)]
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 9, 9])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _weights_of(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {init.name: init.SerializeToString() for init in model.graph.initializer}
+
+
+def test_layers_go_in_waves_after_the_layers_upstream_of_them():
+    model = branches()
+    layers = _layers(model, weight_encodings(model, find_targets(model), 8))
+    assert [[layer.weight for layer in wave] for wave in layer_waves(model, layers)] == [["wa"], ["wb", "wc"], ["wd"]]
+    chain = _two_convs()
+    layers = _layers(chain, weight_encodings(chain, find_targets(chain), 8))
+    assert [[layer.weight for layer in wave] for wave in layer_waves(chain, layers)] == [["w1"], ["w2"]]
+    shared = branches()
+    shared.graph.node[3].input[1] = "wb"  # one weight read by two Convs of the same shape: one layer per wave
+    shared.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.ones((5, 6, 1, 1), np.float32), "wb"))
+    shared.graph.node[2].attribute.pop()  # 1x1 without pads
+    layers = _layers(shared, weight_encodings(shared, find_targets(shared), 8))
+    assert [[layer.weight for layer in wave] for wave in layer_waves(shared, layers)] == [["wa"], ["wb"], ["wd"]]
+
+
+def test_rounding_in_waves_gives_the_weights_of_rounding_in_graph_order(monkeypatch):
+    """A wave's statistics are all gathered before any of its layers is rounded: the same inputs as
+    one layer at a time, so the same weights, byte for byte."""
+    model = branches()
+    weights = weight_encodings(model, find_targets(model), 4)
+    samples = _samples(8)
+    waved, waved_results = adaround(model, weights, samples, iterations=60, inputs="rounded")
+    monkeypatch.setattr(adaround_module, "layer_waves", lambda model, layers: [[layer] for layer in layers])
+    ordered, ordered_results = adaround(model, weights, samples, iterations=60, inputs="rounded")
+    assert _weights_of(waved) == _weights_of(ordered) and _weights_of(waved) != _weights_of(model)
+    assert [r.to_dict() for r in waved_results] == [r.to_dict() for r in ordered_results]
+    assert [r.weight for r in waved_results] == ["wa", "wb", "wc", "wd"] and any(r.flipped for r in waved_results)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import onnx
 import pytest
 from tqdm import tqdm
 
@@ -23,17 +24,24 @@ from onnxsnpe.api import quantize
 from onnxsnpe.cli import DEMO_IMAGES, main
 from onnxsnpe.compare import compare
 from onnxsnpe.data.datasets import open_dataset
+from onnxsnpe.encode.ranges import weight_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.load import load_model, model_inputs
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.optimize import adaround_on_ray
+from onnxsnpe.optimize.adaround import adaround
+from onnxsnpe.optimize.adaround_on_ray import ray_runner
+from onnxsnpe.report import evaluation
 from onnxsnpe.report.ranking_on_ray import isolated_ranking_on_ray
 from onnxsnpe.report.sensitivity import isolated_ranking
-from onnxsnpe.stages import Settings, encode, prepare
+from onnxsnpe.stages import Settings, encode, evaluate_encodings, prepare
 from onnxsnpe.stats import distributed
 from onnxsnpe.stats.collect import collect_statistics
 from onnxsnpe.stats.distributed import check_reachable, collect_on_ray, connect, dataset_part
 from onnxsnpe.stats.tensor_stats import TensorStats
 
 from .conftest import CALIB_DATA, conv_model
+from .test_adaround import _samples, branches
 from .test_statistics import assert_same_histogram
 
 pytestmark = pytest.mark.timeout(180)  # a hung cluster fails the test instead of the suite
@@ -222,6 +230,57 @@ def test_isolated_ranking_on_ray_is_the_in_process_one(cluster, demo) -> None:
     got = isolated_ranking_on_ray(prepared.deploy, prepared.targets, encodings.activations, samples, weights,
                                   groups=3)
     assert got == want and len(got) == len(prepared.targets.activations) + 5
+
+
+def test_the_reports_isolated_analysis_on_ray_is_the_in_process_one(cluster, demo, monkeypatch) -> None:
+    prepared, expected = demo
+    encodings = encode(prepared, expected, Settings(method="minmax"))
+    local = evaluate_encodings(prepared, expected, encodings, "exact", 3, False)
+    calls = []
+    on_ray = evaluation.isolated_sums_on_ray
+    monkeypatch.setattr(evaluation, "isolated_sums_on_ray", lambda *args, **kwargs: calls.append(1) or on_ray(
+        *args, **kwargs, groups=3))
+    remote = evaluate_encodings(prepared, expected, encodings, "exact", 3, False, ray=True)
+    assert calls == [1]
+    assert remote.isolated_samples == local.isolated_samples == 3
+    figures = [[(f.name, f.isolated_signal, f.isolated_noise) for f in e.tensors] for e in (local, remote)]
+    assert figures[0] == figures[1] and sum(noise > 0 for _, _, noise in figures[0]) > 10
+
+
+@pytest.mark.parametrize("inputs", ["fp32", "rounded"])
+def test_adaround_on_ray_gives_the_in_process_weights(cluster, inputs: str, monkeypatch) -> None:
+    """fp32 inputs: the four layers in one wave of tasks; rounded inputs: the parallel branches' two
+    layers side by side, the others here."""
+    model = branches()
+    weights = weight_encodings(model, find_targets(model), 4, per_channel=True)
+    samples = _samples(8)
+    local, local_results = adaround(model, weights, samples, iterations=100, inputs=inputs)
+    tasks = []
+    monkeypatch.setattr(adaround_on_ray, "gather",
+                        lambda ray, refs: tasks.extend(refs) or distributed.gather(ray, refs))
+    remote, remote_results = adaround(model, weights, samples, iterations=100, inputs=inputs, runner=ray_runner())
+    assert len(tasks) == (4 if inputs == "fp32" else 2)
+    assert [init.SerializeToString() for init in remote.graph.initializer] == [
+        init.SerializeToString() for init in local.graph.initializer]
+    assert [r.to_dict() for r in remote_results] == [r.to_dict() for r in local_results]
+    assert any(r.flipped for r in local_results)
+
+
+def test_quantize_with_adaround_on_ray_writes_the_same_files(cluster, tmp_path: Path) -> None:
+    model = tmp_path / "branches.onnx"
+    onnx.save(branches(), model)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, sample in enumerate(_samples(8)):
+        np.save(folder / f"s{i}.npy", sample["x"][0])
+    options = dict(adaround=True, adaround_iters=50, adaround_inputs="fp32", analysis_samples=2, progress=False)
+    local = quantize(model, folder, tmp_path / "local", **options)
+    remote = quantize(model, folder, tmp_path / "ray", ray=True, **options)
+    for name in (export.OVERRIDES_FILE, export.DEPLOY_FILE):
+        assert filecmp.cmp(local.out_dir / name, remote.out_dir / name, shallow=False), name
+    assert local.report["optimizations"] == {**remote.report["optimizations"], "adaround": {
+        **remote.report["optimizations"]["adaround"], "seconds": local.report["optimizations"]["adaround"]["seconds"]}}
+    assert local.report["tensors"] == remote.report["tensors"]
 
 
 def test_workers_running_other_onnxsnpe_code_are_refused_in_one_line(cluster, demo, monkeypatch) -> None:

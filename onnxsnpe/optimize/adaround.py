@@ -28,7 +28,7 @@ learned rounding does not lower its output error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,6 +88,35 @@ RIDGE = 1e-3
 """lambda of the rounded-inputs target, relative to the mean of C~'s diagonal."""
 
 
+@dataclass
+class LayerJob:
+    """One layer's rounding once its statistics are gathered: what _round_layer needs, and nothing of
+    the samples (a Ray task gets exactly this)."""
+
+    layer: _Layer
+    matrix: np.ndarray
+    nearest: np.ndarray
+    encoding: tuple[np.ndarray, np.ndarray, int]
+    gram: np.ndarray
+    positions: int
+    iterations: int
+    target: np.ndarray | None
+
+    def run(self) -> tuple[np.ndarray, RoundedLayer]:
+        """The layer's codes and what AdaRound did (_round_layer)."""
+        return _round_layer(self.layer, self.matrix, self.nearest, self.encoding, self.gram, self.positions,
+                            self.iterations, self.target)
+
+
+Runner = Callable[[list[LayerJob]], Iterable[tuple[np.ndarray, RoundedLayer]]]
+"""Runs the jobs of one wave of independent layers and yields their results in the jobs' order."""
+
+
+def run_here(jobs: list[LayerJob]) -> Iterator[tuple[np.ndarray, RoundedLayer]]:
+    """The jobs one after the other, in this process."""
+    return (job.run() for job in jobs)
+
+
 def adaround(
     model: onnx.ModelProto,
     weights: dict[str, ParamEncoding],
@@ -95,11 +124,14 @@ def adaround(
     iterations: int = DEFAULT_ITERATIONS,
     progress: Callable[[Sequence[_Layer]], Iterable[_Layer]] = lambda layers: layers,
     inputs: str = DEFAULT_INPUTS,
+    runner: Runner = run_here,
 ) -> tuple[onnx.ModelProto, list[RoundedLayer]]:
     """A copy of ``model`` whose encoded Conv/Gemm/MatMul weights are AdaRounded on ``weights``' grids.
 
     ``samples`` are calibration samples (FP32 inputs); ``progress`` wraps the list of layers;
-    ``inputs`` "fp32" or "rounded" (module docstring).
+    ``inputs`` "fp32" or "rounded" (module docstring). The layers go in waves (``layer_waves``):
+    every layer's statistics are gathered here, then ``runner`` rounds the wave's layers (Ray tasks,
+    optimize/adaround_on_ray.py); the result does not depend on the runner.
     """
     if inputs not in INPUT_MODES:
         raise ValueError(f"unknown AdaRound inputs {inputs!r}")
@@ -113,24 +145,56 @@ def adaround(
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     initializers = {init.name: init for init in copy.graph.initializer}
-    results = []
-    for layer in progress(layers):
-        array = values[layer.weight]
-        enc = weights[layer.weight]
+
+    def job(layer: _Layer) -> LayerJob:
+        array, enc = values[layer.weight], weights[layer.weight]
         matrix = _as_matrix(layer, array)
         nearest = _as_matrix(layer, quantize(array, enc))  # SNPE's own rounding, half away from zero
         if inputs == "fp32":
-            gram, positions = grams[layer.weight]
-            target = None
-        else:
+            (gram, positions), target = grams.pop(layer.weight), None
+        else:  # on the model as rounded so far: every layer upstream of this one is
             gram, cross, positions = _paired_grams(reference, copy, layer, samples)
             target = _rounded_inputs_target(matrix.astype(np.float64), gram, cross)
-        codes, result = _round_layer(layer, matrix, nearest, _matrix_encoding(layer, array, enc), gram, positions,
-                                     iterations, target)
-        rounded = dequantize(_from_matrix(layer, codes, array.shape), enc)
+        return LayerJob(layer, matrix, nearest, _matrix_encoding(layer, array, enc), gram, positions, iterations,
+                        target)
+
+    waves = [layers] if inputs == "fp32" else layer_waves(model, layers)
+    outcomes = (outcome for wave in waves for outcome in zip(wave, runner([job(layer) for layer in wave]),
+                                                             strict=True))
+    results = {}
+    # the last result of a wave is written before the next wave's statistics are gathered
+    for _, (layer, (codes, result)) in zip(progress([layer for wave in waves for layer in wave]), outcomes,
+                                           strict=True):
+        rounded = dequantize(_from_matrix(layer, codes, values[layer.weight].shape), weights[layer.weight])
         initializers[layer.weight].CopyFrom(numpy_helper.from_array(rounded, layer.weight))
-        results.append(result)
-    return copy, results
+        results[layer.weight] = result
+    return copy, [results[layer.weight] for layer in layers]
+
+
+def layer_waves(model: onnx.ModelProto, layers: list[_Layer]) -> list[list[_Layer]]:
+    """The layers (graph order) in waves for rounded inputs: a layer goes one wave after the latest
+    layer upstream of its input, so no layer of a wave feeds another and each one's inputs are the same
+    as when the layers are rounded one by one in graph order. A chain of layers is one layer per
+    wave; parallel branches share waves. One layer per wave where that cannot be told (a weight also
+    read by another node, subgraphs)."""
+    by_weight = {layer.weight: layer for layer in layers}
+    readers = [name for node in model.graph.node for name in node.input if name in by_weight]
+    if len(readers) > len(set(readers)) or any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                for node in model.graph.node for attr in node.attribute):
+        return [[layer] for layer in layers]
+    latest: dict[str, int] = {}  # per tensor: the latest wave of the layers upstream of it
+    waves: list[list[_Layer]] = []
+    for node in model.graph.node:
+        layer = by_weight.get(node.input[1]) if len(node.input) > 1 else None  # its weight's one reader
+        if layer is not None:
+            wave = latest.get(layer.input, -1) + 1
+            latest[layer.weight] = wave
+            waves.extend([] for _ in range(wave + 1 - len(waves)))
+            waves[wave].append(layer)
+        upstream = max((latest.get(name, -1) for name in node.input), default=-1)
+        for name in node.output:
+            latest[name] = upstream
+    return waves
 
 
 def _paired_grams(

@@ -14,7 +14,8 @@ fake quantization (simulate/fake_quant.py). The isolated errors always use the e
 tensors by the cost of their encoding, which does not depend on how the ops round.
 
 The pass costs two inferences a sample plus one compiled fold of every tensor (folding.py), samples
-side by side on the cores (``Evaluator``); the isolated runs are shared out the same way.
+side by side on the cores (``Evaluator``); the isolated runs are shared out the same way, or run on a
+Ray cluster in groups of tensors (ranking_on_ray.py) with the same figures.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..data.datasets import Dataset
 from ..encode.encoding import Encoding, ParamEncoding
 from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
-from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
 from ..stats.collect import available_cores
+from ..stats.distributed import dataset_part
 from ..stats.parallel import ordered_map
 from .folding import SUMS, Accumulator, TensorBins, fold, typed_arrays
-from .metrics import OutputComparison, TensorComparison, inner, json_db, sqnr_db
+from .metrics import OutputComparison, TensorComparison, json_db, sqnr_db
+from .ranking_on_ray import isolated_sums_on_ray
+from .sensitivity import IsolatedModel, Kept
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +139,18 @@ class Evaluator:
     """
 
     def __init__(self, reference: onnx.ModelProto, targets: QuantTargets, workers: int | None = None,
-                 tensors: bool = True) -> None:
+                 tensors: bool = True, ray: str | bool | None = None, dataset: Dataset | None = None) -> None:
         """``tensors=False`` measures the outputs only (and the isolated errors): no tensor is exposed
         or folded, which is all ``compare`` reports. Its FP32 outputs are then kept, sample by sample,
-        for the next configuration: every configuration is evaluated on the same samples in order."""
+        for the next configuration: every configuration is evaluated on the same samples in order.
+        With ``ray`` (True, or a cluster's address) the isolated runs are Ray tasks
+        (report/ranking_on_ray.py) reading their samples by path from ``dataset``, the one the
+        evaluated samples come from; the figures are the same."""
+        if ray not in (None, False) and dataset is None:
+            raise ValueError("an evaluation on Ray needs the dataset its samples come from")
         self.reference = reference
         self.targets = targets
+        self.ray, self.dataset = ray, dataset
         self.names = list(targets.activations)
         self.folded = self.names if tensors else []  # the tensors whose cumulative figures are measured
         self.outputs = [o.name for o in reference.graph.output]
@@ -188,34 +198,22 @@ class Evaluator:
         kept = run.evaluate(samples, isolated_samples)
         timings["evaluation"] = time.perf_counter() - start
         start = time.perf_counter()
-        if kept:
+        if kept and figures:
             self._isolated(figures, activations, kept)
         timings["isolated_analysis"] = time.perf_counter() - start
         return Evaluation(run.comparisons, figures, len(kept), run.count, timings, (simulated, sim_map))
 
-    def _isolated(self, figures: list[TensorFigures], activations: dict[str, Encoding],
-                  kept: list[tuple[dict[str, np.ndarray], list[np.ndarray]]]) -> None:
+    def _isolated(self, figures: list[TensorFigures], activations: dict[str, Encoding], kept: list[Kept]) -> None:
         """The isolated errors: one run of the switchable model per tensor per kept sample (with its
-        FP32 outputs), shared out over the cores; added up in sample order."""
-        isolated, iso_map = build_simulation_model(self.reference, self.targets, activations, {}, switchable=True)
-        session = make_session(isolated, threads=self.threads)
-        iso_outputs = [iso_map[o] for o in self.outputs]
-        shape = (len(kept), len(figures), len(self.outputs))
-        signal, noise = np.zeros(shape), np.zeros(shape)
-
-        def work(_: None, index: int, job: tuple[int, int]) -> None:
-            sample_index, position = job
-            sample, ref_outputs = kept[sample_index]
-            switch = np.zeros(len(figures), dtype=bool)
-            switch[position] = True
-            got = session.run(iso_outputs, {**sample, SWITCH_INPUT: switch})
-            for k, (ref, value) in enumerate(zip(ref_outputs, got, strict=True)):
-                err = value.astype(np.float64) - ref
-                signal[sample_index, position, k] = inner(ref, ref)
-                noise[sample_index, position, k] = inner(err, err)
-
-        jobs = [(s, t) for s in range(len(kept)) for t in range(len(figures))]
-        ordered_map(jobs, [None] * self.workers, work, lambda index, result: None, "onnxsnpe-isolated")
+        FP32 outputs), shared out over the cores, or on Ray in groups of tensors; added up in sample order."""
+        switchable = IsolatedModel.build(self.reference, self.targets, activations, {})
+        positions = list(range(len(figures)))
+        if self.ray not in (None, False):
+            signal, noise = isolated_sums_on_ray(switchable, dataset_part(self.dataset, 0, len(kept)),
+                                                 [outputs for _, outputs in kept],
+                                                 address=None if self.ray is True else self.ray)
+        else:
+            signal, noise = switchable.output_sums(kept, positions, self.threads, self.workers)
         for position, fig in enumerate(figures):  # in the order the figures were always summed
             for s in range(len(kept)):
                 for k in range(len(self.outputs)):
@@ -224,9 +222,9 @@ class Evaluator:
 
 
 MAX_WORKERS = 4
+"""Samples in flight at most: each worker holds its own FP32 and simulated tensors."""
 KEPT_OUTPUT_BYTES = 256 << 20
 """FP32 outputs ``compare`` keeps for its next configurations at most; beyond, it runs FP32 again."""
-"""Samples in flight at most: each worker holds its own FP32 and simulated tensors."""
 
 
 class _Run:
@@ -251,9 +249,9 @@ class _Run:
         self.count = 0
 
     def evaluate(self, samples: Iterable[dict[str, np.ndarray]],
-                 isolated_samples: int) -> list[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+                 isolated_samples: int) -> list[Kept]:
         """Fold every sample; returns the first ``isolated_samples`` samples with their FP32 outputs."""
-        kept: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
+        kept: list[Kept] = []
         iterator = iter(samples)
         first = next(iterator, None)
         if first is None:

@@ -1,10 +1,12 @@
-"""Automatic mixed precision's isolated ranking on a Ray cluster: the tensors in groups, one task each.
+"""Isolated errors on a Ray cluster: the tensors in groups, one task each. They serve automatic mixed
+precision's ranking (``isolated_ranking_on_ray``) and the report's isolated analysis
+(``isolated_sums_on_ray``, from evaluation.Evaluator).
 
 The driver builds the switchable simulation once (sensitivity.IsolatedModel); each task makes its
-sessions (one thread, the task's one CPU), reads the ranking samples by path and returns the errors
-of its group of tensors. A tensor's error is accumulated over the samples in the same order and with
-the same arithmetic as in-process, so the ranking is the same (tested); a task whose worker dies is
-run again by Ray. Connection and failures as for calibration (stats/distributed.py).
+sessions (one thread, the task's one CPU), reads the samples by path and returns the errors of its
+group of tensors. A tensor's error comes from the same runs, accumulated in the same order and with
+the same arithmetic as in-process, so the ranking and the figures are the same (tested); a task
+whose worker dies is run again by Ray. Connection and failures as for calibration (stats/distributed.py).
 """
 
 from __future__ import annotations
@@ -36,18 +38,52 @@ def isolated_ranking_on_ray(
     tensors (default: one per CPU of the cluster)."""
     ray = connect(address)
     switchable = IsolatedModel.build(deploy, targets, activations, weights or {})
-    count = len(switchable.names)
-    groups = min(max(1, groups or cluster_cpus(ray)), count)
-    bounds = np.linspace(0, count, groups + 1).round().astype(int)
-    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_group_task)
+    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_ranking_task)
     model, reference = ray.put(switchable), ray.put(deploy)
-    refs = [task.remote(model, reference, samples, list(range(low, high)), code_fingerprint())
-            for low, high in pairwise(bounds)]
+    refs = [task.remote(model, reference, samples, positions, code_fingerprint())
+            for positions in tensor_groups(ray, len(switchable.names), groups)]
     return ranked(comparison for part in gather(ray, refs) for comparison in part)
 
 
-def _group_task(switchable: IsolatedModel, deploy: onnx.ModelProto, samples: Dataset,
-                positions: list[int], code: str) -> list[TensorComparison]:
+def isolated_sums_on_ray(
+    switchable: IsolatedModel,
+    samples: Dataset,
+    references: list[list[np.ndarray]],
+    *,
+    address: str | None = None,
+    groups: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """IsolatedModel.output_sums of every tensor over the samples of ``samples`` (read by path in the
+    tasks) with their FP32 outputs ``references`` (float64, from the driver's evaluation), in ``groups``
+    Ray tasks of tensors (default: one per CPU of the cluster): [samples, tensors, outputs] each."""
+    ray = connect(address)
+    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_sums_task)
+    model, outputs = ray.put(switchable), ray.put(references)
+    refs = [task.remote(model, samples, outputs, positions, code_fingerprint())
+            for positions in tensor_groups(ray, len(switchable.names), groups)]
+    parts = gather(ray, refs)
+    return (np.concatenate([signal for signal, _ in parts], axis=1),
+            np.concatenate([noise for _, noise in parts], axis=1))
+
+
+def tensor_groups(ray, count: int, groups: int | None = None) -> list[list[int]]:
+    """Positions 0 to ``count - 1`` in ``groups`` contiguous groups of near-equal size (default: one per
+    CPU of the cluster), none empty."""
+    groups = min(max(1, groups or cluster_cpus(ray)), count)
+    bounds = np.linspace(0, count, groups + 1).round().astype(int)
+    return [list(range(low, high)) for low, high in pairwise(bounds)]
+
+
+def _ranking_task(switchable: IsolatedModel, deploy: onnx.ModelProto, samples: Dataset,
+                  positions: list[int], code: str) -> list[TensorComparison]:
     """In a worker: the isolated errors of the tensors at ``positions``."""
     check_code(code)
     return switchable.errors(deploy, (samples.load(i) for i in range(len(samples))), positions, threads=1)
+
+
+def _sums_task(switchable: IsolatedModel, samples: Dataset, references: list[list[np.ndarray]],
+               positions: list[int], code: str) -> tuple[np.ndarray, np.ndarray]:
+    """In a worker: the output sums of the tensors at ``positions`` over the samples and their FP32 outputs."""
+    check_code(code)
+    kept = [(samples.load(i), outputs) for i, outputs in enumerate(references)]
+    return switchable.output_sums(kept, positions, threads=1)

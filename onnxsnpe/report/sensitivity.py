@@ -21,9 +21,12 @@ from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
 from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
-from .metrics import OutputComparison, TensorComparison
+from ..stats.parallel import ordered_map
+from .metrics import OutputComparison, TensorComparison, inner
 
 Sample = dict[str, np.ndarray]
+Kept = tuple[Sample, list[np.ndarray]]
+"""A sample with its FP32 outputs (float64), as the evaluation keeps them for the isolated analysis."""
 
 
 def isolated_ranking(
@@ -76,6 +79,31 @@ class IsolatedModel:
                 for want, got in zip(ref, session.run(self.mapped, {**sample, SWITCH_INPUT: switch}), strict=True):
                     comparison.update(want, got)
         return comparisons
+
+    def output_sums(self, kept: Sequence[Kept], positions: Sequence[int], threads: int = 0,
+                    workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Signal and noise (sums of squares) of each model output with only the tensor at one of
+        ``positions`` quantized, against the kept FP32 outputs: two arrays [samples, positions, outputs].
+        One run per sample and position, ``workers`` side by side on one session of ``threads`` threads;
+        each figure comes from its run alone, so they do not depend on how the runs were shared out."""
+        session = make_session(self.model, threads=threads)
+        shape = (len(kept), len(positions), len(self.mapped))
+        signal, noise = np.zeros(shape), np.zeros(shape)
+
+        def work(_: None, index: int, job: tuple[int, int]) -> None:
+            sample_index, column = job
+            sample, ref_outputs = kept[sample_index]
+            switch = np.zeros(len(self.names), dtype=bool)
+            switch[positions[column]] = True
+            got = session.run(self.mapped, {**sample, SWITCH_INPUT: switch})
+            for k, (ref, value) in enumerate(zip(ref_outputs, got, strict=True)):
+                err = value.astype(np.float64) - ref
+                signal[sample_index, column, k] = inner(ref, ref)
+                noise[sample_index, column, k] = inner(err, err)
+
+        jobs = [(s, c) for s in range(len(kept)) for c in range(len(positions))]
+        ordered_map(jobs, [None] * max(1, workers), work, lambda index, result: None)
+        return signal, noise
 
 
 def ranked(comparisons: Iterable[TensorComparison]) -> list[tuple[str, float]]:
