@@ -6,9 +6,10 @@ Downloads each wheel with ``pip download --no-deps`` (never installed, never a p
 dependency), unzips its .onnx (with external data where it has some), writes calibration and
 held-out samples the model's own package would produce, runs ``onnxsnpe quantize`` on them with
 W8A8 per-tensor defaults and prints, per model: whether it ran, the SQNR of each output on the
-held-out samples, how many of the float tensors of ``snpe_deploy.onnx`` that SNPE keeps (all but
-those squashed into a following activation) have an activation encoding, and
-the time. The models:
+held-out samples (with the share of rows whose largest value stays the largest, for class
+scores: per time step for the captcha reader, per character for the segmenter), how many of the
+float tensors of ``snpe_deploy.onnx`` that SNPE keeps (all but those squashed into a following
+activation) have an activation encoding, and the time. The models:
 
 - ``khmer_segmenter``: khmersm's Khmer word segmenter (a transformer: int64 character ids and a
   bool padding mask [1, 64], weights in model.onnx.data). Samples: Khmer-script syllable strings
@@ -280,6 +281,7 @@ def run(case: Case, work: Path, samples: int, held_out: int) -> dict:
         return row
     report = json.loads((out / "report.json").read_text())
     row["sqnr"] = {o["name"]: o["sqnr_db"] for o in report["outputs"]}
+    row["top1"] = {o["name"]: o["top1_agreement"] for o in report["outputs"] if o.get("top1_agreement") is not None}
     encodings = json.loads((out / "snpe_clip_ranges.json").read_text())["activation_encodings"]
     squashed = set(report["encodings"]["squashed_into_activation"])  # fused into the next op: not kept
     floats = float_tensors(out / "snpe_deploy.onnx") - squashed
@@ -297,6 +299,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         if row["ran"]:
             sqnr = ", ".join(f"{name} {'exact' if value is None else f'{value:.2f} dB'}"
+                             + (f" (top-1 agree {100 * row['top1'][name]:.1f}%)" if name in row["top1"] else "")
                              for name, value in row["sqnr"].items())
             cover = f"{row['encoded']} / {row['float_tensors']} ({row['squashed']} more squashed)"
             lines.append(f"| {row['model']} | yes | {sqnr} | {cover} | {row['seconds']:.0f} s |")
