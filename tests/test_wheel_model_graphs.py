@@ -169,3 +169,21 @@ def test_an_onnxruntime_contrib_op_is_refused_naming_the_node(tmp_path):
     message = "FastGelu node 'gelu_1' is a com.microsoft op, which SNPE's converter does not take"
     with pytest.raises(OnnxSnpeError, match=re.escape(message)):
         quantize(path, tmp_path / "calib", tmp_path / "out", analysis_samples=0, progress=False)
+
+
+def test_a_branch_returning_an_outer_tensor_is_copied_by_an_identity():
+    from onnxsnpe.graph.inline_if import inline_constant_ifs
+
+    passthrough = helper.make_graph([], "then", [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["chosen"], then_branch=passthrough, else_branch=_scaled("other", 3.0)),
+         helper.make_node("Relu", ["chosen"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(True), "flag")])
+    inlined, count = inline_constant_ifs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert count == 1
+    assert [(n.op_type, list(n.input), list(n.output)) for n in inlined.graph.node] == [
+        ("Identity", ["x"], ["chosen"]), ("Relu", ["chosen"], ["y"])]
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    np.testing.assert_array_equal(_run(inlined, {"x": x})[0], np.maximum(x, 0))
