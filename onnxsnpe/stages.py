@@ -35,6 +35,7 @@ from .errors import OnnxSnpeError
 from .graph.control_flow import check_supported
 from .graph.deploy import prepare_deploy_model
 from .graph.fixed_inputs import fix_inputs
+from .graph.foreign_ops import check_float_model
 from .graph.load import load_model, model_inputs
 from .graph.targets import QuantTargets, find_targets
 from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
@@ -268,6 +269,7 @@ def prepare(
     """
     model_path = Path(model).absolute()
     onnx_model = fix_inputs(load_model(model_path), fixed_inputs or {})
+    check_float_model(onnx_model, str(model_path))
     inputs = model_inputs(onnx_model)
     calib_set = open_dataset(calib, inputs, image_options, input_shapes, num_samples)
     calib_set.load(0)  # fixes the input shapes from the data

@@ -87,12 +87,13 @@ class Dataset:
                     f"{where}: input '{spec.name}' has rank {array.ndim} (shape {list(array.shape)}), "
                     f"the model expects rank {len(spec.dims)}"
                 )
-            if array.ndim and array.shape[0] != 1:
+            batched = array.ndim and spec.dims[0] in (None, 1)  # a static first axis (a state's 2) is no batch
+            if batched and array.shape[0] != 1:
                 raise OnnxSnpeError(
                     f"{where}: input '{spec.name}' holds a batch of {array.shape[0]}; give one sample per file"
                 )
             for axis, (got, want) in enumerate(zip(array.shape, spec.dims, strict=False)):
-                if axis > 0 and want is not None and got != want:
+                if (axis > 0 or not batched) and want is not None and got != want:
                     raise OnnxSnpeError(
                         f"{where}: input '{spec.name}' has shape {list(array.shape)}, "
                         f"the model expects {_dims_text(spec.dims)}"
@@ -238,7 +239,7 @@ def from_snpe_layout(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def _static_shape(spec: InputSpec) -> tuple[int, ...] | None:
     if not spec.dims:
         return ()
-    dims = (1, *spec.dims[1:])
+    dims = (spec.dims[0] or 1, *spec.dims[1:])  # a static first axis stays, a dynamic one is the batch
     return None if any(d is None for d in dims) else tuple(int(d) for d in dims)
 
 

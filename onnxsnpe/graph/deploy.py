@@ -17,7 +17,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from .inline_if import inline_constant_ifs
 from .large import infer_shapes
+from .shape_slices import split_shape_slices
 from .unroll import unroll_loops
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,19 @@ def prepare_deploy_model(
 
 def _folded(graph: gs.Graph) -> gs.Graph:
     """``graph`` with its constant subgraphs folded (If nodes with a constant condition flattened)."""
+    split_shape_slices(graph)  # onnx-graphsurgeon folds them ignoring start and end
     previous = None
-    for _ in range(4):  # folding shapes can expose more constants; stop when nothing changes
-        graph.fold_constants(fold_shapes=True, error_ok=True)
+    for _ in range(8):  # folding shapes and inlining branches expose more constants; until nothing changes
+        graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False)
         graph.cleanup().toposort()
+        exported, inlined = inline_constant_ifs(gs.export_onnx(graph))
         count = len(graph.nodes)
-        if count == previous:
+        if count == previous and not inlined:
             break
         previous = count
-        graph = gs.import_onnx(_infer_shapes(gs.export_onnx(graph)))
+        graph = gs.import_onnx(_infer_shapes(exported))
+        if inlined:
+            split_shape_slices(graph)
     return graph
 
 
