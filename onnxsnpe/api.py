@@ -6,9 +6,10 @@ re-exported from there.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -150,6 +151,9 @@ def quantize(
                      "top1_agreement": None, "kept": bool(precision["raised"]), "seconds": precision["seconds"]})
         evaluation = evaluate_encodings(prepared, stats, encodings, settings.arithmetic, analysis_samples, progress,
                                         timer=timer, ray=ray)
+        if not htp_samples:  # the simulated model is not run again: free its weights
+            evaluation = replace(evaluation, simulation=None)
+            gc.collect()
         with timer.stage("weight_analysis"):
             weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes,
                                       prepared.deploy)

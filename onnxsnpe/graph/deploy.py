@@ -10,6 +10,7 @@ passes. Nothing else changes the model's meaning.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -39,11 +40,15 @@ def prepare_deploy_model(
     written_out, loops = unroll_loops(gs.export_onnx(graph))
     if loops:  # a Loop whose trip count folded to a constant: its copies fold further
         graph = _folded(gs.import_onnx(_infer_shapes(written_out)))
+    del written_out
+    gc.collect()  # graphs' nodes and tensors refer to each other: free the weights of the ones left behind
     drop_nan_guards(graph)
     folded = fold_batchnorms(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     prepared = _infer_shapes(gs.export_onnx(graph))
     prepared.producer_name = "onnxsnpe"
+    del graph
+    gc.collect()
     return prepared, folded
 
 
@@ -60,6 +65,8 @@ def _folded(graph: gs.Graph) -> gs.Graph:
             break
         previous = count
         graph = gs.import_onnx(_infer_shapes(exported))
+        del exported
+        gc.collect()  # the graph before, with its weights
         if inlined:
             split_shape_slices(graph)
     return graph

@@ -4,17 +4,24 @@ A ModelProto over 2 GB cannot be serialized, so onnxruntime cannot take it as by
 checker and shape inference cannot take it in memory, and it cannot be saved in one file. Such a
 model is written with its tensors in ``<file>.data`` beside it, and handed to onnxruntime and to
 shape inference as a file. Below the limit nothing changes (outputs stay single files).
+
+Handing a large model to onnxruntime costs no copy of its weights in memory: ``external_copy``
+writes them to a file one tensor at a time (the model in memory is neither changed nor copied),
+and the session reads them from there.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TypeVar
 
 import onnx
 
+EXTERNAL_TENSOR_BYTES = 1024
+"""Tensors of more bytes than this go to the data file (as onnx.save's size_threshold)."""
 EXTERNAL_DATA_BYTES = 1_800_000_000
 """Tensor bytes above which a model is saved with external data (below protobuf's 2 GB, with room
 for the graph itself)."""
@@ -49,22 +56,95 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference (with data propagation); for a large model through files."""
+    """ONNX shape inference (with data propagation).
+
+    A large model is inferred without its weights (``external_copy``, no file written) and gets the
+    inferred graph around its own initializers: ``model`` itself is changed and returned.
+    """
     if not is_large(model):
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    with tempfile.TemporaryDirectory(prefix="onnxsnpe-large-", ignore_cleanup_errors=True) as tmp:
-        source, inferred = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
-        save_model(model, source)
-        onnx.shape_inference.infer_shapes_path(str(source), str(inferred), data_prop=True)
-        return onnx.load(str(inferred))
+    inferred = onnx.shape_inference.infer_shapes(external_copy(model, None), data_prop=True)
+    for field in onnx.ModelProto.DESCRIPTOR.fields:
+        if field.name != "graph":
+            model.ClearField(field.name)
+    for field, value in inferred.ListFields():
+        if field.name != "graph":
+            _copy_field(model, field.name, value)
+    for field in onnx.GraphProto.DESCRIPTOR.fields:
+        if field.name != "initializer":
+            model.graph.ClearField(field.name)
+    for field, value in inferred.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(model.graph, field.name, value)
+    return model
 
 
-def with_model_source(model: onnx.ModelProto, use: Callable[[bytes | str], T]) -> T:
+def external_copy(model: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over EXTERNAL_TENSOR_BYTES refer to ``<path>.data``,
+    written there one tensor at a time; save the copy at ``path`` (after any edit) with onnx.save.
+    With ``path`` None nothing is written (a copy for what reads no weights: shape inference).
+
+    Neither ``model`` nor its weights are copied in memory: the copy holds the graph, the small
+    tensors and the references.
+    """
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field.name, value)
+    location = f"{Path(path).name}.data" if path is not None else "none"
+    with open(Path(path).parent / location, "wb") if path is not None else nullcontext() as data:
+        for init in model.graph.initializer:
+            tensor = light.graph.initializer.add()
+            if init.data_location == onnx.TensorProto.EXTERNAL or init.ByteSize() <= EXTERNAL_TENSOR_BYTES \
+                    or not init.HasField("raw_data"):
+                tensor.CopyFrom(init)
+                continue
+            for field, value in init.ListFields():
+                if field.name != "raw_data":
+                    _copy_field(tensor, field.name, value)
+            offset, length = 0, init.ByteSize()
+            if data is not None:
+                raw = init.raw_data
+                offset, length = data.tell(), len(raw)
+                data.write(raw)
+                del raw
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    return light
+
+
+def _copy_field(message, name: str, value) -> None:
+    """Set field ``name`` of ``message`` to ``value`` (a scalar, a message or a repeated field)."""
+    target = getattr(message, name)
+    if hasattr(target, "extend"):
+        target.extend(value)
+    elif hasattr(target, "CopyFrom"):
+        target.CopyFrom(value)
+    else:
+        setattr(message, name, value)
+
+
+def with_model_source(model: onnx.ModelProto, use: Callable[[bytes | str], T],
+                      edit: Callable[[onnx.ModelProto], None] | None = None) -> T:
     """Call ``use`` with what onnxruntime and the checker take: the serialized model, or for a large
-    model the path of a temporary copy with external data (removed when ``use`` returns)."""
+    model the path of a temporary copy with external data (``external_copy``, removed when ``use``
+    returns). ``edit``, if given, changes a copy of the model first (``model`` stays as it is)."""
     if not is_large(model):
-        return use(model.SerializeToString())
+        if edit is None:
+            return use(model.SerializeToString())
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        edit(copy)
+        return use(copy.SerializeToString())
     with tempfile.TemporaryDirectory(prefix="onnxsnpe-large-", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "model.onnx"
-        save_model(model, path)
+        light = external_copy(model, path)
+        if edit is not None:
+            edit(light)
+        onnx.save(light, str(path))
         return use(str(path))

@@ -17,29 +17,29 @@ def make_session(model: onnx.ModelProto, extra_outputs: list[str] = (), threads:
     Full graph optimization (about 3x faster here than basic); onnxruntime keeps every tensor
     exposed as an output, so the tensors we observe are never fused away.
     """
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    types = {v.name: v.type for v in exposed.graph.value_info}
-    for name in extra_outputs:
-        if name in present:
-            continue
-        value = exposed.graph.output.add()
-        value.name = name
-        if name in types:
-            value.type.CopyFrom(types[name])
-        else:
-            value.type.CopyFrom(helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
-        present.add(name)
+    def expose(exposed: onnx.ModelProto) -> None:
+        present = {o.name for o in exposed.graph.output}
+        types = {v.name: v.type for v in exposed.graph.value_info}
+        for name in extra_outputs:
+            if name in present:
+                continue
+            value = exposed.graph.output.add()
+            value.name = name
+            if name in types:
+                value.type.CopyFrom(types[name])
+            else:
+                value.type.CopyFrom(helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
+            present.add(name)
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     try:
         return with_model_source(
-            exposed, lambda source: ort.InferenceSession(source, sess_options=options,
-                                                         providers=["CPUExecutionProvider"])
-        )
+            model, lambda source: ort.InferenceSession(
+                source, sess_options=options, providers=["CPUExecutionProvider"]),
+            expose)
     except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxSnpeError(f"onnxruntime cannot run the model: {message}") from exc

@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import OnnxSnpeError
-from ..graph.large import is_large, save_model
+from ..graph.large import external_copy, is_large
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,20 @@ class ExposedSession:
 
     def __init__(self, model: onnx.ModelProto, tensors: list[str], threads: int = 0, blocked: bool = True) -> None:
         self.tensors = list(tensors)
-        exposed = _exposing(model, self.tensors)
         self.names = list(self.tensors)
         self.blocked: dict[str, _Blocked] = {}
         self.reference: ort.InferenceSession | None = None
         self._bindings: dict[int, tuple[list[np.ndarray], ort.IOBinding]] = {}
         # ignore_cleanup_errors: a session may still map the weights file (Windows cannot delete it)
         with tempfile.TemporaryDirectory(prefix="onnxsnpe-", ignore_cleanup_errors=True) as tmp:
-            optimized_path = Path(tmp) / OPTIMIZED if blocked else None
+            large = is_large(model)
+            optimized_path = Path(tmp) / OPTIMIZED if blocked and not large else None
             serialized: bytes | str
-            if is_large(exposed):
+            if large:  # the weights mapped from a file, and no second session holding them
                 serialized = str(Path(tmp) / "exposed.onnx")
-                save_model(exposed, Path(serialized))
+                onnx.save(_exposing(external_copy(model, Path(serialized)), self.tensors, copy=False), serialized)
             else:
-                serialized = exposed.SerializeToString()
+                serialized = _exposing(model, self.tensors).SerializeToString()
             try:
                 self.session = _session(serialized, threads, optimized_path)
             except OnnxSnpeError:  # perhaps only the optimized model could not be saved
@@ -220,10 +220,12 @@ def probe_blocks(count: int) -> list[int]:
     return sorted({0, count // 2, count - 1})
 
 
-def _exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``tensors`` among its outputs."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
+def _exposing(model: onnx.ModelProto, tensors: list[str], copy: bool = True) -> onnx.ModelProto:
+    """``model`` with ``tensors`` among its outputs: a copy, or with ``copy`` False ``model`` itself."""
+    exposed = model
+    if copy:
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
     present = {o.name for o in exposed.graph.output}
     for name in tensors:
         if name not in present:
