@@ -114,7 +114,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ray", nargs="?", const=True, metavar="ADDRESS",
-        help="calibrate on a Ray cluster (pip install 'onnxsnpe[ray]'): the one at ADDRESS (e.g. 127.0.0.1:6379, "
+        help="run the model-heavy stages (calibration, isolated analysis, ranking, AdaRound layers, compare's "
+        "configurations) on a Ray cluster (pip install 'onnxsnpe[ray]'): the one at ADDRESS (e.g. 127.0.0.1:6379, "
         "after 'ray start --head'), or a local one without it (give it last or as --ray=ADDRESS); same results",
     )
     images = parser.add_argument_group("image preprocessing (folders of images)")
