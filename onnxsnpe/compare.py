@@ -70,7 +70,9 @@ def compare(
 
     ``base`` holds the other settings (weight method and bits, bias bits, percentile, fixed ranges);
     ``eval_samples`` as for quantize. One FP32 reference session serves every configuration.
-    ``ray`` (True for a local cluster, or a cluster's address) calibrates on Ray, with the same results.
+    ``ray`` (True for a local cluster, or a cluster's address) runs the calibration, AdaRound's
+    independent layers and the configurations (each with its isolated analysis) on Ray, with the
+    same results.
     """
     timer = StageTimer()
     if not methods or not act_bitwidths:

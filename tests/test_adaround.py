@@ -18,10 +18,10 @@ from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.optimize import adaround as adaround_module
 from onnxsnpe.optimize.adaround import (
     _as_matrix,
-    _layers,
     _patches,
     _rounded_inputs_target,
     adaround,
+    adaround_layers,
     layer_waves,
 )
 
@@ -51,7 +51,7 @@ def test_patches_times_the_weight_matrix_is_the_convolution(attrs):
     groups = attrs.get("group", 1)
     weight = rng.normal(size=(6 if groups != 4 else 4, 4 // groups, 3, 3)).astype(np.float32)
     model = _conv(weight, **attrs)
-    (layer,) = _layers(model, {"w": Encoding(8, 0.1, -128)})
+    (layer,) = adaround_layers(model, {"w": Encoding(8, 0.1, -128)})
     x = _samples(1)[0]["x"]
     want = make_session(model).run(None, {"x": x})[0]
     patches = _patches(layer, x).astype(np.float64)  # [groups, inputs, positions]
@@ -198,16 +198,16 @@ def _weights_of(model: onnx.ModelProto) -> dict[str, bytes]:
 
 def test_layers_go_in_waves_after_the_layers_upstream_of_them():
     model = branches()
-    layers = _layers(model, weight_encodings(model, find_targets(model), 8))
+    layers = adaround_layers(model, weight_encodings(model, find_targets(model), 8))
     assert [[layer.weight for layer in wave] for wave in layer_waves(model, layers)] == [["wa"], ["wb", "wc"], ["wd"]]
     chain = _two_convs()
-    layers = _layers(chain, weight_encodings(chain, find_targets(chain), 8))
+    layers = adaround_layers(chain, weight_encodings(chain, find_targets(chain), 8))
     assert [[layer.weight for layer in wave] for wave in layer_waves(chain, layers)] == [["w1"], ["w2"]]
     shared = branches()
     shared.graph.node[3].input[1] = "wb"  # one weight read by two Convs of the same shape: one layer per wave
     shared.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.ones((5, 6, 1, 1), np.float32), "wb"))
     shared.graph.node[2].attribute.pop()  # 1x1 without pads
-    layers = _layers(shared, weight_encodings(shared, find_targets(shared), 8))
+    layers = adaround_layers(shared, weight_encodings(shared, find_targets(shared), 8))
     assert [[layer.weight for layer in wave] for wave in layer_waves(shared, layers)] == [["wa"], ["wb"], ["wd"]]
 
 

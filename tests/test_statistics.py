@@ -231,6 +231,24 @@ def test_models_that_do_not_batch_fall_back_to_one_sample_at_a_time() -> None:
         assert (batched[name].min, batched[name].max) == pytest.approx((single[name].min, single[name].max))
 
 
+def test_a_first_axis_that_is_not_a_batch_is_one_sample_to_the_pdf() -> None:
+    """A tensor of static shape [2, 4] (a recurrent state) run one sample at a time: its PDF grid
+    comes from the whole tensor, as AIMET's one update per batch, not from its first row."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["state"], ["y"])], "state",
+        [helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    state = np.array([[0.1, 0.2, 0.3, 0.4], [10.0, 20.0, 30.0, 40.0]], np.float32)
+    stats = collect_statistics(model, ["state", "y"], [{"state": state}], ["tf_enhanced"], workers=1)
+    for name in ("state", "y"):
+        whole = TensorStats(["tf_enhanced"])
+        whole.update(np.maximum(state, 0)[np.newaxis])
+        assert stats[name].tf_enhanced.spec == whole.tf_enhanced.spec
+        assert stats[name].tf_enhanced.spec[0] > 0.01  # a grid spanning the second row, not 0.4 / 512
+
+
 def test_inputs_are_observed_from_the_feed_and_every_sample_is_consumed(deploy) -> None:
     samples = _samples(4)
     seen = []

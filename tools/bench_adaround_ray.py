@@ -19,7 +19,7 @@ from onnxsnpe.encode.ranges import weight_encodings
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import load_model
 from onnxsnpe.graph.targets import find_targets
-from onnxsnpe.optimize.adaround import _layers, adaround, layer_waves
+from onnxsnpe.optimize.adaround import adaround, adaround_layers, layer_waves
 from onnxsnpe.optimize.adaround_on_ray import ray_runner
 from onnxsnpe.stats.distributed import connect
 
@@ -32,7 +32,7 @@ def main() -> None:
     deploy, _ = prepare_deploy_model(load_model(MODEL), {"input": [1, 3, 224, 224]})
     weights = weight_encodings(deploy, find_targets(deploy), 8)
     samples = list(image_samples(args.samples))
-    layers = _layers(deploy, weights)
+    layers = adaround_layers(deploy, weights)
     start = time.perf_counter()
     ray = connect()
     runner = ray_runner()

@@ -64,9 +64,8 @@ def main() -> None:
             np.save(calib / f"{index}.npy", rng.standard_normal((1, args.size), dtype=np.float32))
         model_bytes = (root / "model.onnx.data").stat().st_size + model.stat().st_size
         start = time.perf_counter()
-        limit = "0" if args.external else "large.EXTERNAL_DATA_BYTES"
-        run = f"import sys; from onnxsnpe.graph import large; large.EXTERNAL_DATA_BYTES = {limit}; " \
-              "from onnxsnpe.cli import main; sys.exit(main())"
+        forced = "from onnxsnpe.graph import large; large.EXTERNAL_DATA_BYTES = 0; " if args.external else ""
+        run = f"import sys; {forced}from onnxsnpe.cli import main; sys.exit(main())"
         child = subprocess.run([sys.executable, "-c", run, "quantize", str(model), "--calib", str(calib),
                                 "--out", str(root / "out"), "--analysis-samples", "0", "--quiet"])
         seconds = time.perf_counter() - start

@@ -50,7 +50,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
         return [path.name]
     data = f"{path.name}.data"
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-              size_threshold=1024, convert_attribute=True)
+              size_threshold=EXTERNAL_TENSOR_BYTES, convert_attribute=True)
     onnx.load_external_data_for_model(model, str(path.parent))  # saving moved the tensors out of memory
     return [path.name, data]
 

@@ -17,8 +17,8 @@ import onnx_graphsurgeon as gs
 _LAST = np.iinfo(np.int64).max
 
 
-def split_shape_slices(graph: gs.Graph) -> int:
-    """Replace each ``Shape`` with ``start``/``end`` by ``Shape`` + ``Slice``; the number replaced."""
+def split_shape_slices(graph: gs.Graph) -> None:
+    """Replace each ``Shape`` with ``start``/``end`` by ``Shape`` + ``Slice``."""
     count = 0
     for node in list(graph.nodes):
         if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)):
@@ -37,4 +37,3 @@ def split_shape_slices(graph: gs.Graph) -> int:
         count += 1
     if count:
         graph.toposort()
-    return count

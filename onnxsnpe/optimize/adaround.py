@@ -72,7 +72,9 @@ class RoundedLayer:
 
 
 @dataclass
-class _Layer:
+class Layer:
+    """A Conv/Gemm/MatMul AdaRound rounds: its node, weight and input, and the shape it is fitted in."""
+
     node: onnx.NodeProto
     weight: str
     input: str
@@ -93,7 +95,7 @@ class LayerJob:
     """One layer's rounding once its statistics are gathered: what _round_layer needs, and nothing of
     the samples (a Ray task gets exactly this)."""
 
-    layer: _Layer
+    layer: Layer
     matrix: np.ndarray
     nearest: np.ndarray
     encoding: tuple[np.ndarray, np.ndarray, int]
@@ -108,12 +110,13 @@ class LayerJob:
                             self.iterations, self.target)
 
 
-Runner = Callable[[list[LayerJob]], Iterable[tuple[np.ndarray, RoundedLayer]]]
-"""Runs the jobs of one wave of independent layers and yields their results in the jobs' order."""
+Runner = Callable[[Iterable[LayerJob]], Iterable[tuple[np.ndarray, RoundedLayer]]]
+"""Runs the jobs of one wave of independent layers and yields their results in the jobs' order. The
+jobs come lazily: a runner that takes them one at a time holds one layer's job at a time."""
 
 
-def run_here(jobs: list[LayerJob]) -> Iterator[tuple[np.ndarray, RoundedLayer]]:
-    """The jobs one after the other, in this process."""
+def run_here(jobs: Iterable[LayerJob]) -> Iterator[tuple[np.ndarray, RoundedLayer]]:
+    """The jobs one after the other, in this process, each built when its turn comes."""
     return (job.run() for job in jobs)
 
 
@@ -122,7 +125,7 @@ def adaround(
     weights: dict[str, ParamEncoding],
     samples: Iterable[dict[str, np.ndarray]],
     iterations: int = DEFAULT_ITERATIONS,
-    progress: Callable[[Sequence[_Layer]], Iterable[_Layer]] = lambda layers: layers,
+    progress: Callable[[Sequence[Layer]], Iterable[Layer]] = lambda layers: layers,
     inputs: str = DEFAULT_INPUTS,
     runner: Runner = run_here,
 ) -> tuple[onnx.ModelProto, list[RoundedLayer]]:
@@ -135,7 +138,7 @@ def adaround(
     """
     if inputs not in INPUT_MODES:
         raise ValueError(f"unknown AdaRound inputs {inputs!r}")
-    layers = _layers(model, weights)
+    layers = adaround_layers(model, weights)
     samples = list(samples)
     grams = _gram_matrices(model, layers, samples) if inputs == "fp32" else {}
     fed = {value.name for value in model.graph.input}
@@ -146,7 +149,7 @@ def adaround(
     copy.CopyFrom(model)
     initializers = {init.name: init for init in copy.graph.initializer}
 
-    def job(layer: _Layer) -> LayerJob:
+    def job(layer: Layer) -> LayerJob:
         array, enc = values[layer.weight], weights[layer.weight]
         matrix = _as_matrix(layer, array)
         nearest = _as_matrix(layer, quantize(array, enc))  # SNPE's own rounding, half away from zero
@@ -159,7 +162,7 @@ def adaround(
                         target)
 
     waves = [layers] if inputs == "fp32" else layer_waves(model, layers)
-    outcomes = (outcome for wave in waves for outcome in zip(wave, runner([job(layer) for layer in wave]),
+    outcomes = (outcome for wave in waves for outcome in zip(wave, runner(job(layer) for layer in wave),
                                                              strict=True))
     results = {}
     # the last result of a wave is written before the next wave's statistics are gathered
@@ -171,7 +174,7 @@ def adaround(
     return copy, [results[layer.weight] for layer in layers]
 
 
-def layer_waves(model: onnx.ModelProto, layers: list[_Layer]) -> list[list[_Layer]]:
+def layer_waves(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
     """The layers (graph order) in waves for rounded inputs: a layer goes one wave after the latest
     layer upstream of its input, so no layer of a wave feeds another and each one's inputs are the same
     as when the layers are rounded one by one in graph order. A chain of layers is one layer per
@@ -183,7 +186,7 @@ def layer_waves(model: onnx.ModelProto, layers: list[_Layer]) -> list[list[_Laye
                                                 for node in model.graph.node for attr in node.attribute):
         return [[layer] for layer in layers]
     latest: dict[str, int] = {}  # per tensor: the latest wave of the layers upstream of it
-    waves: list[list[_Layer]] = []
+    waves: list[list[Layer]] = []
     for node in model.graph.node:
         layer = by_weight.get(node.input[1]) if len(node.input) > 1 else None  # its weight's one reader
         if layer is not None:
@@ -198,7 +201,7 @@ def layer_waves(model: onnx.ModelProto, layers: list[_Layer]) -> list[list[_Laye
 
 
 def _paired_grams(
-    reference: ort.InferenceSession, current: onnx.ModelProto, layer: _Layer, samples: Sequence[dict[str, np.ndarray]]
+    reference: ort.InferenceSession, current: onnx.ModelProto, layer: Layer, samples: Sequence[dict[str, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """``sum x~ x~^T`` and ``sum x~ x^T`` per group (float64) of the layer's input patches in ``current``
     (x~) and in the FP32 ``reference`` session, which exposes every layer's input (x); and the number
@@ -234,8 +237,8 @@ def _rounded_inputs_target(matrix: np.ndarray, gram: np.ndarray, cross: np.ndarr
     return target
 
 
-def _layers(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> list[_Layer]:
-    """The layers AdaRound handles, in graph order, each weight once (the first layer that reads it)."""
+def adaround_layers(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> list[Layer]:
+    """The layers AdaRound handles, in graph order (for layer_waves), each weight once (its first reader)."""
     seen, layers = set(), []
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     for node in model.graph.node:
@@ -244,18 +247,18 @@ def _layers(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> list[_
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         dims = shapes[node.input[1]]
         if node.op_type == "Conv" and len(dims) == 4 and attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
-            layers.append(_Layer(node, node.input[1], node.input[0], int(attrs.get("group", 1)), tuple(dims[2:])))
+            layers.append(Layer(node, node.input[1], node.input[0], int(attrs.get("group", 1)), tuple(dims[2:])))
         elif node.op_type == "Gemm" and len(dims) == 2 and not attrs.get("transA", 0):
-            layers.append(_Layer(node, node.input[1], node.input[0], 1))
+            layers.append(Layer(node, node.input[1], node.input[0], 1))
         elif node.op_type == "MatMul" and len(dims) == 2 and node.input[0] not in shapes:
-            layers.append(_Layer(node, node.input[1], node.input[0], 1))
+            layers.append(Layer(node, node.input[1], node.input[0], 1))
         else:
             continue
         seen.add(node.input[1])
     return layers
 
 
-def _as_matrix(layer: _Layer, array: np.ndarray) -> np.ndarray:
+def _as_matrix(layer: Layer, array: np.ndarray) -> np.ndarray:
     """The weight as [groups, outputs per group, inputs per output] (Conv inputs ordered (channel, ky, kx))."""
     op = layer.node.op_type
     if op == "Conv":
@@ -264,7 +267,7 @@ def _as_matrix(layer: _Layer, array: np.ndarray) -> np.ndarray:
     return (array if trans_b else array.T)[np.newaxis]
 
 
-def _from_matrix(layer: _Layer, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _from_matrix(layer: Layer, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of _as_matrix."""
     op = layer.node.op_type
     if op == "Conv":
@@ -273,7 +276,7 @@ def _from_matrix(layer: _Layer, matrix: np.ndarray, shape: tuple[int, ...]) -> n
     return matrix[0] if trans_b else matrix[0].T
 
 
-def _matrix_encoding(layer: _Layer, array: np.ndarray, enc: ParamEncoding) -> tuple[np.ndarray, np.ndarray, int]:
+def _matrix_encoding(layer: Layer, array: np.ndarray, enc: ParamEncoding) -> tuple[np.ndarray, np.ndarray, int]:
     """Scale and offset per output row of _as_matrix (broadcast shape [groups, outputs, 1]), and the code count."""
     rows = _as_matrix(layer, np.empty(array.shape, np.int8)).shape[:2]
     if isinstance(enc, ChannelEncodings):
@@ -286,7 +289,7 @@ def _matrix_encoding(layer: _Layer, array: np.ndarray, enc: ParamEncoding) -> tu
 
 
 def _gram_matrices(
-    model: onnx.ModelProto, layers: list[_Layer], samples: Iterable[dict[str, np.ndarray]]
+    model: onnx.ModelProto, layers: list[Layer], samples: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, tuple[np.ndarray, int]]:
     """Per weight, the Gram matrix of its layer's input patches per group (float64) and the number of patches."""
     fed = {value.name for value in model.graph.input}
@@ -306,7 +309,7 @@ def _gram_matrices(
     return grams
 
 
-def _patches(layer: _Layer, x: np.ndarray) -> np.ndarray:
+def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
     """The layer's inputs as columns: [groups, inputs per output, positions], float32, contiguous."""
     x = np.asarray(x, dtype=np.float32)
     if layer.node.op_type != "Conv":
@@ -330,7 +333,7 @@ def _patches(layer: _Layer, x: np.ndarray) -> np.ndarray:
 
 
 def _round_layer(
-    layer: _Layer,
+    layer: Layer,
     matrix: np.ndarray,
     nearest_codes: np.ndarray,
     encoding: tuple[np.ndarray, np.ndarray, int],

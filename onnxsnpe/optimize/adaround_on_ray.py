@@ -14,7 +14,7 @@ failures as for calibration (stats/distributed.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -28,7 +28,8 @@ def ray_runner(address: str | None = None) -> Runner:
     ray = connect(address)
     task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_layer_task)
 
-    def run(jobs: list[LayerJob]) -> Iterator[tuple[np.ndarray, RoundedLayer]]:
+    def run(jobs: Iterable[LayerJob]) -> Iterator[tuple[np.ndarray, RoundedLayer]]:
+        jobs = list(jobs)  # a wave's tasks are all submitted at once
         if len(jobs) < 2:
             yield from run_here(jobs)
             return

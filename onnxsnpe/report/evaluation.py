@@ -176,6 +176,15 @@ class Evaluator:
                 self.kept_outputs[index] = outputs
                 self.kept_bytes += size
 
+    def reference_outputs(self, index: int, sample: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The FP32 session's outputs on sample ``index``: kept from an earlier configuration, or run
+        (and kept, when keeping, while they fit)."""
+        kept = self.kept_outputs.get(index) if self.kept_outputs is not None else None
+        if kept is None:
+            kept = self.fp32.run(None, sample)
+            self.keep(index, kept)
+        return kept
+
     def evaluate(
         self,
         deploy: onnx.ModelProto,
@@ -257,12 +266,7 @@ class _Run:
         if first is None:
             return kept
         first = _contiguous(first)
-        kept_outputs = self.evaluator.kept_outputs
-        if kept_outputs is None:
-            ref_arrays = self.evaluator.fp32.run(None, first)  # alone: its shapes size every worker's arrays
-        else:
-            ref_arrays = kept_outputs.get(0) or self.evaluator.fp32.run(None, first)
-            self.evaluator.keep(0, ref_arrays)
+        ref_arrays = self.evaluator.reference_outputs(0, first)  # alone: its shapes size every worker's arrays
         sim_arrays = self.session.run(self.sim_names, first)
         workers = [_Worker(self, ref_arrays, sim_arrays, first) for _ in range(self.evaluator.workers)]
         isolated = max(0, isolated_samples)
@@ -318,27 +322,28 @@ class _Worker:
 
     def evaluate(self, sample: dict[str, np.ndarray], index: int) -> tuple:
         """Run both models on sample number ``index`` and fold it: (this sample's sums, output pairs,
-        sample). FP32 outputs kept from an earlier configuration are taken instead of a run."""
+        sample). FP32 outputs kept from an earlier configuration are taken instead of a run (only the
+        outputs are kept, when no tensor is folded)."""
         evaluator = self.run.evaluator
-        if evaluator.kept_outputs is not None:
-            reference = evaluator.kept_outputs.get(index)
-            if reference is None:
-                reference = evaluator.fp32.run(None, sample)
-                evaluator.keep(index, reference)
-            return self.fold(reference, self.run.session.run(self.run.sim_names, sample), sample)
+        kept = evaluator.kept_outputs.get(index) if evaluator.kept_outputs is not None else None
         if self.bound:
             try:
-                for name, array in zip(self.run.evaluator.fed, self.fed, strict=True):
+                for name, array in zip(evaluator.fed, self.fed, strict=True):
                     np.copyto(array, sample[name])
-                for session, binding in zip(self.sessions, self.bindings, strict=True):
+                runs = zip(self.sessions, self.bindings, strict=True)
+                for session, binding in list(runs)[1:] if kept is not None else runs:
                     for name, value in sample.items():
                         binding.bind_cpu_input(name, value)
                     session.run_with_iobinding(binding)
-                return self._folded(self.references, self.simulated, self.ref_arrays, self.sim_arrays, sample)
+                result = self._folded(self.references, self.simulated, self.ref_arrays if kept is None else kept,
+                                      self.sim_arrays, sample)
+                if kept is None:
+                    evaluator.keep(index, [ref for ref, _ in result[1]])  # when keeping, FP32 runs only the outputs
+                return result
             except Exception as exc:  # onnxruntime raises its own types; runs continue unbound
                 log.info("evaluating without reused output arrays: %s", str(exc).splitlines()[0] if str(exc) else exc)
                 self.bound = False
-        ref_arrays = self.sessions[0].run(None, sample)
+        ref_arrays = evaluator.reference_outputs(index, sample)
         sim_arrays = self.sessions[1].run(self.run.sim_names, sample)
         return self.fold(ref_arrays, sim_arrays, sample)
 

@@ -147,6 +147,8 @@ def _observe(
                 else:
                     outputs = outputs.named()
             for name, values in outputs.items():
+                if len(batch) == 1 and values.shape[:1] != (1,):  # one sample whose first axis is not a
+                    values = values[np.newaxis]  # batch (a recurrent state, an LSTM's Y): it is one sample
                 if name in in_order:
                     held[name] = np.array(values)
                 else:
@@ -317,7 +319,7 @@ class _Reused:
         return self.runner._named(self.session, self.arrays, self.feed)
 
     def fold(self, stats: dict[str, TensorStats], folds: dict[int, OutputFold | None],
-             in_order: frozenset[str] = frozenset()) -> bool:
+             in_order: frozenset[str]) -> bool:
         """Fold the session's tensors into ``stats`` in one call per kind of statistic, with this
         worker's ``folds`` (made at the first use of a set of arrays, which are kept); False where
         that does not apply (a batch of several samples, a PDF without its grid, a huge tensor).
@@ -332,7 +334,7 @@ class _Reused:
             fold.fold()
         return fold is not None
 
-    def unfolded(self, stats: dict[str, TensorStats], in_order: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    def unfolded(self, stats: dict[str, TensorStats], in_order: frozenset[str]) -> dict[str, np.ndarray]:
         """The session's tensors a fold leaves out (those with a mask floor or ``in_order``), by name."""
         return {tensor: self.session.real_values(tensor, raw)
                 for tensor, raw in zip(self.session.tensors, self.arrays, strict=True)

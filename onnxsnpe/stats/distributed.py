@@ -1,15 +1,17 @@
 """The calibration pass on a Ray cluster: the samples in shards, one task each, merged exactly.
 
-Each task reads its shard's samples by path (the dataset travels with its file names only, never
-its arrays), runs them through the exposed onnxruntime session (collect.py, one thread, the task's
-one CPU) and returns the statistics (min/max, histograms, PDFs: a few megabytes whatever the number
-of samples); the driver merges them in shard order. Statistics merge exactly (tensor_stats.py), so
-the result is the in-process one for any number of shards. AIMET's PDFs are the exception that
-needs care: their grids come from the first sample that is not all zeros, so with ``tf_enhanced``
-a first task runs the first samples alone, as the in-process pass does, until every PDF has its
-grid (collect.collect_first; one sample, as a rule), and the shards of the rest start from those
-grids. A task whose worker dies is run again by Ray (``max_retries``): its statistics start from
-nothing again, and the raw files it writes (``sink``) get the same bytes again.
+Each task reads its shard's samples by path (the dataset travels with its file names only, never its
+arrays), runs them through the exposed onnxruntime session (collect.py, one thread, the task's one
+CPU) and returns the statistics (min/max, histograms, PDFs: a few megabytes whatever the number of
+samples); the driver merges them in shard order. Statistics merge exactly (tensor_stats.py), so the
+result is the in-process one for any number of shards. AIMET's PDFs are the exception that needs
+care: their grids come from the first sample that is not all zeros, so with ``tf_enhanced`` a first
+task runs the first samples alone until every PDF has its grid (collect.collect_first; one sample,
+as a rule), and the shards of the rest start from those grids. (The in-process pass runs only the
+first batch alone and folds a PDF still without its grid in dataset order as the workers go; here
+such a PDF, e.g. a mask's whose kept values are all zeros, keeps the first task going to the end.) A
+task whose worker dies is run again by Ray (``max_retries``): its statistics start from nothing
+again, and the raw files it writes (``sink``) get the same bytes again.
 
 Ray is optional (``pip install "onnxsnpe[ray]"``) and imported only here, on first use. With no
 address a local cluster is started with the machine's cores; with one, the job joins a running
@@ -221,7 +223,7 @@ def gather(ray, refs: list, bar: tqdm | None = None, reporter=None) -> list:
         raise cause from None  # a bug shows as it would in-process
     except ray.exceptions.RayError as exc:
         _cancel(ray, pending.values())
-        raise OnnxSnpeError(f"--ray: a calibration task failed: {_first_line(exc)}") from exc
+        raise OnnxSnpeError(f"--ray: a task failed on the cluster: {_first_line(exc)}") from exc
     except BaseException:
         _cancel(ray, pending.values())
         raise
