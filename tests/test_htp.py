@@ -26,7 +26,7 @@ from onnxsnpe.simulate.emulator import (
 )
 from onnxsnpe.simulate.fake_quant import build_simulation_model
 from onnxsnpe.simulate.htp.channelwise import batch_norm_constants
-from onnxsnpe.simulate.htp.codes import requant_constants
+from onnxsnpe.simulate.htp.codes import exact_in_float32, requant_constants
 from onnxsnpe.simulate.htp.elementwise import add_constants, mul_constants, scalar_mul_constants
 from onnxsnpe.simulate.htp.linear import int8_weights
 from onnxsnpe.simulate.htp.model import htp_simulation_model
@@ -484,3 +484,23 @@ def test_unknown_htp_arch_is_refused(tmp_path, tiny_model, npy_folder):
     with pytest.raises(OnnxSnpeError, match="--htp-arch must be one of 68, 69, 73, 75, 79, got 71"):
         quantize(tiny_model, npy_folder, tmp_path / "out", htp_arch="71", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_requantization_in_float32_gives_the_float64_codes_where_it_is_used(seed: int) -> None:
+    """The float32 requantization (integer_op, for 11-bit multipliers) against float64 on every
+    accumulator around the clamp and far beyond it, for multipliers requant_constants makes."""
+    rng = np.random.default_rng(seed)
+    multipliers = np.exp(rng.uniform(np.log(1e-5), np.log(8.0), 64))
+    for multiplier in multipliers:
+        zero_point = int(rng.integers(0, 256))
+        factor, mantissa, _ = requant_constants(np.array([multiplier]), zero_point)
+        assert exact_in_float32(mantissa)
+        span = 300 / mantissa[0]
+        t = np.unique(np.concatenate([np.arange(-span, span), rng.uniform(-2**23, 2**23, 4096)]).round())
+        want = np.clip(np.floor(t * mantissa[0] + 0.5), 0, 255) - zero_point
+        m32, t32 = np.float32(mantissa[0]), t.astype(np.float32)
+        got = np.clip(np.floor(t32 * m32 + np.float32(0.5 - zero_point)), -zero_point, 255 - zero_point)
+        np.testing.assert_array_equal(got, want)
+    _, precise, _ = requant_constants(np.array([0.0123456]), 0, precise=True)
+    assert not exact_in_float32(precise)  # 15 significant bits: float64

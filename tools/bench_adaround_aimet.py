@@ -3,7 +3,7 @@
 Run with the Python of a separate environment that has aimet-onnx (and so torch) installed, with
 onnxsnpe importable from the source tree (aimet and torch are never dependencies of onnxsnpe):
 
-    PYTHONPATH=/work/wt-aimet /work/aimet-venv/bin/python tools/bench_adaround_aimet.py \
+    PYTHONPATH=. /work/aimet-venv/bin/python tools/bench_adaround_aimet.py \
         [--model efficientnet_lite0.onnx] [--calib 128] [--eval 32] [--iters 1000] \
         [--aimet-batch 32] [--inputs rounded,fp32]
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -172,7 +173,7 @@ def main() -> None:
                         help="onnxsnpe --adaround-inputs modes to run, in order (empty: none)")
     args = parser.parse_args()
     if args.calib % args.aimet_batch or args.eval % args.aimet_batch:
-        parser.error("--calib and --eval must be multiples of --aimet-batch")
+        parser.error("--calib and --eval must be multiples of --aimet-batch (default 32: lower it for fewer crops)")
     import torch
     from aimet_onnx import apply_adaround as aimet_apply_adaround
 
@@ -225,7 +226,8 @@ def main() -> None:
     onnxsnpe_rounded = next((r for r in rows if r["step"].startswith("AdaRound (rounded")), None)
     print()
     print(f"model: {args.model}, {args.calib} calibration crops (all fed to both), {args.eval} held-out crops, "
-          f"{args.iters} iterations, aimet batches of {args.aimet_batch}; 2 shared cores (other jobs running)")
+          f"{args.iters} iterations, aimet batches of {args.aimet_batch}; {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     print("| tool | step | AdaRound s | ratio to onnxsnpe (rounded) | own simulation: SQNR dB (top-1) "
           "| onnxsnpe exact arithmetic |")
     print("|---|---|---|---|---|---|")

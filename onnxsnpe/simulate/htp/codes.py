@@ -96,17 +96,52 @@ def integer_op(
         nodes, code_inits = centered_codes(tensor, enc, codes)
         chain += nodes
         inits += code_inits
-    chain += [
-        op,
-        make("Add", [p + "acc", p + "offset"], [p + "shifted"]),
-        make("Mul", [p + "shifted", p + "factor"], [p + "scaled"]),
-        make("Floor", [p + "scaled"], [p + "truncated"]),
-        make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
-        make("Mul", [p + "truncated64", p + "mantissa"], [p + "real"]),  # exact in float64, not float32
-        make("Add", [p + "real", p + "half"], [p + "real_half"]),
+    chain += [op, make("Add", [p + "acc", p + "offset"], [p + "shifted"])]
+    # The Floor stays even without low bits to drop (factor 1): onnxruntime would fold a Mul right
+    # after the Conv (and its Add) into the Conv's weights, rounding them.
+    if np.all(factor == 1):
+        chain.append(make("Floor", [p + "shifted"], [p + "truncated"]))
+    else:
+        chain += [make("Mul", [p + "shifted", p + "factor"], [p + "scaled"]),
+                  make("Floor", [p + "scaled"], [p + "truncated"])]
+    truncated = p + "truncated"
+    if not exact_in_float32(mantissa):
+        chain += [
+            make("Cast", [truncated], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
+            make("Mul", [p + "truncated64", p + "mantissa"], [p + "real"]),  # exact in float64, not float32
+            make("Add", [p + "real", p + "half"], [p + "real_half"]),
+        ]
+        chain, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "real_half", output)
+        return chain, inits
+    zero_point = -y_enc.offset
+    inits[2] = numpy_helper.from_array(mantissa.astype(np.float32), p + "mantissa")
+    inits[3] = numpy_helper.from_array(np.array(0.5 - zero_point, dtype=np.float32), p + "half")
+    inits += [
+        numpy_helper.from_array(np.array(-zero_point, dtype=np.float32), p + "low"),
+        numpy_helper.from_array(np.array(y_enc.levels - zero_point, dtype=np.float32), p + "high"),
+        numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
     ]
-    chain, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "real_half", output)
+    chain += [  # floor(t m + 1/2) - z in one floor, clamped to the centered code range
+        make("Mul", [truncated, p + "mantissa"], [p + "real"]),
+        make("Add", [p + "real", p + "half"], [p + "real_half"]),
+        make("Floor", [p + "real_half"], [p + "rounded"]),
+        make("Clip", [p + "rounded", p + "low", p + "high"], [p + "code_centered"]),
+        make("Mul", [p + "code_centered", p + "out_scale"], [output]),
+    ]
     return chain, inits
+
+
+def exact_in_float32(mantissa: np.ndarray) -> bool:
+    """Whether ``floor(t * m + 1/2 - z)`` computed in float32 gives the clamped 8-bit code exactly.
+
+    With ``m`` of 11 significant bits (a float16) and at least 1/16, an in-range code needs
+    ``|t| < 256 / m <= 4096``: ``t * m`` has at most 23 significant bits and, with ``1/2 - z``
+    (``z`` <= 255) added, stays an integer multiple of m's last bit below 2^24 of them, so every step
+    is exact. Out of range, float32's monotone rounding keeps the value beyond the clamp. The
+    15-bit multipliers (strided depthwise) fail this and run in float64.
+    """
+    m = np.asarray(mantissa, dtype=np.float64)
+    return bool(np.all(m.astype(np.float16).astype(np.float64) == m) and m.min() >= 1 / 16 and m.max() < 2.0**10)
 
 
 def with_output_codes(
