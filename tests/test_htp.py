@@ -494,7 +494,7 @@ def test_requantization_in_float32_gives_the_float64_codes_where_it_is_used(seed
     multipliers = np.exp(rng.uniform(np.log(1e-5), np.log(8.0), 64))
     for multiplier in multipliers:
         zero_point = int(rng.integers(0, 256))
-        factor, mantissa, _ = requant_constants(np.array([multiplier]), zero_point)
+        _, mantissa, _ = requant_constants(np.array([multiplier]), zero_point)
         assert exact_in_float32(mantissa)
         span = 300 / mantissa[0]
         t = np.unique(np.concatenate([np.arange(-span, span), rng.uniform(-2**23, 2**23, 4096)]).round())
