@@ -33,6 +33,8 @@ from .stats.distributed import collect_on_ray
 
 LABELS = {"cle": "CLE", "adaround": "AdaRound", "bias_correction": "bias correction"}
 STEPS = (("cle", apply_cle), ("adaround", apply_adaround), ("bias_correction", apply_bias_correction))
+ON_RAY = {"adaround"}
+"""The steps that take ``ray`` (AdaRound's independent layers as Ray tasks)."""
 
 
 def run_recipe(
@@ -67,7 +69,7 @@ def run_recipe(
              "seconds": 0.0}]
     steps = {}
     for name, step in STEPS:
-        apply = partial(step, ray=ray) if step is apply_adaround else step
+        apply = partial(step, ray=ray) if name in ON_RAY else step
         start = time.perf_counter()
         trial_settings = replace(chosen, **{name: True})
         trial, steps[name] = apply(prepared, trial_settings, progress)
