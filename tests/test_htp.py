@@ -504,3 +504,14 @@ def test_requantization_in_float32_gives_the_float64_codes_where_it_is_used(seed
         np.testing.assert_array_equal(got, want)
     _, precise, _ = requant_constants(np.array([0.0123456]), 0, precise=True)
     assert not exact_in_float32(precise)  # 15 significant bits: float64
+
+
+def test_codes_come_back_exactly_from_on_grid_values_times_the_inverse_scale() -> None:
+    """centered_codes multiplies by float32 1/scale instead of dividing: the same codes for every
+    on-grid value of 8- and 16-bit ranges, whatever the scale."""
+    rng = np.random.default_rng(5)
+    codes = np.arange(-65535, 65536, dtype=np.float32)
+    for scale in np.float32(np.exp(rng.uniform(np.log(1e-8), np.log(1e4), 200))):
+        values = codes * scale
+        np.testing.assert_array_equal(np.round(values * (np.float32(1) / scale)), codes)
+        np.testing.assert_array_equal(np.round(values / scale), codes)

@@ -200,10 +200,15 @@ def output_encoding(node: onnx.NodeProto, targets: QuantTargets, activations: di
 
 
 def centered_codes(tensor: str, enc: Encoding, codes: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing ``codes = round(tensor / scale)``: an on-grid tensor's integer codes minus its zero point."""
-    scale = numpy_helper.from_array(np.array(enc.scale, dtype=np.float32), codes + "_scale")
+    """Nodes computing ``codes = round(tensor / scale)``: an on-grid tensor's integer codes minus its zero point.
+
+    The tensor holds float32 ``c * scale`` for integer codes ``|c| < 2^16``; times float32
+    ``1 / scale`` it is within a few float32 steps of ``c``, so rounding gives ``c`` exactly, and a
+    Mul costs half a Div.
+    """
+    scale = numpy_helper.from_array(np.array(1 / np.float32(enc.scale), dtype=np.float32), codes + "_inverse_scale")
     nodes = [
-        helper.make_node("Div", [tensor, scale.name], [codes + "_real"]),
+        helper.make_node("Mul", [tensor, scale.name], [codes + "_real"]),
         helper.make_node("Round", [codes + "_real"], [codes]),
     ]
     return nodes, [scale]
