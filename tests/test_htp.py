@@ -15,6 +15,7 @@ from onnxsnpe.encode.constants import constant_encodings
 from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize
 from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
 from onnxsnpe.errors import OnnxSnpeError
+from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.report.agreement import measure_agreement
 from onnxsnpe.simulate.emulator import (
@@ -26,7 +27,7 @@ from onnxsnpe.simulate.emulator import (
 )
 from onnxsnpe.simulate.fake_quant import build_simulation_model
 from onnxsnpe.simulate.htp.channelwise import batch_norm_constants
-from onnxsnpe.simulate.htp.codes import exact_in_float32, requant_constants
+from onnxsnpe.simulate.htp.codes import centered_codes, exact_in_float32, requant_constants
 from onnxsnpe.simulate.htp.elementwise import add_constants, mul_constants, scalar_mul_constants
 from onnxsnpe.simulate.htp.linear import int8_weights
 from onnxsnpe.simulate.htp.model import htp_simulation_model
@@ -507,11 +508,14 @@ def test_requantization_in_float32_gives_the_float64_codes_where_it_is_used(seed
 
 
 def test_codes_come_back_exactly_from_on_grid_values_times_the_inverse_scale() -> None:
-    """centered_codes multiplies by float32 1/scale instead of dividing: the same codes for every
-    on-grid value of 8- and 16-bit ranges, whatever the scale."""
+    """centered_codes multiplies by float32 1/scale instead of dividing: run in onnxruntime, its nodes
+    give back the codes of every on-grid value of 8- and 16-bit ranges, whatever the scale."""
     rng = np.random.default_rng(5)
     codes = np.arange(-65535, 65536, dtype=np.float32)
-    for scale in np.float32(np.exp(rng.uniform(np.log(1e-8), np.log(1e4), 200))):
-        values = codes * scale
-        np.testing.assert_array_equal(np.round(values * (np.float32(1) / scale)), codes)
-        np.testing.assert_array_equal(np.round(values / scale), codes)
+    for scale in np.float32(np.exp(rng.uniform(np.log(1e-8), np.log(1e4), 20))):
+        nodes, inits = centered_codes("x", Encoding(16, float(scale), 0), "c")
+        graph = helper.make_graph(nodes, "codes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [None])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        (got,) = make_session(model).run(None, {"x": codes * scale})
+        np.testing.assert_array_equal(got, codes)

@@ -330,8 +330,8 @@ class _Worker:
             try:
                 for name, array in zip(evaluator.fed, self.fed, strict=True):
                     np.copyto(array, sample[name])
-                runs = zip(self.sessions, self.bindings, strict=True)
-                for session, binding in list(runs)[1:] if kept is not None else runs:
+                first = 0 if kept is None else 1  # with kept FP32 outputs only the simulation runs
+                for session, binding in zip(self.sessions[first:], self.bindings[first:], strict=True):
                     for name, value in sample.items():
                         binding.bind_cpu_input(name, value)
                     session.run_with_iobinding(binding)

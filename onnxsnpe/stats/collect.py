@@ -147,8 +147,8 @@ def _observe(
                 else:
                     outputs = outputs.named()
             for name, values in outputs.items():
-                if len(batch) == 1 and values.shape[:1] != (1,):  # one sample whose first axis is not a
-                    values = values[np.newaxis]  # batch (a recurrent state, an LSTM's Y): it is one sample
+                if len(batch) == 1 and values.shape[:1] != (1,):
+                    values = values[np.newaxis]  # a first axis that is no batch (a recurrent state): one sample
                 if name in in_order:
                     held[name] = np.array(values)
                 else:

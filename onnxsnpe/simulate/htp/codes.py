@@ -84,12 +84,7 @@ def integer_op(
     """Nodes turning ``inputs`` into codes, running ``op`` on them and requantizing as the HTP does."""
     factor, offset = (np.asarray(v, dtype=np.float32).reshape((-1, *tail)) for v in (constants[0], constants[2]))
     mantissa = np.asarray(constants[1], dtype=np.float64).reshape((-1, *tail))
-    inits = [
-        numpy_helper.from_array(offset, p + "offset"),
-        numpy_helper.from_array(factor, p + "factor"),
-        numpy_helper.from_array(mantissa, p + "mantissa"),
-        numpy_helper.from_array(np.array(0.5), p + "half"),
-    ]
+    inits = [numpy_helper.from_array(offset, p + "offset")]
     make = helper.make_node
     chain = []
     for tensor, enc, codes in inputs:
@@ -102,27 +97,28 @@ def integer_op(
     if np.all(factor == 1):
         chain.append(make("Floor", [p + "shifted"], [p + "truncated"]))
     else:
+        inits.append(numpy_helper.from_array(factor, p + "factor"))
         chain += [make("Mul", [p + "shifted", p + "factor"], [p + "scaled"]),
                   make("Floor", [p + "scaled"], [p + "truncated"])]
-    truncated = p + "truncated"
     if not exact_in_float32(mantissa):
+        inits += [numpy_helper.from_array(mantissa, p + "mantissa"), numpy_helper.from_array(np.array(0.5), p + "half")]
         chain += [
-            make("Cast", [truncated], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
+            make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
             make("Mul", [p + "truncated64", p + "mantissa"], [p + "real"]),  # exact in float64, not float32
             make("Add", [p + "real", p + "half"], [p + "real_half"]),
         ]
         chain, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "real_half", output)
         return chain, inits
     zero_point = -y_enc.offset
-    inits[2] = numpy_helper.from_array(mantissa.astype(np.float32), p + "mantissa")
-    inits[3] = numpy_helper.from_array(np.array(0.5 - zero_point, dtype=np.float32), p + "half")
     inits += [
+        numpy_helper.from_array(mantissa.astype(np.float32), p + "mantissa"),
+        numpy_helper.from_array(np.array(0.5 - zero_point, dtype=np.float32), p + "half"),
         numpy_helper.from_array(np.array(-zero_point, dtype=np.float32), p + "low"),
         numpy_helper.from_array(np.array(y_enc.levels - zero_point, dtype=np.float32), p + "high"),
         numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
     ]
     chain += [  # floor(t m + 1/2) - z in one floor, clamped to the centered code range
-        make("Mul", [truncated, p + "mantissa"], [p + "real"]),
+        make("Mul", [p + "truncated", p + "mantissa"], [p + "real"]),
         make("Add", [p + "real", p + "half"], [p + "real_half"]),
         make("Floor", [p + "real_half"], [p + "rounded"]),
         make("Clip", [p + "rounded", p + "low", p + "high"], [p + "code_centered"]),
@@ -203,8 +199,8 @@ def centered_codes(tensor: str, enc: Encoding, codes: str) -> tuple[list[onnx.No
     """Nodes computing ``codes = round(tensor / scale)``: an on-grid tensor's integer codes minus its zero point.
 
     The tensor holds float32 ``c * scale`` for integer codes ``|c| < 2^16``; times float32
-    ``1 / scale`` it is within a few float32 steps of ``c``, so rounding gives ``c`` exactly, and a
-    Mul costs half a Div.
+    ``1 / scale`` it is within a few float32 steps of ``c``, so rounding gives ``c`` exactly, and
+    onnxruntime's Mul is cheaper than its Div.
     """
     scale = numpy_helper.from_array(np.array(1 / np.float32(enc.scale), dtype=np.float32), codes + "_inverse_scale")
     nodes = [
