@@ -13,6 +13,8 @@ INT8_LOW, INT8_HIGH = -128, 127
 
 
 SUFFIX = "__onnxsnpe_htp"
+INVERSE_SCALE = "_inverse_scale"
+"""The name ending of centered_codes' constant (code_passing.py finds its nodes by it)."""
 
 
 def requant_constants(
@@ -202,7 +204,7 @@ def centered_codes(tensor: str, enc: Encoding, codes: str) -> tuple[list[onnx.No
     ``1 / scale`` it is within a few float32 steps of ``c``, so rounding gives ``c`` exactly, and
     onnxruntime's Mul is cheaper than its Div.
     """
-    scale = numpy_helper.from_array(np.array(1 / np.float32(enc.scale), dtype=np.float32), codes + "_inverse_scale")
+    scale = numpy_helper.from_array(np.array(1 / np.float32(enc.scale), dtype=np.float32), codes + INVERSE_SCALE)
     nodes = [
         helper.make_node("Mul", [tensor, scale.name], [codes + "_real"]),
         helper.make_node("Round", [codes + "_real"], [codes]),

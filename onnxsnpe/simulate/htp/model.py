@@ -32,10 +32,13 @@ activations and weights:
 - BatchNormalization (left standalone by the graph preparation) is folded into a per-channel scale
   and bias that are quantized again to 8 bits, then applied to the codes: see batch_norm_constants.
 - A Concat input that only the Concat reads is computed with the Concat's encoding (_concat_encodings).
+- A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
+  and a lowered op reads the codes its producer computed instead of deriving them from the
+  dequantized tensor (code_passing.py): the same numbers in fewer passes.
 
 Other ops keep the exact float computation. The integer ops accumulate codes in float32 (exact while
-partial sums stay below 2^24); requantization products and the fixed-point Add run in float64, where
-they are exact (float32 rounds ``t * m`` across a tie now and then).
+partial sums stay below 2^24); requantization products run in float32 where that is exact
+(codes.exact_in_float32: 11-bit multipliers), otherwise in float64, as the fixed-point Add does.
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ from ...encode.encoding import Encoding, ParamEncoding
 from ...graph.targets import QuantTargets
 from ..fake_quant import build_simulation_model
 from .channelwise import lower_batch_norm, lower_global_average_pool
-from .codes import int8, output_encoding
+from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
+from .codes import int8
 from .elementwise import lower_add, lower_mul
 from .linear import lower_linear
+from .squash import absorb, activation_bounds, code_bounds
 
 
 def htp_simulation_model(
@@ -73,7 +78,20 @@ def htp_simulation_model(
     opset = next((o.version for o in deploy.opset_import if o.domain in ("", "ai.onnx")), 13)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*graph.input, *graph.value_info]}
+    squashing = {node.input[0]: node for node in graph.node
+                 if node.op_type in ("Relu", "Clip") and node.input and node.input[0] in targets.squashed}
+    absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
+    known: dict[str, Codes] = {}  # tensors whose centered codes a lowered op computed
+    padded: list[onnx.NodeProto] = []  # Pads whose codes were padded too
     for node in graph.node:
+        if node.output and node.output[0] in absorbed:
+            continue
+        codes_pad = pad_codes(node, known, constants)
+        if codes_pad is not None:
+            nodes += [node, codes_pad[0]]
+            graph.initializer.extend([codes_pad[1]] if codes_pad[1] is not None else [])
+            padded.append(node)
+            continue
         if node.op_type in ("Add", "Sub"):
             lowered = lower_add(node, targets, activations, params, constants)
         elif node.op_type == "Mul":
@@ -88,14 +106,27 @@ def htp_simulation_model(
             nodes.append(node)
             continue
         chain, inits, consumed = lowered
-        own = activations.get(node.output[0])
-        if own is not None and own is output_encoding(node, targets, activations):
-            on_grid.append(node.output[0])
+        chain = reuse_codes(chain, inits, known)
+        requantized = node.output[0]  # the tensor on whose grid the chain ends
+        activation = squashing.get(requantized)
+        bounds = activation_bounds(activation, constants) if activation is not None else None
+        if bounds is not None and absorb(chain, inits, requantized,
+                                         code_bounds(activations[activation.output[0]], *bounds),
+                                         activation.output[0]):
+            absorbed.add(activation.output[0])
+            requantized = activation.output[0]
+        if requantized in activations and requantized not in targets.squashed:
+            on_grid.append(requantized)
+            codes = produced_codes(chain, requantized, activations[requantized].scale)
+            if codes is not None:
+                known[requantized] = codes
         nodes.extend(chain)
         graph.initializer.extend(inits)
         lowered_params.update(consumed)
+    read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+    unread = {id(pad) for pad in padded if pad.output[0] not in read}  # every reader takes the codes
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(node for node in nodes if id(node) not in unread)
     remaining = {name: enc for name, enc in params.items() if name not in lowered_params}
     inputs = {v.name for v in deploy.graph.input}  # the HTP's Quantize of a float input rounds half away
     return build_simulation_model(model, targets, activations, remaining,
