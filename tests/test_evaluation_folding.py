@@ -95,11 +95,16 @@ def test_evaluation_equals_the_per_tensor_numpy_computation(efficientnet):
 
 
 def test_fold_matches_numpy_on_awkward_values():
-    """NaN, infinities, values beyond both ends, a narrow range far from zero, a tensor of 7 values."""
+    """NaN, infinities, values beyond both ends, a narrow range far from zero, a tensor of 7 values,
+    every bin edge and its float32 neighbours."""
     rng = np.random.default_rng(0)
     refs = [rng.normal(size=100_003).astype(np.float32) * 3, rng.normal(1000, 0.01, 50_000).astype(np.float32),
             rng.normal(size=7).astype(np.float32)]
     refs[0][:5] = [-np.inf, np.nan, 0.0, 1e30, -1e30]
+    for ref, (lo, hi) in zip(refs[:2], [(-2.3, 4.1), (999.98123, 1000.0214)], strict=True):
+        edges = np.histogram_bin_edges(np.zeros(1, np.float32), HISTOGRAM_BINS, (lo, hi)).astype(np.float32)
+        ref[5:5 + 3 * edges.size] = np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)),
+                                                    np.nextafter(edges, np.float32(np.inf))])
     sims = [r + rng.normal(size=r.size).astype(np.float32) * 0.01 for r in refs]
     ranges = [(-2.3, 4.1), (999.98123, 1000.0214), (-0.7, 0.7)]
     thresholds = [(-2.0000001, 3.9), (999.99, 1000.01), (-0.5, 0.5)]
