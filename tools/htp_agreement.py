@@ -1,11 +1,12 @@
 """How closely onnxruntime's CPU and onnxsnpe's simulations follow Qualcomm's HTP, on the four real models.
 
     python tools/htp_agreement.py [--models effnet,det,rec,cls] [--extra-crops 56] [--per-op]
-                                  [--weights asymmetric|symmetric|per-channel]
+                                  [--weights asymmetric|symmetric|per-channel] [--act-bitwidth 8|16]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
 calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
-32-bit biases, 8-bit min-max encodings for the other constants), exported as a QDQ model, and run
+32-bit biases, 8-bit min-max encodings for the other constants; ``--act-bitwidth 16`` for 16-bit
+activations), exported as a QDQ model, and run
 on the HTP emulator over calib_data/eval plus ``--extra-crops`` deterministic crops of the
 photographs in ../shared/images (agreement between two executions of one quantized model does not
 need held-out data). ``--weights symmetric`` encodes the weights signed symmetric per tensor
@@ -95,7 +96,7 @@ def symmetric_weight_encodings(model: onnx.ModelProto, targets: QuantTargets, bi
     return {name: symmetric_encoding(float(np.abs(array).max()), bitwidth) for name, array in values.items()}
 
 
-def calibrate(key: str, weights_kind: str = "asymmetric"):
+def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8):
     """The deploy model, targets, encodings and datasets of one model, calibrated as the docstring says."""
     file, size, norm = MODELS[key]
     model = load_model(SHARED / "models" / file)
@@ -106,7 +107,7 @@ def calibrate(key: str, weights_kind: str = "asymmetric"):
     deploy, _ = prepare_deploy_model(model, dict(calib.shapes))
     targets = find_targets(deploy)
     stats = collect_statistics(deploy, targets.activations, calib, methods=["minmax"], floors=targets.floors())
-    acts = activation_encodings(stats, targets, "minmax", 8, fixed=fixed_range_tensors(deploy))
+    acts = activation_encodings(stats, targets, "minmax", act_bitwidth, fixed=fixed_range_tensors(deploy))
     if weights_kind == "symmetric":
         weights = symmetric_weight_encodings(deploy, targets, 8)
     else:
@@ -116,9 +117,9 @@ def calibrate(key: str, weights_kind: str = "asymmetric"):
     return deploy, targets, acts, params, inputs, options, calib
 
 
-def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric") -> list[dict]:
+def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric", act_bitwidth: int = 8) -> list[dict]:
     """Calibrate one model, run it on the HTP, and compare every execution with it."""
-    deploy, targets, acts, params, inputs, options, calib = calibrate(key, weights_kind)
+    deploy, targets, acts, params, inputs, options, calib = calibrate(key, weights_kind, act_bitwidth)
     qdq = build_qdq_model(deploy, targets, acts, params)
     input_encodings = {spec.name: acts[spec.name] for spec in inputs}
     htp = HtpSession(qdq, input_encodings)
@@ -143,9 +144,9 @@ def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric") -> l
     return rows
 
 
-def per_op(key: str, weights_kind: str = "asymmetric") -> dict[str, list[int]]:
+def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) -> dict[str, list[int]]:
     """Per op type: [ops, output values, values where simulate differs, values where htp-model differs]."""
-    deploy, targets, acts, params, inputs, options, _ = calibrate(key, weights_kind)
+    deploy, targets, acts, params, inputs, options, _ = calibrate(key, weights_kind, act_bitwidth)
     sample = open_dataset(ROOT / "calib_data" / "eval", inputs, options).load(0)
     modeled, _ = htp_simulation_model(deploy, targets, acts, params)
     visible = [name + SUFFIX for name in targets.activations] + list(targets.aliases)
@@ -221,6 +222,7 @@ def main() -> int:
     parser.add_argument("--weights", choices=WEIGHTS, default="asymmetric",
                         help="weight encodings: per-tensor asymmetric min-max (onnxsnpe's default), per-tensor "
                              "symmetric, or symmetric per output channel")
+    parser.add_argument("--act-bitwidth", type=int, choices=(8, 16), default=8, help="activation bitwidth")
     args = parser.parse_args()
     reason = qnn_unavailable_reason()
     if reason:
@@ -234,12 +236,12 @@ def main() -> int:
             write_crops(crops, args.extra_crops)
         for key in args.models.split(","):
             start = time.perf_counter()
-            rows.extend(measure(key, crops, args.weights))
+            rows.extend(measure(key, crops, args.weights, args.act_bitwidth))
             print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(table(rows))
     if args.per_op:
         print()
-        print(per_op_table({key: per_op(key, args.weights) for key in args.models.split(",")}))
+        print(per_op_table({key: per_op(key, args.weights, args.act_bitwidth) for key in args.models.split(",")}))
     return 0
 
 
