@@ -50,6 +50,7 @@ from onnxsnpe.encode.ranges import (
     fixed_range_tensors,
     weight_encodings,
 )
+from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import initializer_values, load_model, model_inputs
 from onnxsnpe.graph.runtime import make_session
@@ -149,7 +150,8 @@ def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) ->
     deploy, targets, acts, params, inputs, options, _ = calibrate(key, weights_kind, act_bitwidth)
     sample = open_dataset(ROOT / "calib_data" / "eval", inputs, options).load(0)
     modeled, _ = htp_simulation_model(deploy, targets, acts, params)
-    visible = [name + SUFFIX for name in targets.activations] + list(targets.aliases)
+    produced = {out for node in modeled.graph.node for out in node.output}
+    visible = [name + SUFFIX for name in targets.activations] + [a for a in targets.aliases if a in produced]
     session = make_session(modeled, visible)
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, sample), strict=True))
     producer = {out: node for node in deploy.graph.node for out in node.output}
@@ -163,6 +165,9 @@ def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) ->
         group = [node]
         if node.input and node.input[0] in targets.squashed:
             group.insert(0, producer[node.input[0]])
+        first = group[0]
+        if first.input and first.input[0] in targets.aliases and first.input[0] not in produced:
+            group.insert(0, producer[first.input[0]])  # a Pad whose codes the simulation padded instead
         made = {out for member in group for out in member.output}
         feeds = list(dict.fromkeys(i for member in group for i in member.input
                                    if i and i not in constants and i not in made))
@@ -170,8 +175,9 @@ def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) ->
             continue
         sub = extractor.extract_model(feeds, [tensor])
         sub_targets = QuantTargets(activations=[*feeds, tensor],
-                                   squashed={k: v for k, v in targets.squashed.items() if k in made})
-        sub_acts = {name: acts[name] for name in sub_targets.activations}
+                                   squashed={k: v for k, v in targets.squashed.items() if k in made},
+                                   aliases={k: v for k, v in targets.aliases.items() if k in made})
+        sub_acts = {name: acts[name] for name in [*sub_targets.activations, *sub_targets.aliases] if name in acts}
         sub_params = {k: v for k, v in params.items() if k in {i.name for i in sub.graph.initializer}}
         feed = {name: values.get(name + SUFFIX, values.get(name)) for name in feeds}
         htp = HtpSession(build_qdq_model(sub, sub_targets, sub_acts, sub_params), {})
@@ -228,7 +234,7 @@ def main() -> int:
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 1
-    rows = []
+    rows, measured, refused = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         crops = None
         if args.extra_crops:
@@ -236,12 +242,17 @@ def main() -> int:
             write_crops(crops, args.extra_crops)
         for key in args.models.split(","):
             start = time.perf_counter()
-            rows.extend(measure(key, crops, args.weights, args.act_bitwidth))
+            try:
+                rows.extend(measure(key, crops, args.weights, args.act_bitwidth))
+                measured.append(key)
+            except OnnxSnpeError as exc:  # the emulator refused the model: say so and go on
+                refused.append(f"- {key}: not measured: {exc}")
             print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(table(rows))
+    print("\n".join(refused))
     if args.per_op:
         print()
-        print(per_op_table({key: per_op(key, args.weights, args.act_bitwidth) for key in args.models.split(",")}))
+        print(per_op_table({key: per_op(key, args.weights, args.act_bitwidth) for key in measured}))
     return 0
 
 

@@ -32,6 +32,7 @@ activations and weights:
 - BatchNormalization (left standalone by the graph preparation) is folded into a per-channel scale
   and bias that are quantized again to 8 bits, then applied to the codes: see batch_norm_constants.
 - A Concat input that only the Concat reads is computed with the Concat's encoding (_concat_encodings).
+- A Conv with 16-bit activations and 8-bit weights, where probed: see wide.py.
 - A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
   and a lowered op reads the codes its producer computed instead of deriving them from the
   dequantized tensor (code_passing.py): the same numbers in fewer passes.
@@ -54,6 +55,7 @@ from .codes import int8
 from .elementwise import lower_add, lower_mul
 from .linear import lower_linear
 from .squash import absorb, activation_bounds, code_bounds
+from .wide import lower_a16w8_conv
 
 
 def htp_simulation_model(
@@ -64,8 +66,8 @@ def htp_simulation_model(
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """fake_quant.build_simulation_model, with the ops the module docstring lists computed as the HTP does.
 
-    Only ops whose inputs, weights and output have 8-bit encodings are lowered; everything else is
-    simulated as before. Returns the model and the output map.
+    Only ops whose inputs, weights and output have 8-bit encodings are lowered, and A16W8 Convs
+    (wide.py); everything else is simulated as before. Returns the model and the output map.
     """
     model = onnx.ModelProto()
     model.CopyFrom(deploy)
@@ -101,7 +103,8 @@ def htp_simulation_model(
         elif node.op_type == "BatchNormalization":
             lowered = lower_batch_norm(node, targets, activations, params, constants, shapes, graph)
         else:
-            lowered = lower_linear(node, targets, activations, params, constants)
+            lowered = (lower_linear(node, targets, activations, params, constants)
+                       or lower_a16w8_conv(node, targets, activations, params, constants))
         if lowered is None:
             nodes.append(node)
             continue

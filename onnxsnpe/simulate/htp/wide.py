@@ -1,0 +1,154 @@
+"""Conv and Gemm with 16-bit activations and 8-bit weights (A16W8) as the HTP emulator computes them, in part.
+
+Probed on single Conv ops (tools/HTP.md, "16-bit activations"): with ``u`` the uncentered 16-bit
+input codes (the zero point ``z`` included, padding at ``z``), int8 weights ``w`` (re-expressed per
+channel as at 8 bits, linear.int8_weights) and ``M = s_in * s_w / s_out``, the output code is
+
+    clamp(floor(t * m + 1/2)),  t = floor(sum(u w) / 2^8) + c,  m = float16(M 2^8),
+    c = floor((B - z sum(w)) / 2^8 + z_out / (M 2^8)),
+
+``B`` the bias in accumulator steps: the input sum loses its low 8 bits and the multiplier has 11
+significant bits, as in the 8-bit requantization (codes.py), but the shift is always 8 and the
+constants are truncated apart from the sum. On 25 random single-Conv probes (M from 2^-12.8 to
+2^-5.9; per-tensor weights with and without re-expression, per-channel weights) 50-100% of the
+in-range outputs are exact (6 probes entirely), and all are within 2 steps but in one probe (4);
+where it misses, the HTP is one or two steps off and ``c`` is the suspect: how the constants round
+is not decoded.
+The exact float computation it replaces was off by up to 11 steps, 5 on average (the multiplier's
+error times 16-bit codes). Op by op on EfficientNet-Lite0 at A16 (tools/htp_agreement.py
+``--per-op``): its Gemm exact, Convs 97% -> 3% of values differing, depthwise 38% -> 13%.
+
+``sum(u w)`` reaches 2^29, beyond float32's exact integers, and onnxruntime has no float64 Conv,
+so the centered codes are split in digits of ``d`` bits, small enough that each digit's Conv stays
+exact in float32 (``2^d * 128 * fan-in < 2^24``), and the digits' sums are combined in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize
+from ...graph.targets import QuantTargets
+from .codes import SUFFIX, centered_codes, node_attrs, output_encoding, with_output_codes
+from .linear import int8_weights
+
+SHIFT = 8
+"""Bits the HTP drops from the A16W8 accumulator."""
+
+
+def lower_a16w8_conv(
+    node: onnx.NodeProto,
+    targets: QuantTargets,
+    activations: dict[str, Encoding],
+    params: dict[str, ParamEncoding],
+    constants: dict[str, onnx.TensorProto],
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+    """The A16W8 Conv or Gemm (``x W^T + b``) in the arithmetic of the module docstring, or None where
+    it does not apply."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in constants:
+        return None
+    gemm = (node_attrs(node).get(key, default) for key, default in
+            (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0)))
+    if node.op_type == "Gemm" and tuple(gemm) != (1.0, 1.0, 0, 1):
+        return None  # Gemm lowered as y = x W^T + b only
+    x_enc, y_enc, w_enc = activations.get(node.input[0]), output_encoding(node, targets, activations), \
+        params.get(node.input[1])
+    weight = numpy_helper.to_array(constants[node.input[1]])
+    if (x_enc is None or y_enc is None or w_enc is None or x_enc.bitwidth != 16 or y_enc.bitwidth != 16
+            or w_enc.bitwidth != 8 or weight.ndim != (4 if node.op_type == "Conv" else 2)):
+        return None
+    per_channel = isinstance(w_enc, ChannelEncodings)
+    if per_channel and w_enc.axis != 0:
+        return None
+    w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[0], np.float32(w_enc.scale))
+    along = (-1,) + (1,) * (weight.ndim - 1)  # the output channels: axis 0 of a Conv's or a transposed Gemm's weight
+    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(along))
+    codes, steps = int8_weights(codes, 0)  # channels that do not fit int8 re-expressed, as at 8 bits
+    multiplier = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) * steps / float(np.float32(y_enc.scale))
+    mantissa = (multiplier * 2.0**SHIFT).astype(np.float16).astype(np.float64)
+    if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
+        return None
+    consumed = {node.input[1]}
+    bias = np.zeros(weight.shape[0])
+    if len(node.input) > 2 and node.input[2] in constants:
+        bias = numpy_helper.to_array(constants[node.input[2]]).astype(np.float64).reshape(-1)
+        b_enc = params.get(node.input[2])
+        step = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) * steps  # an accumulator step
+        if b_enc is not None:
+            consumed.add(node.input[2])
+            scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
+            offset = b_enc.offsets() if isinstance(b_enc, ChannelEncodings) else b_enc.offset
+            bias = (quantize(bias, b_enc) + offset) * np.asarray(scale, dtype=np.float64) / step
+        else:
+            bias = bias / step
+    digit_bits = _digit_bits(int(np.prod(weight.shape[1:])))
+    if digit_bits is None:
+        return None
+    zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
+    zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
+    constant = np.floor((bias - zero_sum) / 2.0**SHIFT + out_zero_point / (multiplier * 2.0**SHIFT))
+    chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa)
+    return chain, inits, consumed
+
+
+def _digit_bits(fan_in: int) -> int | None:
+    """Bits per digit of the centered input codes so that each digit's Conv sum is an exact float32
+    integer: ``2^d * 128 * fan_in <= 2^24`` (None for a fan-in too large even for one bit)."""
+    bits = int(np.floor(np.log2(2.0**17 / fan_in)))
+    return bits if bits >= 1 else None
+
+
+def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, digit_bits: int,
+           zero_sum: np.ndarray, constant: np.ndarray, mantissa: np.ndarray,
+           ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes: the codes split in digits, a Conv per digit, their sum, the truncation and the
+    requantization, in float64 from the sums on."""
+    p = f"{node.output[0]}{SUFFIX}/"
+    channel = (1, -1) + (1,) * (codes.ndim - 2)
+    nodes, inits = centered_codes(node.input[0], x_enc, p + "x")
+    inits += [
+        numpy_helper.from_array(codes.astype(np.float32), p + "w"),
+        numpy_helper.from_array(np.array(2.0**-digit_bits, dtype=np.float32), p + "digit_down"),
+        numpy_helper.from_array(np.array(2.0**digit_bits, dtype=np.float32), p + "digit_up"),
+        numpy_helper.from_array(zero_sum.reshape(channel), p + "zero_sum"),
+        numpy_helper.from_array(np.array(2.0**-SHIFT), p + "shift"),
+        numpy_helper.from_array(constant.reshape(channel), p + "constant"),
+        numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
+        numpy_helper.from_array(np.array(0.5), p + "half"),
+    ]
+    make = helper.make_node
+    rest, position, weighted = p + "x", 0, []
+    while True:  # lowest digit first; the last one keeps the sign (|top| * 128 * fan-in stays below 2^24)
+        digit = f"{p}digit{position}"
+        top = 2.0 ** (16 - digit_bits * position) <= 2.0**digit_bits
+        if top:
+            nodes.append(make("Identity", [rest], [digit]))
+        else:
+            nodes += [make("Mul", [rest, p + "digit_down"], [digit + "_down"]),
+                      make("Floor", [digit + "_down"], [digit + "_rest"]),  # exact: a power-of-two scaling
+                      make("Mul", [digit + "_rest", p + "digit_up"], [digit + "_up"]),
+                      make("Sub", [rest, digit + "_up"], [digit])]
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        del conv.input[:], conv.output[:]
+        conv.input.extend([digit, p + "w"])
+        conv.output.append(digit + "_sum")
+        conv.name = digit + "_conv"
+        weight = numpy_helper.from_array(np.array(2.0 ** (digit_bits * position)), digit + "_weight")
+        inits.append(weight)
+        nodes += [conv, make("Cast", [digit + "_sum"], [digit + "_sum64"], to=onnx.TensorProto.DOUBLE),
+                  make("Mul", [digit + "_sum64", weight.name], [digit + "_weighted"])]
+        weighted.append(digit + "_weighted")
+        if top:
+            break
+        rest, position = digit + "_rest", position + 1
+    nodes += [make("Sum", [*weighted, p + "zero_sum"], [p + "input_sum"]),  # sum(u w), exact in float64
+              make("Mul", [p + "input_sum", p + "shift"], [p + "input_shifted"]),
+              make("Floor", [p + "input_shifted"], [p + "truncated"]),
+              make("Add", [p + "truncated", p + "constant"], [p + "t"]),
+              make("Mul", [p + "t", p + "mantissa"], [p + "real"]),
+              make("Add", [p + "real", p + "half"], [p + "real_half"])]
+    chain, inits, _ = with_output_codes(nodes, inits, p, y_enc, p + "real_half", node.output[0])
+    return chain, inits

@@ -1,0 +1,113 @@
+"""Conv and Gemm with 16-bit activations and 8-bit weights in the HTP simulation (simulate/htp/wide.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize, quantize
+from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
+from onnxsnpe.simulate.fake_quant import build_simulation_model
+from onnxsnpe.simulate.htp.linear import int8_weights
+from onnxsnpe.simulate.htp.model import htp_simulation_model
+from onnxsnpe.simulate.qdq import build_qdq_model
+
+QNN_REASON = qnn_unavailable_reason()
+
+
+def _model(op: str, weight: np.ndarray, bias: np.ndarray, x_shape: list[int]) -> onnx.ModelProto:
+    attrs = {"pads": [1, 1, 1, 1]} if op == "Conv" else {"transB": 1}
+    graph = helper.make_graph([helper.make_node(op, ["x", "w", "b"], ["y"], **attrs)], "wide",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight.astype(np.float32), "w"),
+                               numpy_helper.from_array(bias.astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _encoded(model, x_range, y_range):
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(*x_range, 16), "y": asymmetric_encoding(*y_range, 16)}
+    weights = weight_encodings(model, targets, 8)
+    return targets, acts, {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+
+
+def _on_grid(rng, enc, shape, low=0):
+    codes = rng.integers(low, 65536, size=shape)
+    codes.flat[:2] = [0, 65535]  # both ends of the 16-bit range
+    return ((codes + enc.offset) * np.float32(enc.scale)).astype(np.float32)
+
+
+def _reference_codes(model, targets, acts, params, x) -> np.ndarray:
+    """The module docstring's formula with integer sums (int64), independent of the float tricks."""
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    w_enc, b_enc, x_enc, y_enc = params["w"], params["b"], acts["x"], acts["y"]
+    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / np.float32(w_enc.scale))
+    w_int, steps = int8_weights(codes, 0)
+    centered = np.round(x.astype(np.float64) / np.float32(x_enc.scale)).astype(np.int64)
+    w_int = w_int.astype(np.int64)
+    if weight.ndim == 4:
+        padded = np.pad(centered, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        size = x.shape[2]
+        sums = sum(np.einsum("nchw,kc->nkhw", padded[:, :, i:i + size, j:j + size], w_int[:, :, i, j])
+                   for i in range(3) for j in range(3))
+        along = (1, -1, 1, 1)
+    else:
+        sums, along = centered @ w_int.T, (1, -1)
+    z, z_out = -x_enc.offset, -y_enc.offset
+    zero_sum = z * w_int.reshape(w_int.shape[0], -1).sum(axis=1)
+    step = float(np.float32(x_enc.scale)) * float(np.float32(w_enc.scale)) * steps
+    bias = (quantize(numpy_helper.to_array(model.graph.initializer[1]), b_enc) + b_enc.offset) * b_enc.scale / step
+    multiplier = step / float(np.float32(y_enc.scale))
+    mantissa = (multiplier * 256).astype(np.float16).astype(np.float64)
+    constant = np.floor((bias - zero_sum) / 256 + z_out / (multiplier * 256))
+    t = np.floor_divide(sums + zero_sum.reshape(along), 256) + constant.reshape(along)
+    return np.clip(np.floor(t * mantissa.reshape(along) + 0.5), 0, 65535) - z_out
+
+
+@pytest.mark.parametrize("op, channels, digits", [("Conv", 4, 2), ("Conv", 96, 3), ("Gemm", 700, 3)])
+def test_the_lowered_chain_computes_the_documented_formula(op: str, channels: int, digits: int) -> None:
+    """Exact integer sums far beyond 2^24 (positive weights, codes near the top of 16 bits; 96 x 3 x 3
+    and 700 inputs need the codes split in three digits); asymmetric weights, some channels
+    re-expressed; the output encoding covers the outputs, so few are clamped."""
+    rng = np.random.default_rng(channels)
+    shape = (6, channels, 3, 3) if op == "Conv" else (6, channels)
+    weight = np.abs(rng.normal(0.0, 1.0, size=shape)) + rng.uniform(0.0, 0.3, size=(6,) + (1,) * (len(shape) - 1))
+    x_shape = [1, channels, 5, 5] if op == "Conv" else [2, channels]
+    model = _model(op, weight, rng.normal(size=6) * 3, x_shape)
+    targets, acts, params = _encoded(model, (-1.0, 2.5), (-1.0, 1.0))
+    x = _on_grid(rng, acts["x"], x_shape, low=60_000)
+    plain = simulation_runner(model, {"y": "y"}, ["y"])({"x": x})[0]
+    acts["y"] = asymmetric_encoding(float(plain.min()), float(plain.max()), 16)
+    sim, output_map = htp_simulation_model(model, targets, acts, params)
+    assert sum(n.op_type == op for n in sim.graph.node) == digits  # one per digit
+    got = np.round(simulation_runner(sim, output_map, ["y"])({"x": x})[0] / np.float32(acts["y"].scale))
+    want = _reference_codes(model, targets, acts, params, x)
+    assert np.mean((want > acts["y"].offset) & (want < acts["y"].offset + 65535)) > 0.9
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_the_htp_a16w8_conv_is_modelled_far_closer_than_exact_rounding() -> None:
+    """On the emulator: within 2 steps and mostly exact, where exact float rounding is off by up to a
+    dozen 16-bit steps (the float16 multiplier's error times 16-bit codes)."""
+    rng = np.random.default_rng(4)
+    weight = rng.normal(0.0, 1.0, size=(4, 8, 3, 3))
+    model = _model("Conv", weight, rng.normal(size=4), [1, 8, 12, 12])
+    targets, acts, params = _encoded(model, (-1.0, 2.0), (-20.0, 26.0))
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]})
+    scale = np.float32(acts["y"].scale)
+    reference = np.round(htp.run({"x": x})[0] / scale)
+    modeled = np.round(simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+                       / scale)
+    exact = np.round(simulation_runner(*build_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+                     / scale)
+    assert np.abs(modeled - reference).max() <= 2 and np.mean(modeled == reference) >= 0.7
+    assert np.abs(exact - reference).max() >= 5 and np.mean(exact == reference) < 0.1
