@@ -9,14 +9,14 @@ channel as at 8 bits, linear.int8_weights) and ``M = s_in * s_w / s_out``, the o
 
 ``B`` the bias in accumulator steps: the input sum loses its low 8 bits and the multiplier has 11
 significant bits, as in the 8-bit requantization (codes.py), but the shift is always 8 and the
-constants are truncated apart from the sum. On 25 random single-Conv probes (M from 2^-12.8 to
-2^-5.9; per-tensor weights with and without re-expression, per-channel weights) 50-100% of the
-in-range outputs are exact (6 probes entirely), and all are within 2 steps but in one probe (4);
-where it misses, the HTP is one or two steps off and ``c`` is the suspect: how the constants round
-is not decoded.
-The exact float computation it replaces was off by up to 11 steps, 5 on average (the multiplier's
-error times 16-bit codes). Op by op on EfficientNet-Lite0 at A16 (tools/htp_agreement.py
-``--per-op``): its Gemm exact, Convs 97% -> 3% of values differing, depthwise 38% -> 13%.
+constants are truncated apart from the sum. On the 15 single-Conv probes of tools/probe_a16w8.py (M
+from 2^-12.8 to 2^-6; per-tensor weights with and without re-expression, per-channel weights)
+26-100% of the in-range outputs are exact (3 probes entirely), the largest difference 0-4 steps but
+25 on a probe with a re-expressed channel; exact float rounding, which this replaces, gets 0-57%
+exact and differs by 2-834 steps (the float16 multiplier's error times 16-bit codes). How the
+constants round is not decoded, nor how a re-expressed channel computes at 16 bits. Op by op on
+EfficientNet-Lite0 at A16 (tools/htp_agreement.py ``--per-op``): its Gemm exact, Convs 97% -> 3% of
+values differing, depthwise 38% -> 13%.
 
 ``sum(u w)`` reaches 2^29, beyond float32's exact integers, and onnxruntime has no float64 Conv,
 so the centered codes are split in digits of ``d`` bits, small enough that each digit's Conv stays
