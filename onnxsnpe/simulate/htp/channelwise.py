@@ -8,7 +8,16 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, ParamEncoding, quantize, round_half_away
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, centered_codes, int8, node_attrs, output_encoding, requant_constants, with_output_codes
+from .codes import (
+    SUFFIX,
+    Lowered,
+    centered_codes,
+    int8,
+    node_attrs,
+    output_encoding,
+    requant_constants,
+    with_output_codes,
+)
 
 
 def _minmax_codes(values: np.ndarray) -> tuple[np.ndarray, float]:
@@ -68,7 +77,7 @@ def lower_batch_norm(
     constants: dict[str, onnx.TensorProto],
     shapes: dict[str, list[int]],
     graph: onnx.GraphProto,
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+) -> Lowered | None:
     """An inference BatchNormalization with 8-bit encodings on integer codes (batch_norm_constants)."""
     if len(node.input) != 5 or len(node.output) != 1 or node_attrs(node).get("training_mode", 0):
         return None
@@ -113,7 +122,7 @@ def lower_batch_norm(
 def lower_global_average_pool(
     node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding], shapes: dict[str, list[int]],
     opset: int,
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+) -> Lowered | None:
     """An 8-bit GlobalAveragePool over N x C x H x W on integer codes: ``floor(S * m + z_out + 0.5)``.
 
     ``S`` is the sum of the centered input codes over H x W and ``m`` the multiplier

@@ -13,6 +13,8 @@ INT8_LOW, INT8_HIGH = -128, 127
 
 
 SUFFIX = "__onnxsnpe_htp"
+Lowered = tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]]
+"""A lowered op: its nodes, their initializers, and the params it consumed (quantized in the nodes)."""
 INVERSE_SCALE = "_inverse_scale"
 """The name ending of centered_codes' constant (code_passing.py finds its nodes by it)."""
 
@@ -144,7 +146,7 @@ def exact_in_float32(mantissa: np.ndarray) -> bool:
 
 def with_output_codes(
     chain: list[onnx.NodeProto], inits: list[onnx.TensorProto], p: str, y_enc: Encoding, shifted: str, output: str
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]]:
+) -> Lowered:
     """Append the requantized output to ``chain``: ``output = (clamp(floor(shifted)) - z_out) * s_out``.
 
     ``shifted`` is the float64 output code plus one half, so the floor rounds ties up as the HTP

@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, binary_operands, centered_codes, is_scalar, with_output_codes
+from .codes import SUFFIX, Lowered, binary_operands, centered_codes, is_scalar, with_output_codes
 
 
 def add_constants(
@@ -44,7 +44,7 @@ def lower_add(
     activations: dict[str, Encoding],
     params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+) -> Lowered | None:
     """An 8-bit Add computed in HTP's fixed point (add_constants), in float64 to stay exact.
 
     A one-element constant operand is folded into the constant term at the multiplier's precision,
@@ -167,7 +167,7 @@ def lower_mul(
     activations: dict[str, Encoding],
     params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+) -> Lowered | None:
     """An 8-bit Mul on centered integer codes, requantized as the HTP does (mul_constants).
 
     Operands are activations or constants with 8-bit param encodings (broadcast as in the model);

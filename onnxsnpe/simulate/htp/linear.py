@@ -12,6 +12,7 @@ from .codes import (
     INT8_HIGH,
     INT8_LOW,
     SUFFIX,
+    Lowered,
     int8,
     integer_op,
     node_attrs,
@@ -61,7 +62,7 @@ def lower_linear(
     activations: dict[str, Encoding],
     params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+) -> Lowered | None:
     """The integer-code version of a Conv/Gemm/MatMul node, or None when it stays as it is."""
     if node.op_type not in LINEAR_OPS or len(node.input) < 2:
         return None
@@ -165,7 +166,7 @@ def _transpose_blocks(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
 
 def _lower_dynamic_matmul(
     node: onnx.NodeProto, activations: dict[str, Encoding], y_enc: Encoding
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+) -> Lowered | None:
     """MatMul of two 8-bit activations on integer codes, requantized per tensor."""
     a_enc, b_enc = activations.get(node.input[0]), activations.get(node.input[1])
     if not int8(a_enc, b_enc):

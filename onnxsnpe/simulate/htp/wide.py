@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, centered_codes, node_attrs, output_encoding, with_output_codes
+from .codes import SUFFIX, Lowered, centered_codes, node_attrs, output_encoding, with_output_codes
 from .linear import int8_weights
 
 SHIFT = 8
@@ -44,7 +44,7 @@ def lower_a16w8_conv(
     activations: dict[str, Encoding],
     params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]] | None:
+) -> Lowered | None:
     """The A16W8 Conv or Gemm (``x W^T + b``) in the arithmetic of the module docstring, or None where
     it does not apply."""
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in constants:
