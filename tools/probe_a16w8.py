@@ -1,6 +1,6 @@
 """Single-Conv probes of the HTP emulator's arithmetic with 16-bit activations and 8-bit weights.
 
-    python tools/probe_a16w8.py [--probes 12]
+    python tools/probe_a16w8.py [--probes 12] [--depthwise] [--stride 1]
 
 Needs onnxruntime-qnn. Each probe is a QDQ model of one Conv (8 input channels, 4 outputs, 3x3, pads
 1, a 12x12 input of uniformly random 16-bit codes) with its own seed, output range (so the
@@ -32,17 +32,20 @@ WEIGHTS = ("asymmetric", "symmetric", "per-channel")
 OUTPUT_RANGES = (2.0, 6.0, 20.0, 60.0, 200.0)
 
 
-def probe(seed: int, output_range: float, weights_kind: str) -> dict:
+def probe(seed: int, output_range: float, weights_kind: str, depthwise: bool = False, stride: int = 1) -> dict:
     """One probe: M, and per simulation the share of exact in-range codes and the largest difference."""
     rng = np.random.default_rng(seed)
-    weight = rng.normal(0.0, 1.0, size=(4, 8, 3, 3)).astype(np.float32)
+    outputs = 8 if depthwise else 4
+    weight = rng.normal(0.0, 1.0, size=(outputs, 1 if depthwise else 8, 3, 3)).astype(np.float32)
     if weights_kind == "symmetric":  # a range symmetric about zero: codes fit int8 as they are
         weight.flat[0], weight.flat[1] = np.abs(weight).max(), -np.abs(weight).max()
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "probe",
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], group=8 if depthwise else 1,
+                          strides=[stride, stride])], "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b")])
+        [numpy_helper.from_array(weight, "w"),
+         numpy_helper.from_array(rng.normal(size=outputs).astype(np.float32), "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     model = onnx.shape_inference.infer_shapes(model)
@@ -68,6 +71,8 @@ def probe(seed: int, output_range: float, weights_kind: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--probes", type=int, default=12)
+    parser.add_argument("--depthwise", action="store_true", help="a depthwise Conv (8 channels) instead")
+    parser.add_argument("--stride", type=int, default=1)
     args = parser.parse_args()
     reason = qnn_unavailable_reason()
     if reason:
@@ -77,7 +82,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for seed in range(args.probes):
         kind, output_range = WEIGHTS[seed % len(WEIGHTS)], OUTPUT_RANGES[seed % len(OUTPUT_RANGES)]
-        row = probe(seed, output_range, kind)
+        row = probe(seed, output_range, kind, args.depthwise, args.stride)
         print(f"| {seed} | {kind} | 2^{np.log2(row['M']):.1f} | {100 * row['htp'][0]:.1f}%, {row['htp'][1]:.0f} "
               f"| {100 * row['exact'][0]:.1f}%, {row['exact'][1]:.0f} |", flush=True)
     return 0

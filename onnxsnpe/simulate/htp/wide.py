@@ -1,26 +1,26 @@
-"""Conv and Gemm with 16-bit activations and 8-bit weights (A16W8) as the HTP emulator computes them, in part.
+"""Conv and Gemm with 16-bit activations and 8-bit weights (A16W8) as the HTP emulator computes them.
 
-Probed on single Conv ops (tools/HTP.md, "16-bit activations"): with ``u`` the uncentered 16-bit
-input codes (the zero point ``z`` included, padding at ``z``), int8 weights ``w`` (re-expressed per
-channel as at 8 bits, linear.int8_weights) and ``M = s_in * s_w / s_out``, the output code is
+Probed on single ops (tools/HTP.md, "16-bit activations"; tools/probe_a16w8.py): with ``u`` the
+uncentered 16-bit input codes (the zero point ``z`` included, padding at ``z``), int8 weights ``w``
+(re-expressed per channel as at 8 bits, linear.int8_weights) and ``M = s_in * s_w / s_out``, the
+output code is
 
-    clamp(floor(t * m + 1/2)),  t = floor(sum(u w) / 2^8) + c,  m = float16(M 2^8),
-    c = floor((B - z sum(w)) / 2^8 + z_out / (M 2^8)),
+    clamp(floor(t * m + 1/2)),  t = floor(sum(u w) / 2^8) + floor(C / 2^8) - round(z sum(w) / 2^8),
+    m = float16(M 2^8),  C = round(B + z_out / M),
 
-``B`` the bias in accumulator steps: the input sum loses its low 8 bits and the multiplier has 11
-significant bits, as in the 8-bit requantization (codes.py), but the shift is always 8 and the
-constants are truncated apart from the sum. On the 15 single-Conv probes of tools/probe_a16w8.py (M
-from 2^-12.8 to 2^-6; per-tensor weights with and without re-expression, per-channel weights)
-26-100% of the in-range outputs are exact (3 probes entirely), the largest difference 0-4 steps but
-25 on a probe with a re-expressed channel; exact float rounding, which this replaces, gets 0-57%
-exact and differs by 2-834 steps (the float16 multiplier's error times 16-bit codes). How the
-constants round is not decoded, nor how a re-expressed channel computes at 16 bits. Op by op on
-EfficientNet-Lite0 at A16 (tools/htp_agreement.py ``--per-op``): its Gemm exact, Convs 97% -> 3% of
-values differing, depthwise 38% -> 13%.
+``B`` the bias in accumulator steps, rounding half away from zero: the input sum loses its low 8
+bits, the bias and the output zero point are folded into one integer as at 8 bits (codes.py) and
+truncated the same way, and the input zero point's share is rounded apart. A depthwise Conv strided
+in both directions keeps its weight codes as they are, drops no bits and has a 15-bit multiplier,
+as at 8 bits. Bit for bit on 14 of 15 Conv probes, 7 of 9 depthwise and 6 of 9 doubly strided
+depthwise (the rest 1 step off in under 1% of values), per-tensor and per-channel weights, M from
+2^-13 to 2^-6; not decoded: a channel whose weights were re-expressed (one probe, up to 25 steps
+off there). Exact float rounding, which this replaces, is off by up to hundreds of steps (the
+float16 multiplier's error times 16-bit codes).
 
 ``sum(u w)`` reaches 2^29, beyond float32's exact integers, and onnxruntime has no float64 Conv,
 so the centered codes are split in digits of ``d`` bits, small enough that each digit's Conv stays
-exact in float32 (``2^d * 128 * fan-in < 2^24``), and the digits' sums are combined in float64.
+exact in float32 (``2^d * |w| * fan-in <= 2^24``), and the digits' sums are combined in float64.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize
+from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, Lowered, centered_codes, node_attrs, output_encoding, with_output_codes
+from .codes import SUFFIX, Lowered, centered_codes, node_attrs, output_encoding, requant_constants, with_output_codes
 from .linear import int8_weights
 
 SHIFT = 8
@@ -65,9 +65,19 @@ def lower_a16w8_conv(
     w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[0], np.float32(w_enc.scale))
     along = (-1,) + (1,) * (weight.ndim - 1)  # the output channels: axis 0 of a Conv's or a transposed Gemm's weight
     codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(along))
-    codes, steps = int8_weights(codes, 0)  # channels that do not fit int8 re-expressed, as at 8 bits
+    attrs = node_attrs(node)
+    strided_depthwise = (attrs.get("group", 1) > 1 and weight.shape[1] == 1
+                         and all(stride > 1 for stride in attrs.get("strides", [1])))
+    if strided_depthwise:  # as at 8 bits: the codes as they are, no truncation, a 15-bit multiplier
+        steps, shift = np.ones(codes.shape[0]), 0
+    else:  # channels that do not fit int8 re-expressed, as at 8 bits
+        codes, steps = int8_weights(codes, 0)
+        shift = SHIFT
     multiplier = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) * steps / float(np.float32(y_enc.scale))
-    mantissa = (multiplier * 2.0**SHIFT).astype(np.float16).astype(np.float64)
+    if strided_depthwise:
+        _, mantissa, _ = requant_constants(multiplier, 0, precise=True)
+    else:
+        mantissa = (multiplier * 2.0**shift).astype(np.float16).astype(np.float64)
     if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
         return None
     consumed = {node.input[1]}
@@ -83,25 +93,26 @@ def lower_a16w8_conv(
             bias = (quantize(bias, b_enc) + offset) * np.asarray(scale, dtype=np.float64) / step
         else:
             bias = bias / step
-    digit_bits = _digit_bits(int(np.prod(weight.shape[1:])))
+    digit_bits = _digit_bits(int(np.prod(weight.shape[1:])), float(np.abs(codes).max()))
     if digit_bits is None:
         return None
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
-    constant = np.floor((bias - zero_sum) / 2.0**SHIFT + out_zero_point / (multiplier * 2.0**SHIFT))
-    chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa)
+    folded = round_half_away(bias + out_zero_point / multiplier)  # as the 8-bit offset folds them
+    constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
+    chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift)
     return chain, inits, consumed
 
 
-def _digit_bits(fan_in: int) -> int | None:
+def _digit_bits(fan_in: int, largest_weight: float) -> int | None:
     """Bits per digit of the centered input codes so that each digit's Conv sum is an exact float32
-    integer: ``2^d * 128 * fan_in <= 2^24`` (None for a fan-in too large even for one bit)."""
-    bits = int(np.floor(np.log2(2.0**17 / fan_in)))
+    integer: ``2^d * |w| * fan_in <= 2^24`` (None for a fan-in too large even for one bit)."""
+    bits = int(np.floor(np.log2(2.0**24 / (max(largest_weight, 1.0) * fan_in))))
     return bits if bits >= 1 else None
 
 
 def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, digit_bits: int,
-           zero_sum: np.ndarray, constant: np.ndarray, mantissa: np.ndarray,
+           zero_sum: np.ndarray, constant: np.ndarray, mantissa: np.ndarray, shift: int,
            ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes: the codes split in digits, a Conv per digit, their sum, the truncation and the
     requantization, in float64 from the sums on."""
@@ -113,14 +124,14 @@ def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.nda
         numpy_helper.from_array(np.array(2.0**-digit_bits, dtype=np.float32), p + "digit_down"),
         numpy_helper.from_array(np.array(2.0**digit_bits, dtype=np.float32), p + "digit_up"),
         numpy_helper.from_array(zero_sum.reshape(channel), p + "zero_sum"),
-        numpy_helper.from_array(np.array(2.0**-SHIFT), p + "shift"),
+        numpy_helper.from_array(np.array(2.0**-shift), p + "shift"),
         numpy_helper.from_array(constant.reshape(channel), p + "constant"),
         numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
         numpy_helper.from_array(np.array(0.5), p + "half"),
     ]
     make = helper.make_node
     rest, position, weighted = p + "x", 0, []
-    while True:  # lowest digit first; the last one keeps the sign (|top| * 128 * fan-in stays below 2^24)
+    while True:  # lowest digit first; the last one keeps the sign (|top| * |w| * fan-in stays within 2^24)
         digit = f"{p}digit{position}"
         top = 2.0 ** (16 - digit_bits * position) <= 2.0**digit_bits
         if top:
