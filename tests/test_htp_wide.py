@@ -117,3 +117,25 @@ def test_the_htp_a16w8_conv_is_reproduced_bit_for_bit(group: int, stride: int) -
                      / scale)
     np.testing.assert_array_equal(modeled, reference)
     assert np.mean(exact == reference) < 0.95  # exact rounding does not: the HTP arithmetic is needed
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("out_range", [(-3.0, 9.0), (-0.5, 1.0)])  # scale ratios below and above 1
+def test_the_htp_16_bit_add_is_reproduced_bit_for_bit(out_range: tuple[float, float]) -> None:
+    shape = [1, 1, 64, 64]
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "add",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name in "ab"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    acts = {"a": asymmetric_encoding(-1.3, 4.1, 16), "b": asymmetric_encoding(-0.4, 2.7, 16),
+            "y": asymmetric_encoding(*out_range, 16)}
+    rng = np.random.default_rng(5)
+    sample = {name: _on_grid(rng, acts[name], shape) for name in "ab"}
+    targets = find_targets(model)
+    htp = HtpSession(build_qdq_model(model, targets, acts, {}), {name: acts[name] for name in "ab"})
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}), ["y"])(sample)[0]
+    exact = simulation_runner(*build_simulation_model(model, targets, acts, {}), ["y"])(sample)[0]
+    reference = htp.run(sample)[0]
+    np.testing.assert_array_equal(modeled, reference)
+    assert not np.array_equal(exact, reference)

@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, Lowered, binary_operands, centered_codes, is_scalar, with_output_codes
+from .codes import SUFFIX, Lowered, binary_operands, centered_codes, is_scalar, output_encoding, with_output_codes
 
 
 def add_constants(
@@ -45,12 +45,16 @@ def lower_add(
     params: dict[str, ParamEncoding],
     constants: dict[str, onnx.TensorProto],
 ) -> Lowered | None:
-    """An 8-bit Add computed in HTP's fixed point (add_constants), in float64 to stay exact.
+    """An 8-bit Add computed in HTP's fixed point (add_constants), in float64 to stay exact; a 16-bit
+    Add of two activations likewise (add16_constants).
 
     A one-element constant operand is folded into the constant term at the multiplier's precision,
     ``2^-n`` with ``n`` from the other operand alone (measured on 11 probed encodings, 2 of them
     off by one step in one of 256 values).
     """
+    wide = add16_operands(node, targets, activations)
+    if wide is not None:
+        return _fixed_point_sum(node, *wide)
     operands = binary_operands(node, targets, activations, params)
     if operands is None:
         return None
@@ -72,6 +76,42 @@ def lower_add(
             (encs[0].scale, encs[1].scale), (-encs[0].offset, -encs[1].offset), y_enc.scale, -y_enc.offset, sign
         )
         operands = list(zip(node.input, encs, multipliers, strict=True))
+    return _fixed_point_sum(node, operands, constant, y_enc)
+
+
+def add16_constants(
+    scales: tuple[float, float], zero_points: tuple[int, int], out_scale: float, out_zero_point: int
+) -> tuple[int, tuple[float, float], float]:
+    """HTP's Add of two 16-bit tensors: fraction bits ``n``, multipliers and constant, as add_constants
+    at 8 bits but with ``n = min(16, 15 - ceil(log2(max(r_a, r_b))))``, from the larger ratio alone
+    (found on 12 probed encodings of 4,096 random code pairs each, then bit for bit on 12 more,
+    larger ratios 0.2 to 2.3)."""
+    ratios = [float(np.float32(s)) / float(np.float32(out_scale)) for s in scales]
+    bits = int(min(16, 15 - np.ceil(np.log2(max(ratios)))))
+    first, second = (float(np.round(ratio * 2.0**bits) / 2.0**bits) for ratio in ratios)
+    constant = out_zero_point - zero_points[0] * first - zero_points[1] * second
+    return bits, (first, second), float(round_half_away(np.array(constant * 2.0**bits)) / 2.0**bits)
+
+
+def add16_operands(
+    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding]
+) -> tuple[list[tuple[str, Encoding, float]], float, Encoding] | None:
+    """The operands (name, encoding, multiplier), constant and output encoding of an Add of two
+    16-bit activations into a 16-bit output (add16_constants), or None."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    encs = [activations.get(name) for name in node.input]
+    y_enc = output_encoding(node, targets, activations)
+    if any(enc is None or enc.bitwidth != 16 for enc in [*encs, y_enc]):
+        return None
+    _, multipliers, constant = add16_constants((encs[0].scale, encs[1].scale), (-encs[0].offset, -encs[1].offset),
+                                               y_enc.scale, -y_enc.offset)
+    return list(zip(node.input, encs, multipliers, strict=True)), constant, y_enc
+
+
+def _fixed_point_sum(node: onnx.NodeProto, operands: list[tuple[str, Encoding, float]], constant: float,
+                     y_enc: Encoding) -> Lowered:
+    """``floor(sum(q_i m_i) + c + 1/2)`` on the operands' raw codes, in float64, requantized."""
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
     double = onnx.TensorProto.DOUBLE
