@@ -73,11 +73,13 @@ def _reference_codes(model, targets, acts, params, x) -> np.ndarray:
     return np.clip(np.floor(t * mantissa.reshape(along) + 0.5), 0, 65535) - z_out
 
 
-@pytest.mark.parametrize("op, channels, digits", [("Conv", 4, 2), ("Conv", 96, 3), ("Gemm", 700, 3)])
+@pytest.mark.parametrize("op, channels, digits", [("Conv", 4, 2), ("Conv", 32, 2), ("Conv", 96, 3), ("Gemm", 700, 2),
+                                                   ("Gemm", 2000, 3)])
 def test_the_lowered_chain_computes_the_documented_formula(op: str, channels: int, digits: int) -> None:
-    """Exact integer sums far beyond 2^24 (positive weights, codes near the top of 16 bits; 96 x 3 x 3
-    and 700 inputs need the codes split in three digits); asymmetric weights, some channels
-    re-expressed; the output encoding covers the outputs, so few are clamped."""
+    """Exact integer sums far beyond 2^24 (positive weights, codes near the top of 16 bits): filters
+    small enough split the codes in two bytes (wide._byte_chain), larger ones (96 x 3 x 3 and 2,000
+    inputs) in three digits (wide._chain); asymmetric weights, some channels re-expressed; the output
+    encoding covers the outputs, so few are clamped."""
     rng = np.random.default_rng(channels)
     shape = (6, channels, 3, 3) if op == "Conv" else (6, channels)
     weight = np.abs(rng.normal(0.0, 1.0, size=shape)) + rng.uniform(0.0, 0.3, size=(6,) + (1,) * (len(shape) - 1))

@@ -100,7 +100,11 @@ def lower_a16w8_conv(
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
     folded = round_half_away(bias + out_zero_point / multiplier)  # as the 8-bit offset folds them
     constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
-    chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift)
+    largest_sum = float(np.abs(codes).reshape(codes.shape[0], -1).sum(axis=1).max())  # of |w| over a filter
+    if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
+        chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa)
+    else:
+        chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift)
     return chain, inits, consumed
 
 
@@ -109,6 +113,55 @@ def _digit_bits(fan_in: int, largest_weight: float) -> int | None:
     integer: ``2^d * |w| * fan_in <= 2^24`` (None for a fan-in too large even for one bit)."""
     bits = int(np.floor(np.log2(2.0**24 / (max(largest_weight, 1.0) * fan_in))))
     return bits if bits >= 1 else None
+
+
+BYTE_SPLIT_LIMIT = 2.0**15
+"""The largest sum of |w| over a filter for which _byte_chain's float32 sums are exact integers:
+a byte times it stays below 2^23, leaving room for the constants."""
+
+
+def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, zero_sum: np.ndarray,
+                constant: np.ndarray, mantissa: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes when the shift is 8 and the filters are small enough (BYTE_SPLIT_LIMIT): the centered
+    codes split in bytes ``c = 2^8 hi + lo`` (``lo`` in [0, 2^8)) and the input zero point's share
+    ``z sum(w) = 2^8 q + r``, so that ``floor(sum(u w) / 2^8) = conv(hi) + q + floor((conv(lo) + r) / 2^8)``
+    with every term an exact float32 integer; only the multiplication by ``m`` runs in float64."""
+    p = f"{node.output[0]}{SUFFIX}/"
+    channel = (1, -1) + (1,) * (codes.ndim - 2)
+    whole, rest = np.divmod(zero_sum, 2.0**SHIFT)
+    nodes, inits = centered_codes(node.input[0], x_enc, p + "x")
+    inits += [
+        numpy_helper.from_array(codes.astype(np.float32), p + "w"),
+        numpy_helper.from_array(np.array(2.0**-SHIFT, dtype=np.float32), p + "down"),
+        numpy_helper.from_array(np.array(2.0**SHIFT, dtype=np.float32), p + "up"),
+        numpy_helper.from_array(rest.astype(np.float32).reshape(channel), p + "rest"),
+        numpy_helper.from_array((whole + constant).astype(np.float32).reshape(channel), p + "constant"),
+        numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
+        numpy_helper.from_array(np.array(0.5), p + "half"),
+    ]
+    make = helper.make_node
+    nodes += [make("Mul", [p + "x", p + "down"], [p + "x_down"]),
+              make("Floor", [p + "x_down"], [p + "byte_high"]),  # exact: a power-of-two scaling of an integer
+              make("Mul", [p + "byte_high", p + "up"], [p + "byte_high_up"]),
+              make("Sub", [p + "x", p + "byte_high_up"], [p + "byte_low"])]
+    for part in ("byte_high", "byte_low"):
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        del conv.input[:], conv.output[:]
+        conv.input.extend([p + part, p + "w"])
+        conv.output.append(p + part + "_sum")
+        conv.name = p + part + "_conv"
+        nodes.append(conv)
+    nodes += [make("Add", [p + "byte_low_sum", p + "rest"], [p + "byte_low_rest"]),
+              make("Mul", [p + "byte_low_rest", p + "down"], [p + "byte_low_down"]),
+              make("Floor", [p + "byte_low_down"], [p + "carry"]),
+              make("Add", [p + "byte_high_sum", p + "carry"], [p + "truncated"]),
+              make("Add", [p + "truncated", p + "constant"], [p + "t"]),
+              make("Cast", [p + "t"], [p + "t64"], to=onnx.TensorProto.DOUBLE),
+              make("Mul", [p + "t64", p + "mantissa"], [p + "real"]),  # up to 32 significant bits
+              make("Add", [p + "real", p + "half"], [p + "real_half"])]
+    chain, inits, _ = with_output_codes(nodes, inits, p, y_enc, p + "real_half", node.output[0])
+    return chain, inits
 
 
 def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, digit_bits: int,
