@@ -1,6 +1,6 @@
 """How closely onnxruntime's CPU and onnxsnpe's simulations follow Qualcomm's HTP, on the four real models.
 
-    python tools/htp_agreement.py [--models effnet,det,rec,cls] [--extra-crops 56] [--per-op]
+    python tools/htp_agreement.py [--models effnet,det,rec,cls,minilm] [--extra-crops 56] [--per-op]
                                   [--weights asymmetric|symmetric|per-channel] [--act-bitwidth 8|16]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
@@ -21,6 +21,9 @@ onnxsnpe's default per-tensor asymmetric min-max. Every execution is compared wi
 Prints a Markdown table: SQNR in dB and the largest error in steps of the output encoding, top-1
 agreement for class-score outputs (per sample, or per time step for the recogniser), and the nodes
 onnxruntime kept on the CPU besides the graph input/output (de)quantization.
+
+``minilm`` (the MiniLM-L6 sentence encoder) runs through the pipeline's own ``--htp`` instead
+(measure_minilm), on ``8 + --extra-crops / 2`` held-out sentences (at most 32); ``--per-op`` skips it.
 
 With ``--per-op``, also each op in isolation: every quantized op (with a Relu/Clip squashed into it)
 is cut out of the model, fed the same on-grid inputs (taken from the htp-model simulation of the
@@ -116,6 +119,28 @@ def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8)
     params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
     params.update(constant_encodings(deploy, targets, params, 8, acts))
     return deploy, targets, acts, params, inputs, options, calib
+
+
+def measure_minilm(weights_kind: str, act_bitwidth: int, samples: int) -> list[dict]:
+    """MiniLM-L6 through the pipeline's own ``--htp`` (its masks, Gather tables and integer inputs
+    as ``quantize`` handles them): calibrated on the first 64 sentences of tools/sentences.txt,
+    compared on the last ``samples``; no ort-cpu row (the pipeline compares its two arithmetics)."""
+    from text_samples import split_sentences, write_samples
+
+    from onnxsnpe.api import quantize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_sentences, held_out = split_sentences(64, samples)
+        write_samples(Path(tmp, "calib"), calib_sentences)
+        write_samples(Path(tmp, "eval"), held_out)
+        report = quantize(SHARED / "models" / "minilm_l6.onnx", Path(tmp, "calib"), Path(tmp, "out"),
+                          eval_data=Path(tmp, "eval"), act_bitwidth=act_bitwidth,
+                          per_channel=weights_kind == "per-channel", analysis_samples=0, htp_samples=samples,
+                          progress=False).report
+    runs = {"htp": "htp-model", "exact": "simulate"}
+    return [{"model": "minilm", "run": runs[label], "samples": report["htp"]["samples"], **row,
+             "cpu_nodes": [tuple(n) for n in report["htp"]["cpu_fallback_ops"] or []]}
+            for label, rows in report["htp"]["agreement"].items() for row in rows]
 
 
 def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric", act_bitwidth: int = 8) -> list[dict]:
@@ -222,7 +247,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--models", default=",".join([*MODELS, "minilm"]),
+                        help="comma-separated subset of " + ",".join([*MODELS, "minilm"]))
     parser.add_argument("--extra-crops", type=int, default=56, help="crops of ../shared/images added to eval")
     parser.add_argument("--per-op", action="store_true", help="also compare each op in isolation")
     parser.add_argument("--weights", choices=WEIGHTS, default="asymmetric",
@@ -243,8 +269,11 @@ def main() -> int:
         for key in args.models.split(","):
             start = time.perf_counter()
             try:
-                rows.extend(measure(key, crops, args.weights, args.act_bitwidth))
-                measured.append(key)
+                if key == "minilm":
+                    rows.extend(measure_minilm(args.weights, args.act_bitwidth, min(32, 8 + args.extra_crops // 2)))
+                else:
+                    rows.extend(measure(key, crops, args.weights, args.act_bitwidth))
+                    measured.append(key)
             except OnnxSnpeError as exc:  # the emulator refused the model: say so and go on
                 refused.append(f"- {key}: not measured: {exc}")
             print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
