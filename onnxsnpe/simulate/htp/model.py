@@ -32,7 +32,8 @@ activations and weights:
 - BatchNormalization (left standalone by the graph preparation) is folded into a per-channel scale
   and bias that are quantized again to 8 bits, then applied to the codes: see batch_norm_constants.
 - A Concat input that only the Concat reads is computed with the Concat's encoding (_concat_encodings).
-- A Conv with 16-bit activations and 8-bit weights, where probed: see wide.py.
+- With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
+  (elementwise.add16_constants) and GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations").
 - A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
   and a lowered op reads the codes its producer computed instead of deriving them from the
   dequantized tensor (code_passing.py): the same numbers in fewer passes.
@@ -66,8 +67,8 @@ def htp_simulation_model(
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """fake_quant.build_simulation_model, with the ops the module docstring lists computed as the HTP does.
 
-    Only ops whose inputs, weights and output have 8-bit encodings are lowered, and A16W8 Convs
-    (wide.py); everything else is simulated as before. Returns the model and the output map.
+    Ops whose inputs, weights and output have 8-bit encodings are lowered, and the 16-bit ops the
+    module docstring lists; everything else is simulated as before. Returns the model and the output map.
     """
     model = onnx.ModelProto()
     model.CopyFrom(deploy)
