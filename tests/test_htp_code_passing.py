@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnpe.encode.encoding import Encoding
+from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding
 from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.simulate.fake_quant import fake_quant_nodes
@@ -63,10 +63,14 @@ def _chain_model(activation: str, shortcuts: bool) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("activation", ["Clip", "Relu"])
 def test_shortcuts_between_lowered_ops_give_the_same_numbers(activation: str) -> None:
+    """The activations' encodings reach beyond their bounds (as a user's or another method's may), so
+    the narrowed clamp does the Relu/Clip's work."""
     rng = np.random.default_rng(1)
     samples = [{"x": rng.normal(size=(1, 3, 10, 10)).astype(np.float32)} for _ in range(3)]
     fast, slow = _chain_model(activation, True), _chain_model(activation, False)
     targets, _, acts, params = minmax_encodings(fast, samples)
+    wider = {"a": asymmetric_encoding(-1.0, 4.0, 8), "r": asymmetric_encoding(-0.7, acts["r"].max + 1.0, 8)}
+    acts = {name: wider.get(targets.root(name), enc) for name, enc in acts.items()}
     slow_targets = find_targets(slow)
     assert "c1" in targets.squashed and "c1" not in slow_targets.squashed
     slow_acts = {**acts, "a_copy": acts["a"], "c1": acts["a"], "c2": acts["r"]}  # the encodings SNPE would use
@@ -113,3 +117,38 @@ def test_clamping_codes_equals_fake_quantizing_the_clipped_grid(scale, offset, l
     low, high = code_bounds(enc, lo, hi)
     got = (np.clip(codes, low, high) * np.float32(enc.scale)).astype(np.float32)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("activation", ["Clip", "Relu"])
+def test_an_activation_squashed_into_an_add_is_its_uncentered_clamp(activation: str) -> None:
+    """The fixed-point Add ends on uncentered codes (codes.with_output_codes): the narrowed clamp is
+    shifted by the zero point. Against the same Add with its output a graph output (not squashed)."""
+    shape = [1, 2, 16, 16]
+    bounds = [numpy_helper.from_array(np.array(v, dtype=np.float32), n) for v, n in ((-0.5, "low"), (1.5, "high"))]
+
+    def model(squashed: bool) -> onnx.ModelProto:
+        nodes = [helper.make_node("Add", ["u", "v"], ["s"]),
+                 helper.make_node(activation, ["s", "low", "high"] if activation == "Clip" else ["s"], ["y"])]
+        outputs = ["y"] if squashed else ["y", "s"]
+        graph = helper.make_graph(nodes, "add", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+                                                 for n in ("u", "v")],
+                                  [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+                                  bounds if activation == "Clip" else [])
+        built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        built.ir_version = 8
+        return onnx.shape_inference.infer_shapes(built)
+
+    wide = asymmetric_encoding(-2.0, 3.0, 8)  # beyond both bounds
+    acts = {"u": asymmetric_encoding(-1.0, 2.0, 8), "v": asymmetric_encoding(-1.5, 1.0, 8), "y": wide}
+    rng = np.random.default_rng(2)
+    sample = {n: (rng.integers(0, 256, size=shape) + acts[n].offset).astype(np.float32) * np.float32(acts[n].scale)
+              for n in ("u", "v")}
+    fast, slow = model(True), model(False)
+    assert "s" in find_targets(fast).squashed
+    fast_sim, fast_map = htp_simulation_model(fast, find_targets(fast), acts, {})
+    assert "s" not in {name for node in fast_sim.graph.node for name in [*node.input, *node.output]}  # absorbed
+    got = _runner(fast_sim, fast_map, ["y"])(sample)[0]
+    want = _runner(*htp_simulation_model(slow, find_targets(slow), {**acts, "s": wide}, {}), ["y"])(sample)[0]
+    np.testing.assert_array_equal(got, want)
+    low, high = (0.0, np.inf) if activation == "Relu" else (-0.5, 1.5)
+    assert got.min() >= low - wide.scale and got.max() <= high + wide.scale  # the bounds did act

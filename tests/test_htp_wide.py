@@ -73,22 +73,28 @@ def _reference_codes(model, targets, acts, params, x) -> np.ndarray:
     return np.clip(np.floor(t * mantissa.reshape(along) + 0.5), 0, 65535) - z_out
 
 
-@pytest.mark.parametrize("op, channels, digits", [("Conv", 4, 2), ("Conv", 32, 2), ("Conv", 96, 3), ("Gemm", 700, 2),
-                                                   ("Gemm", 2000, 3)])
-def test_the_lowered_chain_computes_the_documented_formula(op: str, channels: int, digits: int) -> None:
+@pytest.mark.parametrize("op, channels, digits, widen", [("Conv", 4, 2, 1.0), ("Conv", 32, 2, 1.0),
+                                                          ("Conv", 32, 2, 16.0), ("Conv", 96, 3, 1.0),
+                                                          ("Gemm", 700, 2, 1.0), ("Gemm", 2000, 3, 16.0)])
+def test_the_lowered_chain_computes_the_documented_formula(op: str, channels: int, digits: int, widen: float) -> None:
     """Exact integer sums far beyond 2^24 (positive weights, codes near the top of 16 bits): filters
     small enough split the codes in two bytes (wide._byte_chain), larger ones (96 x 3 x 3 and 2,000
     inputs) in three digits (wide._chain); asymmetric weights, some channels re-expressed; the output
-    encoding covers the outputs, so few are clamped."""
+    encoding covers the outputs, so few are clamped, or (``widen``) 16 times more about zero, for an M
+    of 2^-19 whose ``z_out / M`` passes 2^24."""
     rng = np.random.default_rng(channels)
     shape = (6, channels, 3, 3) if op == "Conv" else (6, channels)
     weight = np.abs(rng.normal(0.0, 1.0, size=shape)) + rng.uniform(0.0, 0.3, size=(6,) + (1,) * (len(shape) - 1))
-    x_shape = [1, channels, 5, 5] if op == "Conv" else [2, channels]
+    size = 5 if widen == 1 else 48  # a small M's few misses need many outputs to show
+    x_shape = [1, channels, size, size] if op == "Conv" else [2 if widen == 1 else 512, channels]
     model = _model(op, weight, rng.normal(size=6) * 3, x_shape)
     targets, acts, params = _encoded(model, (-1.0, 2.5), (-1.0, 1.0))
     x = _on_grid(rng, acts["x"], x_shape, low=60_000)
     plain = simulation_runner(model, {"y": "y"}, ["y"])({"x": x})[0]
-    acts["y"] = asymmetric_encoding(float(plain.min()), float(plain.max()), 16)
+    low, high = float(plain.min()), float(plain.max())
+    if widen != 1:  # the zero point mid-range: z_out / M near 2^26
+        low, high = -widen * max(abs(low), abs(high)), widen * max(abs(low), abs(high))
+    acts["y"] = asymmetric_encoding(low, high, 16)
     sim, output_map = htp_simulation_model(model, targets, acts, params)
     assert sum(n.op_type == op for n in sim.graph.node) == digits  # one per digit
     got = np.round(simulation_runner(sim, output_map, ["y"])({"x": x})[0] / np.float32(acts["y"].scale))

@@ -145,10 +145,8 @@ def lower_global_average_pool(
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
     chain, inits = centered_codes(node.input[0], x_enc, p + "codes32")
-    if wide:  # sums of 16-bit codes pass float32's exact integers: sum in float64
-        chain.append(make("Cast", [p + "codes32"], [p + "codes"], to=onnx.TensorProto.DOUBLE))
-    else:
-        chain.append(make("Identity", [p + "codes32"], [p + "codes"]))
+    # summed in float64: sums of 16-bit codes pass float32's exact integers
+    chain.append(make("Cast", [p + "codes32"], [p + "codes"], to=onnx.TensorProto.DOUBLE))
     inits += [
         numpy_helper.from_array(np.array(float(multiplier)), p + "multiplier"),
         numpy_helper.from_array(np.array(-y_enc.offset + 0.5), p + "constant"),
@@ -159,8 +157,7 @@ def lower_global_average_pool(
     else:
         chain.append(make("ReduceSum", [p + "codes"], [p + "sum"], axes=[2, 3], keepdims=1))
     chain += [
-        make("Cast", [p + "sum"], [p + "sum64"], to=onnx.TensorProto.DOUBLE),
-        make("Mul", [p + "sum64", p + "multiplier"], [p + "product"]),
+        make("Mul", [p + "sum", p + "multiplier"], [p + "product"]),
         make("Add", [p + "product", p + "constant"], [p + "shifted"]),
     ]
     return with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])

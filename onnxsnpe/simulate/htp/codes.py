@@ -150,7 +150,7 @@ def with_output_codes(
     """Append the requantized output to ``chain``: ``output = (clamp(floor(shifted)) - z_out) * s_out``.
 
     ``shifted`` is the float64 output code plus one half, so the floor rounds ties up as the HTP
-    does; the code is clamped to the 8-bit range and dequantized in float32. Returns the lowering
+    does; the code is clamped to the encoding's range and dequantized in float32. Returns the lowering
     (nodes, initializers, no params consumed).
     """
     make = helper.make_node
@@ -173,7 +173,8 @@ def with_output_codes(
 
 
 def int8(*encodings: Encoding | None) -> bool:
-    """Whether every encoding is there and 8-bit: the HTP arithmetic modelled here is 8-bit only."""
+    """Whether every encoding is there and 8-bit, as most of the HTP arithmetic modelled here needs
+    (16-bit: wide.py, elementwise.add16_constants, GlobalAveragePool)."""
     return all(enc is not None and enc.bitwidth == 8 for enc in encodings)
 
 

@@ -86,6 +86,7 @@ def htp_simulation_model(
     absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
     known: dict[str, Codes] = {}  # tensors whose centered codes a lowered op computed
     padded: list[onnx.NodeProto] = []  # Pads whose codes were padded too
+    code_pads: list[onnx.NodeProto] = []  # the Pads of those codes
     for node in graph.node:
         if node.output and node.output[0] in absorbed:
             continue
@@ -94,6 +95,7 @@ def htp_simulation_model(
             nodes += [node, codes_pad[0]]
             graph.initializer.extend([codes_pad[1]] if codes_pad[1] is not None else [])
             padded.append(node)
+            code_pads.append(codes_pad[0])
             continue
         if node.op_type in ("Add", "Sub"):
             lowered = lower_add(node, targets, activations, params, constants)
@@ -129,6 +131,8 @@ def htp_simulation_model(
         lowered_params.update(consumed)
     read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
     unread = {id(pad) for pad in padded if pad.output[0] not in read}  # every reader takes the codes
+    read = {name for node in nodes if id(node) not in unread for name in node.input}
+    unread |= {id(pad) for pad in code_pads if pad.output[0] not in read}  # no reader took the codes
     del graph.node[:]
     graph.node.extend(node for node in nodes if id(node) not in unread)
     remaining = {name: enc for name, enc in params.items() if name not in lowered_params}

@@ -19,8 +19,9 @@ off there). Exact float rounding, which this replaces, is off by up to hundreds 
 float16 multiplier's error times 16-bit codes).
 
 ``sum(u w)`` reaches 2^29, beyond float32's exact integers, and onnxruntime has no float64 Conv,
-so the centered codes are split in digits of ``d`` bits, small enough that each digit's Conv stays
-exact in float32 (``2^d * |w| * fan-in <= 2^24``), and the digits' sums are combined in float64.
+so the codes are split: in two bytes where the filters are small enough (_byte_chain, the sums
+combined in float32), otherwise in digits of ``d`` bits, small enough that each digit's Conv stays
+exact in float32 (``2^d * |w| * fan-in <= 2^24``), combined in float64 (_chain).
 """
 
 from __future__ import annotations
@@ -93,9 +94,6 @@ def lower_a16w8_conv(
             bias = (quantize(bias, b_enc) + offset) * np.asarray(scale, dtype=np.float64) / step
         else:
             bias = bias / step
-    digit_bits = _digit_bits(int(np.prod(weight.shape[1:])), float(np.abs(codes).max()))
-    if digit_bits is None:
-        return None
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
     folded = round_half_away(bias + out_zero_point / multiplier)  # as the 8-bit offset folds them
@@ -104,6 +102,9 @@ def lower_a16w8_conv(
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
         chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa)
     else:
+        digit_bits = _digit_bits(int(np.prod(weight.shape[1:])), float(np.abs(codes).max()))
+        if digit_bits is None:
+            return None
         chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift)
     return chain, inits, consumed
 
@@ -125,7 +126,8 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
     """The nodes when the shift is 8 and the filters are small enough (BYTE_SPLIT_LIMIT): the centered
     codes split in bytes ``c = 2^8 hi + lo`` (``lo`` in [0, 2^8)) and the input zero point's share
     ``z sum(w) = 2^8 q + r``, so that ``floor(sum(u w) / 2^8) = conv(hi) + q + floor((conv(lo) + r) / 2^8)``
-    with every term an exact float32 integer; only the multiplication by ``m`` runs in float64."""
+    with the Convs' sums and the carry exact float32 integers; the constants (``z_out / M`` passes
+    2^24 when M is small) and the multiplication by ``m`` run in float64."""
     p = f"{node.output[0]}{SUFFIX}/"
     channel = (1, -1) + (1,) * (codes.ndim - 2)
     whole, rest = np.divmod(zero_sum, 2.0**SHIFT)
@@ -135,7 +137,7 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
         numpy_helper.from_array(np.array(2.0**-SHIFT, dtype=np.float32), p + "down"),
         numpy_helper.from_array(np.array(2.0**SHIFT, dtype=np.float32), p + "up"),
         numpy_helper.from_array(rest.astype(np.float32).reshape(channel), p + "rest"),
-        numpy_helper.from_array((whole + constant).astype(np.float32).reshape(channel), p + "constant"),
+        numpy_helper.from_array((whole + constant).reshape(channel), p + "constant"),  # float64: up to z_out / M
         numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
         numpy_helper.from_array(np.array(0.5), p + "half"),
     ]
@@ -156,9 +158,9 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
               make("Mul", [p + "byte_low_rest", p + "down"], [p + "byte_low_down"]),
               make("Floor", [p + "byte_low_down"], [p + "carry"]),
               make("Add", [p + "byte_high_sum", p + "carry"], [p + "truncated"]),
-              make("Add", [p + "truncated", p + "constant"], [p + "t"]),
-              make("Cast", [p + "t"], [p + "t64"], to=onnx.TensorProto.DOUBLE),
-              make("Mul", [p + "t64", p + "mantissa"], [p + "real"]),  # up to 32 significant bits
+              make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
+              make("Add", [p + "truncated64", p + "constant"], [p + "t"]),
+              make("Mul", [p + "t", p + "mantissa"], [p + "real"]),
               make("Add", [p + "real", p + "half"], [p + "real_half"])]
     chain, inits, _ = with_output_codes(nodes, inits, p, y_enc, p + "real_half", node.output[0])
     return chain, inits
