@@ -147,3 +147,23 @@ def test_the_htp_16_bit_add_is_reproduced_bit_for_bit(out_range: tuple[float, fl
     reference = htp.run(sample)[0]
     np.testing.assert_array_equal(modeled, reference)
     assert not np.array_equal(exact, reference)
+
+
+def test_a_16_bit_global_average_pool_sums_its_codes_exactly() -> None:
+    """``floor(S m + z_out + 1/2)`` with S the sum of 16-bit centered codes over 56 x 56 values (up to
+    2^27, past float32's exact integers) and m rounded to 15 significant bits, against int64 sums."""
+    shape = [1, 64, 56, 56]
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "gap",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    acts = {"x": asymmetric_encoding(-1.0, 30.0, 16), "y": asymmetric_encoding(-0.5, 29.0, 16)}
+    x = _on_grid(np.random.default_rng(6), acts["x"], shape, low=50_000)
+    got = simulation_runner(*htp_simulation_model(model, find_targets(model), acts, {}), ["y"])({"x": x})[0]
+    codes = np.round(x.astype(np.float64) / np.float32(acts["x"].scale)).astype(np.int64).sum(axis=(2, 3))
+    ratio = float(np.float32(acts["x"].scale)) / float(np.float32(acts["y"].scale)) / (56 * 56)
+    exponent = 2.0 ** np.floor(np.log2(ratio))
+    multiplier = np.round(ratio / exponent * 2.0**14) / 2.0**14 * exponent
+    want = np.clip(np.floor(codes * multiplier - acts["y"].offset + 0.5), 0, 65535) + acts["y"].offset
+    np.testing.assert_array_equal(np.round(got.reshape(1, 64) / np.float32(acts["y"].scale)), want)
+    assert np.abs(codes).max() > 2**24
