@@ -167,3 +167,33 @@ def test_a_16_bit_global_average_pool_sums_its_codes_exactly() -> None:
     want = np.clip(np.floor(codes * multiplier - acts["y"].offset + 0.5), 0, 65535) + acts["y"].offset
     np.testing.assert_array_equal(np.round(got.reshape(1, 64) / np.float32(acts["y"].scale)), want)
     assert np.abs(codes).max() > 2**24
+
+
+def test_a_doubly_strided_16_bit_depthwise_conv_drops_no_bits() -> None:
+    """Strided in both directions, a depthwise Conv keeps its weight codes as they are (no
+    re-expression), drops no accumulator bits and has a 15-bit multiplier, as at 8 bits: against an
+    int64 reference of that formula."""
+    rng = np.random.default_rng(8)
+    weight = rng.normal(0.3, 1.0, size=(8, 1, 3, 3))  # asymmetric: codes q + offset beyond int8
+    model = _model("Conv", weight, rng.normal(size=8), [1, 8, 12, 12], group=8, stride=2)
+    targets, acts, params = _encoded(model, (-1.0, 2.0), (-30.0, 26.0))
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    got = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    w_enc, b_enc, x_enc, y_enc = params["w"], params["b"], acts["x"], acts["y"]
+    codes = np.round(fake_quantize(weight.astype(np.float32), w_enc).astype(np.float64) / np.float32(w_enc.scale))
+    assert codes.max() > 127  # would be re-expressed by the other rule
+    centered = np.pad(np.round(x.astype(np.float64) / np.float32(x_enc.scale)).astype(np.int64),
+                      ((0, 0), (0, 0), (1, 1), (1, 1)))
+    sums = sum(centered[:, :, i:i + 12:2, j:j + 12:2] * codes[:, 0, i, j].astype(np.int64).reshape(1, -1, 1, 1)
+               for i in range(3) for j in range(3))
+    z, z_out = -x_enc.offset, -y_enc.offset
+    zero_sum = z * codes.reshape(8, -1).sum(axis=1)
+    step = float(np.float32(x_enc.scale)) * float(np.float32(w_enc.scale))
+    multiplier = step / float(np.float32(y_enc.scale))
+    exponent = 2.0 ** np.floor(np.log2(multiplier))
+    mantissa = np.round(multiplier / exponent * 2.0**14) / 2.0**14 * exponent
+    bias = (quantize(numpy_helper.to_array(model.graph.initializer[1]), b_enc) + b_enc.offset) * b_enc.scale / step
+    folded = np.sign(bias + z_out / multiplier) * np.floor(np.abs(bias + z_out / multiplier) + 0.5)
+    t = (sums + zero_sum.reshape(1, -1, 1, 1)) + (folded - zero_sum).reshape(1, -1, 1, 1)
+    want = np.clip(np.floor(t * mantissa + 0.5), 0, 65535) - z_out
+    np.testing.assert_array_equal(np.round(got / np.float32(y_enc.scale)), want)
