@@ -197,3 +197,23 @@ def test_a_doubly_strided_16_bit_depthwise_conv_drops_no_bits() -> None:
     t = (sums + zero_sum.reshape(1, -1, 1, 1)) + (folded - zero_sum).reshape(1, -1, 1, 1)
     want = np.clip(np.floor(t * mantissa + 0.5), 0, 65535) - z_out
     np.testing.assert_array_equal(np.round(got / np.float32(y_enc.scale)), want)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_a_bias_beyond_int32_saturates_as_on_the_htp() -> None:
+    """A channel of near-zero weights (its scale at the floor) with a bias of 7: the bias needs more
+    than int32 at step s_in * s_w, the bias encoding widens its scale, and the HTP saturates the bias
+    at that step's int32 range instead (output 24,827, not 28,672 steps)."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3, 3, 3))
+    weight[1] *= 1e-7
+    model = _model("Conv", weight, np.array([0.1, 7.0, -0.2, 0.3]), [1, 3, 8, 8])
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(-2.1, 2.6, 16), "y": asymmetric_encoding(-8.0, 8.0, 16)}
+    weights = weight_encodings(model, targets, 8, per_channel=True)
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    assert params["b"].scales()[1] > np.float32(acts["x"].scale) * weights["w"].scales()[1] * 1.01  # widened
+    x = _on_grid(rng, acts["x"], [1, 3, 8, 8])
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]})
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, htp.run({"x": x})[0])

@@ -10,7 +10,8 @@ output code is
 
 ``B`` the bias in accumulator steps, rounding half away from zero: the input sum loses its low 8
 bits, the bias and the output zero point are folded into one integer as at 8 bits (codes.py) and
-truncated the same way, and the input zero point's share is rounded apart. A depthwise Conv strided
+truncated the same way, and the input zero point's share is rounded apart. A bias beyond int32 at
+the step ``s_in * s_w`` saturates there, whatever wider scale its encoding was given. A depthwise Conv strided
 in both directions keeps its weight codes as they are, drops no bits and has a 15-bit multiplier,
 as at 8 bits. Bit for bit on 14 of 15 Conv probes, 7 of 9 depthwise and 6 of 9 doubly strided
 depthwise (the rest 1 step off in under 1% of values), per-tensor and per-channel weights, M from
@@ -37,6 +38,7 @@ from .linear import int8_weights
 
 SHIFT = 8
 """Bits the HTP drops from the A16W8 accumulator."""
+INT32_LOW, INT32_HIGH = -(2.0**31), 2.0**31 - 1
 
 
 def lower_a16w8_conv(
@@ -94,6 +96,9 @@ def lower_a16w8_conv(
             bias = (quantize(bias, b_enc) + offset) * np.asarray(scale, dtype=np.float64) / step
         else:
             bias = bias / step
+        # An int32 bias code of step s_in * s_w at most, whatever wider scale the bias encoding has:
+        # the HTP saturates there (measured: a channel of near-zero weights with a bias of 7).
+        bias = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
     folded = round_half_away(bias + out_zero_point / multiplier)  # as the 8-bit offset folds them
