@@ -76,7 +76,8 @@ def lower_a16w8_conv(
     else:  # channels that do not fit int8 re-expressed, as at 8 bits
         codes, steps = int8_weights(codes, 0)
         shift = SHIFT
-    multiplier = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) * steps / float(np.float32(y_enc.scale))
+    step = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) * steps  # an accumulator step
+    multiplier = step / float(np.float32(y_enc.scale))
     if strided_depthwise:
         _, mantissa, _ = requant_constants(multiplier, 0, precise=True)
     else:
@@ -88,7 +89,6 @@ def lower_a16w8_conv(
     if len(node.input) > 2 and node.input[2] in constants:
         bias = numpy_helper.to_array(constants[node.input[2]]).astype(np.float64).reshape(-1)
         b_enc = params.get(node.input[2])
-        step = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) * steps  # an accumulator step
         if b_enc is not None:
             consumed.add(node.input[2])
             scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
