@@ -14,6 +14,7 @@ from .codes import (
     centered_codes,
     int8,
     node_attrs,
+    of_bitwidth,
     output_encoding,
     requant_constants,
     with_output_codes,
@@ -135,8 +136,7 @@ def lower_global_average_pool(
     x_enc = activations.get(node.input[0])
     y_enc = output_encoding(node, targets, activations)
     shape = shapes.get(node.input[0], [])
-    wide = all(enc is not None and enc.bitwidth == 16 for enc in (x_enc, y_enc))
-    if not (int8(x_enc, y_enc) or wide):
+    if not (int8(x_enc, y_enc) or of_bitwidth(16, x_enc, y_enc)):
         return None
     if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
         return None

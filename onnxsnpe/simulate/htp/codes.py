@@ -175,19 +175,25 @@ def with_output_codes(
 def int8(*encodings: Encoding | None) -> bool:
     """Whether every encoding is there and 8-bit, as most of the HTP arithmetic modelled here needs
     (16-bit: wide.py, elementwise.add16_constants, GlobalAveragePool)."""
-    return all(enc is not None and enc.bitwidth == 8 for enc in encodings)
+    return of_bitwidth(8, *encodings)
+
+
+def of_bitwidth(bitwidth: int, *encodings: Encoding | None) -> bool:
+    """Whether every encoding is there and has ``bitwidth`` bits."""
+    return all(enc is not None and enc.bitwidth == bitwidth for enc in encodings)
 
 
 def binary_operands(
-    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding], params: dict[str, ParamEncoding]
+    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding], params: dict[str, ParamEncoding],
+    bitwidth: int = 8,
 ) -> tuple[list[Encoding], Encoding] | None:
     """The encodings of a two-input node's operands (activations or params) and of its output,
-    if all are 8-bit."""
+    if all have ``bitwidth`` bits."""
     if len(node.input) != 2:
         return None
     encs = [activations.get(name) or params.get(name) for name in node.input]
     y_enc = output_encoding(node, targets, activations)
-    return (encs, y_enc) if int8(*encs, y_enc) else None
+    return (encs, y_enc) if of_bitwidth(bitwidth, *encs, y_enc) else None
 
 
 def is_scalar(name: str, constants: dict[str, onnx.TensorProto]) -> bool:

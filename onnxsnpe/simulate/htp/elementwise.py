@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, Lowered, binary_operands, centered_codes, is_scalar, output_encoding, with_output_codes
+from .codes import SUFFIX, Lowered, binary_operands, centered_codes, is_scalar, with_output_codes
 
 
 def add_constants(
@@ -99,12 +99,10 @@ def add16_operands(
 ) -> tuple[list[tuple[str, Encoding, float]], float, Encoding] | None:
     """The operands (name, encoding, multiplier), constant and output encoding of an Add of two
     16-bit activations into a 16-bit output (add16_constants), or None."""
-    if node.op_type != "Add" or len(node.input) != 2:
+    operands = binary_operands(node, targets, activations, {}, bitwidth=16) if node.op_type == "Add" else None
+    if operands is None:
         return None
-    encs = [activations.get(name) for name in node.input]
-    y_enc = output_encoding(node, targets, activations)
-    if any(enc is None or enc.bitwidth != 16 for enc in [*encs, y_enc]):
-        return None
+    encs, y_enc = operands
     _, multipliers, constant = add16_constants((encs[0].scale, encs[1].scale), (-encs[0].offset, -encs[1].offset),
                                                y_enc.scale, -y_enc.offset)
     return list(zip(node.input, encs, multipliers, strict=True)), constant, y_enc

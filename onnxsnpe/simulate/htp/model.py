@@ -85,8 +85,7 @@ def htp_simulation_model(
                  if node.op_type in ("Relu", "Clip") and node.input and node.input[0] in targets.squashed}
     absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
     known: dict[str, Codes] = {}  # tensors whose centered codes a lowered op computed
-    padded: list[onnx.NodeProto] = []  # Pads whose codes were padded too
-    code_pads: list[onnx.NodeProto] = []  # the Pads of those codes
+    pads: list[onnx.NodeProto] = []  # Pads whose codes were padded too, and the Pads of those codes
     for node in graph.node:
         if node.output and node.output[0] in absorbed:
             continue
@@ -94,8 +93,7 @@ def htp_simulation_model(
         if codes_pad is not None:
             nodes += [node, codes_pad[0]]
             graph.initializer.extend([codes_pad[1]] if codes_pad[1] is not None else [])
-            padded.append(node)
-            code_pads.append(codes_pad[0])
+            pads += [node, codes_pad[0]]
             continue
         if node.op_type in ("Add", "Sub"):
             lowered = lower_add(node, targets, activations, params, constants)
@@ -129,10 +127,9 @@ def htp_simulation_model(
         nodes.extend(chain)
         graph.initializer.extend(inits)
         lowered_params.update(consumed)
+    # the float Pad when every reader takes the codes, the codes' Pad when none does (neither reads the other)
     read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
-    unread = {id(pad) for pad in padded if pad.output[0] not in read}  # every reader takes the codes
-    read = {name for node in nodes if id(node) not in unread for name in node.input}
-    unread |= {id(pad) for pad in code_pads if pad.output[0] not in read}  # no reader took the codes
+    unread = {id(pad) for pad in pads if pad.output[0] not in read}
     del graph.node[:]
     graph.node.extend(node for node in nodes if id(node) not in unread)
     remaining = {name: enc for name, enc in params.items() if name not in lowered_params}

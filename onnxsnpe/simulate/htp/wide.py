@@ -33,7 +33,16 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, Lowered, centered_codes, node_attrs, output_encoding, requant_constants, with_output_codes
+from .codes import (
+    SUFFIX,
+    Lowered,
+    centered_codes,
+    node_attrs,
+    of_bitwidth,
+    output_encoding,
+    requant_constants,
+    with_output_codes,
+)
 from .linear import int8_weights
 
 SHIFT = 8
@@ -59,8 +68,8 @@ def lower_a16w8_conv(
     x_enc, y_enc, w_enc = activations.get(node.input[0]), output_encoding(node, targets, activations), \
         params.get(node.input[1])
     weight = numpy_helper.to_array(constants[node.input[1]])
-    if (x_enc is None or y_enc is None or w_enc is None or x_enc.bitwidth != 16 or y_enc.bitwidth != 16
-            or w_enc.bitwidth != 8 or weight.ndim != (4 if node.op_type == "Conv" else 2)):
+    if (not of_bitwidth(16, x_enc, y_enc) or not of_bitwidth(8, w_enc)
+            or weight.ndim != (4 if node.op_type == "Conv" else 2)):
         return None
     per_channel = isinstance(w_enc, ChannelEncodings)
     if per_channel and w_enc.axis != 0:
