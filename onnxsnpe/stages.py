@@ -44,6 +44,7 @@ from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
 from .optimize.adaround import adaround, run_here
 from .optimize.adaround_on_ray import ray_runner
+from .optimize.bias_absorption import absorb_high_biases
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .optimize.bias_correction import correct_biases
 from .optimize.cle import equalize
@@ -315,11 +316,14 @@ def weight_set(prepared: Prepared, settings: Settings, raised: Iterable[str] = (
 
 
 def apply_cle(prepared: Prepared, settings: Settings, progress: bool) -> tuple[Prepared, dict]:
-    """Cross-layer equalization of the deploy weights (the same function, balanced channel ranges)."""
+    """Cross-layer equalization of the deploy weights (the same function, balanced channel ranges), then
+    high-bias absorption where it narrows a pair's tensor on the calibration samples (one pass)."""
     start = time.perf_counter()
     deploy, pairs = equalize(prepared.deploy)
+    deploy, absorbed = absorb_high_biases(deploy, {pair.second_weight: pair.depthwise_second for pair in pairs},
+                                          _progress(prepared.calib_set, "bias absorption", progress))
     record = {"pairs": len(pairs), "seconds": round(time.perf_counter() - start, 3),
-              "equalized": [pair.to_dict() for pair in pairs]}
+              "equalized": [pair.to_dict() for pair in pairs], "absorbed": [a.to_dict() for a in absorbed]}
     # the same function: bias correction aims at this model's channel means, not the unscaled ones
     return replace(_with_deploy(prepared, deploy, prepared.weight_encodings), fp32_deploy=deploy), record
 

@@ -11,8 +11,8 @@ order, over a few sweeps (a middle layer of a chain is balanced with both neighb
 Clipped activations (Clip, ReLU6) do not commute with a scale: ``min(x / s, 6) != min(x, 6) / s``,
 and ONNX's Clip takes one bound for all channels, so such pairs are left as they are rather than
 turning ReLU6 into Relu (the deploy model must compute the input model's function and keep the op
-types SNPE fuses). Second convolutions must be ungrouped or depthwise. High-bias absorption is not
-done.
+types SNPE fuses). Second convolutions must be ungrouped or depthwise. High-bias absorption, which
+needs calibration data, is optimize/bias_absorption.py.
 """
 
 from __future__ import annotations
