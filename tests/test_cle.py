@@ -107,3 +107,15 @@ def test_bias_correction_after_cle_aims_at_the_equalized_model(tmp_path, tiny_mo
     assert equalized.fp32_deploy is equalized.deploy
     corrected, record = apply_bias_correction(equalized, settings, False)
     assert corrected.fp32_deploy is equalized.deploy and record["layers"] == 2
+
+
+def test_cle_flag_records_pairs_and_absorptions_in_the_report(tmp_path, tiny_model, npy_folder):
+    from onnxsnpe import quantize
+
+    result = quantize(tiny_model, npy_folder, tmp_path / "out", cle=True, progress=False)
+    record = result.report["optimizations"]["cle"]
+    assert record["pairs"] == len(record["equalized"]) and isinstance(record["absorbed"], list)
+    for absorbed in record["absorbed"]:
+        low, high = absorbed["range_after"]
+        assert high - low <= 0.95 * (absorbed["range_before"][1] - absorbed["range_before"][0])
+    assert "offsets absorbed" in (result.out_dir / "report.html").read_text()

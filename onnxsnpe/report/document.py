@@ -149,7 +149,8 @@ def step_facts(done: dict) -> list[str]:
     """One line for each weight-changing step that ran (CLE, AdaRound, bias correction): what it did."""
     facts = []
     if "cle" in done:
-        facts.append(f"CLE: {done['cle']['pairs']} Conv pairs equalized ({done['cle']['seconds']:.1f} s)")
+        facts.append(f"CLE: {done['cle']['pairs']} Conv pairs equalized, {len(done['cle']['absorbed'])} offsets "
+                     f"absorbed ({done['cle']['seconds']:.1f} s)")
     if "adaround" in done:
         a = done["adaround"]
         facts.append(f"AdaRound: {a['layers']} weights, {a['iterations']} iterations on {a['samples']} samples, "
