@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, ParamEncoding, quantize, round_half_away
-from ...graph.targets import QuantTargets
+from ...encode.encoding import Encoding, quantize, round_half_away
 from .codes import (
     SUFFIX,
+    Context,
     Lowered,
     centered_codes,
     int8,
@@ -70,28 +70,20 @@ def batch_norm_constants(
     return weights, offsets, multiplier, 0.5 + 2.0 ** (9 - bits)
 
 
-def lower_batch_norm(
-    node: onnx.NodeProto,
-    targets: QuantTargets,
-    activations: dict[str, Encoding],
-    params: dict[str, ParamEncoding],
-    constants: dict[str, onnx.TensorProto],
-    shapes: dict[str, list[int]],
-    graph: onnx.GraphProto,
-) -> Lowered | None:
+def lower_batch_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An inference BatchNormalization with 8-bit encodings on integer codes (batch_norm_constants)."""
     if len(node.input) != 5 or len(node.output) != 1 or node_attrs(node).get("training_mode", 0):
         return None
-    x_enc = activations.get(node.input[0])
-    y_enc = output_encoding(node, targets, activations)
+    x_enc = context.activations.get(node.input[0])
+    y_enc = output_encoding(node, context.targets, context.activations)
     names = list(node.input[1:])
-    encs = [params.get(name) for name in names]
-    rank = len(shapes.get(node.input[0], []))
-    if rank < 3 or any(name not in constants for name in names):
+    encs = [context.params.get(name) for name in names]
+    rank = len(context.shapes.get(node.input[0], []))
+    if rank < 3 or any(name not in context.constants for name in names):
         return None
     if not int8(x_enc, y_enc, *encs):
         return None
-    values = [numpy_helper.to_array(constants[name]).astype(np.float32).reshape(-1) for name in names]
+    values = [numpy_helper.to_array(context.constants[name]).astype(np.float32).reshape(-1) for name in names]
     constants_ = batch_norm_constants(
         values, encs, node_attrs(node).get("epsilon", 1e-5), x_enc.scale, y_enc.scale, -y_enc.offset
     )
@@ -116,14 +108,11 @@ def lower_batch_norm(
         make("Add", [p + "product", p + "constant"], [p + "shifted"]),
     ]
     chain, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
-    used = [name for other in graph.node if other is not node for name in other.input]
+    used = [name for other in context.graph.node if other is not node for name in other.input]
     return chain, inits, {name for name in names if name not in used}
 
 
-def lower_global_average_pool(
-    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding], shapes: dict[str, list[int]],
-    opset: int,
-) -> Lowered | None:
+def lower_global_average_pool(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An 8-bit (or 16-bit) GlobalAveragePool over N x C x H x W on codes: ``floor(S * m + z_out + 0.5)``.
 
     ``S`` is the sum of the centered input codes over H x W and ``m`` the multiplier
@@ -133,9 +122,9 @@ def lower_global_average_pool(
     (the sum in float64) gave EfficientNet-Lite0's one GlobalAveragePool at A16 bit for bit (1,280
     outputs, where exact rounding differed in 1.2%); not probed further.
     """
-    x_enc = activations.get(node.input[0])
-    y_enc = output_encoding(node, targets, activations)
-    shape = shapes.get(node.input[0], [])
+    x_enc = context.activations.get(node.input[0])
+    y_enc = output_encoding(node, context.targets, context.activations)
+    shape = context.shapes.get(node.input[0], [])
     if not (int8(x_enc, y_enc) or of_bitwidth(16, x_enc, y_enc)):
         return None
     if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
@@ -151,7 +140,7 @@ def lower_global_average_pool(
         numpy_helper.from_array(np.array(float(multiplier)), p + "multiplier"),
         numpy_helper.from_array(np.array(-y_enc.offset + 0.5), p + "constant"),
     ]
-    if opset >= 13:
+    if context.opset >= 13:
         inits.append(numpy_helper.from_array(np.array([2, 3], dtype=np.int64), p + "axes"))
         chain.append(make("ReduceSum", [p + "codes", p + "axes"], [p + "sum"], keepdims=1))
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -15,6 +17,21 @@ INT8_LOW, INT8_HIGH = -128, 127
 SUFFIX = "__onnxsnpe_htp"
 Lowered = tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]]
 """A lowered op: its nodes, their initializers, and the params it consumed (quantized in the nodes)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a lowering reads besides its node: the encodings, the graph's constants and tensor shapes,
+    the graph itself and its opset."""
+
+    targets: QuantTargets
+    activations: dict[str, Encoding]
+    params: dict[str, ParamEncoding]
+    constants: dict[str, onnx.TensorProto]
+    shapes: dict[str, list[int | None]]
+    graph: onnx.GraphProto
+    opset: int
+
 INVERSE_SCALE = "_inverse_scale"
 """The name ending of centered_codes' constant (code_passing.py finds its nodes by it)."""
 

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
+from ...encode.encoding import Encoding, fake_quantize, quantize, round_half_away
 from ...graph.targets import QuantTargets
-from .codes import SUFFIX, Lowered, binary_operands, centered_codes, is_scalar, with_output_codes
+from .codes import SUFFIX, Context, Lowered, binary_operands, centered_codes, is_scalar, with_output_codes
 
 
 def add_constants(
@@ -38,13 +38,7 @@ def add_constants(
     return bits, multipliers, float(round_half_away(np.array(constant * grid)) / grid)
 
 
-def lower_add(
-    node: onnx.NodeProto,
-    targets: QuantTargets,
-    activations: dict[str, Encoding],
-    params: dict[str, ParamEncoding],
-    constants: dict[str, onnx.TensorProto],
-) -> Lowered | None:
+def lower_add(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An 8-bit Add computed in HTP's fixed point (add_constants), in float64 to stay exact; a 16-bit
     Add of two activations likewise (add16_constants).
 
@@ -52,19 +46,19 @@ def lower_add(
     ``2^-n`` with ``n`` from the other operand alone (measured on 11 probed encodings, 2 of them
     off by one step in one of 256 values).
     """
-    wide = add16_operands(node, targets, activations)
+    wide = add16_operands(node, context.targets, context.activations)
     if wide is not None:
         return _fixed_point_sum(node, *wide)
-    operands = binary_operands(node, targets, activations, params)
+    operands = binary_operands(node, context.targets, context.activations, context.params)
     if operands is None:
         return None
     encs, y_enc = operands
-    scalars = [is_scalar(name, constants) for name in node.input]
-    if scalars[0] or (scalars[1] and node.output[0] in targets.squashed):
+    scalars = [is_scalar(name, context.constants) for name in node.input]
+    if scalars[0] or (scalars[1] and node.output[0] in context.targets.squashed):
         return None  # with a Relu/Clip after it, an Add of a scalar rounds exactly (measured)
     sign = -1.0 if node.op_type == "Sub" else 1.0  # x - c with a scalar c: assumed, not probed
     if scalars[1]:
-        value = fake_quantize(numpy_helper.to_array(constants[node.input[1]]), encs[1]).item()
+        value = fake_quantize(numpy_helper.to_array(context.constants[node.input[1]]), encs[1]).item()
         ratio = float(np.float32(encs[0].scale)) / float(np.float32(y_enc.scale))
         bits = int(min(15, 14 - np.ceil(np.log2(ratio))))
         multiplier = float(np.round(ratio * 2.0**bits) / 2.0**bits)
@@ -200,27 +194,21 @@ def scalar_mul_constants(
     return multiplier, 2.0 ** (15 - bits) if const_code > 0 else 0.0
 
 
-def lower_mul(
-    node: onnx.NodeProto,
-    targets: QuantTargets,
-    activations: dict[str, Encoding],
-    params: dict[str, ParamEncoding],
-    constants: dict[str, onnx.TensorProto],
-) -> Lowered | None:
+def lower_mul(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An 8-bit Mul on centered integer codes, requantized as the HTP does (mul_constants).
 
     Operands are activations or constants with 8-bit param encodings (broadcast as in the model);
     products of centered codes are exact in float32, the requantization runs in float64.
     """
-    operands = binary_operands(node, targets, activations, params)
-    if operands is None or all(name in constants for name in node.input):
+    operands = binary_operands(node, context.targets, context.activations, context.params)
+    if operands is None or all(name in context.constants for name in node.input):
         return None
     encs, y_enc = operands
-    scalars = [is_scalar(name, constants) for name in node.input]
+    scalars = [is_scalar(name, context.constants) for name in node.input]
     operands = list(zip(node.input, encs, strict=True))
     if any(scalars):  # folded into the multiplier
         (const_name, const_enc), operand = operands[scalars.index(True)], operands[1 - scalars.index(True)]
-        code = int(quantize(numpy_helper.to_array(constants[const_name]), const_enc).item()) + const_enc.offset
+        code = int(quantize(numpy_helper.to_array(context.constants[const_name]), const_enc).item()) + const_enc.offset
         constants_ = scalar_mul_constants(operand[1].scale, const_enc.scale, code, y_enc.scale)
         operands = [operand]
     else:
@@ -240,8 +228,8 @@ def lower_mul(
     centered = []
     for index, (name, enc) in enumerate(operands):
         q = f"{p}{index}/"
-        if name in constants:  # the stored codes, centered
-            codes = quantize(numpy_helper.to_array(constants[name]), enc) + enc.offset
+        if name in context.constants:  # the stored codes, centered
+            codes = quantize(numpy_helper.to_array(context.constants[name]), enc) + enc.offset
             inits.append(numpy_helper.from_array(codes.astype(np.float32), q + "centered"))
         else:
             nodes, code_inits = centered_codes(name, enc, q + "centered")

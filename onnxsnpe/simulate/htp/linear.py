@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
-from ...graph.targets import QuantTargets
+from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, quantize, round_half_away
 from .codes import (
     INT8_HIGH,
     INT8_LOW,
     SUFFIX,
+    Context,
     Lowered,
     int8,
     integer_op,
@@ -56,13 +56,7 @@ def _weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
     return len(weight.dims) - 1
 
 
-def lower_linear(
-    node: onnx.NodeProto,
-    targets: QuantTargets,
-    activations: dict[str, Encoding],
-    params: dict[str, ParamEncoding],
-    constants: dict[str, onnx.TensorProto],
-) -> Lowered | None:
+def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """The integer-code version of a Conv/Gemm/MatMul node, or None when it stays as it is."""
     if node.op_type not in LINEAR_OPS or len(node.input) < 2:
         return None
@@ -74,16 +68,16 @@ def lower_linear(
     ):
         return None
     x, w = node.input[0], node.input[1]
-    x_enc = activations.get(x)
-    y_enc = output_encoding(node, targets, activations)
-    if node.op_type == "MatMul" and w not in constants and int8(y_enc):
-        return _lower_dynamic_matmul(node, activations, y_enc)
-    w_enc = params.get(w)
-    if w not in constants or not int8(x_enc, y_enc, w_enc):
+    x_enc = context.activations.get(x)
+    y_enc = output_encoding(node, context.targets, context.activations)
+    if node.op_type == "MatMul" and w not in context.constants and int8(y_enc):
+        return _lower_dynamic_matmul(node, context.activations, y_enc)
+    w_enc = context.params.get(w)
+    if w not in context.constants or not int8(x_enc, y_enc, w_enc):
         return None
 
-    weight = numpy_helper.to_array(constants[w])
-    axis = _weight_axis(node, constants[w])
+    weight = numpy_helper.to_array(context.constants[w])
+    axis = _weight_axis(node, context.constants[w])
     per_channel = isinstance(w_enc, ChannelEncodings)
     if per_channel and w_enc.axis != axis:
         return None
@@ -104,10 +98,10 @@ def lower_linear(
     base = float(np.float32(x_enc.scale)) * np.float64(w_scale)
     consumed = {w}
     bias_codes, bias_scale = None, 1.0
-    has_bias = len(node.input) > 2 and node.input[2] in constants
+    has_bias = len(node.input) > 2 and node.input[2] in context.constants
     if has_bias:
-        bias_codes = numpy_helper.to_array(constants[node.input[2]]).reshape(-1)
-        b_enc = params.get(node.input[2])
+        bias_codes = numpy_helper.to_array(context.constants[node.input[2]]).reshape(-1)
+        b_enc = context.params.get(node.input[2])
         if b_enc is not None:  # the int32 codes
             consumed.add(node.input[2])
             if isinstance(b_enc, ChannelEncodings):

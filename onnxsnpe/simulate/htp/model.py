@@ -45,6 +45,8 @@ partial sums stay below 2^24); requantization products run in float32 where that
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 
 from ...encode.encoding import Encoding, ParamEncoding
@@ -52,11 +54,19 @@ from ...graph.targets import QuantTargets
 from ..fake_quant import build_simulation_model
 from .channelwise import lower_batch_norm, lower_global_average_pool
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
-from .codes import int8
+from .codes import Context, Lowered, int8
 from .elementwise import lower_add, lower_mul
 from .linear import lower_linear
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
+
+LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv)
+"""Tried in turn for any other op: each returns None for a node it does not lower."""
+LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
+    "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul,),
+    "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
+}
+"""The lowerings of each op type (model docstring)."""
 
 
 def htp_simulation_model(
@@ -81,6 +91,7 @@ def htp_simulation_model(
     opset = next((o.version for o in deploy.opset_import if o.domain in ("", "ai.onnx")), 13)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*graph.input, *graph.value_info]}
+    context = Context(targets, activations, params, constants, shapes, graph, opset)
     squashing = {node.input[0]: node for node in graph.node
                  if node.op_type in ("Relu", "Clip") and node.input and node.input[0] in targets.squashed}
     absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
@@ -95,17 +106,8 @@ def htp_simulation_model(
             graph.initializer.extend([codes_pad[1]] if codes_pad[1] is not None else [])
             pads += [node, codes_pad[0]]
             continue
-        if node.op_type in ("Add", "Sub"):
-            lowered = lower_add(node, targets, activations, params, constants)
-        elif node.op_type == "Mul":
-            lowered = lower_mul(node, targets, activations, params, constants)
-        elif node.op_type == "GlobalAveragePool":
-            lowered = lower_global_average_pool(node, targets, activations, shapes, opset)
-        elif node.op_type == "BatchNormalization":
-            lowered = lower_batch_norm(node, targets, activations, params, constants, shapes, graph)
-        else:
-            lowered = (lower_linear(node, targets, activations, params, constants)
-                       or lower_a16w8_conv(node, targets, activations, params, constants))
+        lowered = next((result for lower in LOWERINGS.get(node.op_type, LINEAR_LOWERINGS)
+                        if (result := lower(node, context)) is not None), None)
         if lowered is None:
             nodes.append(node)
             continue

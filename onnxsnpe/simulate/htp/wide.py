@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
-from ...graph.targets import QuantTargets
+from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, quantize, round_half_away
 from .codes import (
     SUFFIX,
+    Context,
     Lowered,
     centered_codes,
     node_attrs,
@@ -50,24 +50,19 @@ SHIFT = 8
 INT32_LOW, INT32_HIGH = -(2.0**31), 2.0**31 - 1
 
 
-def lower_a16w8_conv(
-    node: onnx.NodeProto,
-    targets: QuantTargets,
-    activations: dict[str, Encoding],
-    params: dict[str, ParamEncoding],
-    constants: dict[str, onnx.TensorProto],
-) -> Lowered | None:
+def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """The A16W8 Conv or Gemm (``x W^T + b``) in the arithmetic of the module docstring, or None where
     it does not apply."""
-    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in constants:
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in context.constants:
         return None
     gemm = (node_attrs(node).get(key, default) for key, default in
             (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0)))
     if node.op_type == "Gemm" and tuple(gemm) != (1.0, 1.0, 0, 1):
         return None  # Gemm lowered as y = x W^T + b only
-    x_enc, y_enc, w_enc = activations.get(node.input[0]), output_encoding(node, targets, activations), \
-        params.get(node.input[1])
-    weight = numpy_helper.to_array(constants[node.input[1]])
+    x_enc = context.activations.get(node.input[0])
+    y_enc = output_encoding(node, context.targets, context.activations)
+    w_enc = context.params.get(node.input[1])
+    weight = numpy_helper.to_array(context.constants[node.input[1]])
     if (not of_bitwidth(16, x_enc, y_enc) or not of_bitwidth(8, w_enc)
             or weight.ndim != (4 if node.op_type == "Conv" else 2)):
         return None
@@ -95,9 +90,9 @@ def lower_a16w8_conv(
         return None
     consumed = {node.input[1]}
     bias = np.zeros(weight.shape[0])
-    if len(node.input) > 2 and node.input[2] in constants:
-        bias = numpy_helper.to_array(constants[node.input[2]]).astype(np.float64).reshape(-1)
-        b_enc = params.get(node.input[2])
+    if len(node.input) > 2 and node.input[2] in context.constants:
+        bias = numpy_helper.to_array(context.constants[node.input[2]]).astype(np.float64).reshape(-1)
+        b_enc = context.params.get(node.input[2])
         if b_enc is not None:
             consumed.add(node.input[2])
             scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
