@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .codes import INVERSE_SCALE, node_attrs
+from .codes import INVERSE_SCALE, dequantizing_mul, node_attrs
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,8 @@ class Codes:
 def produced_codes(chain: list[onnx.NodeProto], output: str, scale: float) -> Codes | None:
     """The codes of a lowering whose last node dequantizes them into ``output`` (codes.integer_op,
     codes.with_output_codes), or None."""
-    last = chain[-1]
-    if last.op_type != "Mul" or list(last.output) != [output]:
-        return None
-    return Codes(last.input[0], np.float32(scale))
+    last = dequantizing_mul(chain, output)
+    return None if last is None else Codes(last.input[0], np.float32(scale))
 
 
 def reuse_codes(chain: list[onnx.NodeProto], inits: list[onnx.TensorProto],

@@ -93,6 +93,13 @@ def node_attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def dequantizing_mul(chain: list[onnx.NodeProto], output: str) -> onnx.NodeProto | None:
+    """The last node of a lowered ``chain`` when it is the Mul that dequantizes the op's codes into
+    ``output`` (integer_op, with_output_codes end so), else None."""
+    last = chain[-1]
+    return last if last.op_type == "Mul" and list(last.output) == [output] else None
+
+
 def integer_op(
     p: str,
     inputs: list[tuple[str, Encoding, str]],

@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from ...encode.encoding import Encoding
-from .codes import node_attrs
+from .codes import dequantizing_mul, node_attrs
 
 
 def activation_bounds(
@@ -60,10 +60,10 @@ def absorb(
     to ``new_output`` (in place). False, changing nothing, when ``chain`` does not end in the
     requantization of simulate/htp/codes.py (codes clamped by a Clip, maybe uncentered by a Sub,
     dequantized by a Mul writing ``output``)."""
-    producers = {name: node for node in chain for name in node.output}
-    last = chain[-1]
-    if last.op_type != "Mul" or list(last.output) != [output]:
+    last = dequantizing_mul(chain, output)
+    if last is None:
         return False
+    producers = {name: node for node in chain for name in node.output}
     clamp, shift = producers.get(last.input[0]), 0.0
     by_name = {init.name: init for init in inits}
     if clamp is not None and clamp.op_type == "Sub" and clamp.input[1] in by_name:  # uncentered codes
