@@ -38,11 +38,8 @@ def isolated_ranking_on_ray(
     tensors (default: one per CPU of the cluster)."""
     ray = connect(address)
     switchable = IsolatedModel.build(deploy, targets, activations, weights or {})
-    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_ranking_task)
-    model, reference = ray.put(switchable), ray.put(deploy)
-    refs = [task.remote(model, reference, samples, positions, code_fingerprint())
-            for positions in tensor_groups(ray, len(switchable.names), groups)]
-    return ranked(comparison for part in gather(ray, refs) for comparison in part)
+    parts = _over_tensor_groups(ray, _ranking_task, switchable, groups, ray.put(deploy), samples)
+    return ranked(comparison for part in parts for comparison in part)
 
 
 def isolated_sums_on_ray(
@@ -57,13 +54,19 @@ def isolated_sums_on_ray(
     tasks) with their FP32 outputs ``references`` (float64, from the driver's evaluation), in ``groups``
     Ray tasks of tensors (default: one per CPU of the cluster): [samples, tensors, outputs] each."""
     ray = connect(address)
-    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(_sums_task)
-    model, outputs = ray.put(switchable), ray.put(references)
-    refs = [task.remote(model, samples, outputs, positions, code_fingerprint())
-            for positions in tensor_groups(ray, len(switchable.names), groups)]
-    parts = gather(ray, refs)
+    parts = _over_tensor_groups(ray, _sums_task, switchable, groups, samples, ray.put(references))
     return (np.concatenate([signal for signal, _ in parts], axis=1),
             np.concatenate([noise for _, noise in parts], axis=1))
+
+
+def _over_tensor_groups(ray, function, switchable: IsolatedModel, groups: int | None, *shared) -> list:
+    """``function(switchable, *shared, positions, code)`` as one Ray task per group of tensors
+    (tensor_groups), the switchable model put in the object store once; the results in group order."""
+    task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(function)
+    model = ray.put(switchable)
+    refs = [task.remote(model, *shared, positions, code_fingerprint())
+            for positions in tensor_groups(ray, len(switchable.names), groups)]
+    return gather(ray, refs)
 
 
 def tensor_groups(ray, count: int, groups: int | None = None) -> list[list[int]]:
