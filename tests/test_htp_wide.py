@@ -217,3 +217,31 @@ def test_a_bias_beyond_int32_saturates_as_on_the_htp() -> None:
     htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]})
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(modeled, htp.run({"x": x})[0])
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_a_16_bit_graph_with_an_elementwise_constant_runs_on_the_default_htp() -> None:
+    """x -> Div(6) -> GlobalAveragePool at 16 bits: with the Div's constant 8-bit the emulator fails graph
+    finalization (QNN_COMMON_ERROR_MEM_ALLOC, as the PP-OCR models did at A16); constant_encodings gives it
+    16 bits, and a 16-bit constant is not a 16-bit weight (no v73 needed)."""
+    from onnxsnpe.encode.constants import constant_encodings
+    from onnxsnpe.simulate.emulator import has_16_bit_weights
+
+    graph = helper.make_graph([helper.make_node("Div", ["x", "six"], ["d"]), helper.make_node("GlobalAveragePool",
+                                                                                             ["d"], ["y"])],
+                              "div_gap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(6.0, np.float32), "six")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    targets = find_targets(model)
+    acts = {name: asymmetric_encoding(-8.0, 8.0, 16) for name in targets.activations}
+    params = constant_encodings(model, targets, {}, 8, acts)
+    assert params["six"].bitwidth == 16
+    qdq = build_qdq_model(model, targets, acts, params)
+    assert not has_16_bit_weights(qdq)
+    x = _on_grid(np.random.default_rng(9), acts["x"], [1, 8, 10, 10])
+    htp = HtpSession(qdq, {"x": acts["x"]})
+    assert htp.arch is None and htp.cpu_nodes == []
+    got = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    steps = np.abs(got - htp.run({"x": x})[0]) / np.float32(acts["y"].scale)
+    assert steps.max() <= 2

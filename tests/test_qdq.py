@@ -192,3 +192,15 @@ def test_overrides_in_1_0_0_format_carry_the_same_encodings(tiny_model):
     assert all(e["enc_type"] == "PER_TENSOR" for e in v1["activation_encodings"])
     with pytest.raises(ValueError):
         overrides_json(deploy, activations, params, "2.0.0")
+
+
+def test_constants_of_ops_with_16_bit_outputs_are_16_bit():
+    """The HTP refuses some 16-bit graphs whose elementwise constants are 8-bit (tools/HTP.md)."""
+    model = _elementwise_model()
+    targets = find_targets(model)
+    acts = {name: asymmetric_encoding(-3.0, 40.0, 8) for name in targets.activations}
+    assert {enc.bitwidth for enc in constant_encodings(model, targets, {}, 8, acts).values()} == {8}
+    acts["c"] = asymmetric_encoding(-3.0, 40.0, 16)  # the Add's output, squashed into the Clip's
+    found = constant_encodings(model, targets, {}, 8, acts)
+    assert (found["shift"].bitwidth, found["factor"].bitwidth) == (16, 8)
+    assert found["shift"] == asymmetric_encoding(-1.0, 2.0, 16)

@@ -41,10 +41,28 @@ def constant_encodings(
     the encoding of the rows gathered from it (the table's own range: ranges.fixed_range_tensors),
     so that both share one grid. *Inferred* for SNPE:
     this is what its converter does with static tensors, not confirmed by a source.
+
+    A constant read by an op whose output is 16-bit in ``activations`` is encoded with 16 bits
+    (``bitwidth`` elsewhere): the HTP emulator refuses some 16-bit graphs whose elementwise ops
+    have 8-bit constants (a Div by an 8-bit constant before a GlobalAveragePool fails graph
+    finalization with QNN_COMMON_ERROR_MEM_ALLOC; with a 16-bit constant it runs, as do the three
+    PP-OCR models at A16, which all failed before; tools/HTP.md, "16-bit activations").
     """
     activations = activations or {}
     bias_names = {ref.bias for ref in targets.biases}
     values = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
+    widths: dict[str, int] = {}  # the widest output among each constant's readers
+    squashed_into = {node.input[0]: node.output[0] for node in model.graph.node
+                     if node.input and node.input[0] in targets.squashed}  # an op's output is its Relu/Clip's
+    for node in model.graph.node:
+        output = node.output[0] if node.output else None
+        output = activations.get(squashed_into.get(output, output)) if output else None
+        structural = STRUCTURAL_INPUTS.get(node.op_type, set())
+        for index, name in enumerate(node.input):
+            if index in structural or name not in values or output is None:
+                continue
+            if output.bitwidth > widths.get(name, bitwidth):
+                widths[name] = output.bitwidth
     found: dict[str, Encoding] = {}
     for node in model.graph.node:
         structural = STRUCTURAL_INPUTS.get(node.op_type, set())
@@ -58,5 +76,5 @@ def constant_encodings(
                 found[name] = activations[node.output[0]]  # a table keeps its gathered rows' grid
                 continue
             array = numpy_helper.to_array(values[name])
-            found[name] = asymmetric_encoding(float(array.min()), float(array.max()), bitwidth)
+            found[name] = asymmetric_encoding(float(array.min()), float(array.max()), widths.get(name, bitwidth))
     return found
