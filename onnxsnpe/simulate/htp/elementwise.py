@@ -7,7 +7,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, fake_quantize, quantize, round_half_away
-from ...graph.targets import QuantTargets
 from .codes import SUFFIX, Context, Lowered, binary_operands, centered_codes, is_scalar, with_output_codes
 
 
@@ -40,13 +39,13 @@ def add_constants(
 
 def lower_add(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An 8-bit Add computed in HTP's fixed point (add_constants), in float64 to stay exact; a 16-bit
-    Add of two activations likewise (add16_constants).
+    Add of two activations, or of an activation and a constant vector, likewise (add16_constants).
 
     A one-element constant operand is folded into the constant term at the multiplier's precision,
     ``2^-n`` with ``n`` from the other operand alone (measured on 11 probed encodings, 2 of them
     off by one step in one of 256 values).
     """
-    wide = add16_operands(node, context.targets, context.activations)
+    wide = add16_operands(node, context)
     if wide is not None:
         return _fixed_point_sum(node, *wide)
     operands = binary_operands(node, context.targets, context.activations, context.params)
@@ -89,11 +88,15 @@ def add16_constants(
 
 
 def add16_operands(
-    node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding]
+    node: onnx.NodeProto, context: Context
 ) -> tuple[list[tuple[str, Encoding, float]], float, Encoding] | None:
-    """The operands (name, encoding, multiplier), constant and output encoding of an Add of two
-    16-bit activations into a 16-bit output (add16_constants), or None."""
-    operands = binary_operands(node, targets, activations, {}, bitwidth=16) if node.op_type == "Add" else None
+    """The operands (name, encoding, multiplier), constant and output encoding of an Add of two 16-bit
+    tensors (activations, or an activation and a constant of more than one value with its 16-bit
+    encoding) into a 16-bit output (add16_constants), or None. A one-element constant is left out
+    (not probed at 16 bits)."""
+    if node.op_type != "Add" or any(is_scalar(name, context.constants) for name in node.input):
+        return None
+    operands = binary_operands(node, context.targets, context.activations, context.params, bitwidth=16)
     if operands is None:
         return None
     encs, y_enc = operands
