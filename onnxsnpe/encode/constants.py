@@ -52,11 +52,9 @@ def constant_encodings(
     bias_names = {ref.bias for ref in targets.biases}
     values = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
     widths: dict[str, int] = {}  # the widest output among each constant's readers
-    squashed_into = {node.input[0]: node.output[0] for node in model.graph.node
-                     if node.input and node.input[0] in targets.squashed}  # an op's output is its Relu/Clip's
     for node in model.graph.node:
-        output = node.output[0] if node.output else None
-        output = activations.get(squashed_into.get(output, output)) if output else None
+        output = node.output[0] if node.output else None  # a squashed output is its Relu/Clip's
+        output = activations.get(targets.squashed.get(output, output)) if output else None
         structural = STRUCTURAL_INPUTS.get(node.op_type, set())
         for index, name in enumerate(node.input):
             if index in structural or name not in values or output is None:
