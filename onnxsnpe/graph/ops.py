@@ -1,4 +1,7 @@
-"""The op families SNPE's converter treats alike (SNPE.md section 4)."""
+"""The op families SNPE's converter treats alike (SNPE.md section 4), and reading a node's attributes."""
+
+import onnx
+from onnx import helper
 
 SQUASHING_PRODUCERS = frozenset(
     {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div"}
@@ -16,3 +19,10 @@ DATA_MOVEMENT = frozenset(
 """Ops whose output reuses the encoding of their (first) input."""
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+"""Ops that multiply by a weight operand (a constant one, or a second activation for MatMul)."""
+
+
+def node_attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values (strings stay bytes, as onnx gives them)."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}

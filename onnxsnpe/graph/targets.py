@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import onnx
-from onnx import helper
 
 from .load import FLOAT_TYPES
 from .masks import MaskedTensor, find_masks
-from .ops import DATA_MOVEMENT, SQUASHED_ACTIVATIONS, SQUASHING_PRODUCERS, WEIGHTED_OPS
+from .ops import DATA_MOVEMENT, SQUASHED_ACTIVATIONS, SQUASHING_PRODUCERS, WEIGHTED_OPS, node_attributes
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def output_channel_axis(node: onnx.NodeProto, weight_rank: int, input_index: int
     ungrouped (grouped, an output channel spans one column of each group's rows: no single axis).
     Gemm: axis 0 with transB, else 1. MatMul: the last axis of a constant second operand.
     """
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     if node.op_type == "Conv" and weight_rank >= 3:
         return 0
     if node.op_type == "ConvTranspose" and weight_rank >= 3 and attrs.get("group", 1) == 1:

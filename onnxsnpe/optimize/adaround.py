@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..encode.encoding import ChannelEncodings, ParamEncoding, dequantize, quantize
+from ..graph.ops import node_attributes
 from ..graph.runtime import make_session
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def adaround_layers(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -
     for node in model.graph.node:
         if len(node.input) < 2 or node.input[1] not in weights or node.input[1] in seen:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node)
         dims = shapes[node.input[1]]
         if node.op_type == "Conv" and len(dims) == 4 and attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
             layers.append(Layer(node, node.input[1], node.input[0], int(attrs.get("group", 1)), tuple(dims[2:])))
@@ -314,7 +315,7 @@ def _patches(layer: Layer, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if layer.node.op_type != "Conv":
         return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)[np.newaxis]
-    attrs = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
+    attrs = node_attributes(layer.node)
     kernel = layer.kernel
     strides = attrs.get("strides", [1, 1])
     dilations = attrs.get("dilations", [1, 1])

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+from ..graph.ops import node_attributes
 from ..graph.runtime import make_session
 
 MIN_SHRINK = 0.05
@@ -39,7 +40,6 @@ class Absorption:
     """One absorbed pair: the tensor whose range shrank, and its range before and after."""
 
     tensor: str
-    first_bias: str
     second_weight: str
     through_relu: bool
     range_before: tuple[float, float]
@@ -73,16 +73,14 @@ def absorb_high_biases(
     lows, highs = _channel_ranges(copy, outputs, samples)
     inits = {init.name: init for init in copy.graph.initializer}
     absorbed = []
-    for candidate in candidates:
-        if candidate.first.output[0] not in lows:  # no samples
-            continue
+    for candidate in candidates if lows else []:  # no samples, no ranges: nothing to absorb
         low, high = lows[candidate.first.output[0]], highs[candidate.first.output[0]]
         beta, before, after = _offsets(low, high, candidate.through_relu)
         if after[1] - after[0] > (1 - MIN_SHRINK) * (before[1] - before[0]):
             continue
         _move(copy, inits, candidate, beta)
-        absorbed.append(Absorption(candidate.first.output[0], candidate.first.input[2], candidate.second.input[1],
-                                   candidate.through_relu, before, after))
+        absorbed.append(Absorption(candidate.first.output[0], candidate.second.input[1], candidate.through_relu,
+                                   before, after))
     return copy, absorbed
 
 
@@ -154,7 +152,7 @@ def _candidates(model: onnx.ModelProto, second_weights: dict[str, bool]) -> list
 
 
 def _unpadded(node: onnx.NodeProto) -> bool:
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attributes = node_attributes(node)
     auto_pad = attributes.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     return auto_pad in ("NOTSET", "VALID") and not any(attributes.get("pads", []))

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from ..encode.encoding import ParamEncoding
 from ..encode.quantized_weights import quantized_weights
+from ..graph.ops import node_attributes
 from ..graph.runtime import make_session
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -203,7 +204,7 @@ def _with_biases(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> t
 
 def _output_channels(node: onnx.NodeProto, weight: onnx.TensorProto) -> int | None:
     """How many output channels the layer has (None: unsupported); they are its output's axis 1."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     dims = list(weight.dims)
     if node.op_type == "Conv":
         return dims[0]

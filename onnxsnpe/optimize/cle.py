@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
+
+from ..graph.ops import node_attributes
 
 SWEEPS = 4
 PASS_THROUGH = frozenset({"Relu"})
@@ -98,7 +100,7 @@ def _pairs(model: onnx.ModelProto) -> list[Pair]:
             continue
         if follower.input[1] in seconds:
             continue
-        groups = _attr(follower, "group", 1)
+        groups = node_attributes(follower).get("group", 1)
         channels = inits[node.input[1]].dims[0]
         depthwise = groups > 1 and groups == channels and inits[follower.input[1]].dims[1] == 1
         if groups != 1 and not depthwise:
@@ -120,7 +122,7 @@ def _own_conv(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], readers:
 
 def _zero_pad(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     """A constant-mode Pad that pads with zeros and leaves the channel axis alone."""
-    if node.op_type != "Pad" or _attr(node, "mode", b"constant") not in (b"constant", "constant"):
+    if node.op_type != "Pad" or node_attributes(node).get("mode", b"constant") not in (b"constant", "constant"):
         return False
     if len(node.input) > 3 and node.input[3]:  # pads for chosen axes only
         return False
@@ -134,6 +136,3 @@ def _zero_pad(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     rank = len(pads) // 2
     return rank >= 2 and pads[1] == 0 and pads[rank + 1] == 0
 
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

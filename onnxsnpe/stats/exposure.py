@@ -35,6 +35,7 @@ from onnx import helper
 
 from ..errors import OnnxSnpeError
 from ..graph.large import external_copy, is_large
+from ..graph.ops import node_attributes
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def _without_reorders(optimized: onnx.ModelProto, tensors: list[str]) -> tuple[o
     kept = []
     for node in graph.node:
         if node.domain == NCHWC_DOMAIN and node.op_type == "ReorderOutput" and node.output[0] in observed:
-            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            attributes = node_attributes(node)
             if attributes.get("channels_last", 0) == 0 and "channels" in attributes:
                 source[node.output[0]] = node.input[0]
                 blocked[node.output[0]] = _Blocked(int(attributes["channels"]))

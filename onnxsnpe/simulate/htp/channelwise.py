@@ -7,13 +7,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, quantize, round_half_away
+from ...graph.ops import node_attributes
 from .codes import (
     SUFFIX,
     Context,
     Lowered,
     centered_codes,
     int8,
-    node_attrs,
     of_bitwidth,
     output_encoding,
     requant_constants,
@@ -72,7 +72,7 @@ def batch_norm_constants(
 
 def lower_batch_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An inference BatchNormalization with 8-bit encodings on integer codes (batch_norm_constants)."""
-    if len(node.input) != 5 or len(node.output) != 1 or node_attrs(node).get("training_mode", 0):
+    if len(node.input) != 5 or len(node.output) != 1 or node_attributes(node).get("training_mode", 0):
         return None
     x_enc = context.activations.get(node.input[0])
     y_enc = output_encoding(node, context.targets, context.activations)
@@ -85,7 +85,7 @@ def lower_batch_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
         return None
     values = [numpy_helper.to_array(context.constants[name]).astype(np.float32).reshape(-1) for name in names]
     constants_ = batch_norm_constants(
-        values, encs, node_attrs(node).get("epsilon", 1e-5), x_enc.scale, y_enc.scale, -y_enc.offset
+        values, encs, node_attributes(node).get("epsilon", 1e-5), x_enc.scale, y_enc.scale, -y_enc.offset
     )
     if constants_ is None:
         return None

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .codes import INVERSE_SCALE, dequantizing_mul, node_attrs
+from ...graph.ops import node_attributes
+from .codes import INVERSE_SCALE, dequantizing_mul
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def pad_codes(node: onnx.NodeProto, known: dict[str, Codes],
     codes = known.get(node.input[0]) if node.op_type == "Pad" and node.input else None
     if codes is None:
         return None
-    attrs = node_attrs(node)
+    attrs = node_attributes(node)
     value = float(attrs.get("value", 0.0))  # before opset 11
     inputs = list(node.input)
     if len(inputs) > 2 and inputs[2]:

@@ -89,10 +89,6 @@ def requant_offset(
     return round_half_away(total.astype(np.float64))
 
 
-def node_attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def dequantizing_mul(chain: list[onnx.NodeProto], output: str) -> onnx.NodeProto | None:
     """The last node of a lowered ``chain`` when it is the Mul that dequantizes the op's codes into
     ``output`` (integer_op, with_output_codes end so), else None."""

@@ -7,6 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, quantize, round_half_away
+from ...graph.ops import LINEAR_OPS, node_attributes
 from .codes import (
     INT8_HIGH,
     INT8_LOW,
@@ -15,7 +16,6 @@ from .codes import (
     Lowered,
     int8,
     integer_op,
-    node_attrs,
     output_encoding,
     requant_constants,
     requant_offset,
@@ -23,9 +23,6 @@ from .codes import (
 
 STEP_RESOLUTION = 2048
 """HTP rounds the per-channel step of a re-expressed weight channel to this many parts of one."""
-
-
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def int8_weights(codes: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +49,7 @@ def _weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        return 0 if node_attrs(node).get("transB", 0) else 1
+        return 0 if node_attributes(node).get("transB", 0) else 1
     return len(weight.dims) - 1
 
 
@@ -60,7 +57,7 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """The integer-code version of a Conv/Gemm/MatMul node, or None when it stays as it is."""
     if node.op_type not in LINEAR_OPS or len(node.input) < 2:
         return None
-    attrs = node_attrs(node)
+    attrs = node_attributes(node)
     if node.op_type == "ConvTranspose" and attrs.get("group", 1) != 1:
         return None
     if node.op_type == "Gemm" and (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0)) != (
@@ -143,7 +140,7 @@ def _transpose_blocks(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
     The HTP runs it as a 1x1 convolution with ``C_out * k * k`` output channels followed by a
     depth-to-space, and re-expresses the int8 weights per (output channel, kernel position).
     """
-    attrs = node_attrs(node)
+    attrs = node_attributes(node)
     if node.op_type != "ConvTranspose" or len(shape) != 4 or shape[2] != shape[3] or attrs.get("group", 1) != 1:
         return 0
     k = shape[2]

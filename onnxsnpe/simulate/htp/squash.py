@@ -16,7 +16,8 @@ import onnx
 from onnx import numpy_helper
 
 from ...encode.encoding import Encoding
-from .codes import dequantizing_mul, node_attrs
+from ...graph.ops import node_attributes
+from .codes import dequantizing_mul
 
 
 def activation_bounds(
@@ -27,7 +28,7 @@ def activation_bounds(
         return 0.0, np.inf
     if node.op_type != "Clip":
         return None
-    attrs = node_attrs(node)
+    attrs = node_attributes(node)
     bounds = [float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))]  # before opset 11
     for position, name in enumerate(node.input[1:3]):
         if not name:

@@ -32,12 +32,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, quantize, round_half_away
+from ...graph.ops import node_attributes
 from .codes import (
     SUFFIX,
     Context,
     Lowered,
     centered_codes,
-    node_attrs,
     of_bitwidth,
     output_encoding,
     requant_constants,
@@ -55,7 +55,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     it does not apply."""
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in context.constants:
         return None
-    gemm = (node_attrs(node).get(key, default) for key, default in
+    gemm = (node_attributes(node).get(key, default) for key, default in
             (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0)))
     if node.op_type == "Gemm" and tuple(gemm) != (1.0, 1.0, 0, 1):
         return None  # Gemm lowered as y = x W^T + b only
@@ -72,7 +72,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[0], np.float32(w_enc.scale))
     along = (-1,) + (1,) * (weight.ndim - 1)  # the output channels: axis 0 of a Conv's or a transposed Gemm's weight
     codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(along))
-    attrs = node_attrs(node)
+    attrs = node_attributes(node)
     strided_depthwise = (attrs.get("group", 1) > 1 and weight.shape[1] == 1
                          and all(stride > 1 for stride in attrs.get("strides", [1])))
     if strided_depthwise:  # as at 8 bits: the codes as they are, no truncation, a 15-bit multiplier
