@@ -17,8 +17,8 @@ from dataclasses import replace
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from .graph.large import initializer_array
 from .optimize.mixed_precision import choose_16bit
 from .report.metrics import json_db
 from .report.ranking_on_ray import isolated_ranking_on_ray
@@ -66,8 +66,8 @@ def _changed_values(prepared: Prepared, names: set[str]) -> dict[str, onnx.Tenso
         return {}
     current = {init.name: init for init in prepared.deploy.graph.initializer if init.name in names}
     return {init.name: init for init in prepared.fp32_deploy.graph.initializer
-            if init.name in current and not np.array_equal(numpy_helper.to_array(init),
-                                                           numpy_helper.to_array(current[init.name]))}
+            if init.name in current and not np.array_equal(initializer_array(init),
+                                                           initializer_array(current[init.name]))}
 
 
 def encode_with_precision(

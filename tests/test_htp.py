@@ -8,11 +8,12 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.encode.constants import constant_encodings
-from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize
+from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize, per_channel_symmetric
 from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.runtime import make_session
@@ -29,7 +30,7 @@ from onnxsnpe.simulate.fake_quant import build_simulation_model
 from onnxsnpe.simulate.htp.channelwise import batch_norm_constants
 from onnxsnpe.simulate.htp.codes import centered_codes, exact_in_float32, requant_constants
 from onnxsnpe.simulate.htp.elementwise import add_constants, mul_constants, scalar_mul_constants
-from onnxsnpe.simulate.htp.linear import int8_weights
+from onnxsnpe.simulate.htp.linear import int8_weights, stored_codes, weight_codes
 from onnxsnpe.simulate.htp.model import htp_simulation_model
 from onnxsnpe.simulate.qdq import build_qdq_model
 
@@ -87,6 +88,41 @@ def test_int8_weights_keep_fitting_channels_and_rescale_the_others():
     assert steps[1] == np.round(2048 * 141 / 128) / 2048 and values[1, 0] == -128  # negative end maps to -128
     assert steps[2] == np.round(2048 * 139 / 127) / 2048 and values[2, 2] == 127  # positive end maps to 127
     assert np.all(values >= -128) and np.all(values <= 127)
+
+
+def test_int8_weights_give_the_same_values_from_int16_codes():
+    codes = np.array([[-20, 0, 127], [-141, 3, 100], [0, 64, 139]], dtype=np.float64)
+    from_float, steps = int8_weights(codes, axis=1)
+    from_int16, same_steps = int8_weights(codes.astype(np.int16), axis=1)
+    assert from_int16.dtype == np.int16
+    np.testing.assert_array_equal(from_int16, from_float)
+    np.testing.assert_array_equal(same_steps, steps)
+
+
+def test_weight_codes_slab_by_slab_are_the_whole_tensor_codes(monkeypatch):
+    from onnxsnpe.graph import large
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((40, 6)).astype(np.float32)
+    for enc, along in [(asymmetric_encoding(float(weight.min()), float(weight.max()), 8), None),
+                       (per_channel_symmetric(np.abs(weight).max(axis=0), 1, 8), 1)]:
+        scale_along = enc.along(np.float64(np.float32(enc.scales())), 2) if along is not None else enc.scale
+        whole = np.round(fake_quantize(weight, enc).astype(np.float64) / scale_along)
+        monkeypatch.setattr(large, "SLAB_VALUES", 12)  # two rows a slab
+        np.testing.assert_array_equal(weight_codes(weight, enc, scale_along, 1), whole)
+        monkeypatch.undo()
+
+
+def test_stored_codes_take_the_smallest_integer_type_and_cast_back_exactly():
+    for values, dtype in [(np.array([[-128, 0, 127]]), np.int8), (np.array([[-129, 0, 127]]), np.int16),
+                          (np.array([[0, 255]]), np.int16)]:
+        stored, cast = stored_codes(values.astype(np.int16), "w")
+        assert onnx.numpy_helper.to_array(stored).dtype == dtype
+        assert (cast.op_type, list(cast.input), list(cast.output)) == ("Cast", [stored.name], ["w"])
+        graph = onnx.helper.make_graph([cast], "g", [], [onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT,
+                                                                                              None)], [stored])
+        session = ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(session.run(None, {})[0], values.astype(np.float32))
 
 
 def test_requant_constants_truncate_and_use_a_float16_multiplier():

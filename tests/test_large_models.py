@@ -67,3 +67,89 @@ def test_tensor_bytes_counts_initializers():
     graph = onnx.helper.make_graph([], "g", [], [], [weights])
     assert large.tensor_bytes(onnx.helper.make_model(graph)) == 400
     assert not large.is_large(onnx.helper.make_model(graph))
+
+
+def _matmul_model(size: int, count: int = 2) -> onnx.ModelProto:
+    rng = np.random.default_rng(3)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((size, size)).astype(np.float32), f"w{k}")
+             for k in range(count)]
+    nodes, previous = [], "x"
+    for k in range(count):
+        nodes.append(onnx.helper.make_node("MatMul", [previous, f"w{k}"], [f"y{k}"]))
+        previous = f"y{k}"
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, size])],
+        [onnx.helper.make_tensor_value_info(previous, onnx.TensorProto.FLOAT, [1, size])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_spill_moves_weights_out_of_memory_with_the_same_values(monkeypatch):
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+    model = _matmul_model(64)
+    before = {init.name: onnx.numpy_helper.to_array(init).copy() for init in model.graph.initializer}
+    size = large.tensor_bytes(model)
+    large.spill(model)
+    assert all(init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data
+               for init in model.graph.initializer)
+    assert large.tensor_bytes(model) == size  # a reference counts its bytes: the model stays large
+    for init in model.graph.initializer:
+        values = large.initializer_array(init)
+        assert isinstance(values, np.memmap) and not values.flags.writeable
+        assert np.array_equal(values, before[init.name])
+
+
+def test_a_large_model_loads_without_its_weights_and_its_files_stay_untouched(tmp_path, monkeypatch):
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+    from onnxsnpe.graph.load import load_model
+    model = _matmul_model(64)
+    expected = [onnx.numpy_helper.to_array(init).copy() for init in model.graph.initializer]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=1024)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    loaded = load_model(path)
+    assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in loaded.graph.initializer)
+    for init, values in zip(loaded.graph.initializer, expected, strict=True):
+        assert np.array_equal(large.initializer_array(init), values)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_saving_a_spilled_model_streams_its_weights_beside_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+    monkeypatch.setattr(large, "COPY_CHUNK", 1000)  # several chunks a tensor
+    model = _matmul_model(40)
+    expected = [onnx.numpy_helper.to_array(init).copy() for init in model.graph.initializer]
+    large.spill(model)
+    names = large.save_model(model, tmp_path / "out.onnx")
+    assert names == ["out.onnx", "out.onnx.data"]
+    reloaded = onnx.load(str(tmp_path / "out.onnx"))
+    for init, values in zip(reloaded.graph.initializer, expected, strict=True):
+        assert np.array_equal(onnx.numpy_helper.to_array(init), values)
+
+
+def test_slabs_cover_every_value_once_and_keep_the_channel_axis_whole(monkeypatch):
+    monkeypatch.setattr(large, "SLAB_VALUES", 50)
+    for shape, keep in [((7, 30), 1), ((30, 7), 0), ((6, 5, 3, 3), 0), ((6, 5, 3, 3), 1), ((100,), None),
+                        ((100,), 0), ((), None), ((3, 4), None)]:
+        seen = np.zeros(shape, dtype=np.int64)
+        pieces = list(large.slabs(shape, keep))
+        for index in pieces:
+            seen[index] += 1
+            if keep is not None and len(shape) > 1:
+                assert seen[index].shape[keep] == shape[keep]
+        assert np.all(seen == 1), (shape, keep)
+        if len(shape) > 1 and int(np.prod(shape)) > 100:
+            assert len(pieces) > 1
+
+
+def test_compare_of_a_large_model_gives_the_figures_of_the_ordinary_path(tmp_path, tiny_model, npy_folder,
+                                                                           monkeypatch):
+    """Several configurations over one evaluator: a large model's FP32 session is dropped after each
+    evaluation and made again, with the same figures."""
+    from onnxsnpe.compare import compare
+    options = dict(methods=["minmax", "mse"], act_bitwidths=[8], progress=False)
+    normal = compare(tiny_model, npy_folder, tmp_path / "normal", **options)
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+    big = compare(tiny_model, npy_folder, tmp_path / "big", **options)
+    assert [c["outputs"] for c in big.report["configurations"]] == \
+        [c["outputs"] for c in normal.report["configurations"]]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import onnx
-from onnx import numpy_helper
 
+from ..graph.large import initializer_array
 from ..graph.load import FLOAT_TYPES
 from ..graph.targets import QuantTargets
 from .encoding import Encoding, ParamEncoding, asymmetric_encoding
@@ -73,6 +73,6 @@ def constant_encodings(
                                                   or (node.op_type == "Gather" and index == 0)):
                 found[name] = activations[node.output[0]]  # a table keeps its gathered rows' grid
                 continue
-            array = numpy_helper.to_array(values[name])
+            array = initializer_array(values[name])
             found[name] = asymmetric_encoding(float(array.min()), float(array.max()), widths.get(name, bitwidth))
     return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
+from ..graph.large import initializer_array
 from .encoding import ParamEncoding, fake_quantize
 
 
@@ -20,6 +21,6 @@ def quantized_weights(model: onnx.ModelProto, weights: dict[str, ParamEncoding])
     copy.CopyFrom(model)
     for init in copy.graph.initializer:
         if init.name in weights:
-            init.CopyFrom(numpy_helper.from_array(fake_quantize(numpy_helper.to_array(init), weights[init.name]),
+            init.CopyFrom(numpy_helper.from_array(fake_quantize(initializer_array(init), weights[init.name]),
                                                   init.name))
     return copy

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..errors import OnnxSnpeError
+from ..graph.large import initializer_array
 from ..graph.load import FLOAT_TYPES, initializer_values
 from ..graph.targets import QuantTargets
 from ..stats.tensor_stats import TensorStats
@@ -81,7 +81,7 @@ def gathered_table_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, floa
     ranges = {}
     for node in model.graph.node:
         if node.op_type == "Gather" and node.input[0] in tables:
-            table = numpy_helper.to_array(tables[node.input[0]])
+            table = initializer_array(tables[node.input[0]])
             if table.size:
                 ranges[node.output[0]] = (float(table.min()) + 0.0, float(table.max()) + 0.0)
     return ranges
@@ -143,10 +143,9 @@ def weight_encodings(
     encoded at 16 bits and symmetric, per tensor or per channel, as HTP takes a 16-bit weight.
     """
     check_method(method, percentile, "--weight-method")
-    values = initializer_values(model, targets.weights)
     raised = set(raised)
     encodings: dict[str, ParamEncoding] = {}
-    for name, array in values.items():
+    for name, array in initializer_values(model, targets.weights):
         axis = targets.weight_axes.get(name) if per_channel else None
         if name in raised:
             low, high = _weight_range(array, method, 16, percentile)
@@ -191,7 +190,7 @@ def bias_encodings(
     closed source; onnxruntime widens too). 8 bits: the bias's own min-max.
     """
     encodings: dict[str, ParamEncoding] = {}
-    values = initializer_values(model, [ref.bias for ref in targets.biases])
+    values = dict(initializer_values(model, [ref.bias for ref in targets.biases]))
     for ref in targets.biases:
         array = values[ref.bias]
         weight = weights.get(ref.weight)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .large import initializer_array
 
 
 def inline_constant_ifs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -70,7 +71,7 @@ def _taken_branch(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) 
     """The branch an ``If`` node takes when its condition is a constant, else None."""
     if node.op_type != "If" or node.domain not in ("", "ai.onnx") or node.input[0] not in constants:
         return None
-    condition = numpy_helper.to_array(constants[node.input[0]])
+    condition = initializer_array(constants[node.input[0]])
     if condition.size != 1:
         return None
     wanted = "then_branch" if bool(np.asarray(condition).reshape(-1)[0]) else "else_branch"

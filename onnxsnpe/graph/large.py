@@ -1,37 +1,79 @@
-"""Models too large for one protobuf message (2 GB): their weights go to a file beside the model.
+"""Models too large for one protobuf message (2 GB): their weights live in files, not in memory.
 
 A ModelProto over 2 GB cannot be serialized, so onnxruntime cannot take it as bytes, the ONNX
 checker and shape inference cannot take it in memory, and it cannot be saved in one file. Such a
 model is written with its tensors in ``<file>.data`` beside it, and handed to onnxruntime and to
 shape inference as a file. Below the limit nothing changes (outputs stay single files).
 
-Handing a large model to onnxruntime costs no copy of its weights in memory: ``external_copy``
-writes them to a file one tensor at a time (the model in memory is neither changed nor copied),
-and the session reads them from there.
+A large model's weights are not held in memory: its big initializers are references into files of
+the process's ``workspace`` (the input's data file linked there at load, or tensors moved there by
+``spill``), read with ``initializer_array`` (a memory map: only the tensor in use is resident). onnxruntime
+maps the same files (or pre-packs a weight in place of its mapping) and computes nothing from them
+at load (``session_options``), so a session holds one copy at most; outputs stream the bytes into
+their own data file.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import os
+import shutil
 import tempfile
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 EXTERNAL_TENSOR_BYTES = 1024
 """Tensors of more bytes than this go to the data file (as onnx.save's size_threshold)."""
 EXTERNAL_DATA_BYTES = 1_800_000_000
 """Tensor bytes above which a model is saved with external data (below protobuf's 2 GB, with room
 for the graph itself)."""
+COPY_CHUNK = 64 << 20
+"""Bytes copied at a time when a tensor streams from one data file to another."""
+SLAB_VALUES = 4 << 20
+"""Values of a weight computed at a time where a whole-tensor temporary would cost a copy (slabs)."""
 
 T = TypeVar("T")
+_workspace: list[Path] = []
+_names = itertools.count()
+
+
+def workspace() -> Path:
+    """The process's folder for large models' weight files, made on first use, removed at exit."""
+    if not _workspace:
+        path = Path(tempfile.mkdtemp(prefix="onnxsnpe-weights-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _workspace.append(path)
+    return _workspace[0]
+
+
+def _new_file(suffix: str) -> Path:
+    return workspace() / f"{os.getpid()}-{next(_names)}{suffix}"
+
+
+def _external(tensor: onnx.TensorProto) -> dict[str, str] | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    info = _external(tensor)
+    if info is not None:
+        return int(info.get("length", 0))
+    return len(tensor.raw_data) or tensor.ByteSize()
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of the model's initializers (what makes a model large)."""
-    return sum(len(init.raw_data) or init.ByteSize() for init in model.graph.initializer)
+    """The bytes of the model's initializers (what makes a model large), in memory or in files."""
+    return sum(_nbytes(init) for init in model.graph.initializer)
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -39,20 +81,111 @@ def is_large(model: onnx.ModelProto) -> bool:
     return tensor_bytes(model) > EXTERNAL_DATA_BYTES
 
 
+def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of an initializer: numpy_helper.to_array's, or for a tensor in a workspace file a
+    read-only memory map of it (resident only while used)."""
+    info = _external(tensor)
+    if info is None:
+        return numpy_helper.to_array(tensor)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(tensor.dims)
+    if not int(np.prod(shape)):
+        return np.zeros(shape, dtype)
+    return np.memmap(workspace() / info["location"], dtype=dtype.newbyteorder("<"), mode="r",
+                     offset=int(info.get("offset", 0)), shape=shape)
+
+
+def slabs(shape: tuple[int, ...], keep: int | None = None) -> Iterator[tuple[slice, ...]]:
+    """Index tuples that cut an array of ``shape`` into slabs of about SLAB_VALUES values along its
+    first axis other than ``keep`` (a channel axis that elementwise work needs whole)."""
+    axes = [axis for axis in range(len(shape)) if keep is None or axis != keep % len(shape)]
+    if not axes:
+        yield tuple(slice(None) for _ in shape)
+        return
+    axis = axes[0]
+    per_index = max(1, int(np.prod(shape)) // max(1, shape[axis]))
+    step = max(1, SLAB_VALUES // per_index)
+    for start in range(0, max(1, shape[axis]), step):
+        yield tuple(slice(start, start + step) if a == axis else slice(None) for a in range(len(shape)))
+
+
+def adopt_external_data(model: onnx.ModelProto, folder: Path) -> None:
+    """Point ``model``'s external tensors (as loaded without their data, relative to ``folder``)
+    at the workspace: each data file is linked there (copied where it cannot be linked). The
+    input files are only read."""
+    linked: dict[str, str] = {}
+    for init in model.graph.initializer:
+        info = _external(init)
+        if info is None:
+            continue
+        location = info["location"]
+        if location not in linked:
+            target = _new_file(".data")
+            source = (Path(folder) / location).resolve()
+            try:
+                os.link(source, target)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source, target)
+            linked[location] = target.name
+        _set_location(init, linked[location], int(info.get("offset", 0)), _nbytes(init))
+
+
+def spill(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Move a large model's big in-memory initializers into a workspace file, leaving references
+    (the same values, no longer in memory); a model under the limit stays as it is. Returns it."""
+    if not is_large(model):
+        return model
+    moving = [init for init in model.graph.initializer
+              if _external(init) is None and init.HasField("raw_data") and len(init.raw_data) > EXTERNAL_TENSOR_BYTES]
+    if not moving:
+        return model
+    path = _new_file(".data")
+    with open(path, "wb") as data:
+        for init in moving:
+            offset = data.tell()
+            data.write(init.raw_data)
+            length = data.tell() - offset
+            init.ClearField("raw_data")
+            _set_location(init, path.name, offset, length)
+    return model
+
+
+def _set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def session_options(options: ort.SessionOptions, model: onnx.ModelProto) -> list[str]:
+    """Set ``options`` for a session over ``model`` and return the optimizers it must leave out.
+
+    For a large model: no constant folding, which would hold a float copy of every weight a Cast
+    reads (the simulation's integer weights, htp/linear.stored_codes), so that each Cast runs in the
+    inference, just before its reader; no identity elimination, after which onnxruntime ran every
+    such Cast first (measured on the simulated three-MatMul model: all float weights at once); and
+    no memory arena, so what a Cast makes is freed after its reader instead of kept for reuse.
+    Weights that are initializers themselves are mapped from their file, or pre-packed in place of
+    it (one copy).
+    """
+    if not is_large(model):
+        return []
+    options.enable_cpu_mem_arena = False
+    return ["ConstantFolding", "EliminateIdentity"]
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
     """Save ``model`` at ``path``, its tensors in ``<name>.data`` beside it when it is large.
 
-    Returns the names of the files written. The model in memory keeps its tensors.
+    Returns the names of the files written. The model in memory is not changed.
     """
     path = Path(path)
     if not is_large(model):
         onnx.save(model, str(path))
         return [path.name]
-    data = f"{path.name}.data"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-              size_threshold=EXTERNAL_TENSOR_BYTES, convert_attribute=True)
-    onnx.load_external_data_for_model(model, str(path.parent))  # saving moved the tensors out of memory
-    return [path.name, data]
+    onnx.save(external_copy(model, path), str(path))
+    return [path.name, f"{path.name}.data"]
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -80,9 +213,11 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def external_copy(model: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers over EXTERNAL_TENSOR_BYTES refer to ``<path>.data``,
-    written there one tensor at a time; save the copy at ``path`` (after any edit) with onnx.save.
-    With ``path`` None nothing is written (a copy for what reads no weights: shape inference).
+    """A copy of ``model`` whose initializers over EXTERNAL_TENSOR_BYTES refer to files, to save at
+    ``path`` with onnx.save (after any edit): in-memory tensors are written to ``<path>.data`` one at a
+    time, and so are the workspace tensors when ``path`` is not in the workspace (streamed); a copy
+    saved in the workspace refers to them where they are. With ``path`` None nothing is written (a
+    copy for what reads no weights: shape inference).
 
     Neither ``model`` nor its weights are copied in memory: the copy holds the graph, the small
     tensors and the references.
@@ -94,28 +229,61 @@ def external_copy(model: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             _copy_field(light.graph, field.name, value)
-    location = f"{Path(path).name}.data" if path is not None else "none"
-    with open(Path(path).parent / location, "wb") if path is not None else nullcontext() as data:
+    in_workspace = path is not None and Path(path).parent.resolve() == workspace().resolve()
+    with _DataFile(None if path is None else Path(path)) as data:
         for init in model.graph.initializer:
             tensor = light.graph.initializer.add()
-            if init.data_location == onnx.TensorProto.EXTERNAL or init.ByteSize() <= EXTERNAL_TENSOR_BYTES \
-                    or not init.HasField("raw_data"):
+            source = _external(init)
+            if source is not None and (path is None or in_workspace):
+                tensor.CopyFrom(init)
+                continue
+            if source is None and (init.ByteSize() <= EXTERNAL_TENSOR_BYTES or not init.HasField("raw_data")):
                 tensor.CopyFrom(init)
                 continue
             for field, value in init.ListFields():
-                if field.name != "raw_data":
+                if field.name not in ("raw_data", "external_data", "data_location"):
                     _copy_field(tensor, field.name, value)
-            offset, length = 0, init.ByteSize()
-            if data is not None:
-                raw = init.raw_data
-                offset, length = data.tell(), len(raw)
-                data.write(raw)
-                del raw
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+            offset, length = data.add(init, source)
+            _set_location(tensor, data.location, offset, length)
     return light
+
+
+class _DataFile:
+    """The data file an external copy writes (opened at its first tensor); at ``None``, nothing is
+    written and offsets are 0."""
+
+    def __init__(self, model_path: Path | None) -> None:
+        self.path = None if model_path is None else model_path.parent / f"{model_path.name}.data"
+        self.location = "none" if model_path is None else f"{model_path.name}.data"
+        self.file = None
+
+    def __enter__(self) -> _DataFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def add(self, tensor: onnx.TensorProto, source: dict[str, str] | None) -> tuple[int, int]:
+        """Write ``tensor``'s bytes (in memory, or in the workspace file ``source`` names); (offset, length)."""
+        if self.path is None:
+            return 0, _nbytes(tensor)
+        if self.file is None:
+            self.file = open(self.path, "wb")
+        offset = self.file.tell()
+        if source is None:
+            self.file.write(tensor.raw_data)
+        else:
+            with open(workspace() / source["location"], "rb") as origin:
+                origin.seek(int(source.get("offset", 0)))
+                left = int(source["length"])
+                while left:
+                    chunk = origin.read(min(left, COPY_CHUNK))
+                    if not chunk:
+                        raise OSError(f"{origin.name}: ends before tensor {tensor.name}")
+                    self.file.write(chunk)
+                    left -= len(chunk)
+        return offset, self.file.tell() - offset
 
 
 def _copy_field(message, name: str, value) -> None:
@@ -132,8 +300,8 @@ def _copy_field(message, name: str, value) -> None:
 def with_model_source(model: onnx.ModelProto, use: Callable[[bytes | str], T],
                       edit: Callable[[onnx.ModelProto], None] | None = None) -> T:
     """Call ``use`` with what onnxruntime and the checker take: the serialized model, or for a large
-    model the path of a temporary copy with external data (``external_copy``, removed when ``use``
-    returns). ``edit``, if given, changes a copy of the model first (``model`` stays as it is)."""
+    model the path of a file in the workspace referring to its weight files (``session_file``).
+    ``edit``, if given, changes a copy of the model first (``model`` keeps its values)."""
     if not is_large(model):
         if edit is None:
             return use(model.SerializeToString())
@@ -141,10 +309,21 @@ def with_model_source(model: onnx.ModelProto, use: Callable[[bytes | str], T],
         copy.CopyFrom(model)
         edit(copy)
         return use(copy.SerializeToString())
-    with tempfile.TemporaryDirectory(prefix="onnxsnpe-large-", ignore_cleanup_errors=True) as tmp:
-        path = Path(tmp) / "model.onnx"
-        light = external_copy(model, path)
-        if edit is not None:
-            edit(light)
-        onnx.save(light, str(path))
+    with session_file(model, edit) as path:
         return use(str(path))
+
+
+@contextmanager
+def session_file(model: onnx.ModelProto, edit: Callable[[onnx.ModelProto], None] | None = None) -> Iterator[Path]:
+    """A large model saved in the workspace for onnxruntime, as long as the block lasts: its
+    in-memory weights are spilled first (``model`` keeps its values, no longer in memory), so the
+    file only refers to weight files and the session maps them."""
+    path = _new_file(".onnx")
+    light = external_copy(spill(model), path)
+    if edit is not None:
+        edit(light)
+    onnx.save(light, str(path))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

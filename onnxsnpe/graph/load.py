@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..errors import OnnxSnpeError
-from .large import is_large
+from .large import adopt_external_data, initializer_array, is_large, spill
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT}
 
@@ -42,13 +43,20 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not path.is_file():
         raise OnnxSnpeError(f"model is not a file: {path}")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for a corrupt file
         raise OnnxSnpeError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
     if not model.graph.node:
         raise OnnxSnpeError(f"not an ONNX model, or a model with no nodes: {path}")
+    large = is_large(model)
     try:
-        onnx.checker.check_model(str(path) if is_large(model) else model)
+        if large:  # its weights stay in files (graph/large.py)
+            onnx.checker.check_model(str(path))
+            adopt_external_data(model, path.parent)
+            spill(model)
+        else:
+            onnx.load_external_data_for_model(model, str(path.parent))
+            onnx.checker.check_model(model)
     except Exception as exc:
         raise OnnxSnpeError(f"invalid ONNX model {path}: {_first_line(exc)}") from exc
     return model
@@ -104,11 +112,10 @@ def _index_limits(model: onnx.ModelProto) -> dict[str, int]:
     return limits
 
 
-def initializer_values(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
-    """The float arrays of the named initializers."""
+def initializer_values(model: onnx.ModelProto, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """The named initializers' float arrays, in initializer order, one at a time (a large model's
+    are memory maps: each is resident only while its reader holds it)."""
     wanted = set(names)
-    return {
-        init.name: numpy_helper.to_array(init).astype(np.float32)
-        for init in model.graph.initializer
-        if init.name in wanted
-    }
+    for init in model.graph.initializer:
+        if init.name in wanted:
+            yield init.name, initializer_array(init).astype(np.float32, copy=False)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from .large import initializer_array
 from .load import FLOAT_TYPES
 from .ops import DATA_MOVEMENT
 
@@ -90,7 +90,7 @@ def find_masks(model: onnx.ModelProto) -> dict[str, MaskedTensor]:
 
 def _huge(init: onnx.TensorProto) -> float | None:
     """The smallest magnitude among a constant's huge values (inf included), or None if it has none."""
-    values = np.abs(numpy_helper.to_array(init).astype(np.float64).reshape(-1))
+    values = np.abs(initializer_array(init).astype(np.float64).reshape(-1))
     huge = values[values >= MASK_MAGNITUDE]
     if not huge.size:
         return None

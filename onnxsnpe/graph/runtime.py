@@ -7,7 +7,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import OnnxSnpeError
-from .large import with_model_source
+from .large import session_options, with_model_source
 
 
 def make_session(model: onnx.ModelProto, extra_outputs: list[str] = (), threads: int = 0) -> ort.InferenceSession:
@@ -35,10 +35,11 @@ def make_session(model: onnx.ModelProto, extra_outputs: list[str] = (), threads:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    disabled = session_options(options, model)
     try:
         return with_model_source(
             model, lambda source: ort.InferenceSession(
-                source, sess_options=options, providers=["CPUExecutionProvider"]),
+                source, sess_options=options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled),
             expose)
     except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .large import initializer_array
+
 MAX_ITERATIONS = 256
 """Loops longer than this are not unrolled (the graph would grow by that many bodies)."""
 
@@ -44,12 +46,12 @@ def unrollable_trips(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto
     """The trip count of a Loop that can be unrolled, or None (not a Loop, or it cannot be)."""
     if node.op_type != "Loop" or not node.input or node.input[0] not in constants:
         return None
-    trips = numpy_helper.to_array(constants[node.input[0]])
+    trips = initializer_array(constants[node.input[0]])
     if trips.size != 1 or not 0 < int(trips.reshape(-1)[0]) <= MAX_ITERATIONS:
         return None
     if len(node.input) > 1 and node.input[1]:
         cond = constants.get(node.input[1])
-        if cond is None or not bool(numpy_helper.to_array(cond).reshape(-1)[0]):
+        if cond is None or not bool(initializer_array(cond).reshape(-1)[0]):
             return None
     body = helper.get_attribute_value(next(a for a in node.attribute if a.name == "body"))
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in body.node for a in n.attribute):
@@ -68,7 +70,7 @@ def _condition_stays_true(body: onnx.GraphProto) -> bool:
     if producer is not None and producer.op_type == "Identity" and producer.input[0] == cond_in:
         return True
     init = next((i for i in body.initializer if i.name == cond_out), None)
-    return init is not None and bool(numpy_helper.to_array(init).reshape(-1)[0])
+    return init is not None and bool(initializer_array(init).reshape(-1)[0])
 
 
 def _written_out(node: onnx.NodeProto, trips: int, graph: onnx.GraphProto, opset: int) -> list[onnx.NodeProto]:

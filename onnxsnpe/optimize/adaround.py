@@ -37,6 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..encode.encoding import ChannelEncodings, ParamEncoding, dequantize, quantize
+from ..graph.large import initializer_array
 from ..graph.ops import node_attributes
 from ..graph.runtime import make_session
 
@@ -145,7 +146,7 @@ def adaround(
     fed = {value.name for value in model.graph.input}
     layer_inputs = [name for name in dict.fromkeys(layer.input for layer in layers) if name not in fed]
     reference = make_session(model, layer_inputs) if inputs == "rounded" else None  # FP32: one session
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in weights}
+    values = {init.name: initializer_array(init) for init in model.graph.initializer if init.name in weights}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     initializers = {init.name: init for init in copy.graph.initializer}

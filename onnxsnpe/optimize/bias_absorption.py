@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph.large import initializer_array
 from ..graph.ops import node_attributes
 from ..graph.runtime import make_session
 
@@ -102,15 +103,15 @@ def _move(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], candidate:
           beta: np.ndarray) -> None:
     """Subtract ``beta`` from the first Conv's bias and add what it carried to the second's."""
     first_bias = inits[candidate.first.input[2]]
-    values = numpy_helper.to_array(first_bias).astype(np.float64) - beta
+    values = initializer_array(first_bias).astype(np.float64) - beta
     first_bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), first_bias.name))
-    weight = numpy_helper.to_array(inits[candidate.second.input[1]]).astype(np.float64)
+    weight = initializer_array(inits[candidate.second.input[1]]).astype(np.float64)
     kernel_sums = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(axis=2)
     carried = kernel_sums[:, 0] * beta if candidate.depthwise_second else kernel_sums @ beta
     second = candidate.second
     if len(second.input) > 2 and second.input[2]:
         bias = inits[second.input[2]]
-        updated = numpy_helper.to_array(bias).astype(np.float64) + carried
+        updated = initializer_array(bias).astype(np.float64) + carried
         bias.CopyFrom(numpy_helper.from_array(updated.astype(np.float32), bias.name))
     else:
         name = f"{second.output[0]}_absorbed_bias"

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 from ..encode.encoding import ParamEncoding
 from ..encode.quantized_weights import quantized_weights
+from ..graph.large import initializer_array
 from ..graph.ops import node_attributes
 from ..graph.runtime import make_session
 
@@ -85,7 +86,7 @@ def correct_biases(
     target = corrected if reference is None else reference
     reference_moments = _channel_moments(make_session(target, outputs), outputs, layers, samples)
     quantized = quantized_weights(corrected, weights)
-    biases = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in corrected.graph.initializer
+    biases = {init.name: initializer_array(init).astype(np.float64) for init in corrected.graph.initializer
               if init.name in {layer.bias for layer in layers}}
     caches = [dict(sample) for sample in samples]
     corrections = []
@@ -190,7 +191,7 @@ def _with_biases(model: onnx.ModelProto, weights: dict[str, ParamEncoding]) -> t
         if bias is not None and (bias not in inits or int(np.prod(inits[bias].dims)) != channels):
             continue  # a bias from a graph input, or broadcast from one value: left alone
         if bias is None or readers[bias] > 1:
-            values = np.zeros(channels, np.float32) if bias is None else numpy_helper.to_array(inits[bias])
+            values = np.zeros(channels, np.float32) if bias is None else initializer_array(inits[bias])
             name = f"{node.output[0]}_corrected_bias"
             graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
             if bias is None:

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph.large import initializer_array
 from ..graph.ops import node_attributes
 
 SWEEPS = 4
@@ -48,7 +49,7 @@ def equalize(model: onnx.ModelProto, sweeps: int = SWEEPS) -> tuple[onnx.ModelPr
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     pairs = _pairs(copy)
-    values = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in copy.graph.initializer}
+    values = {init.name: initializer_array(init).astype(np.float64) for init in copy.graph.initializer}
     for _ in range(sweeps):
         for pair in pairs:
             _balance(pair, values)
@@ -128,9 +129,9 @@ def _zero_pad(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
         return False
     if len(node.input) > 2 and node.input[2]:
         value = inits.get(node.input[2])
-        if value is None or np.any(numpy_helper.to_array(value) != 0):
+        if value is None or np.any(initializer_array(value) != 0):
             return False
-    pads = numpy_helper.to_array(inits[node.input[1]]) if len(node.input) > 1 and node.input[1] in inits else None
+    pads = initializer_array(inits[node.input[1]]) if len(node.input) > 1 and node.input[1] in inits else None
     if pads is None:
         return False
     rank = len(pads) // 2

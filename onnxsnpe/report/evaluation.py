@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -32,6 +33,7 @@ import onnxruntime as ort
 
 from ..data.datasets import Dataset
 from ..encode.encoding import Encoding, ParamEncoding
+from ..graph.large import is_large
 from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
@@ -155,15 +157,25 @@ class Evaluator:
         self.folded = self.names if tensors else []  # the tensors whose cumulative figures are measured
         self.outputs = [o.name for o in reference.graph.output]
         cores = available_cores()
-        self.workers = max(1, workers or min(cores, MAX_WORKERS))
+        # a large model's samples one at a time: each inference of its simulation computes float weights
+        self.workers = 1 if is_large(reference) else max(1, workers or min(cores, MAX_WORKERS))
         self.threads = max(1, cores // self.workers)
         inputs = {value.name for value in reference.graph.input}
         self.fed = [name for name in self.folded if name in inputs]  # the sample's values, not a run's
-        self.fp32 = make_session(reference, [n for n in self.folded if n not in inputs], self.threads)
-        self.fp32_names = [o.name for o in self.fp32.get_outputs()]
+        self.exposed = [n for n in self.folded if n not in inputs]
         self.kept_outputs: dict[int, list[np.ndarray]] | None = None if tensors else {}
         self.kept_bytes = 0
         self.keeping = threading.Lock()  # workers keep outputs side by side
+
+    @cached_property
+    def fp32(self) -> ort.InferenceSession:
+        """The FP32 session, made when first needed: after the first simulated model is built, so that
+        a large model's simulation is built before the FP32 weights are resident."""
+        return make_session(self.reference, self.exposed, self.threads)
+
+    @cached_property
+    def fp32_names(self) -> list[str]:
+        return [o.name for o in self.fp32.get_outputs()]
 
     def keep(self, index: int, outputs: list[np.ndarray]) -> None:
         """Keep sample ``index``'s FP32 outputs for the next configuration, while they fit in
@@ -201,16 +213,24 @@ class Evaluator:
         simulated, sim_map = simulation_model(deploy, self.targets, activations, params, arithmetic)
         sim_names = list(dict.fromkeys(sim_map[n] for n in [*self.outputs, *self.folded]))
         session = make_session(simulated, sim_names, self.threads)
-        run = _Run(self, figures if self.folded else [], session, sim_names, sim_map)
         timings = {"simulation_setup": time.perf_counter() - start}
+        if "fp32" not in self.__dict__:  # the FP32 session's first use (see fp32)
+            start = time.perf_counter()
+            _ = self.fp32_names
+            timings["reference_setup"] = time.perf_counter() - start
+        run = _Run(self, figures if self.folded else [], session, sim_names, sim_map)
         start = time.perf_counter()
         kept = run.evaluate(samples, isolated_samples)
+        comparisons, count = run.comparisons, run.count
+        del run, session  # sessions hold weights: a large model's are not kept beside the isolated analysis's
+        if is_large(self.reference):
+            self.__dict__.pop("fp32", None)  # made again if another configuration needs it
         timings["evaluation"] = time.perf_counter() - start
         start = time.perf_counter()
         if kept and figures:
             self._isolated(figures, activations, kept)
         timings["isolated_analysis"] = time.perf_counter() - start
-        return Evaluation(run.comparisons, figures, len(kept), run.count, timings, (simulated, sim_map))
+        return Evaluation(comparisons, figures, len(kept), count, timings, (simulated, sim_map))
 
     def _isolated(self, figures: list[TensorFigures], activations: dict[str, Encoding], kept: list[Kept]) -> None:
         """The isolated errors: one run of the switchable model per tensor per kept sample (with its

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from ..encode.encoding import ChannelEncodings, ParamEncoding, asymmetric_encoding, fake_quantize, per_channel_symmetric
+from ..graph.large import initializer_array, slabs
 from ..graph.load import initializer_values
 from .metrics import inner, json_db, sqnr_db
 
@@ -63,36 +64,58 @@ def analyze_weights(
     """Figures for every weight with an encoding, in initializer order; ``axes`` maps each weight to
     its output-channel axis (graph.targets.QuantTargets.weight_axes). ``exported`` holds the weights
     as written when a step rounded them (AdaRound): "as exported" is then their error against ``model``'s."""
-    written = initializer_values(exported, list(weights)) if exported is not None else {}
+    rounded = exported is not None and exported is not model
+    written = {init.name: init for init in exported.graph.initializer} if rounded else {}
     users = {}
     for node in model.graph.node:
         for name in node.input:
             if name in weights and name not in users:
                 users[name] = node.op_type
     figures = []
-    for name, array in initializer_values(model, list(weights)).items():
+    for name, array in initializer_values(model, list(weights)):
         enc = weights[name]
         axis = axes.get(name)
         sixteen = asymmetric_encoding(float(array.min()), float(array.max()), 16)
-        per_channel = None
-        if axis is not None:
-            absmax = np.abs(np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)).max(axis=1)
-            per_channel = _sqnr(array, fake_quantize(array, per_channel_symmetric(absmax, axis, enc.bitwidth)))
+        per_channel = None if axis is None else per_channel_symmetric(_channel_absmax(array, axis), axis,
+                                                                        enc.bitwidth)
+        exported = initializer_array(written[name]).astype(np.float32, copy=False) if name in written else array
+        # signal and noise of: as exported, per channel, 16 bits; a large weight slab by slab
+        sums = np.zeros((3, 2))
+        for index in _slabs(array.shape, axis, enc):
+            ref = array[index]
+            quantized = [fake_quantize(exported[index], enc), None if per_channel is None else
+                         fake_quantize(ref, per_channel), fake_quantize(ref, sixteen)]
+            reference = ref.astype(np.float64)
+            for row, values in enumerate(quantized):
+                if values is not None:
+                    error = values.astype(np.float64) - reference
+                    sums[row] += inner(reference, reference), inner(error, error)
         figures.append(
             WeightFigures(
                 name=name,
                 op=users[name],
                 shape=tuple(array.shape),
                 encoding=enc,
-                sqnr_db=_sqnr(array, fake_quantize(written.get(name, array), enc)),
-                per_channel_sqnr_db=per_channel,
-                sixteen_bit_sqnr_db=_sqnr(array, fake_quantize(array, sixteen)),
+                sqnr_db=sqnr_db(*sums[0]),
+                per_channel_sqnr_db=None if per_channel is None else sqnr_db(*sums[1]),
+                sixteen_bit_sqnr_db=sqnr_db(*sums[2]),
             )
         )
     return figures
 
 
-def _sqnr(reference: np.ndarray, quantized: np.ndarray) -> float:
-    ref = reference.astype(np.float64)
-    err = quantized.astype(np.float64) - ref
-    return sqnr_db(inner(ref, ref), inner(err, err))
+def _channel_absmax(array: np.ndarray, axis: int) -> np.ndarray:
+    """Each output channel's largest magnitude, slab by slab."""
+    others = tuple(a for a in range(array.ndim) if a != axis % array.ndim)
+    absmax = np.zeros(array.shape[axis], dtype=array.dtype)
+    for index in slabs(array.shape, axis):
+        np.maximum(absmax, np.abs(array[index]).max(axis=others), out=absmax)
+    return absmax
+
+
+def _slabs(shape: tuple[int, ...], axis: int | None, enc: ParamEncoding):
+    """Slabs that keep both the analysed channel axis and the encoding's own channel axis whole."""
+    own = enc.axis if isinstance(enc, ChannelEncodings) else None
+    if axis is not None and own is not None and own % len(shape) != axis % len(shape):
+        return [tuple(slice(None) for _ in shape)]
+    return slabs(shape, axis if axis is not None else own)

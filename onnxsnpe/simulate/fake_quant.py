@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..encode.encoding import Encoding, ParamEncoding, fake_quantize
+from ..graph.large import initializer_array
 from ..graph.targets import QuantTargets
 
 SUFFIX = "__onnxsnpe_fq"
@@ -104,7 +105,7 @@ def build_simulation_model(
         _switch_params(graph, params, list(switched_params), len(chosen))
     for init in graph.initializer:
         if init.name in params and init.name not in switched:
-            values = numpy_helper.to_array(init)
+            values = initializer_array(init)
             init.CopyFrom(numpy_helper.from_array(fake_quantize(values, params[init.name]), init.name))
 
     renamed = {name: name + SUFFIX for name in chosen}
@@ -160,7 +161,7 @@ def _switch_params(graph: onnx.GraphProto, params: dict[str, ParamEncoding], nam
     by_name = {init.name: init for init in graph.initializer}
     nodes = []
     for index, name in enumerate(names, start=first):
-        values = numpy_helper.to_array(by_name[name])
+        values = initializer_array(by_name[name])
         branches = {}
         for label, array in (("on", fake_quantize(values, params[name])), ("off", values)):
             out = f"{name}{SUFFIX}/{label}"

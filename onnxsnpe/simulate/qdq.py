@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from ..encode.constants import STRUCTURAL_INPUTS
 from ..encode.encoding import ChannelEncodings, Encoding, ParamEncoding, quantize
+from ..graph.large import initializer_array, slabs
 from ..graph.targets import QuantTargets
 
 SUFFIX = "__onnxsnpe_qdq"
@@ -180,12 +181,9 @@ def _quantize_params(
             kept.append(init)
             continue
         dtype, _ = _storage(enc)
-        values = numpy_helper.to_array(init)
-        codes = quantize(values, enc)
-        if enc.is_symmetric:  # signed storage: the codes centered on the zero point
-            codes += enc.along(enc.offsets(), codes.ndim) if isinstance(enc, ChannelEncodings) else enc.offset
+        values = initializer_array(init)
         p = f"{init.name}{SUFFIX}/"
-        kept.append(numpy_helper.from_array(codes.astype(dtype), p + "q"))
+        kept.append(numpy_helper.from_array(_stored_codes(values, enc, dtype), p + "q"))
         kept.extend(_qparams(p, enc))
         per_axis = {"axis": enc.axis} if isinstance(enc, ChannelEncodings) else {}
         nodes.append(
@@ -201,3 +199,16 @@ def _quantize_params(
                     if index < len(node.input) and node.input[index] == init.name:
                         node.input[index] = p + "float"
     return nodes, kept
+
+
+def _stored_codes(values: np.ndarray, enc: ParamEncoding, dtype: np.dtype) -> np.ndarray:
+    """A param's codes in their storage type (signed storage for symmetric encodings: centered on the
+    zero point), computed slab by slab so that a large weight has no int64 copy."""
+    codes = np.empty(values.shape, dtype=dtype)
+    per_channel = isinstance(enc, ChannelEncodings)
+    for index in slabs(values.shape, enc.axis if per_channel else None):
+        slab = quantize(values[index], enc)
+        if enc.is_symmetric:
+            slab += enc.along(enc.offsets(), slab.ndim) if per_channel else enc.offset
+        codes[index] = slab
+    return codes

@@ -31,6 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxSnpeError, bad_values
+from ..graph.large import initializer_array
 from .exposure import ExposedSession
 from .folding import OutputFold
 from .parallel import ordered_map
@@ -384,7 +385,7 @@ def batch_dynamic_copy(model: onnx.ModelProto) -> onnx.ModelProto | None:
     for node in graph.node:
         if node.op_type != "Reshape" or node.input[1] not in initializers:
             continue
-        shape = numpy_helper.to_array(initializers[node.input[1]]).copy()
+        shape = initializer_array(initializers[node.input[1]]).copy()
         if shape.ndim == 1 and shape.size > 1 and shape[0] == 1:
             shape[0] = 0
             name = f"{node.input[1]}__batch_{node.name or node.output[0]}"

@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import OnnxSnpeError
-from ..graph.large import external_copy, is_large
+from ..graph.large import is_large, session_file, session_options
 from ..graph.ops import node_attributes
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,12 @@ class ExposedSession:
         self._bindings: dict[int, tuple[list[np.ndarray], ort.IOBinding]] = {}
         # ignore_cleanup_errors: a session may still map the weights file (Windows cannot delete it)
         with tempfile.TemporaryDirectory(prefix="onnxsnpe-", ignore_cleanup_errors=True) as tmp:
-            large = is_large(model)
-            optimized_path = Path(tmp) / OPTIMIZED if blocked and not large else None
-            serialized: bytes | str
-            if large:  # the weights mapped from a file, and no second session holding them
-                serialized = str(Path(tmp) / "exposed.onnx")
-                onnx.save(_exposing(external_copy(model, Path(serialized)), self.tensors, copy=False), serialized)
-            else:
-                serialized = _exposing(model, self.tensors).SerializeToString()
+            if is_large(model):  # the weights mapped from their files, and no second session holding them
+                with session_file(model, lambda light: _exposing(light, self.tensors, copy=False)) as path:
+                    self.session = _session(str(path), threads, None, large=model)
+                return
+            optimized_path = Path(tmp) / OPTIMIZED if blocked else None
+            serialized = _exposing(model, self.tensors).SerializeToString()
             try:
                 self.session = _session(serialized, threads, optimized_path)
             except OnnxSnpeError:  # perhaps only the optimized model could not be saved
@@ -269,9 +267,11 @@ def _without_reorders(optimized: onnx.ModelProto, tensors: list[str]) -> tuple[o
 
 
 def _session(
-    model: bytes | str, threads: int, optimized_path: Path | None, optimize: bool = True
+    model: bytes | str, threads: int, optimized_path: Path | None, optimize: bool = True,
+    large: onnx.ModelProto | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session over a serialized model or a model file; ``threads`` 0: all cores.
+    """A CPU session over a serialized model or a model file; ``threads`` 0: all cores; ``large``:
+    the large model the file stands for, whose weights the session maps (graph/large.session_options).
 
     If ``optimized_path`` is given, the optimized model is saved there, its weights in WEIGHTS
     beside it. Full optimization (layout transforms, fusions) keeps inference at plain-inference
@@ -288,7 +288,8 @@ def _session(
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS)
+    disabled = session_options(options, large) if large is not None else []
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise OnnxSnpeError(f"onnxruntime cannot run the model: {str(exc).strip().splitlines()[0]}") from exc

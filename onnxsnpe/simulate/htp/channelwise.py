@@ -7,6 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, quantize, round_half_away
+from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import (
     SUFFIX,
@@ -83,7 +84,7 @@ def lower_batch_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
         return None
     if not int8(x_enc, y_enc, *encs):
         return None
-    values = [numpy_helper.to_array(context.constants[name]).astype(np.float32).reshape(-1) for name in names]
+    values = [initializer_array(context.constants[name]).astype(np.float32).reshape(-1) for name in names]
     constants_ = batch_norm_constants(
         values, encs, node_attributes(node).get("epsilon", 1e-5), x_enc.scale, y_enc.scale, -y_enc.offset
     )

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import INVERSE_SCALE, dequantizing_mul
 
@@ -49,7 +50,7 @@ def reuse_codes(chain: list[onnx.NodeProto], inits: list[onnx.TensorProto],
             continue
         codes = known.get(scaling.input[0])
         inverse = by_name.get(scaling.input[1])
-        if codes is None or inverse is None or numpy_helper.to_array(inverse) != np.float32(1) / codes.scale:
+        if codes is None or inverse is None or initializer_array(inverse) != np.float32(1) / codes.scale:
             continue
         dropped.add(id(scaling))
         replaced[position] = helper.make_node("Identity", [codes.name], list(node.output))
@@ -70,7 +71,7 @@ def pad_codes(node: onnx.NodeProto, known: dict[str, Codes],
     if len(inputs) > 2 and inputs[2]:
         if inputs[2] not in constants:
             return None
-        value = float(numpy_helper.to_array(constants[inputs[2]]))
+        value = float(initializer_array(constants[inputs[2]]))
     output = node.output[0] + "__onnxsnpe_codes"
     code = np.round(np.float32(value) * (np.float32(1) / codes.scale)).astype(np.float32)
     init = None

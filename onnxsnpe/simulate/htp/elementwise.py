@@ -7,6 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, fake_quantize, quantize, round_half_away
+from ...graph.large import initializer_array
 from .codes import SUFFIX, Context, Lowered, binary_operands, centered_codes, is_scalar, with_output_codes
 
 
@@ -57,7 +58,7 @@ def lower_add(node: onnx.NodeProto, context: Context) -> Lowered | None:
         return None  # with a Relu/Clip after it, an Add of a scalar rounds exactly (measured)
     sign = -1.0 if node.op_type == "Sub" else 1.0  # x - c with a scalar c: assumed, not probed
     if scalars[1]:
-        value = fake_quantize(numpy_helper.to_array(context.constants[node.input[1]]), encs[1]).item()
+        value = fake_quantize(initializer_array(context.constants[node.input[1]]), encs[1]).item()
         ratio = float(np.float32(encs[0].scale)) / float(np.float32(y_enc.scale))
         bits = int(min(15, 14 - np.ceil(np.log2(ratio))))
         multiplier = float(np.round(ratio * 2.0**bits) / 2.0**bits)
@@ -211,7 +212,7 @@ def lower_mul(node: onnx.NodeProto, context: Context) -> Lowered | None:
     operands = list(zip(node.input, encs, strict=True))
     if any(scalars):  # folded into the multiplier
         (const_name, const_enc), operand = operands[scalars.index(True)], operands[1 - scalars.index(True)]
-        code = int(quantize(numpy_helper.to_array(context.constants[const_name]), const_enc).item()) + const_enc.offset
+        code = int(quantize(initializer_array(context.constants[const_name]), const_enc).item()) + const_enc.offset
         constants_ = scalar_mul_constants(operand[1].scale, const_enc.scale, code, y_enc.scale)
         operands = [operand]
     else:
@@ -232,7 +233,7 @@ def lower_mul(node: onnx.NodeProto, context: Context) -> Lowered | None:
     for index, (name, enc) in enumerate(operands):
         q = f"{p}{index}/"
         if name in context.constants:  # the stored codes, centered
-            codes = quantize(numpy_helper.to_array(context.constants[name]), enc) + enc.offset
+            codes = quantize(initializer_array(context.constants[name]), enc) + enc.offset
             inits.append(numpy_helper.from_array(codes.astype(np.float32), q + "centered"))
         else:
             nodes, code_inits = centered_codes(name, enc, q + "centered")

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, quantize, round_half_away
+from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
+from ...graph.large import initializer_array, slabs
 from ...graph.ops import LINEAR_OPS, node_attributes
 from .codes import (
     INT8_HIGH,
@@ -25,21 +26,41 @@ STEP_RESOLUTION = 2048
 """HTP rounds the per-channel step of a re-expressed weight channel to this many parts of one."""
 
 
-def int8_weights(codes: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """HTP's int8 weights for integer weight codes ``q + offset``: the int8 values and per-channel steps.
+def int8_weights(codes: np.ndarray, axis: int, in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """HTP's int8 weights for integer weight codes ``q + offset``: the int8 values (in ``codes``'
+    dtype; ``in_place``: written over ``codes``) and per-channel steps.
 
     ``axis`` is the output-channel axis. A channel whose codes fit int8 keeps them with step 1.
     """
-    moved = np.moveaxis(np.asarray(codes, dtype=np.float64), axis, 0)
-    values = moved.copy()
+    values = codes if in_place else np.array(codes, copy=True)
+    moved = np.moveaxis(values, axis, 0)  # a view: channels re-expressed in place
     steps = np.ones(moved.shape[0])
-    for channel, row in enumerate(moved):
+    for channel in range(moved.shape[0]):
+        row = moved[channel]
         low, high = float(row.min()), float(row.max())
         if low >= INT8_LOW and high <= INT8_HIGH:
             continue
         steps[channel] = np.round(STEP_RESOLUTION * max(low / INT8_LOW, high / INT8_HIGH)) / STEP_RESOLUTION
-        values[channel] = round_half_away(row / steps[channel])
-    return np.moveaxis(values, 0, axis), steps
+        row[...] = round_half_away(row.astype(np.float64) / steps[channel])
+    return values, steps
+
+
+def weight_codes(weight: np.ndarray, enc: ParamEncoding, scale_along: float | np.ndarray, axis: int) -> np.ndarray:
+    """The integer codes ``q + offset`` of an 8-bit weight as int16, computed slab by slab along an
+    axis other than the output channels' ``axis`` (a large weight never has a float64 copy)."""
+    codes = np.empty(weight.shape, dtype=np.int16)
+    for index in slabs(weight.shape, axis):
+        codes[index] = np.round(fake_quantize(weight[index], enc).astype(np.float64) / scale_along)
+    return codes
+
+
+def stored_codes(values: np.ndarray, name: str) -> tuple[onnx.TensorProto, onnx.NodeProto]:
+    """Integer weight values as the smallest integer initializer that holds them, and the Cast that
+    makes them the float operand ``name`` (onnxruntime folds it; a large model's session reads the
+    small integers from their file, graph/large.session_options)."""
+    dtype = np.int8 if values.min() >= INT8_LOW and values.max() <= INT8_HIGH else np.int16
+    stored = numpy_helper.from_array(values.astype(dtype, copy=False), name + "_int")
+    return stored, helper.make_node("Cast", [stored.name], [name], to=onnx.TensorProto.FLOAT)
 
 
 def _weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
@@ -73,14 +94,14 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if w not in context.constants or not int8(x_enc, y_enc, w_enc):
         return None
 
-    weight = numpy_helper.to_array(context.constants[w])
+    weight = initializer_array(context.constants[w])
     axis = _weight_axis(node, context.constants[w])
     per_channel = isinstance(w_enc, ChannelEncodings)
     if per_channel and w_enc.axis != axis:
         return None
     w_scale = np.float32(w_enc.scales()) if per_channel else np.float32(w_enc.scale)  # one per output channel
     scale_along = w_enc.along(w_scale.astype(np.float64), weight.ndim) if per_channel else w_enc.scale
-    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / scale_along)
+    codes = weight_codes(weight, w_enc, scale_along, axis)
     depthwise = node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.shape[1] == 1
     strided_depthwise = depthwise and all(s > 1 for s in attrs.get("strides", [1]))
     blocks = _transpose_blocks(node, weight.shape)
@@ -91,13 +112,13 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if strided_depthwise or (node.op_type == "ConvTranspose" and not blocks):
         w_int, steps = codes, np.ones(codes.shape[axis])
     else:
-        w_int, steps = int8_weights(codes, axis)
+        w_int, steps = int8_weights(codes, axis, in_place=True)  # codes are this function's own
     base = float(np.float32(x_enc.scale)) * np.float64(w_scale)
     consumed = {w}
     bias_codes, bias_scale = None, 1.0
     has_bias = len(node.input) > 2 and node.input[2] in context.constants
     if has_bias:
-        bias_codes = numpy_helper.to_array(context.constants[node.input[2]]).reshape(-1)
+        bias_codes = initializer_array(context.constants[node.input[2]]).reshape(-1)
         b_enc = context.params.get(node.input[2])
         if b_enc is not None:  # the int32 codes
             consumed.add(node.input[2])
@@ -115,7 +136,8 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
 
     tail = (1,) * (weight.ndim - 2) if node.op_type.startswith("Conv") else ()  # channel constants broadcast over space
     p = f"{node.output[0]}{SUFFIX}/"
-    inits = [numpy_helper.from_array(w_int.astype(np.float32), p + "w")]
+    stored, cast = stored_codes(w_int, p + "w")
+    inits = [stored]
     linear = onnx.NodeProto()
     linear.CopyFrom(node)
     del linear.input[:], linear.output[:]
@@ -129,6 +151,7 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     linear.name = p + node.op_type
     output = p + "blocks" if blocks else node.output[0]
     chain, more = integer_op(p, [(x, x_enc, p + "x")], linear, (factor, mantissa, offset), tail, y_enc, output)
+    chain.insert(0, cast)
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [output], [node.output[0]], blocksize=blocks, mode="CRD"))
     return chain, inits + more, consumed

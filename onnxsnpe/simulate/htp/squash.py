@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from ...encode.encoding import Encoding
+from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import dequantizing_mul
 
@@ -35,7 +36,7 @@ def activation_bounds(
             continue
         if name not in constants:
             return None
-        bounds[position] = float(numpy_helper.to_array(constants[name]))
+        bounds[position] = float(initializer_array(constants[name]))
     return bounds[0], bounds[1]
 
 
@@ -68,13 +69,13 @@ def absorb(
     clamp, shift = producers.get(last.input[0]), 0.0
     by_name = {init.name: init for init in inits}
     if clamp is not None and clamp.op_type == "Sub" and clamp.input[1] in by_name:  # uncentered codes
-        shift = float(numpy_helper.to_array(by_name[clamp.input[1]]))
+        shift = float(initializer_array(by_name[clamp.input[1]]))
         clamp = producers.get(clamp.input[0])
     if clamp is None or clamp.op_type != "Clip" or len(clamp.input) != 3 or not all(
         name in by_name for name in clamp.input[1:]
     ):
         return False
-    old = [float(numpy_helper.to_array(by_name[name])) for name in clamp.input[1:]]
+    old = [float(initializer_array(by_name[name])) for name in clamp.input[1:]]
     low = max(old[0], bounds[0] + shift)
     high = min(old[1], bounds[1] + shift)
     if low > high:

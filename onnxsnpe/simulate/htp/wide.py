@@ -32,6 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, quantize, round_half_away
+from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import (
     SUFFIX,
@@ -62,7 +63,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     x_enc = context.activations.get(node.input[0])
     y_enc = output_encoding(node, context.targets, context.activations)
     w_enc = context.params.get(node.input[1])
-    weight = numpy_helper.to_array(context.constants[node.input[1]])
+    weight = initializer_array(context.constants[node.input[1]])
     if (not of_bitwidth(16, x_enc, y_enc) or not of_bitwidth(8, w_enc)
             or weight.ndim != (4 if node.op_type == "Conv" else 2)):
         return None
@@ -91,7 +92,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     consumed = {node.input[1]}
     bias = np.zeros(weight.shape[0])
     if len(node.input) > 2 and node.input[2] in context.constants:
-        bias = numpy_helper.to_array(context.constants[node.input[2]]).astype(np.float64).reshape(-1)
+        bias = initializer_array(context.constants[node.input[2]]).astype(np.float64).reshape(-1)
         b_enc = context.params.get(node.input[2])
         if b_enc is not None:
             consumed.add(node.input[2])
