@@ -153,3 +153,37 @@ def test_compare_of_a_large_model_gives_the_figures_of_the_ordinary_path(tmp_pat
     big = compare(tiny_model, npy_folder, tmp_path / "big", **options)
     assert [c["outputs"] for c in big.report["configurations"]] == \
         [c["outputs"] for c in normal.report["configurations"]]
+
+
+def test_a_large_model_folds_its_constant_subgraphs_and_batchnorms_as_a_small_one(tmp_path, monkeypatch):
+    """Folding reads the weights from the workspace: a Transpose of a weight and a BatchNormalization
+    fold as they do in memory, to the same values."""
+    from onnxsnpe.graph.deploy import prepare_deploy_model
+    from onnxsnpe.graph.load import load_model
+    rng = np.random.default_rng(4)
+    make = onnx.helper.make_node
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             [("conv_w", (16, 8, 3, 3)), ("scale", (16,)), ("bias", (16,)), ("mean", (16,)), ("w", (64, 16 * 36))]]
+    inits.append(onnx.numpy_helper.from_array(np.abs(rng.standard_normal(16)).astype(np.float32) + 0.5, "var"))
+    inits.append(onnx.numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "flat"))
+    nodes = [make("Conv", ["x", "conv_w"], ["c"]),
+             make("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"]),
+             make("Reshape", ["b", "flat"], ["f"]), make("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             make("MatMul", ["f", "wt"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                    [1, 8, 8, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, location="m.data", size_threshold=1024)
+    small, small_folded = prepare_deploy_model(load_model(path), {"x": (1, 8, 8, 8)})
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+    big, big_folded = prepare_deploy_model(load_model(path), {"x": (1, 8, 8, 8)})
+    assert big_folded == small_folded == 1
+    assert [n.op_type for n in big.graph.node] == [n.op_type for n in small.graph.node] == ["Conv", "Reshape", "MatMul"]
+    for mine, theirs in zip(big.graph.initializer, small.graph.initializer, strict=True):
+        assert mine.name == theirs.name
+        if mine.data_location == onnx.TensorProto.EXTERNAL:
+            assert not mine.raw_data  # in the workspace only
+        np.testing.assert_array_equal(large.initializer_array(mine), onnx.numpy_helper.to_array(theirs))
+    assert sum(init.data_location == onnx.TensorProto.EXTERNAL for init in big.graph.initializer) >= 2

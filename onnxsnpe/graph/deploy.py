@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .inline_if import inline_constant_ifs
-from .large import infer_shapes
+from .large import infer_shapes, resolving_external_data, spill
 from .shape_slices import split_shape_slices
 from .unroll import unroll_loops
 
@@ -36,19 +36,21 @@ def prepare_deploy_model(
 
     Returns the model and the number of BatchNormalization nodes folded.
     """
-    graph = _folded(gs.import_onnx(_with_input_shapes(model, input_shapes)))
-    written_out, loops = unroll_loops(gs.export_onnx(graph))
-    if loops:  # a Loop whose trip count folded to a constant: its copies fold further
-        graph = _folded(gs.import_onnx(_infer_shapes(written_out)))
-    del written_out
-    gc.collect()  # graphs' nodes and tensors refer to each other: free the weights of the ones left behind
-    drop_nan_guards(graph)
-    folded = fold_batchnorms(graph)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    prepared = _infer_shapes(gs.export_onnx(graph))
+    with resolving_external_data(model):  # a large model's weights are workspace files
+        graph = _folded(gs.import_onnx(_with_input_shapes(model, input_shapes)))
+        written_out, loops = unroll_loops(gs.export_onnx(graph))
+        if loops:  # a Loop whose trip count folded to a constant: its copies fold further
+            graph = _folded(gs.import_onnx(_infer_shapes(written_out)))
+        del written_out
+        gc.collect()  # graphs' nodes and tensors refer to each other: free the weights of the ones left behind
+        drop_nan_guards(graph)
+        folded = fold_batchnorms(graph)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        prepared = _infer_shapes(gs.export_onnx(graph))
     prepared.producer_name = "onnxsnpe"
     del graph
     gc.collect()
+    spill(prepared)  # weights made by folding go to the workspace too
     return prepared, folded
 
 
@@ -196,3 +198,4 @@ def _set_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = gs.Constant(f"{constant.name}_bnfolded_{node.name}", values)
     else:
         constant.values = values
+        constant.data_location = None  # in memory now, wherever the imported tensor's data was

@@ -6,7 +6,7 @@ model is written with its tensors in ``<file>.data`` beside it, and handed to on
 shape inference as a file. Below the limit nothing changes (outputs stay single files).
 
 A large model's weights are not held in memory: its big initializers are references into files of
-the process's ``workspace`` (the input's data file linked there at load, or tensors moved there by
+the process's ``workspace`` (the input's data file copied there at load, or tensors moved there by
 ``spill``), read with ``initializer_array`` (a memory map: only the tensor in use is resident). onnxruntime
 maps the same files (or pre-packs a weight in place of its mapping) and computes nothing from them
 at load (``session_options``), so a session holds one copy at most; outputs stream the bytes into
@@ -111,23 +111,21 @@ def slabs(shape: tuple[int, ...], keep: int | None = None) -> Iterator[tuple[sli
 
 def adopt_external_data(model: onnx.ModelProto, folder: Path) -> None:
     """Point ``model``'s external tensors (as loaded without their data, relative to ``folder``)
-    at the workspace: each data file is linked there (copied where it cannot be linked). The
-    input files are only read."""
-    linked: dict[str, str] = {}
+    at the workspace: each data file is copied there (by the kernel, not through memory; a hard link
+    would do, but onnx refuses to read tensors from a file with several links). The input files are
+    only read."""
+    copied: dict[str, str] = {}
     for init in model.graph.initializer:
         info = _external(init)
         if info is None:
             continue
         location = info["location"]
-        if location not in linked:
+        if location not in copied:
             target = _new_file(".data")
             source = (Path(folder) / location).resolve()
-            try:
-                os.link(source, target)
-            except OSError:  # another file system, or links not allowed
-                shutil.copyfile(source, target)
-            linked[location] = target.name
-        _set_location(init, linked[location], int(info.get("offset", 0)), _nbytes(init))
+            shutil.copyfile(source, target)
+            copied[location] = target.name
+        _set_location(init, copied[location], int(info.get("offset", 0)), _nbytes(init))
 
 
 def spill(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -135,6 +133,9 @@ def spill(model: onnx.ModelProto) -> onnx.ModelProto:
     (the same values, no longer in memory); a model under the limit stays as it is. Returns it."""
     if not is_large(model):
         return model
+    for init in model.graph.initializer:
+        if _external(init) is not None and init.HasField("raw_data"):  # read in by onnx (to_array): in the file
+            init.ClearField("raw_data")
     moving = [init for init in model.graph.initializer
               if _external(init) is None and init.HasField("raw_data") and len(init.raw_data) > EXTERNAL_TENSOR_BYTES]
     if not moving:
@@ -148,6 +149,22 @@ def spill(model: onnx.ModelProto) -> onnx.ModelProto:
             init.ClearField("raw_data")
             _set_location(init, path.name, offset, length)
     return model
+
+
+@contextmanager
+def resolving_external_data(model: onnx.ModelProto) -> Iterator[None]:
+    """Run the block in the workspace when ``model`` refers to workspace files: onnxruntime resolves
+    the external data of a model given as bytes (onnx-graphsurgeon's constant folding) against the
+    working directory, and onnx reads a tensor's data against it too."""
+    if not any(_external(init) is not None for init in model.graph.initializer):
+        yield
+        return
+    previous = os.getcwd()
+    os.chdir(workspace())
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
