@@ -109,13 +109,26 @@ def test_bias_correction_after_cle_aims_at_the_equalized_model(tmp_path, tiny_mo
     assert corrected.fp32_deploy is equalized.deploy and record["layers"] == 2
 
 
-def test_cle_flag_records_pairs_and_absorptions_in_the_report(tmp_path, tiny_model, npy_folder):
+def test_cle_flag_records_pairs_and_absorptions_in_the_report(tmp_path):
+    """A Conv-Relu-Conv pair with high biases: --cle equalizes it and absorbs its offsets, and the
+    report says so."""
     from onnxsnpe import quantize
 
-    result = quantize(tiny_model, npy_folder, tmp_path / "out", cle=True, progress=False)
+    from .test_bias_absorption import _pair
+
+    model = _pair(relu=True)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6]))
+    onnx.save(model, str(tmp_path / "pair.onnx"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(2)
+    for index in range(8):
+        np.save(calib / f"{index}.npy", rng.normal(size=(1, 3, 6, 6)).astype(np.float32))
+    result = quantize(tmp_path / "pair.onnx", calib, tmp_path / "out", cle=True, progress=False)
     record = result.report["optimizations"]["cle"]
-    assert record["pairs"] == len(record["equalized"]) and isinstance(record["absorbed"], list)
+    assert record["pairs"] == len(record["equalized"]) == 1
+    assert [a["tensor"] for a in record["absorbed"]] == ["h"]
     for absorbed in record["absorbed"]:
         low, high = absorbed["range_after"]
         assert high - low <= 0.95 * (absorbed["range_before"][1] - absorbed["range_before"][0])
-    assert "offsets absorbed" in (result.out_dir / "report.html").read_text()
+    assert "1 offsets absorbed" in (result.out_dir / "report.html").read_text()
