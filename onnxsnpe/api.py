@@ -18,6 +18,7 @@ from . import export
 from .data.datasets import ImageOptions
 from .encode.methods import DEFAULT_PERCENTILE
 from .errors import OnnxSnpeError
+from .graph.large import with_scoped_workspace
 from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
@@ -58,6 +59,7 @@ class QuantizeResult:
     seconds: float
 
 
+@with_scoped_workspace
 def quantize(
     model: str | os.PathLike,
     calib: str | os.PathLike,

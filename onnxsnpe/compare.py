@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__, export
 from .data.datasets import ImageOptions
 from .errors import OnnxSnpeError
+from .graph.large import with_scoped_workspace
 from .precision import encode_with_precision
 from .recipe import optimize_weights
 from .report.evaluation import Evaluation, Evaluator, worst_isolated
@@ -48,6 +49,7 @@ class CompareResult:
     seconds: float
 
 
+@with_scoped_workspace
 def compare(
     model: str | os.PathLike,
     calib: str | os.PathLike,

@@ -187,3 +187,133 @@ def test_a_large_model_folds_its_constant_subgraphs_and_batchnorms_as_a_small_on
             assert not mine.raw_data  # in the workspace only
         np.testing.assert_array_equal(large.initializer_array(mine), onnx.numpy_helper.to_array(theirs))
     assert sum(init.data_location == onnx.TensorProto.EXTERNAL for init in big.graph.initializer) >= 2
+
+
+def test_exact_arithmetic_of_a_large_model_dequantizes_its_weights_in_the_graph(tmp_path, tiny_model, npy_folder,
+                                                                                monkeypatch):
+    """The large model's exact simulation stores integer weights behind DequantizeLinear nodes that
+    give the ordinary simulation's weights bit for bit; in the pipeline (onnxruntime's kernels then
+    take non-constant weights and round differently) its figures stay within float rounding."""
+    from onnxsnpe.graph.runtime import make_session
+    from onnxsnpe.simulate.fake_quant import build_simulation_model
+    from onnxsnpe.stages import Settings, encode, prepare
+    from onnxsnpe.stats.collect import collect_statistics
+
+    ordinary = quantize(tiny_model, npy_folder, tmp_path / "normal", arithmetic="exact", progress=False)
+    prepared = prepare(tiny_model, npy_folder, None, None, None, None)
+    samples = [prepared.calib_set.load(i) for i in range(len(prepared.calib_set))]
+    stats = collect_statistics(prepared.deploy, prepared.targets.activations, iter(samples), methods=["minmax"],
+                               floors=prepared.targets.floors())
+    encodings = encode(prepared, stats, Settings())
+    normal, _ = build_simulation_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+    big, _ = build_simulation_model(prepared.deploy, prepared.targets, encodings.activations, encodings.params)
+    stored = [node.output[0] for node in big.graph.node if node.op_type == "DequantizeLinear"]
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in normal.graph.initializer}
+    assert stored and set(stored) <= set(encodings.weights) | set(encodings.constants)
+    for name, values in zip(stored, make_session(big, stored).run(stored, samples[0]), strict=True):
+        np.testing.assert_array_equal(values, weights[name])
+    through = quantize(tiny_model, npy_folder, tmp_path / "big", arithmetic="exact", progress=False)
+    assert abs(through.report["outputs"][0]["sqnr_db"] - ordinary.report["outputs"][0]["sqnr_db"]) < 1.0
+
+
+def test_a_dequantized_param_is_the_fake_quantized_one():
+    """DequantizeLinear over the stored codes gives encoding.fake_quantize's float32 values exactly."""
+    import onnxruntime as ort
+
+    from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize, per_channel_symmetric, symmetric_encoding
+    from onnxsnpe.simulate.qdq import MS_DOMAIN, dequantized_param
+    rng = np.random.default_rng(8)
+    values = (rng.standard_normal((6, 50)) * np.linspace(0.01, 30, 6)[:, None]).astype(np.float32)
+    for enc, domain in [(asymmetric_encoding(float(values.min()), float(values.max()), 8), ""),
+                        (per_channel_symmetric(np.abs(values).max(axis=1), 0, 8), ""),
+                        (symmetric_encoding(float(np.abs(values).max()), 16), MS_DOMAIN),
+                        (asymmetric_encoding(-0.3, 1.7, 16), MS_DOMAIN)]:
+        node, inits = dequantized_param("w", values, enc, domain)
+        graph = onnx.helper.make_graph([node], "g", [], [onnx.helper.make_tensor_value_info(
+            "w", onnx.TensorProto.FLOAT, None)], inits)
+        opsets = [onnx.helper.make_opsetid("", 17)] + ([onnx.helper.make_opsetid(domain, 1)] if domain else [])
+        session = ort.InferenceSession(onnx.helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+                                       providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
+        np.testing.assert_array_equal(session.run(None, {})[0], fake_quantize(values, enc))
+
+
+def _workspaces() -> set[str]:
+    import tempfile
+    from pathlib import Path
+    return {p.name for p in Path(tempfile.gettempdir()).glob("onnxsnpe-weights-*")}
+
+
+def test_outputs_under_the_limit_made_from_a_large_model_are_whole_and_the_workspace_goes(tmp_path, monkeypatch):
+    """The deploy model is over the (lowered) limit, its QDQ model under it (int8 weights) while an
+    int64 index table stays a workspace tensor: written in one file, it holds that table's values;
+    nothing of the call's workspace is left behind."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((64, 8, 3, 3)).astype(np.float32), "w1"),
+             onnx.numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1"),
+             onnx.numpy_helper.from_array(rng.integers(0, 64, 256).astype(np.int64), "idx")]
+    make = onnx.helper.make_node
+    nodes = [make("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]), make("Relu", ["c"], ["r"]),
+             make("Gather", ["r", "idx"], ["y"], axis=1)]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256, 8, 8])], inits)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for index in range(3):
+        np.save(calib / f"{index}.npy", rng.standard_normal((1, 8, 8, 8)).astype(np.float32))
+    normal = quantize(tmp_path / "m.onnx", calib, tmp_path / "normal", analysis_samples=1, progress=False)
+    before = _workspaces()
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 15000)  # the deploy model is 20736 bytes, the QDQ under
+    big = quantize(tmp_path / "m.onnx", calib, tmp_path / "big", analysis_samples=1, progress=False)
+    assert _workspaces() == before
+    assert (tmp_path / "big" / "snpe_deploy.onnx.data").is_file()
+    assert not (tmp_path / "big" / "snpe_qdq.onnx.data").exists()
+    written = onnx.load(str(tmp_path / "big" / "snpe_qdq.onnx"))
+    original = onnx.load(str(tmp_path / "normal" / "snpe_qdq.onnx"))
+    assert [onnx.numpy_helper.to_array(i).tobytes() for i in written.graph.initializer] == \
+        [onnx.numpy_helper.to_array(i).tobytes() for i in original.graph.initializer]
+    assert json.dumps(big.report["outputs"]) == json.dumps(normal.report["outputs"])
+
+
+def test_external_data_without_lengths_and_inside_subgraphs(tmp_path, monkeypatch):
+    """A data file whose entries give no length (it is optional), and an If whose branches hold
+    external tensors, load on the large path with their values."""
+    from onnxsnpe.graph.load import load_model
+    from onnxsnpe.graph.runtime import make_session
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((16, 16)).astype(np.float32)
+    branch_values = [rng.standard_normal((1, 16)).astype(np.float32) for _ in range(2)]
+    branches = [onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["m", f"c{k}"], [f"o{k}"])], f"b{k}", [],
+        [onnx.helper.make_tensor_value_info(f"o{k}", onnx.TensorProto.FLOAT, [1, 16])],
+        [onnx.numpy_helper.from_array(branch_values[k], f"c{k}")]) for k in range(2)]
+    make = onnx.helper.make_node
+    nodes = [make("MatMul", ["x", "w"], ["m"]), make("ReduceSum", ["x"], ["s"], keepdims=0),
+             make("Greater", ["s", "zero"], ["cond"]),
+             make("If", ["cond"], ["y"], then_branch=branches[0], else_branch=branches[1])]
+    inits = [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(np.float32(0), "zero")]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                    [1, 16])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+    expected = make_session(model).run(None, {"x": x})[0]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=32)  # the branches' 64-byte constants too
+    stored = onnx.load(str(path), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(stored):
+        kept = [entry for entry in tensor.external_data if entry.key != "length"]
+        del tensor.external_data[:]
+        tensor.external_data.extend(kept)
+    onnx.save(stored, str(path))
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+    loaded = load_model(path)
+    assert large.tensor_bytes(loaded) == weight.nbytes + sum(v.nbytes for v in branch_values) + 4
+    np.testing.assert_array_equal(large.initializer_array(loaded.graph.initializer[0]), weight)
+    np.testing.assert_array_equal(make_session(loaded).run(None, {"x": x})[0], expected)
+    large.save_model(loaded, tmp_path / "out.onnx")
+    np.testing.assert_array_equal(make_session(onnx.load(str(tmp_path / "out.onnx"))).run(None, {"x": x})[0],
+                                  expected)

@@ -16,6 +16,7 @@ their own data file.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 import shutil
@@ -41,21 +42,59 @@ SLAB_VALUES = 4 << 20
 """Values of a weight computed at a time where a whole-tensor temporary would cost a copy (slabs)."""
 
 T = TypeVar("T")
-_workspace: list[Path] = []
+_workspaces: list[Path] = []
 _names = itertools.count()
 
 
 def workspace() -> Path:
-    """The process's folder for large models' weight files, made on first use, removed at exit."""
-    if not _workspace:
+    """The folder of large models' weight files: the innermost ``scoped_workspace``'s, or else one
+    for the process, made on first use and removed at exit."""
+    if not _workspaces:
         path = Path(tempfile.mkdtemp(prefix="onnxsnpe-weights-"))
         atexit.register(shutil.rmtree, path, ignore_errors=True)
-        _workspace.append(path)
-    return _workspace[0]
+        _workspaces.append(path)
+    return _workspaces[-1]
+
+
+@contextmanager
+def scoped_workspace() -> Iterator[Path]:
+    """A workspace for the block (one quantize or compare call), removed when it ends: no model that
+    refers to it may outlive the block."""
+    path = Path(tempfile.mkdtemp(prefix="onnxsnpe-weights-"))
+    _workspaces.append(path)
+    try:
+        yield path
+    finally:
+        _workspaces.remove(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def with_scoped_workspace(function: Callable[..., T]) -> Callable[..., T]:
+    """``function`` run in a ``scoped_workspace`` of its own (a whole command: nothing it returns
+    refers to the workspace)."""
+    @functools.wraps(function)
+    def scoped(*args, **kwargs) -> T:
+        with scoped_workspace():
+            return function(*args, **kwargs)
+    return scoped
 
 
 def _new_file(suffix: str) -> Path:
     return workspace() / f"{os.getpid()}-{next(_names)}{suffix}"
+
+
+def _all_tensors(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """The graph's initializers (unless ``initializers`` is False) and tensor attributes, those of its
+    subgraphs (If, Loop) included."""
+    if initializers:
+        yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _all_tensors(subgraph)
 
 
 def _external(tensor: onnx.TensorProto) -> dict[str, str] | None:
@@ -66,14 +105,23 @@ def _external(tensor: onnx.TensorProto) -> dict[str, str] | None:
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
     info = _external(tensor)
-    if info is not None:
-        return int(info.get("length", 0))
-    return len(tensor.raw_data) or tensor.ByteSize()
+    if info is None:
+        return len(tensor.raw_data) or tensor.ByteSize()
+    if "length" in info:
+        return int(info["length"])
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize  # the length is optional
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of the model's initializers (what makes a model large), in memory or in files."""
-    return sum(_nbytes(init) for init in model.graph.initializer)
+    """The bytes of the model's tensors (what makes a model large), in memory or in files, those of
+    its subgraphs included."""
+    return sum(_nbytes(tensor) for tensor in _all_tensors(model.graph))
+
+
+def in_workspace(model: onnx.ModelProto) -> bool:
+    """Whether some of ``model``'s tensors are in workspace files (a large model, or one made from it)."""
+    return any(_external(tensor) is not None for tensor in _all_tensors(model.graph))
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -115,7 +163,7 @@ def adopt_external_data(model: onnx.ModelProto, folder: Path) -> None:
     would do, but onnx refuses to read tensors from a file with several links). The input files are
     only read."""
     copied: dict[str, str] = {}
-    for init in model.graph.initializer:
+    for init in _all_tensors(model.graph):
         info = _external(init)
         if info is None:
             continue
@@ -156,7 +204,7 @@ def resolving_external_data(model: onnx.ModelProto) -> Iterator[None]:
     """Run the block in the workspace when ``model`` refers to workspace files: onnxruntime resolves
     the external data of a model given as bytes (onnx-graphsurgeon's constant folding) against the
     working directory, and onnx reads a tensor's data against it too."""
-    if not any(_external(init) is not None for init in model.graph.initializer):
+    if not in_workspace(model):
         yield
         return
     previous = os.getcwd()
@@ -193,16 +241,33 @@ def session_options(options: ort.SessionOptions, model: onnx.ModelProto) -> list
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
-    """Save ``model`` at ``path``, its tensors in ``<name>.data`` beside it when it is large.
-
-    Returns the names of the files written. The model in memory is not changed.
+    """Save ``model`` at ``path``, its tensors in ``<name>.data`` beside it when it is large (a model
+    under the limit is written whole, its workspace tensors read in). Returns the names of the files
+    written. The model in memory is not changed.
     """
     path = Path(path)
-    if not is_large(model):
-        onnx.save(model, str(path))
-        return [path.name]
-    onnx.save(external_copy(model, path), str(path))
-    return [path.name, f"{path.name}.data"]
+    if is_large(model):
+        onnx.save(external_copy(model, path), str(path))
+        return [path.name, f"{path.name}.data"]
+    if in_workspace(model):
+        whole = onnx.ModelProto()
+        whole.CopyFrom(model)
+        for tensor in _all_tensors(whole.graph):
+            info = _external(tensor)
+            if info is not None:
+                tensor.raw_data = _read(info, tensor)
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+        model = whole
+    onnx.save(model, str(path))
+    return [path.name]
+
+
+def _read(info: dict[str, str], tensor: onnx.TensorProto) -> bytes:
+    """The bytes of a workspace tensor."""
+    with open(workspace() / info["location"], "rb") as data:
+        data.seek(int(info.get("offset", 0)))
+        return data.read(_nbytes(tensor))
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -246,12 +311,12 @@ def external_copy(model: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             _copy_field(light.graph, field.name, value)
-    in_workspace = path is not None and Path(path).parent.resolve() == workspace().resolve()
+    beside = path is not None and Path(path).parent.resolve() == workspace().resolve()
     with _DataFile(None if path is None else Path(path)) as data:
         for init in model.graph.initializer:
             tensor = light.graph.initializer.add()
             source = _external(init)
-            if source is not None and (path is None or in_workspace):
+            if source is not None and (path is None or beside):
                 tensor.CopyFrom(init)
                 continue
             if source is None and (init.ByteSize() <= EXTERNAL_TENSOR_BYTES or not init.HasField("raw_data")):
@@ -262,6 +327,10 @@ def external_copy(model: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
                     _copy_field(tensor, field.name, value)
             offset, length = data.add(init, source)
             _set_location(tensor, data.location, offset, length)
+        for tensor in _all_tensors(light.graph, initializers=False):  # those of attributes and subgraphs
+            source = _external(tensor)
+            if source is not None and path is not None and not beside:
+                _set_location(tensor, data.location, *data.add(tensor, source))
     return light
 
 
@@ -293,7 +362,7 @@ class _DataFile:
         else:
             with open(workspace() / source["location"], "rb") as origin:
                 origin.seek(int(source.get("offset", 0)))
-                left = int(source["length"])
+                left = _nbytes(tensor)
                 while left:
                     chunk = origin.read(min(left, COPY_CHUNK))
                     if not chunk:
@@ -316,10 +385,10 @@ def _copy_field(message, name: str, value) -> None:
 
 def with_model_source(model: onnx.ModelProto, use: Callable[[bytes | str], T],
                       edit: Callable[[onnx.ModelProto], None] | None = None) -> T:
-    """Call ``use`` with what onnxruntime and the checker take: the serialized model, or for a large
-    model the path of a file in the workspace referring to its weight files (``session_file``).
-    ``edit``, if given, changes a copy of the model first (``model`` keeps its values)."""
-    if not is_large(model):
+    """Call ``use`` with what onnxruntime and the checker take: the serialized model, or for a model
+    with tensors in the workspace the path of a file there (``session_file``). ``edit``, if given,
+    changes a copy of the model first (``model`` stays as it is)."""
+    if not is_large(model) and not in_workspace(model):
         if edit is None:
             return use(model.SerializeToString())
         copy = onnx.ModelProto()
@@ -332,15 +401,16 @@ def with_model_source(model: onnx.ModelProto, use: Callable[[bytes | str], T],
 
 @contextmanager
 def session_file(model: onnx.ModelProto, edit: Callable[[onnx.ModelProto], None] | None = None) -> Iterator[Path]:
-    """A large model saved in the workspace for onnxruntime, as long as the block lasts: its
-    in-memory weights are spilled first (``model`` keeps its values, no longer in memory), so the
-    file only refers to weight files and the session maps them."""
+    """``model`` saved in the workspace for onnxruntime as long as the block lasts: it refers to the
+    workspace files where they are, and its in-memory weights go to a data file of its own, removed
+    with it (a session maps or copies what it needs when it is made). ``model`` is not changed."""
     path = _new_file(".onnx")
-    light = external_copy(spill(model), path)
+    light = external_copy(model, path)
     if edit is not None:
         edit(light)
     onnx.save(light, str(path))
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        for leftover in (path, path.parent / f"{path.name}.data"):
+            leftover.unlink(missing_ok=True)

@@ -106,7 +106,8 @@ class Evaluation:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent building the simulation, evaluating and in the isolated analysis."""
     simulation: tuple[onnx.ModelProto, dict[str, str]] | None = None
-    """The simulated model evaluated and its map to tensor names, for whatever else runs it (--htp)."""
+    """The simulated model evaluated and its map to tensor names, for whatever else runs it (--htp);
+    None for a large model, whose simulation is not kept beside its session."""
 
 
 def evaluate(
@@ -213,6 +214,9 @@ class Evaluator:
         simulated, sim_map = simulation_model(deploy, self.targets, activations, params, arithmetic)
         sim_names = list(dict.fromkeys(sim_map[n] for n in [*self.outputs, *self.folded]))
         session = make_session(simulated, sim_names, self.threads)
+        large = is_large(simulated)
+        if large:  # the session has its weights: not a second copy in memory (nor kept for --htp)
+            del simulated
         timings = {"simulation_setup": time.perf_counter() - start}
         if "fp32" not in self.__dict__:  # the FP32 session's first use (see fp32)
             start = time.perf_counter()
@@ -224,13 +228,14 @@ class Evaluator:
         comparisons, count = run.comparisons, run.count
         del run, session  # sessions hold weights: a large model's are not kept beside the isolated analysis's
         if is_large(self.reference):
-            self.__dict__.pop("fp32", None)  # made again if another configuration needs it
+            for name in ("fp32", "fp32_names"):  # made again if another configuration needs them
+                self.__dict__.pop(name, None)
         timings["evaluation"] = time.perf_counter() - start
         start = time.perf_counter()
         if kept and figures:
             self._isolated(figures, activations, kept)
         timings["isolated_analysis"] = time.perf_counter() - start
-        return Evaluation(comparisons, figures, len(kept), count, timings, (simulated, sim_map))
+        return Evaluation(comparisons, figures, len(kept), count, timings, None if large else (simulated, sim_map))
 
     def _isolated(self, figures: list[TensorFigures], activations: dict[str, Encoding], kept: list[Kept]) -> None:
         """The isolated errors: one run of the switchable model per tensor per kept sample (with its

@@ -81,7 +81,7 @@ def analyze_weights(
         exported = initializer_array(written[name]).astype(np.float32, copy=False) if name in written else array
         # signal and noise of: as exported, per channel, 16 bits; a large weight slab by slab
         sums = np.zeros((3, 2))
-        for index in _slabs(array.shape, axis, enc):
+        for index in _slabs(array, axis, enc):
             ref = array[index]
             quantized = [fake_quantize(exported[index], enc), None if per_channel is None else
                          fake_quantize(ref, per_channel), fake_quantize(ref, sixteen)]
@@ -113,9 +113,12 @@ def _channel_absmax(array: np.ndarray, axis: int) -> np.ndarray:
     return absmax
 
 
-def _slabs(shape: tuple[int, ...], axis: int | None, enc: ParamEncoding):
-    """Slabs that keep both the analysed channel axis and the encoding's own channel axis whole."""
+def _slabs(array: np.ndarray, axis: int | None, enc: ParamEncoding):
+    """A large model's weight (a memory map) in slabs that keep both the analysed channel axis and the
+    encoding's own channel axis whole; any other weight whole (its sums in one order, as always)."""
     own = enc.axis if isinstance(enc, ChannelEncodings) else None
-    if axis is not None and own is not None and own % len(shape) != axis % len(shape):
-        return [tuple(slice(None) for _ in shape)]
-    return slabs(shape, axis if axis is not None else own)
+    whole = [tuple(slice(None) for _ in array.shape)]
+    if not isinstance(array, np.memmap) or (axis is not None and own is not None
+                                            and own % array.ndim != axis % array.ndim):
+        return whole
+    return slabs(array.shape, axis if axis is not None else own)

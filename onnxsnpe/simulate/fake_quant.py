@@ -15,8 +15,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..encode.encoding import Encoding, ParamEncoding, fake_quantize
-from ..graph.large import initializer_array
+from ..graph.large import initializer_array, is_large
 from ..graph.targets import QuantTargets
+from .qdq import MS_DOMAIN, dequantized_param
 
 SUFFIX = "__onnxsnpe_fq"
 
@@ -101,10 +102,16 @@ def build_simulation_model(
     graph = sim.graph
     chosen = list(targets.activations if quantize_activations is None else quantize_activations)
     switched = set(switched_params) if switchable else set()
+    opset = next((o.version for o in sim.opset_import if o.domain in ("", "ai.onnx")), 13)
     if switched:
         _switch_params(graph, params, list(switched_params), len(chosen))
+    # a large model's weights stay integer codes, made float one at a time in each inference
+    stored = [init.name for init in graph.initializer if init.name in params and init.name not in switched
+              and is_large(model) and opset >= 13 and params[init.name].bitwidth <= 16]
+    if stored:
+        _dequantize_params(sim, params, stored, opset)
     for init in graph.initializer:
-        if init.name in params and init.name not in switched:
+        if init.name in params and init.name not in switched and init.name not in stored:
             values = initializer_array(init)
             init.CopyFrom(numpy_helper.from_array(fake_quantize(values, params[init.name]), init.name))
 
@@ -113,7 +120,6 @@ def build_simulation_model(
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-    opset = next((o.version for o in sim.opset_import if o.domain in ("", "ai.onnx")), 13)
     chains, new_inits = [], []
     for index, name in enumerate(chosen):
         rounding = "half_up" if name in half_up else "half_away"
@@ -182,6 +188,36 @@ def _switch_params(graph: onnx.GraphProto, params: dict[str, ParamEncoding], nam
     existing = list(graph.node)
     del graph.node[:]
     graph.node.extend([*nodes, *existing])
+
+
+def _dequantize_params(model: onnx.ModelProto, params: dict[str, ParamEncoding], names: list[str],
+                       opset: int) -> None:
+    """Store the named params as integer codes, each read through a DequantizeLinear placed just before
+    its first reader (qdq.dequantized_param: the values encoding.fake_quantize gives, up to 16 bits)."""
+    graph = model.graph
+    domain = MS_DOMAIN if opset < 21 and any(params[name].bitwidth == 16 for name in names) else ""
+    by_name = {init.name: init for init in graph.initializer}
+    placing: dict[str, onnx.NodeProto] = {}
+    new_inits: list[onnx.TensorProto] = []
+    for name in names:
+        node, inits = dequantized_param(name, initializer_array(by_name[name]), params[name], domain)
+        placing[name] = node
+        new_inits.extend(inits)
+    kept = [init for init in graph.initializer if init.name not in placing]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    inputs = [value for value in graph.input if value.name not in placing]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    ordered: list[onnx.NodeProto] = []
+    for node in graph.node:
+        ordered.extend(placing.pop(name) for name in node.input if name in placing)
+        ordered.append(node)
+    existing = ordered
+    del graph.node[:]
+    graph.node.extend([*placing.values(), *existing])  # read only inside subgraphs: first
+    if domain and not any(op.domain == domain for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def _insert_after_producers(graph: onnx.GraphProto, chains: list[tuple[str, list[onnx.NodeProto]]]) -> None:

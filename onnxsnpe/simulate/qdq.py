@@ -180,18 +180,11 @@ def _quantize_params(
         if enc is None:
             kept.append(init)
             continue
-        dtype, _ = _storage(enc)
         values = initializer_array(init)
         p = f"{init.name}{SUFFIX}/"
-        kept.append(numpy_helper.from_array(_stored_codes(values, enc, dtype), p + "q"))
-        kept.extend(_qparams(p, enc))
-        per_axis = {"axis": enc.axis} if isinstance(enc, ChannelEncodings) else {}
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear", [p + "q", p + "scale", p + "zero_point"], [init.name],
-                name=p + "DQ", domain=domain, **per_axis,
-            )
-        )
+        dequantize, inits = dequantized_param(init.name, values, enc, domain)
+        nodes.append(dequantize)
+        kept.extend(inits)
         if init.name in structural:
             kept.append(numpy_helper.from_array(values, p + "float"))
             for node in graph.node:
@@ -199,6 +192,21 @@ def _quantize_params(
                     if index < len(node.input) and node.input[index] == init.name:
                         node.input[index] = p + "float"
     return nodes, kept
+
+
+def dequantized_param(name: str, values: np.ndarray, enc: ParamEncoding,
+                      domain: str = "") -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A DequantizeLinear writing ``name`` from the codes of ``values`` in their storage type, and
+    its initializers (codes, scale, zero point). For up to 16 bits it computes what
+    encoding.fake_quantize does (one float32 product of an integer code and the scale); ``domain``
+    is com.microsoft for 16-bit storage before opset 21."""
+    dtype, _ = _storage(enc)
+    p = f"{name}{SUFFIX}/"
+    inits = [numpy_helper.from_array(_stored_codes(values, enc, dtype), p + "q"), *_qparams(p, enc)]
+    per_axis = {"axis": enc.axis} if isinstance(enc, ChannelEncodings) else {}
+    node = helper.make_node("DequantizeLinear", [p + "q", p + "scale", p + "zero_point"], [name], name=p + "DQ",
+                            domain=domain, **per_axis)
+    return node, inits
 
 
 def _stored_codes(values: np.ndarray, enc: ParamEncoding, dtype: np.dtype) -> np.ndarray:
