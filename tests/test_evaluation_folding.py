@@ -89,7 +89,9 @@ def test_evaluation_equals_the_per_tensor_numpy_computation(efficientnet):
         got_c, want_c = fig.cumulative, want["cumulative"]
         assert got_c.count == want_c.count and got_c.max_abs_error == want_c.max_abs_error
         for attribute in ("signal", "noise", "dot", "simulated_power", "abs_error_sum"):
-            assert getattr(got_c, attribute) == pytest.approx(getattr(want_c, attribute), rel=1e-12, abs=1e-300)
+            # float64 sums of up to 1.2 M values a sample in another order (whole vectorized tensors
+            # against numpy's pairwise sums): a few units in 1e-12 apart
+            assert getattr(got_c, attribute) == pytest.approx(getattr(want_c, attribute), rel=1e-11, abs=1e-300)
         assert fig.isolated_signal == want["signal"] and fig.isolated_noise == want["noise"]
     assert clipping > 10  # the figures that count clipping are exercised
 

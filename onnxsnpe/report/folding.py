@@ -5,7 +5,8 @@ sample: sums of squares (signal, noise, their product, the simulated power), the
 absolute errors, the values the encoding clips and a histogram of the FP32 values. Done tensor by
 tensor in numpy that took about a dozen array passes and calls per tensor per sample (4,000 Python
 calls a sample on EfficientNet-Lite0, two thirds of a ``quantize`` run); here one compiled call per
-sample reads each value once, releasing the GIL so that workers fold side by side.
+sample does it all, releasing the GIL so that workers fold side by side: the error sums of a tensor
+whose values are all finite in one vectorized pass, the histogram in chunks that stay in cache.
 
 The figures are those of the numpy computation they replace (report/metrics.py's
 TensorComparison.update, ``np.histogram(np.clip(ref, lo, hi), 64, (lo, hi))`` with NumPy 2's
@@ -72,6 +73,8 @@ def fold(bins: TensorBins, references: List, simulated: List, into: Accumulator)
 
 
 CHUNK = 1024
+LANES = 4
+"""Histogram tallies counted side by side (fold_sample)."""
 """Values per chunk: their histogram slots are computed (vectorized), counted, and their errors summed
 while the chunk is in cache."""
 
@@ -88,22 +91,33 @@ def fold_sample(references, simulated, bounds, grids, histograms, counts, max_er
     """
     bins = histograms.shape[1]
     slots = np.empty(CHUNK, dtype=np.int32)
-    tally = np.zeros(bins + 1, dtype=np.int64)  # the last slot takes NaNs, which numpy leaves out
+    # the last slot takes NaNs, which numpy leaves out; LANES tallies counted in turn, so that runs of
+    # values in one bin (a ReLU's zeros) do not wait on one counter
+    tally = np.zeros((LANES, bins + 1), dtype=np.int64)
     errors = np.zeros(SUMS + 1)
     for k in range(len(references)):
         ref = references[k]
         sim = simulated[k]
-        tally[:] = 0
+        tally[:, :] = 0
         errors[:] = 0.0
         clipped = 0
         finite = 0
+        whole = _all_finite(ref) and _all_finite(sim)  # then the errors in one vectorized pass
+        if whole:
+            finite += _finite_errors(ref, sim, errors)
         for start in range(0, ref.shape[0], CHUNK):
             end = min(start + CHUNK, ref.shape[0])
             clipped += _slots(ref[start:end], bounds[k], grids[k], bins, slots)
-            for i in range(end - start):
-                tally[slots[i]] += 1
-            finite += _errors(ref[start:end], sim[start:end], errors)
-        histograms[k] += tally[:bins]
+            count = end - start
+            for i in range(0, count - count % LANES, LANES):
+                for lane in range(LANES):
+                    tally[lane, slots[i + lane]] += 1
+            for i in range(count - count % LANES, count):
+                tally[0, slots[i]] += 1
+            if not whole:
+                finite += _errors(ref[start:end], sim[start:end], errors)
+        for lane in range(LANES):
+            histograms[k] += tally[lane, :bins]
         sums[k] = errors[:SUMS]
         max_errors[k] = max(max_errors[k], errors[SUMS])
         counts[k, 0] += clipped
@@ -167,3 +181,41 @@ def _errors(ref, sim, errors):  # pragma: no cover - compiled
     errors[4] += absolute
     errors[SUMS] = largest
     return finite
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _all_finite(values):  # pragma: no cover - compiled
+    """Whether every one of ``values`` (float32) is finite, from its exponent bits: an integer
+    test, which vectorizes and which no floating-point fast-math assumption can remove."""
+    bits = values.view(np.uint32)
+    infinite = np.uint32(0x7F800000)
+    bad = False
+    for i in range(bits.shape[0]):
+        bad |= (bits[i] & infinite) == infinite
+    return not bad
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract", "nnan", "ninf", "nsz"})
+def _finite_errors(ref, sim, errors):  # pragma: no cover - compiled
+    """_errors over a whole tensor whose values are all finite (checked by the caller): without NaN
+    and infinity to keep, LLVM vectorizes the largest error too, and one call spares the chunks'
+    overhead (about four times faster than _errors chunk by chunk)."""
+    signal = noise = dot = power = absolute = 0.0
+    largest = errors[SUMS]
+    for i in range(ref.shape[0]):
+        rd = np.float64(ref[i])
+        sd = np.float64(sim[i])
+        err = sd - rd
+        signal += rd * rd
+        noise += err * err
+        dot += rd * sd
+        power += sd * sd
+        absolute += abs(err)
+        largest = max(largest, abs(err))
+    errors[0] += signal
+    errors[1] += noise
+    errors[2] += dot
+    errors[3] += power
+    errors[4] += absolute
+    errors[SUMS] = largest
+    return ref.shape[0]
