@@ -317,3 +317,24 @@ def test_external_data_without_lengths_and_inside_subgraphs(tmp_path, monkeypatc
     large.save_model(loaded, tmp_path / "out.onnx")
     np.testing.assert_array_equal(make_session(onnx.load(str(tmp_path / "out.onnx"))).run(None, {"x": x})[0],
                                   expected)
+
+
+def test_no_room_for_a_large_models_weights_is_a_one_line_error(tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+
+    from onnxsnpe.errors import OnnxSnpeError
+    from onnxsnpe.graph.load import load_model
+    path = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(64), str(path), save_as_external_data=True, location="m.data", size_threshold=1024)
+    monkeypatch.setattr(large, "EXTERNAL_DATA_BYTES", 100)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(OnnxSnpeError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and "TMPDIR" in message and "No space left" in message and str(path) in message

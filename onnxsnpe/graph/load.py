@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from ..errors import OnnxSnpeError
-from .large import adopt_external_data, initializer_array, is_large, spill
+from .large import adopt_external_data, initializer_array, is_large, spill, workspace
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT}
 
@@ -50,15 +50,20 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxSnpeError(f"not an ONNX model, or a model with no nodes: {path}")
     large = is_large(model)
     try:
-        if large:  # its weights stay in files (graph/large.py)
+        if large:
             onnx.checker.check_model(str(path))
-            adopt_external_data(model, path.parent)
-            spill(model)
         else:
             onnx.load_external_data_for_model(model, str(path.parent))
             onnx.checker.check_model(model)
     except Exception as exc:
         raise OnnxSnpeError(f"invalid ONNX model {path}: {_first_line(exc)}") from exc
+    if large:  # its weights stay in files (graph/large.py)
+        try:
+            adopt_external_data(model, path.parent)
+            spill(model)
+        except OSError as exc:
+            raise OnnxSnpeError(f"cannot copy the weights of {path} to the temporary folder {workspace()} "
+                                f"(set TMPDIR to a folder with room for them): {_first_line(exc)}") from exc
     return model
 
 
