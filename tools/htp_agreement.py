@@ -96,8 +96,8 @@ def write_crops(folder: Path, count: int, seed: int = 0) -> None:
 
 def symmetric_weight_encodings(model: onnx.ModelProto, targets: QuantTargets, bitwidth: int) -> dict[str, Encoding]:
     """Signed symmetric per-tensor encodings of the weights, from each weight's largest magnitude."""
-    values = initializer_values(model, targets.weights)
-    return {name: symmetric_encoding(float(np.abs(array).max()), bitwidth) for name, array in values.items()}
+    return {name: symmetric_encoding(float(np.abs(array).max()), bitwidth)
+            for name, array in initializer_values(model, targets.weights)}
 
 
 def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8):
