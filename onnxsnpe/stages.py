@@ -30,6 +30,7 @@ from .encode.ranges import (
     function_ranges,
     gathered_table_ranges,
     weight_encodings,
+    widened_for_biases,
 )
 from .errors import OnnxSnpeError
 from .graph.control_flow import check_supported
@@ -433,6 +434,8 @@ def encode(
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed, raised=sixteen_activations)
     weights = weight_set(prepared, settings, sixteen_weights)
+    if settings.bias_bitwidth == 32:  # a bias the HTP could not hold at s_in * s_w widens its weight's scale
+        weights = widened_for_biases(deploy, targets, activations, weights)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
     constants = constant_encodings(deploy, targets, weights, 8, activations)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}

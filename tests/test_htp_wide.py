@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize, quantize
-from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
+from onnxsnpe.encode.ranges import bias_encodings, weight_encodings, widened_for_biases
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
 from onnxsnpe.simulate.fake_quant import build_simulation_model
@@ -217,6 +217,49 @@ def test_a_bias_beyond_int32_saturates_as_on_the_htp() -> None:
     htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]})
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(modeled, htp.run({"x": x})[0])
+
+
+def _overflowing_bias_conv():
+    """A Conv whose channel 1 has small weights and a bias of 3: at 16-bit input and per-channel
+    16-bit weights that bias needs about 40 times int32 at ``s_in * s_w``."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 8, 3, 3)) * np.array([0.1, 0.01, 3.0, 0.5])[:, None, None, None]
+    model = _model("Conv", weight, np.array([0.5, 3.0, -1.0, 0.2]), [1, 8, 12, 12])
+    acts = {"x": asymmetric_encoding(-1.0, 2.0, 16), "y": asymmetric_encoding(-20.0, 26.0, 16)}
+    targets = find_targets(model)
+    return model, targets, acts, weight_encodings(model, targets, 16, per_channel=True)
+
+
+def test_a_bias_beyond_int32_widens_its_weight_channel_not_the_bias() -> None:
+    model, targets, acts, weights = _overflowing_bias_conv()
+    widened = widened_for_biases(model, targets, acts, weights)
+    before, after = np.asarray(weights["w"].scales()), np.asarray(widened["w"].scales())
+    assert after[1] > 30 * before[1]  # only the overflowing channel
+    np.testing.assert_array_equal(np.delete(after, 1), np.delete(before, 1))
+    biases = bias_encodings(model, targets, acts, widened, 32)
+    np.testing.assert_array_equal(biases["b"].scales(), acts["x"].scale * after)  # no bias widened
+    bias = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+    assert np.abs(np.round(bias / np.asarray(biases["b"].scales()))).max() <= 2**31 - 1  # fits int32
+    assert widened_for_biases(model, targets, acts, widened) == widened  # nothing left to widen
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_the_htp_follows_a_widened_weight_channel_but_not_a_widened_bias() -> None:
+    """tools/HTP.md finding 11: the same overflowing bias, A16W16 per channel on v73. With the bias
+    scale widened the overflowing channel is thousands of steps off the simulation; with the weight
+    channel widened (the pipeline's encodings) every channel is within 2 steps."""
+    model, targets, acts, weights = _overflowing_bias_conv()
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1.0, 2.0, size=(1, 8, 12, 12)).astype(np.float32)
+    worst = {}
+    for label, chosen in (("bias widened", weights), ("weight widened", widened_for_biases(model, targets, acts,
+                                                                                           weights))):
+        params = {**chosen, **bias_encodings(model, targets, acts, chosen, 32)}
+        htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, "73").run({"x": x})[0]
+        simulated = simulation_runner(*build_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+        worst[label] = (np.abs(htp - simulated) / acts["y"].scale).reshape(4, -1).max(axis=1)
+    assert worst["bias widened"][1] > 1000
+    assert worst["weight widened"].max() <= 2.01
 
 
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")

@@ -2,6 +2,7 @@
 
     python tools/htp_agreement.py [--models effnet,det,rec,cls,minilm] [--extra-crops 56] [--per-op]
                                   [--weights asymmetric|symmetric|per-channel] [--act-bitwidth 8|16]
+                                  [--auto-precision DB]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
 calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
@@ -24,6 +25,9 @@ onnxruntime kept on the CPU besides the graph input/output (de)quantization.
 
 ``minilm`` (the MiniLM-L6 sentence encoder) runs through the pipeline's own ``--htp`` instead
 (measure_minilm), on ``8 + --extra-crops / 2`` held-out sentences (at most 32); ``--per-op`` skips it.
+So does every model with ``--auto-precision DB``: ``quantize --auto-precision --target-sqnr DB`` (8-bit
+activations and the ``--weights`` kind, the tensors it raises at 16 bits; each row names how many),
+then its ``--htp`` on the same evaluation images; the rows compare its two arithmetics (no ort-cpu).
 
 With ``--per-op``, also each op in isolation: every quantized op (with a Relu/Clip squashed into it)
 is cut out of the model, fed the same on-grid inputs (taken from the htp-model simulation of the
@@ -35,6 +39,7 @@ the way differences grow through a network.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -121,26 +126,52 @@ def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8)
     return deploy, targets, acts, params, inputs, options, calib
 
 
-def measure_minilm(weights_kind: str, act_bitwidth: int, samples: int) -> list[dict]:
+def measure_minilm(weights_kind: str, act_bitwidth: int, samples: int, target_sqnr: float | None = None) -> list[dict]:
     """MiniLM-L6 through the pipeline's own ``--htp`` (its masks, Gather tables and integer inputs
     as ``quantize`` handles them): calibrated on the first 64 sentences of tools/sentences.txt,
     compared on the last ``samples``; no ort-cpu row (the pipeline compares its two arithmetics)."""
     from text_samples import split_sentences, write_samples
 
-    from onnxsnpe.api import quantize
-
     with tempfile.TemporaryDirectory() as tmp:
         calib_sentences, held_out = split_sentences(64, samples)
         write_samples(Path(tmp, "calib"), calib_sentences)
         write_samples(Path(tmp, "eval"), held_out)
-        report = quantize(SHARED / "models" / "minilm_l6.onnx", Path(tmp, "calib"), Path(tmp, "out"),
-                          eval_data=Path(tmp, "eval"), act_bitwidth=act_bitwidth,
-                          per_channel=weights_kind == "per-channel", analysis_samples=0, htp_samples=samples,
-                          progress=False).report
+        return pipeline_rows("minilm", SHARED / "models" / "minilm_l6.onnx", Path(tmp, "calib"), Path(tmp, "eval"),
+                             Path(tmp, "out"), samples, weights_kind, act_bitwidth, target_sqnr)
+
+
+def measure_auto_precision(key: str, crops: Path | None, weights_kind: str, target_sqnr: float) -> list[dict]:
+    """An image model through the pipeline with ``--auto-precision --target-sqnr`` and its own
+    ``--htp`` on the evaluation images (calib_data/eval and the crops), as ``measure`` takes them."""
+    file, size, norm = MODELS[key]
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluation = Path(tmp, "eval")
+        evaluation.mkdir()
+        for folder, prefix in [(ROOT / "calib_data" / "eval", "eval"), *([(crops, "crop")] if crops else [])]:
+            for image in sorted(folder.iterdir()):
+                if image.suffix.lower() in (".png", ".jpg"):
+                    shutil.copy(image, evaluation / f"{prefix}_{image.name}")
+        count = sum(1 for _ in evaluation.iterdir())
+        return pipeline_rows(key, SHARED / "models" / file, ROOT / "calib_data" / "calib", evaluation, Path(tmp, "out"),
+                             count, weights_kind, 8, target_sqnr, ImageOptions(resize=size, **norm))
+
+
+def pipeline_rows(key: str, model: Path, calib: Path, evaluation: Path, out: Path, samples: int, weights_kind: str,
+                  act_bitwidth: int, target_sqnr: float | None, options: ImageOptions | None = None) -> list[dict]:
+    """quantize with ``--htp samples`` (and auto precision at ``target_sqnr`` when given): the
+    agreement rows of both arithmetics against the HTP, each saying how many tensors were raised."""
+    from onnxsnpe.api import quantize
+
+    report = quantize(model, calib, out, eval_data=evaluation, act_bitwidth=act_bitwidth,
+                      per_channel=weights_kind == "per-channel", analysis_samples=0, htp_samples=samples,
+                      image_options=options, auto_precision=target_sqnr is not None, target_sqnr=target_sqnr,
+                      progress=False).report
+    precision = report["optimizations"].get("auto_precision")
+    label = key if precision is None else f"{key} (auto precision, {len(precision['raised'])} raised)"
     runs = {"htp": "htp-model", "exact": "simulate"}
-    return [{"model": "minilm", "run": runs[label], "samples": report["htp"]["samples"], **row,
+    return [{"model": label, "run": runs[arithmetic], "samples": report["htp"]["samples"], **row,
              "cpu_nodes": [tuple(n) for n in report["htp"]["cpu_fallback_ops"] or []]}
-            for label, rows in report["htp"]["agreement"].items() for row in rows]
+            for arithmetic, rows in report["htp"]["agreement"].items() for row in rows]
 
 
 def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric", act_bitwidth: int = 8) -> list[dict]:
@@ -255,6 +286,9 @@ def main() -> int:
                         help="weight encodings: per-tensor asymmetric min-max (onnxsnpe's default), per-tensor "
                              "symmetric, or symmetric per output channel")
     parser.add_argument("--act-bitwidth", type=int, choices=(8, 16), default=8, help="activation bitwidth")
+    parser.add_argument("--auto-precision", type=float, metavar="DB",
+                        help="the pipeline's --auto-precision --target-sqnr DB (8-bit activations, raised where it "
+                             "pays), compared through its own --htp")
     args = parser.parse_args()
     reason = qnn_unavailable_reason()
     if reason:
@@ -268,12 +302,15 @@ def main() -> int:
             write_crops(crops, args.extra_crops)
         for key in args.models.split(","):
             start = time.perf_counter()
-            if key == "minilm" and args.weights == "symmetric":
-                refused.append("- minilm: not measured: per-tensor symmetric weights are not a pipeline option")
+            if (key == "minilm" or args.auto_precision is not None) and args.weights == "symmetric":
+                refused.append(f"- {key}: not measured: per-tensor symmetric weights are not a pipeline option")
                 continue
             try:
                 if key == "minilm":
-                    rows.extend(measure_minilm(args.weights, args.act_bitwidth, min(32, 8 + args.extra_crops // 2)))
+                    rows.extend(measure_minilm(args.weights, args.act_bitwidth, min(32, 8 + args.extra_crops // 2),
+                                               args.auto_precision))
+                elif args.auto_precision is not None:
+                    rows.extend(measure_auto_precision(key, crops, args.weights, args.auto_precision))
                 else:
                     rows.extend(measure(key, crops, args.weights, args.act_bitwidth))
                     measured.append(key)

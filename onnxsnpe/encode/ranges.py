@@ -13,6 +13,7 @@ AIMET's HTP configs), unless ``fixed_ranges`` is off.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -176,6 +177,44 @@ def _weight_range(array: np.ndarray, method: str, bitwidth: int, percentile: flo
     return chosen_range(stats, method, bitwidth, percentile)
 
 
+BIAS_FIT_MARGIN = 1.0 + 2.0**-20
+"""A widened weight scale's margin over the exact fit, so that float rounding of ``s_in * s_w`` never
+leaves the bias needing more than int32."""
+
+
+def widened_for_biases(
+    model: onnx.ModelProto,
+    targets: QuantTargets,
+    activations: dict[str, Encoding],
+    weights: dict[str, ParamEncoding],
+) -> dict[str, ParamEncoding]:
+    """``weights`` with the scale of each weight (or weight channel) whose bias would need more than
+    int32 at the step ``s_in * s_w`` widened until it fits (AIMET's way; zero stays a code).
+
+    The HTP reads a 32-bit bias at that step only and saturates it there (tools/HTP.md findings 8
+    and 11, measured on the emulator): widening the bias scale instead, as onnxruntime's quantizer
+    does, gives a model the device does not compute (EfficientNet-Lite0's stem at 16-bit weights:
+    thousands of steps off). With 8-bit weights this happens to near-zero channels only; with
+    16-bit weights (scales 256 times finer) to ordinary convolutions.
+    """
+    widened = dict(weights)
+    values = dict(initializer_values(model, [ref.bias for ref in targets.biases]))
+    for ref in targets.biases:
+        weight = widened.get(ref.weight)
+        if ref.input not in activations or weight is None:
+            continue
+        need = np.abs(values[ref.bias].reshape(-1)).astype(np.float64) / (activations[ref.input].scale * INT32_MAX)
+        need *= BIAS_FIT_MARGIN
+        if isinstance(weight, Encoding):
+            if weight.scale < need.max(initial=0.0):
+                widened[ref.weight] = replace(weight, scale=float(need.max()))
+        elif need.size == len(weight.channels) and np.any(need > weight.scales()):
+            widened[ref.weight] = ChannelEncodings(weight.axis, tuple(
+                replace(channel, scale=float(n)) if channel.scale < n else channel
+                for channel, n in zip(weight.channels, need, strict=True)))
+    return widened
+
+
 def bias_encodings(
     model: onnx.ModelProto,
     targets: QuantTargets,
@@ -186,8 +225,9 @@ def bias_encodings(
     """Bias encodings as ``snpe-dlc-quantize --bias_bitwidth`` makes them.
 
     32 bits: scale = input scale x weight scale (per channel where the weight is per channel),
-    signed, widened where the largest bias would not fit in int32 (*inferred*: SNPE's quantizer is
-    closed source; onnxruntime widens too). 8 bits: the bias's own min-max.
+    signed; where the largest bias would not fit in int32 the bias scale is widened, which the HTP
+    does not follow: the pipeline widens the weight scale first (widened_for_biases), so that this
+    only happens to encodings made elsewhere. 8 bits: the bias's own min-max.
     """
     encodings: dict[str, ParamEncoding] = {}
     values = dict(initializer_values(model, [ref.bias for ref in targets.biases]))
