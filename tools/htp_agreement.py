@@ -57,6 +57,7 @@ from onnxsnpe.encode.ranges import (
     bias_encodings,
     fixed_range_tensors,
     weight_encodings,
+    widened_for_biases,
 )
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.deploy import prepare_deploy_model
@@ -121,6 +122,7 @@ def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8)
         weights = symmetric_weight_encodings(deploy, targets, 8)
     else:
         weights = weight_encodings(deploy, targets, 8, per_channel=weights_kind == "per-channel")
+    weights = widened_for_biases(deploy, targets, acts, weights)  # as the pipeline encodes (stages.encode)
     params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
     params.update(constant_encodings(deploy, targets, params, 8, acts))
     return deploy, targets, acts, params, inputs, options, calib
