@@ -124,6 +124,12 @@ def in_workspace(model: onnx.ModelProto) -> bool:
     return any(_external(tensor) is not None for tensor in _all_tensors(model.graph))
 
 
+def needs_file(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime must take ``model`` as a file in the workspace (``session_file``): it is
+    large, or some of its tensors are in workspace files."""
+    return is_large(model) or in_workspace(model)
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` must be saved with external data."""
     return tensor_bytes(model) > EXTERNAL_DATA_BYTES
@@ -388,7 +394,7 @@ def with_model_source(model: onnx.ModelProto, use: Callable[[bytes | str], T],
     """Call ``use`` with what onnxruntime and the checker take: the serialized model, or for a model
     with tensors in the workspace the path of a file there (``session_file``). ``edit``, if given,
     changes a copy of the model first (``model`` stays as it is)."""
-    if not is_large(model) and not in_workspace(model):
+    if not needs_file(model):
         if edit is None:
             return use(model.SerializeToString())
         copy = onnx.ModelProto()

@@ -158,8 +158,9 @@ class Evaluator:
         self.folded = self.names if tensors else []  # the tensors whose cumulative figures are measured
         self.outputs = [o.name for o in reference.graph.output]
         cores = available_cores()
+        self.large = is_large(reference)
         # a large model's samples one at a time: each inference of its simulation computes float weights
-        self.workers = 1 if is_large(reference) else max(1, workers or min(cores, MAX_WORKERS))
+        self.workers = 1 if self.large else max(1, workers or min(cores, MAX_WORKERS))
         self.threads = max(1, cores // self.workers)
         inputs = {value.name for value in reference.graph.input}
         self.fed = [name for name in self.folded if name in inputs]  # the sample's values, not a run's
@@ -227,7 +228,7 @@ class Evaluator:
         kept = run.evaluate(samples, isolated_samples)
         comparisons, count = run.comparisons, run.count
         del run, session  # sessions hold weights: a large model's are not kept beside the isolated analysis's
-        if is_large(self.reference):
+        if self.large:
             for name in ("fp32", "fp32_names"):  # made again if another configuration needs them
                 self.__dict__.pop(name, None)
         timings["evaluation"] = time.perf_counter() - start

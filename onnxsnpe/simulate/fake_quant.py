@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from ..encode.encoding import Encoding, ParamEncoding, fake_quantize
 from ..graph.large import initializer_array, is_large
 from ..graph.targets import QuantTargets
-from .qdq import MS_DOMAIN, dequantized_param
+from .qdq import dequantized_param, quantization_domain
 
 SUFFIX = "__onnxsnpe_fq"
 
@@ -107,9 +107,9 @@ def build_simulation_model(
         _switch_params(graph, params, list(switched_params), len(chosen))
     # a large model's weights stay integer codes, made float one at a time in each inference
     stored = [init.name for init in graph.initializer if init.name in params and init.name not in switched
-              and is_large(model) and opset >= 13 and params[init.name].bitwidth <= 16]
+              and params[init.name].bitwidth <= 16] if opset >= 13 and is_large(model) else []
     if stored:
-        _dequantize_params(sim, params, stored, opset)
+        _dequantize_params(sim, params, stored)
     for init in graph.initializer:
         if init.name in params and init.name not in switched and init.name not in stored:
             values = initializer_array(init)
@@ -190,12 +190,11 @@ def _switch_params(graph: onnx.GraphProto, params: dict[str, ParamEncoding], nam
     graph.node.extend([*nodes, *existing])
 
 
-def _dequantize_params(model: onnx.ModelProto, params: dict[str, ParamEncoding], names: list[str],
-                       opset: int) -> None:
+def _dequantize_params(model: onnx.ModelProto, params: dict[str, ParamEncoding], names: list[str]) -> None:
     """Store the named params as integer codes, each read through a DequantizeLinear placed just before
     its first reader (qdq.dequantized_param: the values encoding.fake_quantize gives, up to 16 bits)."""
     graph = model.graph
-    domain = MS_DOMAIN if opset < 21 and any(params[name].bitwidth == 16 for name in names) else ""
+    domain = quantization_domain(model, any(params[name].bitwidth == 16 for name in names))
     by_name = {init.name: init for init in graph.initializer}
     placing: dict[str, onnx.NodeProto] = {}
     new_inits: list[onnx.TensorProto] = []
@@ -216,8 +215,6 @@ def _dequantize_params(model: onnx.ModelProto, params: dict[str, ParamEncoding],
     existing = ordered
     del graph.node[:]
     graph.node.extend([*placing.values(), *existing])  # read only inside subgraphs: first
-    if domain and not any(op.domain == domain for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def _insert_after_producers(graph: onnx.GraphProto, chains: list[tuple[str, list[onnx.NodeProto]]]) -> None:

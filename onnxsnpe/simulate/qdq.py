@@ -53,8 +53,7 @@ def build_qdq_model(
     model.CopyFrom(deploy)
     if _default_opset(model) < 10:
         model = version_converter.convert_version(model, 13)
-    wide = any(enc.bitwidth == 16 for enc in [*activations.values(), *params.values()])
-    domain = MS_DOMAIN if wide and _default_opset(model) < 21 else ""
+    domain = quantization_domain(model, any(enc.bitwidth == 16 for enc in [*activations.values(), *params.values()]))
     graph = model.graph
     inputs = {v.name for v in graph.input}
 
@@ -97,10 +96,17 @@ def build_qdq_model(
                 ordered.extend(pairs[producer_of[out]])
     del graph.node[:]
     graph.node.extend(ordered)
-    if domain and not any(op.domain == domain for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(domain, 1))
     model.producer_name = "onnxsnpe"
     return model
+
+
+def quantization_domain(model: onnx.ModelProto, wide: bool) -> str:
+    """The domain of ``model``'s Q/DQ nodes, declared in the model: com.microsoft when some are 16-bit
+    (``wide``) before opset 21, else the standard one."""
+    domain = MS_DOMAIN if wide and _default_opset(model) < 21 else ""
+    if domain and not any(op.domain == domain for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    return domain
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

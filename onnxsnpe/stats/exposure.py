@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import OnnxSnpeError
-from ..graph.large import in_workspace, is_large, session_file, session_options
+from ..graph.large import needs_file, session_file, session_options
 from ..graph.ops import node_attributes
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class ExposedSession:
         self._bindings: dict[int, tuple[list[np.ndarray], ort.IOBinding]] = {}
         # ignore_cleanup_errors: a session may still map the weights file (Windows cannot delete it)
         with tempfile.TemporaryDirectory(prefix="onnxsnpe-", ignore_cleanup_errors=True) as tmp:
-            if is_large(model) or in_workspace(model):  # the weights mapped from files, no second session
+            if needs_file(model):  # the weights mapped from files, no second session
                 with session_file(model, lambda light: _exposing(light, self.tensors, copy=False)) as path:
                     self.session = _session(str(path), threads, None, large=model)
                 return
