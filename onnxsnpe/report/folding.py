@@ -91,6 +91,7 @@ def fold_sample(references, simulated, bounds, grids, histograms, counts, max_er
     """
     bins = histograms.shape[1]
     slots = np.empty(CHUNK, dtype=np.int32)
+    scratch = np.empty(CHUNK, dtype=np.float64)  # a chunk's |errors|, for _finite_errors
     # the last slot takes NaNs, which numpy leaves out; LANES tallies counted in turn, so that runs of
     # values in one bin (a ReLU's zeros) do not wait on one counter
     tally = np.zeros((LANES, bins + 1), dtype=np.int64)
@@ -102,9 +103,9 @@ def fold_sample(references, simulated, bounds, grids, histograms, counts, max_er
         errors[:] = 0.0
         clipped = 0
         finite = 0
-        whole = _all_finite(ref) and _all_finite(sim)  # then the errors in one vectorized pass
+        whole = _finite_errors(ref, sim, errors, scratch)  # all finite: the errors in one vectorized pass
         if whole:
-            finite += _finite_errors(ref, sim, errors)
+            finite += ref.shape[0]
         for start in range(0, ref.shape[0], CHUNK):
             end = min(start + CHUNK, ref.shape[0])
             clipped += _slots(ref[start:end], bounds[k], grids[k], bins, slots)
@@ -178,38 +179,43 @@ def _errors(ref, sim, errors):  # pragma: no cover - compiled
     return finite
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _all_finite(values):  # pragma: no cover - compiled
-    """Whether every one of ``values`` (float32) is finite, from its exponent bits: an integer
-    test, which vectorizes and which no floating-point fast-math assumption can remove."""
-    bits = values.view(np.uint32)
+@numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract", "nnan", "ninf", "nsz"})
+def _finite_errors(ref, sim, errors, scratch):  # pragma: no cover - compiled
+    """_errors over a whole tensor in one vectorized pass that assumes every value finite, and whether
+    they all were: only then are its sums added to ``errors`` (else the caller sums chunk by chunk,
+    keeping the finite values). Finiteness is read from the exponent bits, an integer test that no
+    fast-math assumption can remove. The largest error is an integer maximum over the bits of each
+    chunk's |errors| (written to ``scratch``): non-negative floats order as their bits do, and unlike
+    a float maximum it vectorizes (five times faster). The sums are _errors' without the mask: the
+    two fast-math contracts need two compiled loops."""
+    signal = noise = dot = power = absolute = 0.0
     infinite = np.uint32(0x7F800000)
     bad = False
-    for i in range(bits.shape[0]):
-        bad |= (bits[i] & infinite) == infinite
-    return not bad
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract", "nnan", "ninf", "nsz"})
-def _finite_errors(ref, sim, errors):  # pragma: no cover - compiled
-    """_errors over a whole tensor whose values are all finite (checked by the caller): without NaN
-    and infinity to keep, LLVM vectorizes the sums (not the largest error), and one call spares the
-    chunks' overhead. Its loop is _errors' without the mask: the two fast-math contracts need two
-    compiled loops."""
-    signal = noise = dot = power = absolute = 0.0
-    largest = errors[SUMS]
-    for i in range(ref.shape[0]):
-        rd = np.float64(ref[i])
-        sd = np.float64(sim[i])
-        err = sd - rd
-        signal += rd * rd
-        noise += err * err
-        dot += rd * sd
-        power += sd * sd
-        absolute += abs(err)
-        largest = max(largest, abs(err))
-    _add_sums(errors, signal, noise, dot, power, absolute, largest)
-    return ref.shape[0]
+    top = np.int64(0)
+    bits = scratch.view(np.int64)
+    for start in range(0, ref.shape[0], CHUNK):
+        end = min(start + CHUNK, ref.shape[0])
+        r, s = ref[start:end], sim[start:end]
+        r_bits, s_bits = r.view(np.uint32), s.view(np.uint32)
+        for i in range(end - start):
+            bad |= ((r_bits[i] & infinite) == infinite) | ((s_bits[i] & infinite) == infinite)
+            rd = np.float64(r[i])
+            sd = np.float64(s[i])
+            err = sd - rd
+            signal += rd * rd
+            noise += err * err
+            dot += rd * sd
+            power += sd * sd
+            absolute += abs(err)
+            scratch[i] = abs(err)
+        for i in range(end - start):
+            top = max(top, bits[i])
+    if bad:
+        return False
+    largest = np.empty(1, dtype=np.int64)
+    largest[0] = top
+    _add_sums(errors, signal, noise, dot, power, absolute, max(errors[SUMS], largest.view(np.float64)[0]))
+    return True
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
