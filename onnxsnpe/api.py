@@ -6,7 +6,6 @@ re-exported from there.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from dataclasses import dataclass, replace
@@ -18,7 +17,7 @@ from . import export
 from .data.datasets import ImageOptions
 from .encode.methods import DEFAULT_PERCENTILE
 from .errors import OnnxSnpeError
-from .graph.large import with_scoped_workspace
+from .graph.large import free_dropped_copies, tensor_bytes, with_scoped_workspace
 from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
 from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
@@ -155,7 +154,7 @@ def quantize(
                                         timer=timer, ray=ray)
         if not htp_samples:  # the simulated model is not run again: free its weights
             evaluation = replace(evaluation, simulation=None)
-            gc.collect()
+            free_dropped_copies(tensor_bytes(prepared.deploy))
         with timer.stage("weight_analysis"):
             weights = analyze_weights(prepared.reference, encodings.weights, prepared.targets.weight_axes,
                                       prepared.deploy)

@@ -10,7 +10,6 @@ passes. Nothing else changes the model's meaning.
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import numpy as np
@@ -19,7 +18,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .inline_if import inline_constant_ifs
-from .large import infer_shapes, resolving_external_data, spill
+from .large import free_dropped_copies, infer_shapes, resolving_external_data, spill, tensor_bytes
 from .shape_slices import split_shape_slices
 from .unroll import unroll_loops
 
@@ -36,26 +35,28 @@ def prepare_deploy_model(
 
     Returns the model and the number of BatchNormalization nodes folded.
     """
+    weight_bytes = tensor_bytes(model)
     with resolving_external_data(model):  # a large model's weights are workspace files
-        graph = _folded(gs.import_onnx(_with_input_shapes(model, input_shapes)))
+        graph = _folded(gs.import_onnx(_with_input_shapes(model, input_shapes)), weight_bytes)
         written_out, loops = unroll_loops(gs.export_onnx(graph))
         if loops:  # a Loop whose trip count folded to a constant: its copies fold further
-            graph = _folded(gs.import_onnx(_infer_shapes(written_out)))
+            graph = _folded(gs.import_onnx(_infer_shapes(written_out)), weight_bytes)
         del written_out
-        gc.collect()  # graphs' nodes and tensors refer to each other: free the weights of the ones left behind
+        free_dropped_copies(weight_bytes)  # the graphs left behind, with their weights
         drop_nan_guards(graph)
         folded = fold_batchnorms(graph)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         prepared = _infer_shapes(gs.export_onnx(graph))
     prepared.producer_name = "onnxsnpe"
     del graph
-    gc.collect()
+    free_dropped_copies(weight_bytes)
     spill(prepared)  # weights made by folding go to the workspace too
     return prepared, folded
 
 
-def _folded(graph: gs.Graph) -> gs.Graph:
-    """``graph`` with its constant subgraphs folded (If nodes with a constant condition flattened)."""
+def _folded(graph: gs.Graph, weight_bytes: int) -> gs.Graph:
+    """``graph`` (of ``weight_bytes`` of weights) with its constant subgraphs folded (If nodes with a
+    constant condition flattened)."""
     split_shape_slices(graph)  # onnx-graphsurgeon folds them ignoring start and end
     previous = None
     for _ in range(8):  # folding shapes and inlining branches expose more constants; until nothing changes
@@ -68,7 +69,7 @@ def _folded(graph: gs.Graph) -> gs.Graph:
         previous = count
         graph = gs.import_onnx(_infer_shapes(exported))
         del exported
-        gc.collect()  # the graph before, with its weights
+        free_dropped_copies(weight_bytes)  # the graph before, with its weights
         if inlined:
             split_shape_slices(graph)
     return graph

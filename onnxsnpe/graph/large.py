@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import itertools
 import os
 import shutil
@@ -40,6 +41,8 @@ COPY_CHUNK = 64 << 20
 """Bytes copied at a time when a tensor streams from one data file to another."""
 SLAB_VALUES = 4 << 20
 """Values of a weight computed at a time where a whole-tensor temporary would cost a copy (slabs)."""
+COLLECT_BYTES = 256 << 20
+"""Weights above which a dropped copy of a model is freed at once by a full garbage collection."""
 
 T = TypeVar("T")
 _workspaces: list[Path] = []
@@ -133,6 +136,15 @@ def needs_file(model: onnx.ModelProto) -> bool:
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether ``model`` must be saved with external data."""
     return tensor_bytes(model) > EXTERNAL_DATA_BYTES
+
+
+def free_dropped_copies(weight_bytes: int) -> None:
+    """Free the model copies just dropped (graphs refer to themselves, so only a collection frees
+    them) when their weights, ``weight_bytes`` each, are heavy enough to matter. A full collection
+    costs about 60 ms in a process that imported onnxruntime and numba; a small model's copies are
+    left to Python's own collections."""
+    if weight_bytes > COLLECT_BYTES:
+        gc.collect()
 
 
 def initializer_array(tensor: onnx.TensorProto) -> np.ndarray:
