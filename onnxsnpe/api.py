@@ -26,6 +26,7 @@ from .precision import encode_with_precision
 from .recipe import optimize_weights
 from .report.agreement import measure_agreement
 from .report.document import build_report
+from .report.evaluation import DEFAULT_ANALYSIS_SAMPLES
 from .report.html import write_html_report
 from .report.metrics import OutputComparison, json_db
 from .report.weight_analysis import analyze_weights
@@ -91,7 +92,7 @@ def quantize(
     input_shapes: dict[str | None, tuple[int, ...]] | None = None,
     fixed_inputs: dict[str, list[float]] | None = None,
     image_options: ImageOptions | None = None,
-    analysis_samples: int = 4,
+    analysis_samples: int = DEFAULT_ANALYSIS_SAMPLES,
     eval_samples: int | str | None = None,
     htp_samples: int = 0,
     htp_arch: str | None = None,

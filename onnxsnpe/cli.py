@@ -18,6 +18,7 @@ from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .report.document import summary_text
+from .report.evaluation import DEFAULT_ANALYSIS_SAMPLES
 from .simulate.arithmetic import ARITHMETICS
 from .simulate.emulator import A16W16_ARCH, HTP_ARCHS
 
@@ -248,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bitwidth", type=int, choices=(8, 16), default=8, help="activation bits (default 8)")
     _add_setting_args(q)
     q.add_argument(
-        "--analysis-samples", type=int, default=4, metavar="N",
-        help="evaluation samples for the per-tensor isolated errors (one run per tensor each; 0 skips; default 4)",
+        "--analysis-samples", type=int, default=DEFAULT_ANALYSIS_SAMPLES, metavar="N",
+        help="evaluation samples for the per-tensor isolated errors (one run per tensor each; 0 skips; "
+        f"default {DEFAULT_ANALYSIS_SAMPLES})",
     )
     q.add_argument(
         "--htp", type=int, default=0, metavar="N",
