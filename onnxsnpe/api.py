@@ -26,9 +26,9 @@ from .precision import encode_with_precision
 from .recipe import optimize_weights
 from .report.agreement import measure_agreement
 from .report.document import build_report
-from .report.evaluation import DEFAULT_ANALYSIS_SAMPLES
 from .report.html import write_html_report
 from .report.metrics import OutputComparison, json_db
+from .report.sensitivity import DEFAULT_ANALYSIS_SAMPLES
 from .report.weight_analysis import analyze_weights
 from .simulate.arithmetic import ARITHMETICS, simulation_model
 from .simulate.emulator import HTP_ARCHS, HtpSession, qnn_unavailable_reason, simulation_runner

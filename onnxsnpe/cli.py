@@ -18,7 +18,7 @@ from .optimize.adaround import DEFAULT_SAMPLES as DEFAULT_ADAROUND_SAMPLES
 from .optimize.adaround import INPUT_MODES as ADAROUND_INPUTS
 from .optimize.bias_correction import DEFAULT_SAMPLES as DEFAULT_CORRECTION_SAMPLES
 from .report.document import summary_text
-from .report.evaluation import DEFAULT_ANALYSIS_SAMPLES
+from .report.sensitivity import DEFAULT_ANALYSIS_SAMPLES
 from .simulate.arithmetic import ARITHMETICS
 from .simulate.emulator import A16W16_ARCH, HTP_ARCHS
 

@@ -48,11 +48,6 @@ from .sensitivity import IsolatedModel, Kept
 log = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 64
-DEFAULT_ANALYSIS_SAMPLES = 2
-"""Samples of quantize's isolated analysis (one run per tensor each). On EfficientNet-Lite0 (three
-sets of 64 calibration crops, mse; tools' isolated-ranking check in the README) the rankings from 1,
-2 and 4 samples agree equally with one from 16 (rank correlations 0.93-0.96, 7-10 of the 10 worst in
-common, no sample count ahead): 4 samples cost twice the time of 2 for nothing measured."""
 
 
 @dataclass
