@@ -39,8 +39,8 @@ def add_constants(
 
 
 def lower_add(node: onnx.NodeProto, context: Context) -> Lowered | None:
-    """An 8-bit Add computed in HTP's fixed point (add_constants), in float64 to stay exact; a 16-bit
-    Add of two activations, or of an activation and a constant vector, likewise (add16_constants).
+    """An 8-bit Add or Sub computed in HTP's fixed point (add_constants), in float64 to stay exact; a
+    16-bit one likewise (add16_operands).
 
     A one-element constant operand is folded into the constant term at the multiplier's precision,
     ``2^-n`` with ``n`` from the other operand alone (measured on 11 probed encodings, 2 of them
@@ -74,36 +74,72 @@ def lower_add(node: onnx.NodeProto, context: Context) -> Lowered | None:
 
 
 def add16_constants(
-    scales: tuple[float, float], zero_points: tuple[int, int], out_scale: float, out_zero_point: int
+    scales: tuple[float, float], zero_points: tuple[int, int], out_scale: float, out_zero_point: int,
+    sign: float = 1.0,
 ) -> tuple[int, tuple[float, float], float]:
-    """HTP's Add of two 16-bit tensors: fraction bits ``n``, multipliers and constant, as add_constants
-    at 8 bits but with ``n = min(16, 15 - ceil(log2(max(r_a, r_b))))``, from the larger ratio alone,
-    and the constant rounded to ``2^-n`` (8 bits round it to ``2^-(n - 8)``; the probes fit it
-    rounded to ``2^-n`` or not rounded at all). Found on 12 probed encodings of 4,096 random code
-    pairs each, then bit for bit on 12 more, larger ratios 0.2 to 2.3."""
+    """HTP's Add (``sign`` 1) or Sub (-1) of two 16-bit tensors: fraction bits ``n``, multipliers and
+    constant of ``floor(q_a m_a + q_b m_b + c + 1/2)`` on raw codes q, as add_constants at 8 bits.
+
+    ``n = min(16, 15 - ceil(log2(max(r_a, r_b))))`` from the larger ratio alone, ``m = round(r 2^n) / 2^n``
+    (``m_b`` negated for Sub) and the zero points' constant ``z_out - z_a m_a - z_b m_b`` rounded up to
+    a multiple of ``2^-(n - 1)``, one bit coarser than the multipliers (tools/HTP.md, "16-bit
+    activations", findings 7 and 12: every one of 65,536 codes of 16 probes of two activations, Add
+    and Sub, bit for bit; the constant unrounded misses the values a step of ``2^-n`` below a tie in
+    the probes where it is odd).
+    """
     ratios = [float(np.float32(s)) / float(np.float32(out_scale)) for s in scales]
     bits = int(min(16, 15 - np.ceil(np.log2(max(ratios)))))
-    first, second = (float(np.round(ratio * 2.0**bits) / 2.0**bits) for ratio in ratios)
-    constant = out_zero_point - zero_points[0] * first - zero_points[1] * second
-    return bits, (first, second), float(round_half_away(np.array(constant * 2.0**bits)) / 2.0**bits)
+    steps = [float(np.round(ratio * 2.0**bits)) for ratio in ratios]
+    steps[1] *= sign
+    constant = out_zero_point * 2.0**bits - zero_points[0] * steps[0] - zero_points[1] * steps[1]  # exact integers
+    return bits, (steps[0] / 2.0**bits, steps[1] / 2.0**bits), float(np.ceil(constant / 2) * 2 / 2.0**bits)
 
 
 def add16_operands(
     node: onnx.NodeProto, context: Context
 ) -> tuple[list[tuple[str, Encoding, float]], float, Encoding] | None:
-    """The operands (name, encoding, multiplier), constant and output encoding of an Add of two 16-bit
-    tensors (activations, or an activation and a constant of more than one value with its 16-bit
-    encoding) into a 16-bit output (add16_constants), or None. A one-element constant is left out
-    (not probed at 16 bits)."""
-    if node.op_type != "Add" or any(is_scalar(name, context.constants) for name in node.input):
+    """The operands (name, encoding, multiplier), constant and output encoding of a 16-bit Add or Sub
+    (add16_constants) into a 16-bit output, or None: of two activations, of an activation and a
+    one-element constant (either order), or (Add only) of an activation and a constant vector, every
+    constant in its 16-bit encoding.
+
+    A one-element constant is an operand whose code never changes: its term joins the constant. With
+    one, Sub adds the subtrahend's mirrored codes, ``2^16 - 1 - q`` with zero point ``2^16 - 1 - z``,
+    instead of subtracting (finding 12: 31 of 31 probes bit for bit, either order; subtracting
+    fits 10 of 15 where the constant comes first); ``(2^16 - 1 - q) m`` of an activation is ``-q m``
+    plus a constant.
+    """
+    if node.op_type not in ("Add", "Sub"):
         return None
     operands = binary_operands(node, context.targets, context.activations, context.params, bitwidth=16)
     if operands is None:
         return None
     encs, y_enc = operands
-    _, multipliers, constant = add16_constants((encs[0].scale, encs[1].scale), (-encs[0].offset, -encs[1].offset),
-                                               y_enc.scale, -y_enc.offset)
-    return list(zip(node.input, encs, multipliers, strict=True)), constant, y_enc
+    scalars = [is_scalar(name, context.constants) for name in node.input]
+    constants = [name in context.constants for name in node.input]
+    if all(constants) or (node.op_type == "Sub" and any(constants) and not any(scalars)):
+        return None  # a Sub of a constant vector: not probed
+    zero_points = [-enc.offset for enc in encs]
+    codes = [round(fake_quantize(initializer_array(context.constants[name]), enc).item() / float(np.float32(enc.scale)))
+             - enc.offset if scalar else None for name, enc, scalar in zip(node.input, encs, scalars, strict=True)]
+    mirrored = node.op_type == "Sub" and any(scalars)
+    if mirrored:
+        levels = encs[1].levels
+        zero_points[1] = levels - zero_points[1]
+        codes[1] = None if codes[1] is None else levels - codes[1]
+    sign = -1.0 if node.op_type == "Sub" and not mirrored else 1.0
+    _, multipliers, constant = add16_constants((encs[0].scale, encs[1].scale), (zero_points[0], zero_points[1]),
+                                               y_enc.scale, -y_enc.offset, sign)
+    terms = []
+    for index, (name, enc, multiplier, code) in enumerate(zip(node.input, encs, multipliers, codes, strict=True)):
+        if code is not None:
+            constant += code * multiplier
+        elif mirrored and index == 1:
+            terms.append((name, enc, -multiplier))
+            constant += encs[1].levels * multiplier
+        else:
+            terms.append((name, enc, multiplier))
+    return terms, constant, y_enc
 
 
 def _fixed_point_sum(node: onnx.NodeProto, operands: list[tuple[str, Encoding, float]], constant: float,
