@@ -555,3 +555,34 @@ def test_codes_come_back_exactly_from_on_grid_values_times_the_inverse_scale() -
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         (got,) = make_session(model).run(None, {"x": codes * scale})
         np.testing.assert_array_equal(got, codes)
+
+
+SCALAR_ADD_CASES = {  # op, constant first, x's encoding, the constant, y's encoding
+    # where the fixed-point fold this replaced (n from x alone, the constant at 2^-n) missed 1 and 2 codes
+    "x + c": ("Add", False, (0.02518448419868946, -43), -2.996725082397461, (0.02145121432840824, -204)),
+    "x - c": ("Sub", False, (0.04099457710981369, -133), 0.06544798612594604, (0.031148234382271767, -129)),
+    "c + x": ("Add", True, (0.02518448419868946, -43), -2.996725082397461, (0.02145121432840824, -204)),
+    "c - x": ("Sub", True, (0.0291, -93), 1.3517, (0.0287, -180)),
+}
+
+
+@needs_qnn
+@pytest.mark.parametrize("case", SCALAR_ADD_CASES.values(), ids=SCALAR_ADD_CASES.keys())
+def test_htp_model_reproduces_the_htp_add_and_sub_of_a_scalar_on_every_code(case):
+    """At 8 bits the HTP adds or subtracts a one-element constant as exactly as float rounding does
+    (tools/HTP.md finding 13)."""
+    op, first, (x_scale, x_offset), value, (y_scale, y_offset) = case
+    x_enc, y_enc = Encoding(8, x_scale, x_offset), Encoding(8, y_scale, y_offset)
+    params = {"c": asymmetric_encoding(min(value, 0.0), max(value, 0.0), 8)}
+    graph = helper.make_graph([helper.make_node(op, ["c", "x"] if first else ["x", "c"], ["y"])], "scalar",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([value], dtype=np.float32), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    acts = {"x": x_enc, "y": y_enc}
+    targets = find_targets(model)
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc})
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
+    sample = {"x": _code_grid(x_enc, (1, 1, 1, 256))}
+    np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
