@@ -69,7 +69,9 @@ def add16_constants(
     """HTP's Add (``sign`` 1) or Sub (-1) of two 16-bit tensors: fraction bits ``n``, multipliers and
     constant of ``floor(q_a m_a + q_b m_b + c + 1/2)`` on raw codes q, as add_constants at 8 bits.
 
-    ``n = min(16, 15 - ceil(log2(max(r_a, r_b))))`` from the larger ratio alone, ``m = round(r 2^n) / 2^n``
+    ``n = min(16, 15 - ceil(log2(max(r_a, r_b))))`` from the larger ratio alone, one less where the
+    larger multiplier would reach ``2^15`` (a ratio of exactly 1, as an Add of a constant whose output
+    range is its input's shifted has, or a power of two), ``m = round(r 2^n) / 2^n``
     (``m_b`` negated for Sub) and the zero points' constant ``z_out - z_a m_a - z_b m_b`` rounded up to
     a multiple of ``2^-(n - 1)``, one bit coarser than the multipliers (tools/HTP.md, "16-bit
     activations", findings 7 and 12: every one of 65,536 codes of 16 probes of two activations, Add
@@ -78,6 +80,8 @@ def add16_constants(
     """
     ratios = [float(np.float32(s)) / float(np.float32(out_scale)) for s in scales]
     bits = int(min(16, 15 - np.ceil(np.log2(max(ratios)))))
+    if np.round(max(ratios) * 2.0**bits) >= 2**15:  # the multipliers fit 15 bits: a ratio of 1, a power
+        bits -= 1  # of two or one just below it takes a bit less (finding 12)
     steps = [float(np.round(ratio * 2.0**bits)) for ratio in ratios]
     steps[1] *= sign
     constant = out_zero_point * 2.0**bits - zero_points[0] * steps[0] - zero_points[1] * steps[1]  # exact integers
