@@ -232,6 +232,8 @@ def test_add_constants_pick_fraction_bits_from_the_scale_ratios():
     assert abs(constant - (90 - 100 * multipliers[0] - 30 * multipliers[1])) <= 2**-6
     bits, multipliers, _ = add_constants((0.05, 0.03), (100, 30), 0.07, 90, sign=-1.0)
     assert bits == 14 and multipliers[1] < 0  # Sub: 14 - ceil(log2(max(0.714, 0.429)))
+    bits, multipliers, _ = add_constants((0.05, 0.03), (100, 30), 0.05, 90, sign=-1.0)
+    assert bits == 13 and multipliers[0] == 1.0  # a larger ratio of 1: 2^14 would not fit, one bit less
 
 
 def _add_model(op: str = "Add"):
@@ -255,6 +257,9 @@ SUB_CASES = {  # as ADD_CASES; the fraction bits follow the larger scale ratio
     "generic": (0.0178, 242, 0.0597, 65, 0.0650, 104),
     "ratios 1.19 and 0.84": (0.0944, 71, 0.0891, 23, 0.0793, 185),
     "equal scales": (0.0230, 251, 0.0230, 192, 0.0487, 13),
+    # the output's scale equal to a's: a ratio of 1, whose multiplier 2^14 takes one fraction bit less
+    "input scale equal to the output scale": (0.0517, 117, 0.0211, 64, 0.0517, 140),
+    "a ratio of exactly 2": (0.0618, 30, 0.0147, 201, 0.0309, 99),
 }
 
 

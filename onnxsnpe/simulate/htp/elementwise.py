@@ -26,11 +26,16 @@ def add_constants(
     ``n = min(15, 14 - ceil(log2(r_a + r_b)))`` where ``r = s / s_out``. Bit-exact on all
     256 x 256 input pairs of 68 probed encodings. ``sign = -1`` gives Sub, whose ``n`` comes from
     the larger ratio alone, ``min(15, 14 - ceil(log2(max(r_a, r_b))))`` (bit-exact on 52 probed
-    encodings; with Add's ``n``, 5 of 12 differed).
+    encodings; with Add's ``n``, 5 of 12 differed). Either way ``n`` drops by one where the larger
+    multiplier would reach ``2^14``, which a Sub whose larger ratio is exactly a power of two meets
+    (18 exhaustive probes at ratios 1, 2 and 0.5 bit for bit, up to 2,525 values off before); an
+    Add's multipliers stay below ``2^14`` unless one ratio is nearly 0.
     """
     ratios = [float(np.float32(s)) / float(np.float32(out_scale)) for s in scales]
     spread = sum(ratios) if sign > 0 else max(ratios)
     bits = int(min(15, 14 - np.ceil(np.log2(spread))))
+    if np.round(max(ratios) * 2.0**bits) >= 2**14:  # as at 16 bits, a bit less where the larger multiplier
+        bits -= 1  # would reach 2^14: a Sub whose larger ratio is a power of two (tools/HTP.md finding 14)
     multipliers = (float(np.round(ratios[0] * 2.0**bits) / 2.0**bits),
                    sign * float(np.round(ratios[1] * 2.0**bits) / 2.0**bits))
     grid = 2.0 ** (bits - 8)
