@@ -352,10 +352,18 @@ def test_htp_model_reproduces_the_htp_mul_by_a_scalar_on_every_code(value):
     b = np.array([value], dtype=np.float32)
     params = {"b": asymmetric_encoding(min(value, 0.0), max(value, 0.0), 8)}
     y_enc = Encoding(8, 0.0437 * abs(value) * 1.3, -128)
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "b"], ["y"])], "mul",
+    _assert_scalar_op_reproduced("Mul", ["x", "b"], b, x_enc, y_enc, params)
+
+
+def _assert_scalar_op_reproduced(op: str, inputs: list[str], constant: np.ndarray, x_enc: Encoding,
+                                 y_enc: Encoding, params: dict) -> None:
+    """``op`` of the input x and a one-element constant (named as in ``inputs``) on the emulator and
+    in the simulation, over all 256 codes of x: equal."""
+    name = next(n for n in inputs if n != "x")
+    graph = helper.make_graph([helper.make_node(op, inputs, ["y"])], op.lower(),
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 256])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(b, "b")])
+                              [numpy_helper.from_array(constant, name)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     acts = {"x": x_enc, "y": y_enc}
@@ -579,15 +587,5 @@ def test_htp_model_reproduces_the_htp_add_and_sub_of_a_scalar_on_every_code(case
     op, first, (x_scale, x_offset), value, (y_scale, y_offset) = case
     x_enc, y_enc = Encoding(8, x_scale, x_offset), Encoding(8, y_scale, y_offset)
     params = {"c": asymmetric_encoding(min(value, 0.0), max(value, 0.0), 8)}
-    graph = helper.make_graph([helper.make_node(op, ["c", "x"] if first else ["x", "c"], ["y"])], "scalar",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.array([value], dtype=np.float32), "c")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    acts = {"x": x_enc, "y": y_enc}
-    targets = find_targets(model)
-    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc})
-    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
-    sample = {"x": _code_grid(x_enc, (1, 1, 1, 256))}
-    np.testing.assert_array_equal(modeled(sample)[0], htp.run(sample)[0])
+    _assert_scalar_op_reproduced(op, ["c", "x"] if first else ["x", "c"], np.array([value], dtype=np.float32), x_enc,
+                                 y_enc, params)
