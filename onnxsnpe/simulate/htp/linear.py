@@ -104,7 +104,7 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     codes = weight_codes(weight, w_enc, scale_along, axis)
     depthwise = node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.shape[1] == 1
     strided_depthwise = depthwise and all(s > 1 for s in attrs.get("strides", [1]))
-    blocks = _transpose_blocks(node, weight.shape)
+    blocks = transpose_blocks(node, weight.shape)
     if blocks:  # [C_in, C_out, k, k] -> a 1x1 Conv with C_out * k * k output channels
         codes = codes.reshape(weight.shape[0], -1).T.reshape(-1, weight.shape[0], 1, 1)
         axis = 0
@@ -157,7 +157,7 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     return chain, inits + more, consumed
 
 
-def _transpose_blocks(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
+def transpose_blocks(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
     """The kernel size ``k`` of a 2-D ConvTranspose whose kernel equals its stride (no overlap, no padding), else 0.
 
     The HTP runs it as a 1x1 convolution with ``C_out * k * k`` output channels followed by a

@@ -44,7 +44,7 @@ from .codes import (
     requant_constants,
     with_output_codes,
 )
-from .linear import int8_weights
+from .linear import int8_weights, transpose_blocks
 
 SHIFT = 8
 """Bits the HTP drops from the A16W8 accumulator."""
@@ -53,8 +53,10 @@ INT32_LOW, INT32_HIGH = -(2.0**31), 2.0**31 - 1
 
 def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """The A16W8 Conv or Gemm (``x W^T + b``) in the arithmetic of the module docstring, or None where
-    it does not apply."""
-    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in context.constants:
+    it does not apply. A ConvTranspose whose kernel equals its stride runs as at 8 bits: a 1x1 Conv
+    with ``C_out k k`` output channels in this arithmetic, then depth-to-space (tools/HTP.md finding 15)."""
+    if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 2 \
+            or node.input[1] not in context.constants:
         return None
     gemm = (node_attributes(node).get(key, default) for key, default in
             (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0)))
@@ -64,15 +66,24 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     y_enc = output_encoding(node, context.targets, context.activations)
     w_enc = context.params.get(node.input[1])
     weight = initializer_array(context.constants[node.input[1]])
+    blocks = transpose_blocks(node, weight.shape)
     if (not of_bitwidth(16, x_enc, y_enc) or not of_bitwidth(8, w_enc)
-            or weight.ndim != (4 if node.op_type == "Conv" else 2)):
+            or weight.ndim != (2 if node.op_type == "Gemm" else 4) or (node.op_type == "ConvTranspose" and not blocks)):
         return None
+    axis = 1 if blocks else 0  # the output channels: a ConvTranspose's axis 1, a Conv's or transposed Gemm's 0
     per_channel = isinstance(w_enc, ChannelEncodings)
-    if per_channel and w_enc.axis != 0:
+    if per_channel and w_enc.axis != axis:
         return None
-    w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[0], np.float32(w_enc.scale))
-    along = (-1,) + (1,) * (weight.ndim - 1)  # the output channels: axis 0 of a Conv's or a transposed Gemm's weight
+    w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[axis], np.float32(w_enc.scale))
+    along = tuple(-1 if k == axis else 1 for k in range(weight.ndim))
     codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(along))
+    original = node
+    if blocks:  # [C_in, C_out, k, k] -> the 1x1 Conv's [C_out k k, C_in, 1, 1], then depth-to-space
+        codes = codes.reshape(weight.shape[0], -1).T.reshape(-1, weight.shape[0], 1, 1)
+        w_scale = np.repeat(w_scale, blocks**2)
+        output = node.output[0]
+        node = helper.make_node("Conv", list(node.input[:2]), [f"{output}{SUFFIX}/blocks"], kernel_shape=[1, 1],
+                                name=f"{output}{SUFFIX}/Conv")
     attrs = node_attributes(node)
     strided_depthwise = (attrs.get("group", 1) > 1 and weight.shape[1] == 1
                          and all(stride > 1 for stride in attrs.get("strides", [1])))
@@ -90,17 +101,17 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
         return None
     consumed = {node.input[1]}
-    bias = np.zeros(weight.shape[0])
-    if len(node.input) > 2 and node.input[2] in context.constants:
-        bias = initializer_array(context.constants[node.input[2]]).astype(np.float64).reshape(-1)
-        b_enc = context.params.get(node.input[2])
+    bias = np.zeros(codes.shape[0])
+    bias_name = original.input[2] if len(original.input) > 2 else ""
+    if bias_name in context.constants:
+        bias = initializer_array(context.constants[bias_name]).astype(np.float64).reshape(-1)
+        b_enc = context.params.get(bias_name)
         if b_enc is not None:
-            consumed.add(node.input[2])
+            consumed.add(bias_name)
             scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
             offset = b_enc.offsets() if isinstance(b_enc, ChannelEncodings) else b_enc.offset
-            bias = (quantize(bias, b_enc) + offset) * np.asarray(scale, dtype=np.float64) / step
-        else:
-            bias = bias / step
+            bias = (quantize(bias, b_enc) + offset) * np.asarray(scale, dtype=np.float64)
+        bias = np.repeat(bias, max(blocks, 1) ** 2) / step  # a ConvTranspose's bias for each kernel position
         # An int32 bias code of step s_in * s_w at most, whatever wider scale the bias encoding has:
         # the HTP saturates there (measured: a channel of near-zero weights with a bias of 7).
         bias = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
@@ -112,10 +123,13 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
         chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa)
     else:
-        digit_bits = _digit_bits(int(np.prod(weight.shape[1:])), float(np.abs(codes).max()))
+        digit_bits = _digit_bits(int(np.prod(codes.shape[1:])), float(np.abs(codes).max()))
         if digit_bits is None:
             return None
         chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift)
+    if blocks:  # each block of k x k output pixels comes from one input pixel
+        chain.append(helper.make_node("DepthToSpace", [node.output[0]], [original.output[0]], blocksize=blocks,
+                                      mode="CRD"))
     return chain, inits, consumed
 
 
