@@ -458,3 +458,31 @@ def test_the_htp_a16w8_conv_transpose_with_kernel_equal_to_stride_is_reproduced_
     np.testing.assert_array_equal(got, want)
     exact = simulation_runner(*build_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
     assert np.mean(exact != want) > 0.5
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("first", [False, True], ids=["x-v", "v-x"])
+def test_the_htp_16_bit_sub_of_a_constant_vector_is_reproduced_bit_for_bit(first: bool) -> None:
+    """A per-channel constant in a 16-bit Sub: the subtrahend's codes mirrored, as with a scalar
+    (finding 12: 20 of 20 scratch probes, subtracting fitted 15), on every input code."""
+    from onnxsnpe.encode.constants import constant_encodings
+
+    rng = np.random.default_rng(0)
+    vector = rng.normal(0, 2.0, size=(1, 16, 1, 1)).astype(np.float32)
+    shape = [1, 16, 64, 64]
+    graph = helper.make_graph([helper.make_node("Sub", ["v", "x"] if first else ["x", "v"], ["y"])], "sub_vector",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(vector, "v")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    targets = find_targets(model)
+    low, high = -2.5, 3.5
+    out = (float(vector.min()) - high, float(vector.max()) - low) if first else (low - float(vector.max()),
+                                                                                 high - float(vector.min()))
+    acts = {"x": asymmetric_encoding(low, high, 16), "y": asymmetric_encoding(min(0.0, out[0]), max(0.0, out[1]), 16)}
+    params = constant_encodings(model, targets, {}, 8, acts)
+    codes = rng.permutation(65536).reshape(shape)
+    x = ((codes + acts["x"].offset) * np.float32(acts["x"].scale)).astype(np.float32)
+    want = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}).run({"x": x})[0]
+    got = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(got, want)

@@ -97,15 +97,14 @@ def add16_operands(
     node: onnx.NodeProto, context: Context
 ) -> tuple[list[tuple[str, Encoding, float]], float, Encoding] | None:
     """The operands (name, encoding, multiplier), constant and output encoding of a 16-bit Add or Sub
-    (add16_constants) into a 16-bit output, or None: of two activations, of an activation and a
-    one-element constant (either order), or (Add only) of an activation and a constant vector, every
-    constant in its 16-bit encoding.
+    (add16_constants) into a 16-bit output, or None: of two activations, or of an activation and a
+    constant (either order) in its 16-bit encoding.
 
     A one-element constant is an operand whose code never changes: its term joins the constant. With
-    one, Sub adds the subtrahend's mirrored codes, ``2^16 - 1 - q`` with zero point ``2^16 - 1 - z``,
-    instead of subtracting (finding 12: 31 of 31 probes bit for bit, either order; subtracting
-    fits 10 of 15 where the constant comes first); ``(2^16 - 1 - q) m`` of an activation is ``-q m``
-    plus a constant.
+    a constant operand, Sub adds the subtrahend's mirrored codes, ``2^16 - 1 - q`` with zero point
+    ``2^16 - 1 - z``, instead of subtracting (finding 12: 31 of 31 probes with a scalar and 20 of 20
+    with a per-channel vector bit for bit, either order; subtracting fits 10 of 15 and 15 of 20);
+    ``(2^16 - 1 - q) m`` of an activation is ``-q m`` plus a constant.
     """
     if node.op_type not in ("Add", "Sub"):
         return None
@@ -115,12 +114,12 @@ def add16_operands(
     encs, y_enc = operands
     scalars = [is_scalar(name, context.constants) for name in node.input]
     constants = [name in context.constants for name in node.input]
-    if all(constants) or (node.op_type == "Sub" and any(constants) and not any(scalars)):
-        return None  # a Sub of a constant vector: not probed
+    if all(constants):
+        return None
     zero_points = [-enc.offset for enc in encs]
     codes = [round(fake_quantize(initializer_array(context.constants[name]), enc).item() / float(np.float32(enc.scale)))
              - enc.offset if scalar else None for name, enc, scalar in zip(node.input, encs, scalars, strict=True)]
-    mirrored = node.op_type == "Sub" and any(scalars)
+    mirrored = node.op_type == "Sub" and any(constants)
     if mirrored:
         levels = encs[1].levels
         zero_points[1] = levels - zero_points[1]
