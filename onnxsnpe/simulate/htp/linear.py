@@ -105,8 +105,8 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     depthwise = node.op_type == "Conv" and attrs.get("group", 1) > 1 and weight.shape[1] == 1
     strided_depthwise = depthwise and all(s > 1 for s in attrs.get("strides", [1]))
     blocks = transpose_blocks(node, weight.shape)
-    if blocks:  # [C_in, C_out, k, k] -> a 1x1 Conv with C_out * k * k output channels
-        codes = codes.reshape(weight.shape[0], -1).T.reshape(-1, weight.shape[0], 1, 1)
+    if blocks:
+        codes = as_block_conv(codes)
         axis = 0
         w_scale = np.repeat(w_scale, blocks**2) if per_channel else w_scale
     if strided_depthwise or (node.op_type == "ConvTranspose" and not blocks):
@@ -155,6 +155,12 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [output], [node.output[0]], blocksize=blocks, mode="CRD"))
     return chain, inits + more, consumed
+
+
+def as_block_conv(weight: np.ndarray) -> np.ndarray:
+    """A kernel-equals-stride ConvTranspose's weight ``[C_in, C_out, k, k]`` as the 1x1 Conv weight
+    ``[C_out k k, C_in, 1, 1]`` the HTP runs (output channel ``c k k + i k + j``, depth-to-space CRD)."""
+    return weight.reshape(weight.shape[0], -1).T.reshape(-1, weight.shape[0], 1, 1)
 
 
 def transpose_blocks(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:

@@ -44,7 +44,7 @@ from .codes import (
     requant_constants,
     with_output_codes,
 )
-from .linear import int8_weights, transpose_blocks
+from .linear import as_block_conv, int8_weights, transpose_blocks
 
 SHIFT = 8
 """Bits the HTP drops from the A16W8 accumulator."""
@@ -78,8 +78,8 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     along = tuple(-1 if k == axis else 1 for k in range(weight.ndim))
     codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(along))
     original = node
-    if blocks:  # [C_in, C_out, k, k] -> the 1x1 Conv's [C_out k k, C_in, 1, 1], then depth-to-space
-        codes = codes.reshape(weight.shape[0], -1).T.reshape(-1, weight.shape[0], 1, 1)
+    if blocks:  # the 1x1 Conv, then depth-to-space
+        codes = as_block_conv(codes)
         w_scale = np.repeat(w_scale, blocks**2)
         output = node.output[0]
         node = helper.make_node("Conv", list(node.input[:2]), [f"{output}{SUFFIX}/blocks"], kernel_shape=[1, 1],
