@@ -7,6 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.encode.constants import constant_encodings
 from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize, per_channel_symmetric, quantize
+from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
 from onnxsnpe.export import overrides_json
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import load_model
@@ -96,6 +97,25 @@ def test_cpu_execution_follows_the_simulation(tiny):
         got = qdq_session.run(["out"], {"x": x})[0]
         want = sim_session.run([output_map["out"]], {"x": x})[0]
         assert np.abs(got - want).max() <= acts["out"].scale * 1.001
+
+
+def test_per_channel_weights_before_opset_13_use_the_contrib_domain_and_run(tiny):
+    """DequantizeLinear's ``axis`` is opset 13: an opset-11 model (the PP-OCR classifier's) with
+    per-channel weights would be refused as an invalid graph by onnxruntime and its QNN provider."""
+    deploy, targets, acts, params = tiny
+    old = onnx.ModelProto()
+    old.CopyFrom(deploy)
+    old.opset_import[0].version = 11
+    weights = weight_encodings(old, targets, 8, per_channel=True)
+    params = {**weights, **bias_encodings(old, targets, acts, weights, 32)}
+    qdq = build_qdq_model(old, targets, acts, params)
+    per_axis = [n for n in qdq.graph.node if any(a.name == "axis" for a in n.attribute)]
+    assert per_axis and {n.domain for n in per_axis} == {MS_DOMAIN}
+    x = fake_quantize(np.random.default_rng(2).normal(size=(1, 3, 8, 8)).astype(np.float32), acts["x"])
+    got = make_session(qdq).run(["out"], {"x": x})[0]
+    sim, output_map = build_simulation_model(old, targets, acts, params)
+    want = make_session(sim).run([output_map["out"]], {"x": x})[0]
+    assert np.abs(got - want).max() <= acts["out"].scale * 1.001
 
 
 def test_sixteen_bit_uses_the_contrib_domain_and_runs(tiny):

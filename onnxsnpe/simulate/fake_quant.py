@@ -194,7 +194,7 @@ def _dequantize_params(model: onnx.ModelProto, params: dict[str, ParamEncoding],
     """Store the named params as integer codes, each read through a DequantizeLinear placed just before
     its first reader (qdq.dequantized_param: the values encoding.fake_quantize gives, up to 16 bits)."""
     graph = model.graph
-    domain = quantization_domain(model, any(params[name].bitwidth == 16 for name in names))
+    domain = quantization_domain(model, [params[name] for name in names])
     by_name = {init.name: init for init in graph.initializer}
     placing: dict[str, onnx.NodeProto] = {}
     new_inits: list[onnx.TensorProto] = []

@@ -14,9 +14,10 @@ integer grids the simulation uses:
   asymmetric, signed with zero point 0 when symmetric (int32 biases among them).
 
 8-bit Q/DQ use the standard domain (opset >= 10; older models are upgraded to opset 13 with
-onnx.version_converter). 16-bit activations need opset 21, so when any encoding is 16-bit and the
-model is older, the Q/DQ nodes use onnxruntime's ``com.microsoft`` domain, which both onnxruntime
-and its QNN execution provider accept; the float graph is never rewritten for it.
+onnx.version_converter). 16-bit encodings need opset 21 and per-channel ones (DequantizeLinear's
+``axis``) opset 13, so when the model is older than what its encodings need, the Q/DQ nodes use
+onnxruntime's ``com.microsoft`` domain, which both onnxruntime and its QNN execution provider
+accept; the float graph is never rewritten for it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def build_qdq_model(
     model.CopyFrom(deploy)
     if _default_opset(model) < 10:
         model = version_converter.convert_version(model, 13)
-    domain = quantization_domain(model, any(enc.bitwidth == 16 for enc in [*activations.values(), *params.values()]))
+    domain = quantization_domain(model, [*activations.values(), *params.values()])
     graph = model.graph
     inputs = {v.name for v in graph.input}
 
@@ -100,10 +101,13 @@ def build_qdq_model(
     return model
 
 
-def quantization_domain(model: onnx.ModelProto, wide: bool) -> str:
-    """The domain of ``model``'s Q/DQ nodes, declared in the model: com.microsoft when some are 16-bit
-    (``wide``) before opset 21, else the standard one."""
-    domain = MS_DOMAIN if wide and _default_opset(model) < 21 else ""
+def quantization_domain(model: onnx.ModelProto, encodings: list[Encoding | ParamEncoding]) -> str:
+    """The domain of ``model``'s Q/DQ nodes for ``encodings``, declared in the model: com.microsoft
+    when some are 16-bit before opset 21 or per channel before opset 13, else the standard one."""
+    opset = _default_opset(model)
+    wide = any(enc.bitwidth == 16 for enc in encodings)
+    per_axis = any(isinstance(enc, ChannelEncodings) for enc in encodings)
+    domain = MS_DOMAIN if (wide and opset < 21) or (per_axis and opset < 13) else ""
     if domain and not any(op.domain == domain for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, 1))
     return domain
