@@ -3,6 +3,8 @@
     python tools/htp_agreement.py [--models effnet,det,rec,cls,minilm] [--extra-crops 56] [--per-op]
                                   [--weights asymmetric|symmetric|per-channel] [--act-bitwidth 8|16]
                                   [--auto-precision DB]
+    python tools/htp_agreement.py --matrix [--models ...] [--modes A8,A16,auto] [--auto-precision DB]
+                                  [--save rows.json]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
 calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
@@ -29,6 +31,12 @@ So does every model with ``--auto-precision DB``: ``quantize --auto-precision --
 activations and the ``--weights`` kind, the tensors it raises at 16 bits; each row names how many),
 then its ``--htp`` on the same evaluation images; the rows compare its two arithmetics (no ort-cpu).
 
+``--matrix`` measures every model x {per-tensor asymmetric, per-channel weights} x {8-bit
+activations, 16-bit activations, auto precision at ``--auto-precision`` dB (25 by default)} and
+prints one table, a row per model, output and configuration with both simulations and ort-cpu side
+by side (``--save`` keeps the rows as JSON after each configuration, so a long run's finished part
+is never lost).
+
 With ``--per-op``, also each op in isolation: every quantized op (with a Relu/Clip squashed into it)
 is cut out of the model, fed the same on-grid inputs (taken from the htp-model simulation of the
 first evaluation sample) on the HTP and in both simulations, and the share of its output values
@@ -39,6 +47,7 @@ the way differences grow through a network.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -278,6 +287,77 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MATRIX_WEIGHTS = ("asymmetric", "per-channel")
+MATRIX_ACTIVATIONS = ("A8", "A16", "auto")
+
+
+def measure_config(key: str, crops: Path | None, weights_kind: str, activations: str, target_sqnr: float,
+                   extra_crops: int) -> list[dict]:
+    """One model in one configuration of the matrix: its agreement rows, or one row saying why the
+    emulator refused it."""
+    try:
+        if activations == "auto":
+            if key == "minilm":
+                return measure_minilm(weights_kind, 8, min(32, 8 + extra_crops // 2), target_sqnr)
+            return measure_auto_precision(key, crops, weights_kind, target_sqnr)
+        bitwidth = 16 if activations == "A16" else 8
+        if key == "minilm":
+            return measure_minilm(weights_kind, bitwidth, min(32, 8 + extra_crops // 2))
+        return measure(key, crops, weights_kind, bitwidth)
+    except OnnxSnpeError as exc:
+        if not str(exc).startswith("the QNN HTP backend rejected"):
+            raise
+        return [{"model": key, "refused": str(exc)}]
+
+
+def matrix_table(results: list[dict]) -> str:
+    """Markdown: one row per model, output and configuration; each run's SQNR, max error and top-1."""
+    lines = ["| model | weights | activations | output | samples | htp arithmetic | exact arithmetic | ort-cpu |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return ""
+        sqnr = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f} dB"
+        top1 = "" if row["top1_agreement"] is None else f", {100 * row['top1_agreement']:.1f}%"
+        return f"{sqnr}, {row['max_error_lsb']:.0f} LSB{top1}"
+
+    for result in results:
+        head = f"| {result['model']} | {result['weights']} | {result['activations']} |"
+        refused = [row for row in result["rows"] if "refused" in row]
+        if refused:
+            lines.append(f"{head} | | refused by the emulator ({refused[0]['refused']}) | | |")
+            continue
+        outputs = list(dict.fromkeys(row["name"] for row in result["rows"]))
+        for output in outputs:
+            runs = {row["run"]: row for row in result["rows"] if row["name"] == output}
+            label = result["rows"][0]["model"].removeprefix(result["model"]).strip(" ()")
+            name = f"{output} ({label})" if label else output
+            samples = next(iter(runs.values()))["samples"]
+            lines.append(f"{head} {name} | {samples} | {cell(runs.get('htp-model'))} | "
+                         f"{cell(runs.get('simulate'))} | {cell(runs.get('ort-cpu'))} |")
+    return "\n".join(lines)
+
+
+def run_matrix(models: list[str], modes: list[str], crops: Path | None, target_sqnr: float, extra_crops: int,
+               save: Path | None) -> list[dict]:
+    """Every model in every configuration of the matrix (activation ``modes`` of MATRIX_ACTIVATIONS),
+    saved after each one when ``save`` is given."""
+    results = []
+    for weights_kind in MATRIX_WEIGHTS:
+        for activations in modes:
+            for key in models:
+                start = time.perf_counter()
+                rows = measure_config(key, crops, weights_kind, activations, target_sqnr, extra_crops)
+                seconds = time.perf_counter() - start
+                results.append({"model": key, "weights": weights_kind, "activations": activations,
+                                "seconds": round(seconds, 1), "rows": rows})
+                print(f"{key} {weights_kind} {activations}: {seconds:.0f} s", file=sys.stderr, flush=True)
+                if save is not None:
+                    save.write_text(json.dumps(results, indent=1, default=list))
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join([*MODELS, "minilm"]),
@@ -291,6 +371,11 @@ def main() -> int:
     parser.add_argument("--auto-precision", type=float, metavar="DB",
                         help="the pipeline's --auto-precision --target-sqnr DB (8-bit activations, raised where it "
                              "pays), compared through its own --htp")
+    parser.add_argument("--matrix", action="store_true",
+                        help="every model x {asymmetric, per-channel} weights x {A8, A16, auto precision}, one table")
+    parser.add_argument("--modes", default=",".join(MATRIX_ACTIVATIONS),
+                        help="with --matrix, a comma-separated subset of " + ",".join(MATRIX_ACTIVATIONS))
+    parser.add_argument("--save", type=Path, help="with --matrix, keep the rows as JSON here")
     args = parser.parse_args()
     reason = qnn_unavailable_reason()
     if reason:
@@ -302,6 +387,12 @@ def main() -> int:
         if args.extra_crops:
             crops = Path(tmp)
             write_crops(crops, args.extra_crops)
+        if args.matrix:
+            target = 25.0 if args.auto_precision is None else args.auto_precision
+            results = run_matrix(args.models.split(","), args.modes.split(","), crops, target, args.extra_crops,
+                                 args.save)
+            print(matrix_table(results))
+            return 0
         for key in args.models.split(","):
             start = time.perf_counter()
             if (key == "minilm" or args.auto_precision is not None) and args.weights == "symmetric":
