@@ -138,6 +138,16 @@ def per_channel_symmetric(absmax: np.ndarray, axis: int, bitwidth: int) -> Chann
     return ChannelEncodings(axis, tuple(symmetric_encoding(float(a), bitwidth) for a in np.asarray(absmax).reshape(-1)))
 
 
+def same_grid_wider(enc: Encoding, bitwidth: int) -> Encoding:
+    """The asymmetric encoding at ``bitwidth`` whose grid contains every value of ``enc``'s: 8 to 16
+    bits multiplies each code by 257 (65535 / 255), so converting a tensor to it loses nothing."""
+    _check_bitwidth(bitwidth)
+    factor, rest = divmod((1 << bitwidth) - 1, enc.levels)
+    if enc.is_symmetric or rest or factor < 1:
+        raise ValueError(f"no {bitwidth}-bit grid holds the {enc.bitwidth}-bit encoding {enc} exactly")
+    return Encoding(bitwidth=bitwidth, scale=enc.scale / factor, offset=enc.offset * factor)
+
+
 def bias_encoding(scale: float, bitwidth: int = 32) -> Encoding:
     """Signed bias encoding with a given scale (for 32 bits: input scale x weight scale), offset 0.
 

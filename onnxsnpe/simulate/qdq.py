@@ -17,7 +17,8 @@ integer grids the simulation uses:
 onnx.version_converter). 16-bit encodings need opset 21 and per-channel ones (DequantizeLinear's
 ``axis``) opset 13, so when the model is older than what its encodings need, the Q/DQ nodes use
 onnxruntime's ``com.microsoft`` domain, which both onnxruntime and its QNN execution provider
-accept; the float graph is never rewritten for it.
+accept; the float graph is never rewritten for it. Where the HTP needs an 8-bit input converted to
+16 bits (mixed_precision.py), the op reads it through a second Q/DQ pair on the 16-bit grid.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..encode.constants import STRUCTURAL_INPUTS
 from ..encode.encoding import ChannelEncodings, Encoding, ParamEncoding, quantize
 from ..graph.large import initializer_array, slabs
 from ..graph.targets import QuantTargets
+from .mixed_precision import widened_inputs
 
 SUFFIX = "__onnxsnpe_qdq"
 
@@ -57,6 +59,7 @@ def build_qdq_model(
     domain = quantization_domain(model, [*activations.values(), *params.values()])
     graph = model.graph
     inputs = {v.name for v in graph.input}
+    widened = widened_inputs(graph, targets, activations)
 
     pairs: dict[str, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
@@ -86,11 +89,14 @@ def build_qdq_model(
     del graph.input[:]
     graph.input.extend(kept_inputs)
 
+    converts, convert_inits = _widening_converts(graph, widened, domain)
+    graph.initializer.extend(convert_inits)
     producer_of = {float_name: name for name, float_name in float_names.items()}
     ordered = list(param_nodes)
     for name in read_as:
         ordered.extend(pairs[name])
     for node in graph.node:
+        ordered.extend(converts.get(node.output[0], []) if node.output else [])
         ordered.append(node)
         for out in node.output:
             if out in producer_of:
@@ -99,6 +105,33 @@ def build_qdq_model(
     graph.node.extend(ordered)
     model.producer_name = "onnxsnpe"
     return model
+
+
+def _widening_converts(
+    graph: onnx.GraphProto,
+    widened: dict[str, dict[int, Encoding]],
+    domain: str,
+) -> tuple[dict[str, list[onnx.NodeProto]], list[onnx.TensorProto]]:
+    """The Q/DQ pairs of mixed_precision.widened_inputs (keyed by the original name of the reading
+    node's first output), keyed by the first output of the node they feed, which is rewired to read
+    them."""
+    converts: dict[str, list[onnx.NodeProto]] = {}
+    inits: list[onnx.TensorProto] = []
+    done: set[str] = set()
+    for node in graph.node:
+        inputs = widened.get(node.output[0].removesuffix(SUFFIX + "/float")) if node.output else None
+        for index, enc in (inputs or {}).items():
+            name = node.input[index]
+            wide = f"{name}{SUFFIX}/wide"
+            if wide not in done:
+                nodes, pair_inits = _qdq_pair(wide, enc, domain)
+                nodes[0].input[0] = name
+                nodes[-1].output[0] = wide
+                converts.setdefault(node.output[0], []).extend(nodes)
+                inits.extend(pair_inits)
+                done.add(wide)
+            node.input[index] = wide
+    return converts, inits
 
 
 def quantization_domain(model: onnx.ModelProto, encodings: list[Encoding | ParamEncoding]) -> str:

@@ -31,6 +31,8 @@ activations and weights:
   mul_constants.
 - BatchNormalization (left standalone by the graph preparation) is folded into a per-channel scale
   and bias that are quantized again to 8 bits, then applied to the codes: see batch_norm_constants.
+- An op that reads an 8-bit input converted to 16 bits (mixed_precision.py) is computed with the
+  16-bit encoding (the same grid, so the values do not change; the A16W8 rules then apply).
 - A Concat input that only the Concat reads is computed with the Concat's encoding (_concat_encodings).
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
   (elementwise.add16_constants) and GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations").
@@ -46,12 +48,14 @@ partial sums stay below 2^24); requantization products run in float32 where that
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import onnx
 
 from ...encode.encoding import Encoding, ParamEncoding
 from ...graph.targets import QuantTargets
 from ..fake_quant import build_simulation_model
+from ..mixed_precision import widened_inputs
 from .channelwise import lower_batch_norm, lower_global_average_pool
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
@@ -92,6 +96,7 @@ def htp_simulation_model(
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*graph.input, *graph.value_info]}
     context = Context(targets, activations, params, constants, shapes, graph, opset)
+    widened = widened_inputs(graph, targets, activations)
     squashing = {node.input[0]: node for node in graph.node
                  if node.op_type in ("Relu", "Clip") and node.input and node.input[0] in targets.squashed}
     absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
@@ -106,8 +111,12 @@ def htp_simulation_model(
             graph.initializer.extend([codes_pad[1]] if codes_pad[1] is not None else [])
             pads += [node, codes_pad[0]]
             continue
+        node_context = context
+        if node.output and node.output[0] in widened:  # it reads an 8-bit input converted to 16 bits
+            wide = {node.input[index]: enc for index, enc in widened[node.output[0]].items()}
+            node_context = replace(context, activations={**activations, **wide})
         lowered = next((result for lower in LOWERINGS.get(node.op_type, LINEAR_LOWERINGS)
-                        if (result := lower(node, context)) is not None), None)
+                        if (result := lower(node, node_context)) is not None), None)
         if lowered is None:
             nodes.append(node)
             continue
