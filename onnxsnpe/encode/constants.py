@@ -7,6 +7,7 @@ import onnx
 from ..graph.large import initializer_array
 from ..graph.load import FLOAT_TYPES
 from ..graph.targets import QuantTargets
+from .conversions import operating_bitwidth
 from .encoding import Encoding, ParamEncoding, asymmetric_encoding
 
 STRUCTURAL_INPUTS = {
@@ -42,7 +43,8 @@ def constant_encodings(
     so that both share one grid. *Inferred* for SNPE:
     this is what its converter does with static tensors, not confirmed by a source.
 
-    A constant read by an op whose output is 16-bit in ``activations`` is encoded with 16 bits
+    A constant read by an op that computes in 16 bits (conversions.operating_bitwidth: its output is
+    16-bit in ``activations``, or for a Div its input or output) is encoded with 16 bits
     (``bitwidth`` elsewhere): the HTP emulator refuses some 16-bit graphs whose elementwise ops
     have 8-bit constants (a Div by an 8-bit constant before a GlobalAveragePool fails graph
     finalization with QNN_COMMON_ERROR_MEM_ALLOC; with a 16-bit constant it runs, as do the three
@@ -51,16 +53,15 @@ def constant_encodings(
     activations = activations or {}
     bias_names = {ref.bias for ref in targets.biases}
     values = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
-    widths: dict[str, int] = {}  # the widest output among each constant's readers
+    widths: dict[str, int] = {}  # the widest bitwidth among the ops reading each constant
     for node in model.graph.node:
-        output = node.output[0] if node.output else None  # a squashed output is its Relu/Clip's
-        output = activations.get(targets.squashed.get(output, output)) if output else None
+        width = operating_bitwidth(node, targets, activations)
         structural = STRUCTURAL_INPUTS.get(node.op_type, set())
         for index, name in enumerate(node.input):
-            if index in structural or name not in values or output is None:
+            if index in structural or name not in values or width is None:
                 continue
-            if output.bitwidth > widths.get(name, bitwidth):
-                widths[name] = output.bitwidth
+            if width > widths.get(name, bitwidth):
+                widths[name] = width
     found: dict[str, Encoding] = {}
     for node in model.graph.node:
         structural = STRUCTURAL_INPUTS.get(node.op_type, set())

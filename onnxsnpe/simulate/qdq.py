@@ -17,8 +17,8 @@ integer grids the simulation uses:
 onnx.version_converter). 16-bit encodings need opset 21 and per-channel ones (DequantizeLinear's
 ``axis``) opset 13, so when the model is older than what its encodings need, the Q/DQ nodes use
 onnxruntime's ``com.microsoft`` domain, which both onnxruntime and its QNN execution provider
-accept; the float graph is never rewritten for it. Where the HTP needs an 8-bit input converted to
-16 bits (mixed_precision.py), the op reads it through a second Q/DQ pair on the 16-bit grid.
+accept; the float graph is never rewritten for it. Where the HTP needs an 8-bit input or output of
+an op converted to 16 bits (encode/conversions.py), a second Q/DQ pair on the 16-bit grid does it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from ..encode.constants import STRUCTURAL_INPUTS
+from ..encode.conversions import widened_inputs, widened_outputs
 from ..encode.encoding import ChannelEncodings, Encoding, ParamEncoding, quantize
 from ..graph.large import initializer_array, slabs
 from ..graph.targets import QuantTargets
-from .mixed_precision import widened_inputs
 
 SUFFIX = "__onnxsnpe_qdq"
 
@@ -63,8 +63,13 @@ def build_qdq_model(
 
     pairs: dict[str, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
+    wide_outputs = widened_outputs(graph, targets, activations)
     for tensor, enc in _activation_plan(graph, targets, activations):
         nodes, inits = _qdq_pair(tensor, enc, domain)
+        if tensor in wide_outputs:  # computed on the 16-bit grid, then converted (encode/conversions.py)
+            wide, wide_inits = _qdq_pair(f"{tensor}{SUFFIX}/computed", wide_outputs[tensor], domain)
+            wide[-1].output[0] = nodes[0].input[0] = f"{tensor}{SUFFIX}/computed"
+            nodes, inits = wide + nodes, wide_inits + inits
         pairs[tensor] = nodes
         new_inits.extend(inits)
 
@@ -112,7 +117,7 @@ def _widening_converts(
     widened: dict[str, dict[int, Encoding]],
     domain: str,
 ) -> tuple[dict[str, list[onnx.NodeProto]], list[onnx.TensorProto]]:
-    """The Q/DQ pairs of mixed_precision.widened_inputs (keyed by the original name of the reading
+    """The Q/DQ pairs of conversions.widened_inputs (keyed by the original name of the reading
     node's first output), keyed by the first output of the node they feed, which is rewired to read
     them."""
     converts: dict[str, list[onnx.NodeProto]] = {}

@@ -31,8 +31,10 @@ activations and weights:
   mul_constants.
 - BatchNormalization (left standalone by the graph preparation) is folded into a per-channel scale
   and bias that are quantized again to 8 bits, then applied to the codes: see batch_norm_constants.
-- An op that reads an 8-bit input converted to 16 bits (mixed_precision.py) is computed with the
-  16-bit encoding (the same grid, so the values do not change; the A16W8 rules then apply).
+- An op that reads an 8-bit input converted to 16 bits (encode/conversions.py) is computed with
+  the 16-bit encoding (the same grid, so the values do not change); one whose 8-bit output is
+  computed on the 16-bit grid is lowered onto that grid and then quantized to its own encoding
+  (no value of the finer grid lies halfway between two of the coarser one: 257 is odd).
 - A Concat input that only the Concat reads is computed with the Concat's encoding (_concat_encodings).
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
   (elementwise.add16_constants) and GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations").
@@ -52,10 +54,10 @@ from dataclasses import replace
 
 import onnx
 
+from ...encode.conversions import widened_inputs, widened_outputs
 from ...encode.encoding import Encoding, ParamEncoding
 from ...graph.targets import QuantTargets
 from ..fake_quant import build_simulation_model
-from ..mixed_precision import widened_inputs
 from .channelwise import lower_batch_norm, lower_global_average_pool
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
@@ -97,6 +99,8 @@ def htp_simulation_model(
               for v in [*graph.input, *graph.value_info]}
     context = Context(targets, activations, params, constants, shapes, graph, opset)
     widened = widened_inputs(graph, targets, activations)
+    wide_outputs = {name: enc for name, enc in widened_outputs(graph, targets, activations).items()
+                    if name not in targets.squashed}  # computed on the 16-bit grid, converted after
     squashing = {node.input[0]: node for node in graph.node
                  if node.op_type in ("Relu", "Clip") and node.input and node.input[0] in targets.squashed}
     absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
@@ -112,8 +116,9 @@ def htp_simulation_model(
             pads += [node, codes_pad[0]]
             continue
         node_context = context
-        if node.output and node.output[0] in widened:  # it reads an 8-bit input converted to 16 bits
-            wide = {node.input[index]: enc for index, enc in widened[node.output[0]].items()}
+        if node.output and (node.output[0] in widened or node.output[0] in wide_outputs):
+            wide = {node.input[index]: enc for index, enc in widened.get(node.output[0], {}).items()}
+            wide.update({name: wide_outputs[name] for name in node.output[:1] if name in wide_outputs})
             node_context = replace(context, activations={**activations, **wide})
         lowered = next((result for lower in LOWERINGS.get(node.op_type, LINEAR_LOWERINGS)
                         if (result := lower(node, node_context)) is not None), None)
@@ -130,7 +135,7 @@ def htp_simulation_model(
                                          activation.output[0]):
             absorbed.add(activation.output[0])
             requantized = activation.output[0]
-        if requantized in activations and requantized not in targets.squashed:
+        if requantized in activations and requantized not in targets.squashed and requantized not in wide_outputs:
             on_grid.append(requantized)
             codes = produced_codes(chain, requantized, activations[requantized].scale)
             if codes is not None:

@@ -1,0 +1,78 @@
+"""Where the HTP converts an 8-bit tensor to the same grid at 16 bits around an op.
+
+onnxruntime's quantizer writes a boundary between 8-bit and 16-bit regions as a DequantizeLinear
+then QuantizeLinear (a QNN Convert). The HTP emulator refuses to finalize a Div whose activation
+input and output differ in bitwidth (QNN_COMMON_ERROR_MEM_ALLOC when a Conv reads it, whatever the
+bitwidth of its constant; PP-OCR cls's hard-swish tails under automatic mixed precision;
+tools/HTP.md finding 16), and so it does a grouped Conv with unequal strides (PP-OCR cls's
+``conv10_depthwise``, strides [2, 1]; probed depthwise, per tensor and per channel), while Add, Mul,
+Sigmoid, a full Conv and a depthwise Conv with equal strides take such mixes. So these ops run at
+the wider of the two bitwidths, a Div's constant encoded at it (constants.constant_encodings), and
+the 8-bit side moves to the same grid at 16 bits (encoding.same_grid_wider): an 8-bit input is
+converted before the op, which loses nothing, and an 8-bit output is computed on the 16-bit grid and
+converted after it (a second rounding that differs from rounding once only at ties). The QDQ export
+writes the conversions; the HTP simulation computes an op with a converted input with the 16-bit
+encoding the HTP sees (for the Conv, the A16W8 rules), and one with a converted output in float
+with exact rounding, as before.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..graph.ops import node_attributes
+from ..graph.targets import QuantTargets
+from .encoding import Encoding, same_grid_wider
+
+
+def runs_at_wider_bitwidth(node: onnx.NodeProto) -> bool:
+    """Whether the HTP needs ``node``'s activation inputs and output at one bitwidth (module docstring)."""
+    if node.op_type == "Div":
+        return True
+    if node.op_type != "Conv":
+        return False
+    attributes = node_attributes(node)
+    return attributes.get("group", 1) > 1 and len(set(attributes.get("strides", [1]))) > 1
+
+
+def operating_bitwidth(node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding]) -> int | None:
+    """The bitwidth ``node`` computes in: its output's (that of a Relu/Clip squashed into it), or where
+    runs_at_wider_bitwidth the widest of its output and activation inputs; None when its output has
+    no encoding."""
+    output = activations.get(targets.squashed.get(node.output[0], node.output[0])) if node.output else None
+    if output is None:
+        return None
+    if not runs_at_wider_bitwidth(node):
+        return output.bitwidth
+    return max([output.bitwidth, *(activations[name].bitwidth for name in node.input if name in activations)])
+
+
+def widened_inputs(
+    graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
+) -> dict[str, dict[int, Encoding]]:
+    """For each node (by its first output) that reads an 8-bit activation converted to 16 bits: the
+    index of each such input and the 16-bit encoding it is converted to."""
+    widened: dict[str, dict[int, Encoding]] = {}
+    for node in graph.node:
+        if not runs_at_wider_bitwidth(node) or operating_bitwidth(node, targets, activations) != 16:
+            continue
+        for index, name in enumerate(node.input):
+            enc = activations.get(name)
+            if enc is not None and enc.bitwidth == 8 and not enc.is_symmetric:
+                widened.setdefault(node.output[0], {})[index] = same_grid_wider(enc, 16)
+    return widened
+
+
+def widened_outputs(
+    graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
+) -> dict[str, Encoding]:
+    """Each 8-bit output (by name) of a node that computes it at 16 bits, with the 16-bit encoding it
+    is computed in before it is converted."""
+    widened: dict[str, Encoding] = {}
+    for node in graph.node:
+        if not runs_at_wider_bitwidth(node) or operating_bitwidth(node, targets, activations) != 16:
+            continue
+        output = activations[targets.squashed.get(node.output[0], node.output[0])]
+        if output.bitwidth == 8 and not output.is_symmetric:
+            widened[node.output[0]] = same_grid_wider(output, 16)
+    return widened
