@@ -31,6 +31,7 @@ from .encode.ranges import (
     gathered_table_ranges,
     weight_encodings,
     widened_for_biases,
+    with_htp_fixed_encodings,
 )
 from .errors import OnnxSnpeError
 from .graph.control_flow import check_supported
@@ -433,6 +434,7 @@ def encode(
     fixed = {**(function_ranges(deploy) if settings.fixed_ranges else {}), **prepared.table_ranges}
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed, raised=sixteen_activations)
+    activations = with_htp_fixed_encodings(deploy, targets, activations)
     weights = weight_set(prepared, settings, sixteen_weights)
     if settings.bias_bitwidth == 32:  # a bias the HTP could not hold at s_in * s_w widens its weight's scale
         weights = widened_for_biases(deploy, targets, activations, weights)

@@ -67,6 +67,7 @@ from onnxsnpe.encode.ranges import (
     fixed_range_tensors,
     weight_encodings,
     widened_for_biases,
+    with_htp_fixed_encodings,
 )
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.deploy import prepare_deploy_model
@@ -127,6 +128,7 @@ def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8)
     targets = find_targets(deploy)
     stats = collect_statistics(deploy, targets.activations, calib, methods=["minmax"], floors=targets.floors())
     acts = activation_encodings(stats, targets, "minmax", act_bitwidth, fixed=fixed_range_tensors(deploy))
+    acts = with_htp_fixed_encodings(deploy, targets, acts)  # as the pipeline encodes (stages.encode)
     if weights_kind == "symmetric":
         weights = symmetric_weight_encodings(deploy, targets, 8)
     else:

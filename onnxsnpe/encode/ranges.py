@@ -39,6 +39,8 @@ from .tf_enhanced import tf_enhanced_range
 
 FIXED_RANGES = {"Sigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
 """Output ranges fixed by the function itself."""
+HTP_FIXED_16_BIT = {"HardSigmoid": Encoding(bitwidth=16, scale=2.0**-16, offset=0)}
+"""Output encodings the HTP uses at 16 bits whatever the graph says (tools/HTP.md finding 17)."""
 INT32_MAX = 2**31 - 1
 
 
@@ -124,6 +126,26 @@ def activation_encodings(
     for alias, root in targets.aliases.items():
         encodings[alias] = encodings[root]
     return encodings
+
+
+def with_htp_fixed_encodings(
+    model: onnx.ModelProto, targets: QuantTargets, activations: dict[str, Encoding]
+) -> dict[str, Encoding]:
+    """``activations`` with each 16-bit output of an op in HTP_FIXED_16_BIT (and its aliases) given
+    the encoding the HTP computes it in. The HTP writes a 16-bit HardSigmoid on the grid 2^-16 from
+    0 whatever encoding its output has (every one of the 65,536 input codes, four input and output
+    ranges): with a calibrated range such as [0, 0.6] the device's values would be garbage, up to
+    26,213 steps off. With this encoding the overrides say what the HTP computes."""
+    fixed = {}
+    for node in model.graph.node:
+        encoding = HTP_FIXED_16_BIT.get(node.op_type)
+        output = node.output[0] if node.output else None
+        if encoding is not None and output in activations and activations[output].bitwidth == 16:
+            fixed[output] = encoding
+    if not fixed:
+        return activations
+    aliases = {alias: fixed[root] for alias, root in targets.aliases.items() if root in fixed}
+    return {**activations, **fixed, **aliases}
 
 
 def weight_encodings(
