@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxsnpe.encode.constants import constant_encodings
 from onnxsnpe.encode.conversions import widened_inputs, widened_outputs
 from onnxsnpe.encode.encoding import asymmetric_encoding, dequantize, quantize, same_grid_wider, symmetric_encoding
-from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
+from onnxsnpe.encode.ranges import HTP_FIXED_16_BIT, bias_encodings, weight_encodings, with_htp_fixed_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.simulate import qdq as qdq_module
@@ -41,14 +41,18 @@ def test_a_symmetric_encoding_has_no_wider_grid() -> None:
 
 
 def _mixed(op: str, x_bits: int, d_bits: int, per_channel: bool = False):
-    """x -> op -> d -> 1x1 Conv -> y, ``op`` a Div by 6 or a depthwise 5x5 Conv with strides [2, 1]
-    (PP-OCR cls has both where automatic mixed precision raises one side to 16 bits); y is 16-bit."""
+    """x -> op -> d -> 1x1 Conv -> y, ``op`` a Div by 6, a HardSigmoid or a depthwise 5x5 Conv with
+    strides [2, 1] (the PP-OCR models have all three where automatic mixed precision raises one side
+    to 16 bits); y is 16-bit. The activations' encodings are the pipeline's (a 16-bit HardSigmoid
+    output takes the HTP's own)."""
     rng = np.random.default_rng(4)
     inits = [numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32) * 0.3, "w"),
              numpy_helper.from_array(rng.normal(size=8).astype(np.float32) * 0.1, "b")]
     if op == "Div":
         first = helper.make_node("Div", ["x", "six"], ["d"])
         inits.append(numpy_helper.from_array(np.array(6.0, np.float32), "six"))
+    elif op in ("HardSigmoid", "Sqrt"):
+        first = helper.make_node(op, ["x"], ["d"], **({"alpha": 0.2, "beta": 0.5} if op == "HardSigmoid" else {}))
     else:
         first = helper.make_node("Conv", ["x", "dw", "db"], ["d"], group=8, pads=[2, 2, 2, 2], strides=[2, 1])
         inits += [numpy_helper.from_array(rng.normal(size=(8, 1, 5, 5)).astype(np.float32) * 0.1, "dw"),
@@ -61,13 +65,15 @@ def _mixed(op: str, x_bits: int, d_bits: int, per_channel: bool = False):
     targets = find_targets(model)
     acts = {"x": asymmetric_encoding(-0.4, 9.0, x_bits), "d": asymmetric_encoding(-1.5, 1.5, d_bits),
             "y": asymmetric_encoding(-4.0, 4.0, 16)}
+    acts = with_htp_fixed_encodings(model, targets, acts)
     weights = weight_encodings(model, targets, 8, per_channel=per_channel)
     params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
     params.update(constant_encodings(model, targets, params, 8, acts))
     return model, targets, acts, params
 
 
-CASES = [("Div", 8, 16), ("Div", 16, 8), ("Conv", 8, 16), ("Conv", 16, 8)]
+CASES = [("Div", 8, 16), ("Div", 16, 8), ("HardSigmoid", 8, 16), ("HardSigmoid", 16, 8), ("Conv", 8, 16),
+         ("Conv", 16, 8)]
 
 
 def _sample(enc, seed: int = 1) -> dict[str, np.ndarray]:
@@ -92,7 +98,8 @@ def test_the_8_bit_side_of_a_mixed_op_is_converted_on_the_16_bit_grid(monkeypatc
     if x_bits == 8:
         assert inputs == {"d": {0: same_grid_wider(acts["x"], 16)}} and outputs == {}
     else:
-        assert inputs == {} and outputs == {"d": same_grid_wider(acts["d"], 16)}
+        computed = HTP_FIXED_16_BIT.get(op) or same_grid_wider(acts["d"], 16)
+        assert inputs == {} and outputs == {"d": computed}
     if op == "Div":
         assert params["six"].bitwidth == 16  # the Div computes in 16 bits either way
     qdq = build_qdq_model(model, targets, acts, params)
@@ -131,3 +138,13 @@ def test_the_htp_runs_a_mixed_op_only_with_its_8_bit_side_converted(monkeypatch,
             assert np.mean(steps > 0.5) < 0.02
         if d_bits == 16:
             assert (np.abs(y - htp_y) / np.float32(acts["y"].scale)).max() <= 2
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("x_bits, d_bits", [(8, 16), (16, 8)])
+def test_the_htp_runs_a_mixed_sqrt_only_with_its_8_bit_side_converted(monkeypatch, x_bits, d_bits) -> None:
+    """PP-OCRv4 rec's Sqrt under automatic mixed precision (tools/probe_mixed.py)."""
+    model, targets, acts, params = _mixed("Sqrt", x_bits, d_bits)
+    with pytest.raises(OnnxSnpeError, match="rejected"):
+        HtpSession(_unconverted(monkeypatch, model, targets, acts, params), {"x": acts["x"]})
+    HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]})

@@ -28,7 +28,9 @@ from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.simulate import qdq as qdq_module
 from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason
 
-OPS = ("Div", "Mul", "Add", "Sigmoid", "depthwise 1,1", "depthwise 2,2", "depthwise 2,1", "depthwise 1,2")
+OPS = ("Div", "Mul", "Add", "Sigmoid", "HardSigmoid", "Tanh", "Relu", "Erf", "Sqrt", "Softmax", "ReduceMean",
+       "GlobalAveragePool", "MatMul", "depthwise 1,1", "depthwise 2,2", "depthwise 2,1", "depthwise 1,2")
+UNARY = ("Sigmoid", "HardSigmoid", "Tanh", "Relu", "Erf", "Sqrt", "GlobalAveragePool")
 MIXES = list(itertools.product((8, 16), repeat=3))
 
 
@@ -42,8 +44,14 @@ def probe_model(op: str, x_bits: int, d_bits: int, y_bits: int, per_channel: boo
         first = helper.make_node("Conv", ["x", "dw", "db"], ["d"], group=8, pads=[2, 2, 2, 2], strides=strides)
         inits += [numpy_helper.from_array(rng.normal(size=(8, 1, 5, 5)).astype(np.float32) * 0.1, "dw"),
                   numpy_helper.from_array(rng.normal(size=8).astype(np.float32) * 0.1, "db")]
-    elif op == "Sigmoid":
-        first = helper.make_node("Sigmoid", ["x"], ["d"])
+    elif op in UNARY:
+        first = helper.make_node(op, ["x"], ["d"])
+    elif op == "Softmax":
+        first = helper.make_node("Softmax", ["x"], ["d"], axis=-1)
+    elif op == "ReduceMean":
+        first = helper.make_node("ReduceMean", ["x"], ["d"], axes=[3], keepdims=1)
+    elif op == "MatMul":  # two activations: x times its transpose
+        first = helper.make_node("MatMul", ["x", "x"], ["d"])
     else:
         first = helper.make_node(op, ["x", "six"], ["d"])
         inits.append(numpy_helper.from_array(np.array(6.0, np.float32), "six"))

@@ -4,9 +4,10 @@ onnxruntime's quantizer writes a boundary between 8-bit and 16-bit regions as a 
 then QuantizeLinear (a QNN Convert). The HTP emulator refuses to finalize a Div whose activation
 input and output differ in bitwidth (QNN_COMMON_ERROR_MEM_ALLOC when a Conv reads it, whatever the
 bitwidth of its constant; PP-OCR cls's hard-swish tails under automatic mixed precision;
-tools/HTP.md finding 16), and so it does a grouped Conv with unequal strides (PP-OCR cls's
-``conv10_depthwise``, strides [2, 1]; probed depthwise, per tensor and per channel), while Add, Mul,
-Sigmoid, a full Conv and a depthwise Conv with equal strides take such mixes. So these ops run at
+tools/HTP.md finding 16), and so it does a HardSigmoid, a Sqrt (PP-OCRv4 rec) and a grouped Conv
+with unequal strides (PP-OCR cls's ``conv10_depthwise``, strides [2, 1]; probed depthwise, per
+tensor and per channel), while Add, Mul, Sigmoid, Tanh, Relu, Erf, Softmax, ReduceMean,
+GlobalAveragePool, MatMul, a full Conv and a depthwise Conv with equal strides take such mixes. So these ops run at
 the wider of the two bitwidths, a Div's constant encoded at it (constants.constant_encodings), and
 the 8-bit side moves to the same grid at 16 bits (encoding.same_grid_wider): an 8-bit input is
 converted before the op, which loses nothing, and an 8-bit output is computed on the 16-bit grid and
@@ -23,11 +24,15 @@ import onnx
 from ..graph.ops import node_attributes
 from ..graph.targets import QuantTargets
 from .encoding import Encoding, same_grid_wider
+from .ranges import HTP_FIXED_16_BIT
+
+ONE_BITWIDTH_OPS = ("Div", "HardSigmoid", "Sqrt")
+"""Op types the HTP runs only with their activation inputs and output at one bitwidth."""
 
 
 def runs_at_wider_bitwidth(node: onnx.NodeProto) -> bool:
     """Whether the HTP needs ``node``'s activation inputs and output at one bitwidth (module docstring)."""
-    if node.op_type == "Div":
+    if node.op_type in ONE_BITWIDTH_OPS:
         return True
     if node.op_type != "Conv":
         return False
@@ -67,12 +72,13 @@ def widened_outputs(
     graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
 ) -> dict[str, Encoding]:
     """Each 8-bit output (by name) of a node that computes it at 16 bits, with the 16-bit encoding it
-    is computed in before it is converted."""
+    is computed in before it is converted: the same grid at 16 bits, or the one the HTP fixes for
+    the op (ranges.HTP_FIXED_16_BIT: a HardSigmoid's)."""
     widened: dict[str, Encoding] = {}
     for node in graph.node:
         if not runs_at_wider_bitwidth(node) or operating_bitwidth(node, targets, activations) != 16:
             continue
         output = activations[targets.squashed.get(node.output[0], node.output[0])]
         if output.bitwidth == 8 and not output.is_symmetric:
-            widened[node.output[0]] = same_grid_wider(output, 16)
+            widened[node.output[0]] = HTP_FIXED_16_BIT.get(node.op_type) or same_grid_wider(output, 16)
     return widened
