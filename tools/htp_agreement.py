@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -328,7 +329,9 @@ def matrix_table(results: list[dict]) -> str:
         head = f"| {result['model']} | {result['weights']} | {result['activations']} |"
         refused = [row for row in result["rows"] if "refused" in row]
         if refused:
-            lines.append(f"{head} | | refused by the emulator ({refused[0]['refused']}) | | |")
+            reason = re.search(r"QNN_\w+|INVALID_GRAPH|Unrecognized attribute[^,.]*", refused[0]["refused"])
+            why = reason.group(0) if reason else refused[0]["refused"]
+            lines.append(f"{head} | | refused by the emulator ({why}) | | |")
             continue
         outputs = list(dict.fromkeys(row["name"] for row in result["rows"]))
         for output in outputs:
