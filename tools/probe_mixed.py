@@ -29,7 +29,8 @@ from onnxsnpe.simulate import qdq as qdq_module
 from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason
 
 OPS = ("Div", "Mul", "Add", "Sigmoid", "HardSigmoid", "Tanh", "Relu", "Erf", "Sqrt", "Softmax", "ReduceMean",
-       "GlobalAveragePool", "MatMul", "depthwise 1,1", "depthwise 2,2", "depthwise 2,1", "depthwise 1,2")
+       "GlobalAveragePool", "MatMul", "MatMul weight", "depthwise 1,1", "depthwise 2,2", "depthwise 2,1",
+       "depthwise 1,2")
 UNARY = ("Sigmoid", "HardSigmoid", "Tanh", "Relu", "Erf", "Sqrt", "GlobalAveragePool")
 MIXES = list(itertools.product((8, 16), repeat=3))
 
@@ -50,8 +51,11 @@ def probe_model(op: str, x_bits: int, d_bits: int, y_bits: int, per_channel: boo
         first = helper.make_node("Softmax", ["x"], ["d"], axis=-1)
     elif op == "ReduceMean":
         first = helper.make_node("ReduceMean", ["x"], ["d"], axes=[3], keepdims=1)
-    elif op == "MatMul":  # two activations: x times its transpose
+    elif op == "MatMul":  # two activations: x times itself
         first = helper.make_node("MatMul", ["x", "x"], ["d"])
+    elif op == "MatMul weight":  # a constant weight (a FullyConnected on the HTP)
+        first = helper.make_node("MatMul", ["x", "mw"], ["d"])
+        inits.append(numpy_helper.from_array(rng.normal(size=(12, 12)).astype(np.float32) * 0.3, "mw"))
     else:
         first = helper.make_node(op, ["x", "six"], ["d"])
         inits.append(numpy_helper.from_array(np.array(6.0, np.float32), "six"))
