@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.encode.constants import constant_encodings
-from onnxsnpe.encode.conversions import widened_inputs, widened_outputs
+from onnxsnpe.encode.conversions import HTP_FIXED_16_BIT, widened_inputs, widened_outputs
 from onnxsnpe.encode.encoding import asymmetric_encoding, dequantize, quantize, same_grid_wider, symmetric_encoding
-from onnxsnpe.encode.ranges import HTP_FIXED_16_BIT, bias_encodings, weight_encodings, with_htp_fixed_encodings
+from onnxsnpe.encode.ranges import bias_encodings, weight_encodings, with_htp_fixed_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.simulate import qdq as qdq_module

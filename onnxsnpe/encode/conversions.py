@@ -24,8 +24,10 @@ import onnx
 from ..graph.ops import node_attributes
 from ..graph.targets import QuantTargets
 from .encoding import Encoding, same_grid_wider
-from .ranges import HTP_FIXED_16_BIT
 
+HTP_FIXED_16_BIT = {"HardSigmoid": Encoding(bitwidth=16, scale=2.0**-16, offset=0)}
+"""Output encodings the HTP uses at 16 bits whatever the graph says (tools/HTP.md finding 17;
+ranges.with_htp_fixed_encodings gives them)."""
 ONE_BITWIDTH_OPS = ("Div", "HardSigmoid", "Sqrt")
 """Op types the HTP runs only with their activation inputs and output at one bitwidth."""
 
@@ -73,7 +75,7 @@ def widened_outputs(
 ) -> dict[str, Encoding]:
     """Each 8-bit output (by name) of a node that computes it at 16 bits, with the 16-bit encoding it
     is computed in before it is converted: the same grid at 16 bits, or the one the HTP fixes for
-    the op (ranges.HTP_FIXED_16_BIT: a HardSigmoid's)."""
+    the op (HTP_FIXED_16_BIT: a HardSigmoid's)."""
     widened: dict[str, Encoding] = {}
     for node in graph.node:
         if not runs_at_wider_bitwidth(node) or operating_bitwidth(node, targets, activations) != 16:

@@ -23,6 +23,7 @@ from ..graph.large import initializer_array
 from ..graph.load import FLOAT_TYPES, initializer_values
 from ..graph.targets import QuantTargets
 from ..stats.tensor_stats import TensorStats
+from .conversions import HTP_FIXED_16_BIT
 from .encoding import (
     ChannelEncodings,
     Encoding,
@@ -39,8 +40,6 @@ from .tf_enhanced import tf_enhanced_range
 
 FIXED_RANGES = {"Sigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
 """Output ranges fixed by the function itself."""
-HTP_FIXED_16_BIT = {"HardSigmoid": Encoding(bitwidth=16, scale=2.0**-16, offset=0)}
-"""Output encodings the HTP uses at 16 bits whatever the graph says (tools/HTP.md finding 17)."""
 INT32_MAX = 2**31 - 1
 
 
