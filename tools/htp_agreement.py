@@ -294,10 +294,10 @@ MATRIX_WEIGHTS = ("asymmetric", "per-channel")
 MATRIX_ACTIVATIONS = ("A8", "A16", "auto")
 
 
-def measure_config(key: str, crops: Path | None, weights_kind: str, activations: str, target_sqnr: float,
+def measure_config(key: str, crops: Path | None, weights_kind: str, activations: str, target_sqnr: float | None,
                    extra_crops: int) -> list[dict]:
-    """One model in one configuration of the matrix: its agreement rows, or one row saying why the
-    emulator refused it."""
+    """One model in one configuration (``activations``: A8, A16 or auto precision at ``target_sqnr``):
+    its agreement rows, or one row saying why the emulator refused it."""
     try:
         if activations == "auto":
             if key == "minilm":
@@ -403,19 +403,14 @@ def main() -> int:
             if (key == "minilm" or args.auto_precision is not None) and args.weights == "symmetric":
                 refused.append(f"- {key}: not measured: per-tensor symmetric weights are not a pipeline option")
                 continue
-            try:
-                if key == "minilm":
-                    rows.extend(measure_minilm(args.weights, args.act_bitwidth, min(32, 8 + args.extra_crops // 2),
-                                               args.auto_precision))
-                elif args.auto_precision is not None:
-                    rows.extend(measure_auto_precision(key, crops, args.weights, args.auto_precision))
-                else:
-                    rows.extend(measure(key, crops, args.weights, args.act_bitwidth))
+            mode = "auto" if args.auto_precision is not None else f"A{args.act_bitwidth}"
+            found = measure_config(key, crops, args.weights, mode, args.auto_precision, args.extra_crops)
+            if "refused" in found[0]:  # the emulator refused the model: go on
+                refused.append(f"- {key}: not measured: {found[0]['refused']}")
+            else:
+                rows.extend(found)
+                if key != "minilm" and mode != "auto":
                     measured.append(key)
-            except OnnxSnpeError as exc:
-                if not str(exc).startswith("the QNN HTP backend rejected"):
-                    raise
-                refused.append(f"- {key}: not measured: {exc}")  # the emulator refused the model: go on
             print(f"{key}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(table(rows))
     print("\n".join(refused))

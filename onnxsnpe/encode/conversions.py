@@ -4,7 +4,7 @@ onnxruntime's quantizer writes a boundary between 8-bit and 16-bit regions as a 
 then QuantizeLinear (a QNN Convert). The HTP emulator refuses to finalize a Div whose activation
 input and output differ in bitwidth (QNN_COMMON_ERROR_MEM_ALLOC when a Conv reads it, whatever the
 bitwidth of its constant; PP-OCR cls's hard-swish tails under automatic mixed precision;
-tools/HTP.md finding 16), and so it does a HardSigmoid, a Sqrt (PP-OCRv4 rec) and a grouped Conv
+tools/HTP.md finding 16), and so it does a HardSigmoid (PP-OCRv4 rec), a Sqrt (probes) and a grouped Conv
 with unequal strides (PP-OCR cls's ``conv10_depthwise``, strides [2, 1]; probed depthwise, per
 tensor and per channel), while Add, Mul, Sigmoid, Tanh, Relu, Erf, Softmax, ReduceMean,
 GlobalAveragePool, MatMul, a full Conv and a depthwise Conv with equal strides take such mixes. So these ops run at
@@ -18,6 +18,8 @@ with exact rounding, as before.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import onnx
 
@@ -54,15 +56,21 @@ def operating_bitwidth(node: onnx.NodeProto, targets: QuantTargets, activations:
     return max([output.bitwidth, *(activations[name].bitwidth for name in node.input if name in activations)])
 
 
+def _computing_at_16_bits(
+    graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
+) -> Iterator[onnx.NodeProto]:
+    """The nodes that need one bitwidth (runs_at_wider_bitwidth) and compute in 16 bits."""
+    return (node for node in graph.node
+            if runs_at_wider_bitwidth(node) and operating_bitwidth(node, targets, activations) == 16)
+
+
 def widened_inputs(
     graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
 ) -> dict[str, dict[int, Encoding]]:
     """For each node (by its first output) that reads an 8-bit activation converted to 16 bits: the
     index of each such input and the 16-bit encoding it is converted to."""
     widened: dict[str, dict[int, Encoding]] = {}
-    for node in graph.node:
-        if not runs_at_wider_bitwidth(node) or operating_bitwidth(node, targets, activations) != 16:
-            continue
+    for node in _computing_at_16_bits(graph, targets, activations):
         for index, name in enumerate(node.input):
             enc = activations.get(name)
             if enc is not None and enc.bitwidth == 8 and not enc.is_symmetric:
@@ -77,9 +85,7 @@ def widened_outputs(
     is computed in before it is converted: the same grid at 16 bits, or the one the HTP fixes for
     the op (HTP_FIXED_16_BIT: a HardSigmoid's)."""
     widened: dict[str, Encoding] = {}
-    for node in graph.node:
-        if not runs_at_wider_bitwidth(node) or operating_bitwidth(node, targets, activations) != 16:
-            continue
+    for node in _computing_at_16_bits(graph, targets, activations):
         output = activations[targets.squashed.get(node.output[0], node.output[0])]
         if output.bitwidth == 8 and not output.is_symmetric:
             widened[node.output[0]] = HTP_FIXED_16_BIT.get(node.op_type) or same_grid_wider(output, 16)
