@@ -97,8 +97,8 @@ def test_evaluation_equals_the_per_tensor_numpy_computation(efficientnet):
 
 
 def test_fold_matches_numpy_on_awkward_values():
-    """NaN, infinities, values beyond both ends, a narrow range far from zero, a tensor of 7 values,
-    every bin edge and its float32 neighbours."""
+    """NaN, infinities (in the reference, and in the simulation only), values beyond both ends, a
+    narrow range far from zero, a tensor of 7 values, every bin edge and its float32 neighbours."""
     rng = np.random.default_rng(0)
     refs = [rng.normal(size=100_003).astype(np.float32) * 3, rng.normal(1000, 0.01, 50_000).astype(np.float32),
             rng.normal(size=7).astype(np.float32)]
@@ -108,6 +108,7 @@ def test_fold_matches_numpy_on_awkward_values():
         ref[5:5 + 3 * edges.size] = np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)),
                                                     np.nextafter(edges, np.float32(np.inf))])
     sims = [r + rng.normal(size=r.size).astype(np.float32) * 0.01 for r in refs]
+    sims[1][9] = np.inf  # a simulated value overflows where the reference is finite
     ranges = [(-2.3, 4.1), (999.98123, 1000.0214), (-0.7, 0.7)]
     thresholds = [(-2.0000001, 3.9), (999.99, 1000.01), (-0.5, 0.5)]
     accumulator = Accumulator(3, HISTOGRAM_BINS)
