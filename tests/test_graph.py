@@ -112,3 +112,33 @@ def test_tiny_model_targets(tiny_model):
     biases = [(b.bias, b.weight, b.input) for b in targets.biases]
     assert biases == [("conv.b", "conv.w", "x"), ("fc.b", "fc.w", "flat")]
     onnx.checker.check_model(deploy)
+
+
+def test_sessions_leave_out_nodes_no_output_depends_on():
+    """A node that leads to no output is dropped; one read only inside an If's branch, or exposed as an
+    extra output, stays, and the session's values do not change."""
+    from onnxsnpe.graph.runtime import without_unused_nodes
+
+    value = helper.make_tensor_value_info
+    then_branch = helper.make_graph([helper.make_node("Mul", ["inner", "inner"], ["then_out"])], "then", [],
+                                    [value("then_out", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["else_out"])], "else", [],
+                                    [value("else_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Relu", ["x"], ["inner"]),  # read only by the If's then branch
+             helper.make_node("Exp", ["x"], ["dead"]),
+             helper.make_node("Sigmoid", ["dead"], ["dead_too"]),
+             helper.make_node("Abs", ["x"], ["exposed"]),
+             helper.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(nodes, "g", [value("x", TensorProto.FLOAT, [3]), value("flag", TensorProto.BOOL, [])],
+                              [value("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    without_unused_nodes(pruned.graph)
+    assert [n.op_type for n in pruned.graph.node] == ["Relu", "If"]
+    x = np.array([-1.0, 0.5, 2.0], dtype=np.float32)
+    session = make_session(model, ["exposed"])
+    assert len(model.graph.node) == 5  # the caller's model is not changed
+    y, exposed = session.run(None, {"x": x, "flag": np.array(True)})
+    np.testing.assert_array_equal(y, np.maximum(x, 0) ** 2)
+    np.testing.assert_array_equal(exposed, np.abs(x))

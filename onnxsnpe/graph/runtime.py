@@ -15,7 +15,10 @@ def make_session(model: onnx.ModelProto, extra_outputs: list[str] = (), threads:
     ``threads`` threads (0: onnxruntime's default, every core).
 
     Full graph optimization (about 3x faster here than basic); onnxruntime keeps every tensor
-    exposed as an output, so the tensors we observe are never fused away.
+    exposed as an output, so the tensors we observe are never fused away. Nodes that lead to none of
+    the session's outputs are left out: onnxruntime would run them (a simulation measured on its
+    outputs alone has one dequantizing Mul per tensor that nothing reads: 58 of EfficientNet-Lite0's,
+    a seventh of its time at 8 bits).
     """
     def expose(exposed: onnx.ModelProto) -> None:
         present = {o.name for o in exposed.graph.output}
@@ -30,6 +33,7 @@ def make_session(model: onnx.ModelProto, extra_outputs: list[str] = (), threads:
             else:
                 value.type.CopyFrom(helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
             present.add(name)
+        without_unused_nodes(exposed.graph)
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -44,3 +48,30 @@ def make_session(model: onnx.ModelProto, extra_outputs: list[str] = (), threads:
     except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OnnxSnpeError(f"onnxruntime cannot run the model: {message}") from exc
+
+
+def without_unused_nodes(graph: onnx.GraphProto) -> None:
+    """Remove the nodes none of ``graph``'s outputs depends on (a subgraph's reads of outer names count
+    as its node's inputs); ``graph`` is in topological order, as ONNX requires."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(_names_read(node))
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+
+
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name ``node`` reads, its subgraphs' included (a subgraph's own names among them:
+    harmless, they are produced inside)."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for subgraph in [attribute.g, *attribute.graphs] if attribute.type in (
+                onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []:
+            for inner in subgraph.node:
+                names |= _names_read(inner)
+            names.update(o.name for o in subgraph.output)
+    return names
