@@ -35,12 +35,12 @@ def int8_weights(codes: np.ndarray, axis: int, in_place: bool = False) -> tuple[
     values = codes if in_place else np.array(codes, copy=True)
     moved = np.moveaxis(values, axis, 0)  # a view: channels re-expressed in place
     steps = np.ones(moved.shape[0])
-    for channel in range(moved.shape[0]):
-        row = moved[channel]
-        low, high = float(row.min()), float(row.max())
-        if low >= INT8_LOW and high <= INT8_HIGH:
-            continue
+    flat = moved.reshape(moved.shape[0], -1)  # for the channels' extremes in one call each
+    lows, highs = flat.min(axis=1), flat.max(axis=1)
+    for channel in np.flatnonzero((lows < INT8_LOW) | (highs > INT8_HIGH)):
+        low, high = float(lows[channel]), float(highs[channel])
         steps[channel] = np.round(STEP_RESOLUTION * max(low / INT8_LOW, high / INT8_HIGH)) / STEP_RESOLUTION
+        row = moved[channel]
         row[...] = round_half_away(row.astype(np.float64) / steps[channel])
     return values, steps
 
