@@ -530,3 +530,29 @@ def test_the_htp_computes_a_16_bit_hard_sigmoid_on_its_own_grid() -> None:
             assert steps.max() > worst
         else:
             assert steps.max() <= 1.01 and np.mean(steps > 0.5) < 0.002
+
+
+def test_the_folded_requantization_constant_gives_the_unfolded_codes() -> None:
+    """``t m + (c m + 1/2 - z)`` where that constant is exact, ``(t + c) m + 1/2`` then ``- z`` where it
+    is not (a constant of 2^52: only then): the same codes on truncated sums ``t`` from below the output
+    range to beyond it."""
+    from onnxsnpe.graph.runtime import make_session
+    from onnxsnpe.simulate.htp.codes import with_output_codes
+    from onnxsnpe.simulate.htp.wide import _requantized
+
+    y_enc = asymmetric_encoding(-3.0, 5.0, 16)
+    mantissa = np.array([0.0009765625 * 1.375, 0.00048828125 * 1.9990234375])  # float16 values, 11 bits
+    sums = np.concatenate([np.arange(-2**21, 2**21, 37.0), [-2.0**31, 2.0**31 - 1]])
+    for constant, exact in ((np.array([312_411.0, -7_001.0]), True), (np.array([2.0**52 + 2, 3.0]), False)):
+        t = sums[None, None, :] - (0 if exact else constant[None, :, None])  # exact float64 integers
+        nodes, inits, centered = _requantized("p/", "t", constant, mantissa, y_enc, (1, -1, 1))
+        assert centered is exact
+        chain, inits, _ = with_output_codes(nodes, inits, "p/", y_enc, "p/real_half", "y", centered)
+        graph = helper.make_graph(chain, "requant", [helper.make_tensor_value_info("t", TensorProto.DOUBLE, t.shape)],
+                                  [helper.make_tensor_value_info("p/code_centered", TensorProto.FLOAT, None)], inits)
+        got = make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])).run(None, {"t": t})[0]
+        real = (t + constant.reshape(1, -1, 1)) * mantissa.reshape(1, -1, 1)  # exact in float64 here
+        want = np.clip(np.floor(real + 0.5), 0, y_enc.levels) + y_enc.offset
+        np.testing.assert_array_equal(got, want)
+        inside = (want > y_enc.offset) & (want < y_enc.levels + y_enc.offset)
+        assert inside[0, 0].any() and inside[0, 1].any() and not inside.all()

@@ -125,13 +125,14 @@ def integer_op(
         chain += [make("Mul", [p + "shifted", p + "factor"], [p + "scaled"]),
                   make("Floor", [p + "scaled"], [p + "truncated"])]
     if not exact_in_float32(mantissa):
-        inits += [numpy_helper.from_array(mantissa, p + "mantissa"), numpy_helper.from_array(np.array(0.5), p + "half")]
+        inits += [numpy_helper.from_array(mantissa, p + "mantissa"),
+                  numpy_helper.from_array(np.array(0.5 + y_enc.offset), p + "half")]
         chain += [
             make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
             make("Mul", [p + "truncated64", p + "mantissa"], [p + "real"]),  # exact in float64, not float32
-            make("Add", [p + "real", p + "half"], [p + "real_half"]),
+            make("Add", [p + "real", p + "half"], [p + "real_half"]),  # exact where the code is in range
         ]
-        chain, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "real_half", output)
+        chain, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "real_half", output, centered=True)
         return chain, inits
     zero_point = -y_enc.offset
     inits += [
@@ -165,30 +166,37 @@ def exact_in_float32(mantissa: np.ndarray) -> bool:
 
 
 def with_output_codes(
-    chain: list[onnx.NodeProto], inits: list[onnx.TensorProto], p: str, y_enc: Encoding, shifted: str, output: str
+    chain: list[onnx.NodeProto], inits: list[onnx.TensorProto], p: str, y_enc: Encoding, shifted: str, output: str,
+    centered: bool = False,
 ) -> Lowered:
     """Append the requantized output to ``chain``: ``output = (clamp(floor(shifted)) - z_out) * s_out``.
 
     ``shifted`` is the float64 output code plus one half, so the floor rounds ties up as the HTP
-    does; the code is clamped to the encoding's range and dequantized in float32. Returns the lowering
-    (nodes, initializers, no params consumed).
+    does; the code is clamped to the encoding's range and dequantized in float32. With ``centered``
+    the caller has subtracted ``z_out`` already (where that is exact: an integer off an exact sum),
+    and the clamp moves by it instead, one pass fewer. Returns the lowering (nodes, initializers, no
+    params consumed).
     """
     make = helper.make_node
+    zero_point = -y_enc.offset
+    low, high = (-zero_point, y_enc.levels - zero_point) if centered else (0, y_enc.levels)
     inits = [
         *inits,
-        numpy_helper.from_array(np.array(0.0, dtype=np.float32), p + "low"),
-        numpy_helper.from_array(np.array(y_enc.levels, dtype=np.float32), p + "high"),
-        numpy_helper.from_array(np.array(-y_enc.offset, dtype=np.float32), p + "zero_point"),
+        numpy_helper.from_array(np.array(low, dtype=np.float32), p + "low"),
+        numpy_helper.from_array(np.array(high, dtype=np.float32), p + "high"),
         numpy_helper.from_array(np.array(y_enc.scale, dtype=np.float32), p + "out_scale"),
     ]
+    code = p + ("code_centered" if centered else "code")
     chain = [
         *chain,
         make("Floor", [shifted], [p + "rounded64"]),
         make("Cast", [p + "rounded64"], [p + "rounded"], to=onnx.TensorProto.FLOAT),
-        make("Clip", [p + "rounded", p + "low", p + "high"], [p + "code"]),
-        make("Sub", [p + "code", p + "zero_point"], [p + "code_centered"]),
-        make("Mul", [p + "code_centered", p + "out_scale"], [output]),
+        make("Clip", [p + "rounded", p + "low", p + "high"], [code]),
     ]
+    if not centered:
+        inits.append(numpy_helper.from_array(np.array(zero_point, dtype=np.float32), p + "zero_point"))
+        chain.append(make("Sub", [code, p + "zero_point"], [p + "code_centered"]))
+    chain.append(make("Mul", [p + "code_centered", p + "out_scale"], [output]))
     return chain, inits, set()
 
 

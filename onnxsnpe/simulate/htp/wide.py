@@ -27,6 +27,8 @@ exact in float32 (``2^d * |w| * fan-in <= 2^24``), combined in float64 (_chain).
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -161,9 +163,6 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
         numpy_helper.from_array(np.array(2.0**-SHIFT, dtype=np.float32), p + "down"),
         numpy_helper.from_array(np.array(2.0**SHIFT, dtype=np.float32), p + "up"),
         numpy_helper.from_array(rest.astype(np.float32).reshape(channel), p + "rest"),
-        numpy_helper.from_array((whole + constant).reshape(channel), p + "constant"),  # float64: up to z_out / M
-        numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
-        numpy_helper.from_array(np.array(0.5), p + "half"),
     ]
     make = helper.make_node
     nodes += [make("Mul", [p + "x", p + "down"], [p + "x_down"]),
@@ -182,11 +181,10 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
               make("Mul", [p + "byte_low_rest", p + "down"], [p + "byte_low_down"]),
               make("Floor", [p + "byte_low_down"], [p + "carry"]),
               make("Add", [p + "byte_high_sum", p + "carry"], [p + "truncated"]),
-              make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
-              make("Add", [p + "truncated64", p + "constant"], [p + "t"]),
-              make("Mul", [p + "t", p + "mantissa"], [p + "real"]),
-              make("Add", [p + "real", p + "half"], [p + "real_half"])]
-    chain, inits, _ = with_output_codes(nodes, inits, p, y_enc, p + "real_half", node.output[0])
+              make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE)]
+    requant, requant_inits, centered = _requantized(p, p + "truncated64", whole + constant, mantissa, y_enc, channel)
+    chain, inits, _ = with_output_codes(nodes + requant, inits + requant_inits, p, y_enc, p + "real_half",
+                                        node.output[0], centered)
     return chain, inits
 
 
@@ -204,9 +202,6 @@ def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.nda
         numpy_helper.from_array(np.array(2.0**digit_bits, dtype=np.float32), p + "digit_up"),
         numpy_helper.from_array(zero_sum.reshape(channel), p + "zero_sum"),
         numpy_helper.from_array(np.array(2.0**-shift), p + "shift"),
-        numpy_helper.from_array(constant.reshape(channel), p + "constant"),
-        numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
-        numpy_helper.from_array(np.array(0.5), p + "half"),
     ]
     make = helper.make_node
     rest, position, weighted = p + "x", 0, []
@@ -236,9 +231,34 @@ def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.nda
         rest, position = digit + "_rest", position + 1
     nodes += [make("Sum", [*weighted, p + "zero_sum"], [p + "input_sum"]),  # sum(u w), exact in float64
               make("Mul", [p + "input_sum", p + "shift"], [p + "input_shifted"]),
-              make("Floor", [p + "input_shifted"], [p + "truncated"]),
-              make("Add", [p + "truncated", p + "constant"], [p + "t"]),
-              make("Mul", [p + "t", p + "mantissa"], [p + "real"]),
-              make("Add", [p + "real", p + "half"], [p + "real_half"])]
-    chain, inits, _ = with_output_codes(nodes, inits, p, y_enc, p + "real_half", node.output[0])
+              make("Floor", [p + "input_shifted"], [p + "truncated"])]
+    requant, requant_inits, centered = _requantized(p, p + "truncated", constant, mantissa, y_enc, channel)
+    chain, inits, _ = with_output_codes(nodes + requant, inits + requant_inits, p, y_enc, p + "real_half",
+                                        node.output[0], centered)
     return chain, inits
+
+
+def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndarray, y_enc: Encoding,
+                 channel: tuple[int, ...]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], bool]:
+    """Nodes making ``p + "real_half"``, the float64 output code plus one half, from the truncated
+    sum ``t`` (float64) and the per-channel integer ``constant`` ``c`` and multiplier ``m``; and
+    whether it is centered (with_output_codes). ``(t + c) m + 1/2 - z_out`` is computed as
+    ``t m + (c m + 1/2 - z_out)``, one pass fewer, where the folded constant is exact in float64
+    (always, for the encodings seen): ``t m`` is exact (an int32 times 11 to 15 significant bits),
+    so the sum is the exact value wherever the code is in range, and beyond it float64's monotone
+    rounding keeps it beyond the clamp, as before."""
+    make = helper.make_node
+    folded = constant * mantissa + (0.5 + y_enc.offset)
+    if all(Fraction(f) == Fraction(c) * Fraction(m) + Fraction(1, 2) + y_enc.offset
+           for f, c, m in zip(folded.ravel(), constant.ravel(), np.broadcast_to(mantissa, constant.shape).ravel(),
+                              strict=True)):
+        inits = [numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
+                 numpy_helper.from_array(folded.reshape(channel), p + "constant")]
+        return [make("Mul", [truncated, p + "mantissa"], [p + "real"]),
+                make("Add", [p + "real", p + "constant"], [p + "real_half"])], inits, True
+    inits = [numpy_helper.from_array(constant.reshape(channel), p + "constant"),  # float64: up to z_out / M
+             numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
+             numpy_helper.from_array(np.array(0.5), p + "half")]
+    return [make("Add", [truncated, p + "constant"], [p + "t"]),
+            make("Mul", [p + "t", p + "mantissa"], [p + "real"]),
+            make("Add", [p + "real", p + "half"], [p + "real_half"])], inits, False
