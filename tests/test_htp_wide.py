@@ -538,7 +538,7 @@ def test_the_folded_requantization_constant_gives_the_unfolded_codes() -> None:
     range to beyond it."""
     from onnxsnpe.graph.runtime import make_session
     from onnxsnpe.simulate.htp.codes import with_output_codes
-    from onnxsnpe.simulate.htp.wide import _requantized
+    from onnxsnpe.simulate.htp.wide import _exact_fold, _requantized
 
     y_enc = asymmetric_encoding(-3.0, 5.0, 16)
     mantissa = np.array([0.0009765625 * 1.375, 0.00048828125 * 1.9990234375])  # float16 values, 11 bits
@@ -556,3 +556,9 @@ def test_the_folded_requantization_constant_gives_the_unfolded_codes() -> None:
         np.testing.assert_array_equal(got, want)
         inside = (want > y_enc.offset) & (want < y_enc.levels + y_enc.offset)
         assert inside[0, 0].any() and inside[0, 1].any() and not inside.all()
+    # the guard itself: a product that could round, a multiplier of more bits, a sum that rounds
+    tiny = np.array([2.0**-30 * (1 + 2.0**-14)])
+    assert _exact_fold(np.array([2.0**37 + 1]), np.array([2.0**-10 * 1.375]), 24_576.5)
+    assert not _exact_fold(np.array([2.0**38 + 1]), np.array([2.0**-10 * 1.375]), 24_576.5)
+    assert not _exact_fold(np.array([3.0]), np.array([1 + 2.0**-20]), 24_576.5)
+    assert not _exact_fold(np.array([2.0**37 + 1]), tiny, 24_576.5) and _exact_fold(np.array([2.0**37 + 1]), tiny, 0.0)

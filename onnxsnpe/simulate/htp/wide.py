@@ -27,8 +27,6 @@ exact in float32 (``2^d * |w| * fan-in <= 2^24``), combined in float64 (_chain).
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -248,10 +246,8 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndar
     so the sum is the exact value wherever the code is in range, and beyond it float64's monotone
     rounding keeps it beyond the clamp, as before."""
     make = helper.make_node
-    folded = constant * mantissa + (0.5 + y_enc.offset)
-    if all(Fraction(f) == Fraction(c) * Fraction(m) + Fraction(1, 2) + y_enc.offset
-           for f, c, m in zip(folded.ravel(), constant.ravel(), np.broadcast_to(mantissa, constant.shape).ravel(),
-                              strict=True)):
+    if _exact_fold(constant, mantissa, 0.5 + y_enc.offset):
+        folded = constant * mantissa + (0.5 + y_enc.offset)
         inits = [numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
                  numpy_helper.from_array(folded.reshape(channel), p + "constant")]
         return [make("Mul", [truncated, p + "mantissa"], [p + "real"]),
@@ -262,3 +258,18 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndar
     return [make("Add", [truncated, p + "constant"], [p + "t"]),
             make("Mul", [p + "t", p + "mantissa"], [p + "real"]),
             make("Add", [p + "real", p + "half"], [p + "real_half"])], inits, False
+
+
+def _exact_fold(constant: np.ndarray, mantissa: np.ndarray, half: float) -> bool:
+    """Whether ``constant * mantissa + half`` is exact in float64 for every channel: integers below
+    2^38 times multipliers of at most 15 significant bits are exact products, and Knuth's two-sum
+    gives the addition's rounding error."""
+    fraction, _ = np.frexp(mantissa)
+    if not (np.all(constant == np.round(constant)) and np.abs(constant).max(initial=0) < 2.0**38
+            and np.all(np.ldexp(fraction, 15) == np.round(np.ldexp(fraction, 15)))):
+        return False
+    product = constant * mantissa
+    total = product + half
+    added = total - product
+    error = (product - (total - added)) + (half - added)
+    return bool(np.all(error == 0))
