@@ -1,11 +1,12 @@
 """Where one evaluation sample's time goes: the exposed FP32 model, the simulated model, the fold.
 
-    python tools/bench_evaluation_parts.py [--samples 16]
+    python tools/bench_evaluation_parts.py [--samples 16] [--act-bitwidth 8|16]
 
-On EfficientNet-Lite0 (../shared/models) with calib_data/calib, min-max encodings, 8-bit per-tensor
-weights: milliseconds a sample on one thread for plain FP32 inference, FP32 with every quantized
-activation exposed (what the evaluation runs), the simulated model in each arithmetic (outputs only,
-and with every tensor exposed), and the compiled fold of one sample's tensors (report/folding.py).
+On EfficientNet-Lite0 (../shared/models) with calib_data/calib, min-max encodings (8-bit activations,
+or 16-bit with ``--act-bitwidth 16``), 8-bit per-tensor weights: milliseconds a sample on one thread
+for plain FP32 inference, FP32 with every quantized activation exposed (what the evaluation runs),
+the simulated model in each arithmetic (outputs only, and with every tensor exposed), and the
+compiled fold of one sample's tensors (report/folding.py).
 This is not a test: timings depend on the machine and on what else runs on it.
 """
 
@@ -39,13 +40,14 @@ def per_sample_ms(run: Callable[[dict], object], samples: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--act-bitwidth", type=int, choices=(8, 16), default=8)
     args = parser.parse_args()
     prepared = prepare(MODEL, ROOT / "calib_data" / "calib", None, None, None, None)
     samples = list(prepared.calib_set)[: args.samples]
     targets = prepared.targets
     stats = collect_statistics(prepared.deploy, targets.activations, iter(samples), methods=["minmax"],
                                floors=targets.floors())
-    encodings = encode(prepared, stats, Settings())
+    encodings = encode(prepared, stats, Settings(act_bitwidth=args.act_bitwidth))
     inputs = {value.name for value in prepared.deploy.graph.input}
     exposed = [name for name in targets.activations if name not in inputs]
     outputs = [o.name for o in prepared.deploy.graph.output]
@@ -73,7 +75,7 @@ def main() -> None:
     ref_list, sim_list = typed_arrays(references), typed_arrays(simulated)
     rows[f"fold of {sum(r.size for r in references) / 1e6:.1f} M values"] = per_sample_ms(
         lambda _: fold(bins, ref_list, sim_list, accumulator), samples)
-    print(f"{len(samples)} samples of calib_data/calib, one thread; ms a sample")
+    print(f"{len(samples)} samples of calib_data/calib, A{args.act_bitwidth}W8, one thread; ms a sample")
     for label, ms in rows.items():
         print(f"{label:45s} {ms:7.1f}")
 
