@@ -5,6 +5,7 @@
                                   [--auto-precision DB]
     python tools/htp_agreement.py --matrix [--models ...] [--modes A8,A16,auto] [--auto-precision DB]
                                   [--save rows.json]
+    python tools/htp_agreement.py --graph-order [--models ...] [--weights ...] [--act-bitwidth 8|16]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
 calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
@@ -42,6 +43,13 @@ is cut out of the model, fed the same on-grid inputs (taken from the htp-model s
 first evaluation sample) on the HTP and in both simulations, and the share of its output values
 that differ from the HTP's is summed per op type. This separates the arithmetic of single ops from
 the way differences grow through a network.
+
+With ``--graph-order``, instead, where the differences start in the whole model: every activation is
+exposed on both sides (the QDQ model's and the htp-model simulation's), the first evaluation
+sample runs through both, and the first tensors in graph order whose values differ by a step or
+more are listed with the channels they differ in, then how many tensors differ at all. Exposing
+every tensor can change how the HTP fuses ops; a difference that the op alone does not show
+(``--per-op``) comes from the graph around it.
 """
 
 from __future__ import annotations
@@ -262,6 +270,38 @@ def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) ->
     return totals
 
 
+def graph_order(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8, shown: int = 12) -> str:
+    """The first tensors in graph order where the htp-model simulation and the HTP differ, every
+    activation exposed on both sides, on the first evaluation sample (see the module docstring)."""
+    deploy, targets, acts, params, inputs, options, _ = calibrate(key, weights_kind, act_bitwidth)
+    sample = open_dataset(ROOT / "calib_data" / "eval", inputs, options).load(0)
+    graph_inputs = {value.name for value in deploy.graph.input}
+    names = [n for n in targets.activations if n not in graph_inputs]
+    modeled, output_map = htp_simulation_model(deploy, targets, acts, params)
+    simulated = dict(zip(names, make_session(modeled, [output_map[n] for n in names]).run(
+        [output_map[n] for n in names], sample), strict=True))
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    present = {o.name for o in qdq.graph.output}
+    qdq.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    htp = HtpSession(qdq, {spec.name: acts[spec.name] for spec in inputs})  # inputs rounded as the pipeline does
+    on_htp = dict(zip(htp.output_names, htp.run(sample), strict=True))
+    producer = {out: node for node in deploy.graph.node for out in node.output}
+    lines, differing = [f"{key}, {weights_kind} weights, A{act_bitwidth}: first differences in graph order"], 0
+    for name in (out for node in deploy.graph.node for out in node.output if out in simulated):
+        steps = np.abs(simulated[name].astype(np.float64) - on_htp[name]) / acts[name].scale
+        bad = steps > 0.5
+        if not bad.any():
+            continue
+        differing += 1
+        if differing <= shown:
+            channels = np.nonzero(bad.any(axis=(0, *range(2, bad.ndim))))[0] if bad.ndim >= 2 else []
+            listed = ", ".join(str(c) for c in channels[:6]) + (" ..." if len(channels) > 6 else "")
+            lines.append(f"  {producer[name].op_type:<12} {name:<40} {int(bad.sum()):>8} of {bad.size:<9} "
+                         f"up to {steps.max():.0f} steps, channels {listed}")
+    lines.append(f"  {differing} of {len(simulated)} tensors differ")
+    return "\n".join(lines)
+
+
 def per_op_table(results: dict[str, dict[str, list[int]]]) -> str:
     """Markdown: per model and op type, the share of isolated output values that differ from the HTP."""
     lines = ["| model | op | ops | values | simulate differs | htp-model differs |", "|---|---|---|---|---|---|"]
@@ -381,11 +421,18 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MATRIX_ACTIVATIONS),
                         help="with --matrix, a comma-separated subset of " + ",".join(MATRIX_ACTIVATIONS))
     parser.add_argument("--save", type=Path, help="with --matrix, keep the rows as JSON here")
+    parser.add_argument("--graph-order", action="store_true",
+                        help="where the differences start: the first differing tensors with every one exposed")
     args = parser.parse_args()
     reason = qnn_unavailable_reason()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 1
+    if args.graph_order:
+        for key in args.models.split(","):
+            if key in MODELS:
+                print(graph_order(key, args.weights, args.act_bitwidth))
+        return 0
     rows, measured, refused = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         crops = None
