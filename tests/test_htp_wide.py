@@ -45,6 +45,17 @@ def _on_grid(rng, enc, shape, low=0):
     return ((codes + enc.offset) * np.float32(enc.scale)).astype(np.float32)
 
 
+def _folded_offset(x_enc, w_enc, y_enc, b_enc, bias: np.ndarray, steps) -> np.ndarray:
+    """The bias and output zero point folded into one integer as the module docstring says: in
+    float32, ``z_out / (s_in s_w / s_out) / step + (b s_b) / (s_in s_w step)``, rounded half away."""
+    f32 = np.float32
+    base, steps = f32(x_enc.scale) * f32(w_enc.scale), np.asarray(steps, dtype=f32)
+    codes = (quantize(bias, b_enc) + b_enc.offset).astype(f32)
+    total = (f32(-y_enc.offset) / (base / f32(y_enc.scale))) / steps + (codes * f32(b_enc.scale)) / (base * steps)
+    total = total.astype(np.float64)
+    return np.sign(total) * np.floor(np.abs(total) + 0.5)
+
+
 def _reference_codes(model, targets, acts, params, x) -> np.ndarray:
     """The module docstring's formula with integer sums (int64), independent of the float tricks."""
     weight = numpy_helper.to_array(model.graph.initializer[0])
@@ -64,10 +75,9 @@ def _reference_codes(model, targets, acts, params, x) -> np.ndarray:
     z, z_out = -x_enc.offset, -y_enc.offset
     zero_sum = z * w_int.reshape(w_int.shape[0], -1).sum(axis=1)
     step = float(np.float32(x_enc.scale)) * float(np.float32(w_enc.scale)) * steps
-    bias = (quantize(numpy_helper.to_array(model.graph.initializer[1]), b_enc) + b_enc.offset) * b_enc.scale / step
     multiplier = step / float(np.float32(y_enc.scale))
     mantissa = (multiplier * 256).astype(np.float16).astype(np.float64)
-    folded = np.sign(bias + z_out / multiplier) * np.floor(np.abs(bias + z_out / multiplier) + 0.5)
+    folded = _folded_offset(x_enc, w_enc, y_enc, b_enc, numpy_helper.to_array(model.graph.initializer[1]), steps)
     constant = np.floor(folded / 256) - np.sign(zero_sum) * np.floor(np.abs(zero_sum) / 256 + 0.5)
     t = np.floor_divide(sums + zero_sum.reshape(along), 256) + constant.reshape(along)
     return np.clip(np.floor(t * mantissa.reshape(along) + 0.5), 0, 65535) - z_out
@@ -192,8 +202,7 @@ def test_a_doubly_strided_16_bit_depthwise_conv_drops_no_bits() -> None:
     multiplier = step / float(np.float32(y_enc.scale))
     exponent = 2.0 ** np.floor(np.log2(multiplier))
     mantissa = np.round(multiplier / exponent * 2.0**14) / 2.0**14 * exponent
-    bias = (quantize(numpy_helper.to_array(model.graph.initializer[1]), b_enc) + b_enc.offset) * b_enc.scale / step
-    folded = np.sign(bias + z_out / multiplier) * np.floor(np.abs(bias + z_out / multiplier) + 0.5)
+    folded = _folded_offset(x_enc, w_enc, y_enc, b_enc, numpy_helper.to_array(model.graph.initializer[1]), 1)
     t = (sums + zero_sum.reshape(1, -1, 1, 1)) + (folded - zero_sum).reshape(1, -1, 1, 1)
     want = np.clip(np.floor(t * mantissa + 0.5), 0, 65535) - z_out
     np.testing.assert_array_equal(np.round(got / np.float32(y_enc.scale)), want)

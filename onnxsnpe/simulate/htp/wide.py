@@ -9,8 +9,12 @@ output code is
     m = float16(M 2^8),  C = round(B + z_out / M),
 
 ``B`` the bias in accumulator steps, rounding half away from zero: the input sum loses its low 8
-bits, the bias and the output zero point are folded into one integer as at 8 bits (codes.py) and
-truncated the same way, and the input zero point's share is rounded apart. A bias beyond int32 at
+bits, the bias and the output zero point are folded into one integer as at 8 bits and truncated the
+same way, and the input zero point's share is rounded apart. ``C`` is computed in float32 in the
+8-bit rule's order (codes.requant_offset), which at 16 bits (``z_out / M`` up to 2^27, float32 steps
+of 1 to 8) decides ``floor(C / 2^8)`` in the channels whose ``C`` lies a step or two below a
+multiple of 2^8: on the four models' A16W8 Convs it fits the emulator where float64 does not (2026-12-06,
+tools/HTP.md "The A16W8 offset in float32"). A bias beyond int32 at
 the step ``s_in * s_w`` saturates there, whatever wider scale its encoding was given. A depthwise Conv strided
 in both directions keeps its weight codes as they are, drops no bits and has a 15-bit multiplier,
 as at 8 bits. Bit for bit on 14 of 15 Conv probes, 7 of 9 depthwise and 6 of 9 doubly strided
@@ -42,6 +46,7 @@ from .codes import (
     of_bitwidth,
     output_encoding,
     requant_constants,
+    requant_offset,
     with_output_codes,
 )
 from .linear import as_block_conv, int8_weights, transpose_blocks
@@ -101,23 +106,31 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
         return None
     consumed = {node.input[1]}
-    bias = np.zeros(codes.shape[0])
+    bias, bias_codes, bias_scale = np.zeros(codes.shape[0]), None, 1.0
     bias_name = original.input[2] if len(original.input) > 2 else ""
     if bias_name in context.constants:
-        bias = initializer_array(context.constants[bias_name]).astype(np.float64).reshape(-1)
+        bias_codes = initializer_array(context.constants[bias_name]).astype(np.float64).reshape(-1)
         b_enc = context.params.get(bias_name)
         if b_enc is not None:
             consumed.add(bias_name)
             scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
             offset = b_enc.offsets() if isinstance(b_enc, ChannelEncodings) else b_enc.offset
-            bias = (quantize(bias, b_enc) + offset) * np.asarray(scale, dtype=np.float64)
-        bias = np.repeat(bias, max(blocks, 1) ** 2) / step  # a ConvTranspose's bias for each kernel position
-        # An int32 bias code of step s_in * s_w at most, whatever wider scale the bias encoding has:
-        # the HTP saturates there (measured: a channel of near-zero weights with a bias of 7).
-        bias = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
+            bias_codes, bias_scale = quantize(bias_codes, b_enc) + offset, scale
+        repeat = max(blocks, 1) ** 2  # a ConvTranspose's bias for each kernel position
+        bias_codes = np.repeat(bias_codes, repeat)
+        bias_scale = np.repeat(bias_scale, repeat) if np.ndim(bias_scale) else bias_scale
+        bias = bias_codes * np.asarray(bias_scale, dtype=np.float64) / step
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
-    folded = round_half_away(bias + out_zero_point / multiplier)  # as the 8-bit offset folds them
+    # bias and output zero point folded into one integer in float32 as at 8 bits (module docstring);
+    # an int32 bias code of step s_in * s_w at most, whatever wider scale the bias encoding has: the
+    # HTP saturates there (measured: a channel of near-zero weights with a bias of 7), those channels
+    # in float64 as before
+    folded = requant_offset(x_enc.scale, w_scale, y_enc.scale, out_zero_point, steps, bias_codes, bias_scale)
+    saturated = np.abs(bias * steps) > INT32_HIGH
+    if saturated.any():
+        clipped = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
+        folded = np.where(saturated, round_half_away(clipped + out_zero_point / multiplier), folded)
     constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
     largest_sum = float(np.abs(codes).reshape(codes.shape[0], -1).sum(axis=1).max())  # of |w| over a filter
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
