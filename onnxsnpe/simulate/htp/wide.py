@@ -13,15 +13,14 @@ bits, the bias and the output zero point are folded into one integer as at 8 bit
 same way, and the input zero point's share is rounded apart. ``C`` is computed in float32 in the
 8-bit rule's order (codes.requant_offset), which at 16 bits (``z_out / M`` up to 2^27, float32 steps
 of 1 to 8) decides ``floor(C / 2^8)`` in the channels whose ``C`` lies a step or two below a
-multiple of 2^8: on the four models' A16W8 Convs it fits the emulator where float64 does not (2026-12-06,
-tools/HTP.md "The A16W8 offset in float32"). A bias beyond int32 at
-the step ``s_in * s_w`` saturates there, whatever wider scale its encoding was given. A depthwise Conv strided
-in both directions keeps its weight codes as they are, drops no bits and has a 15-bit multiplier,
-as at 8 bits. Bit for bit on 14 of 15 Conv probes, 7 of 9 depthwise and 6 of 9 doubly strided
-depthwise (the rest 1 step off in under 1% of values), per-tensor and per-channel weights, M from
-2^-13 to 2^-6; not decoded: a channel whose weights were re-expressed (one probe, up to 25 steps
-off there). Exact float rounding, which this replaces, is off by up to hundreds of steps (the
-float16 multiplier's error times 16-bit codes).
+multiple of 2^8: on the four models' A16W8 Convs it fits the emulator where float64 does not, and it
+brought four probes to bit for bit (tools/HTP.md "The A16W8 offset in float32"). A bias beyond int32
+at the step ``s_in * s_w`` saturates there, whatever wider scale its encoding was given. A depthwise
+Conv strided in both directions keeps its weight codes as they are, drops no bits and has a 15-bit
+multiplier, as at 8 bits. Bit for bit on 14 of 15 Conv probes, 8 of 9 depthwise and 9 of 9 doubly
+strided depthwise, per-tensor and per-channel weights, M from 2^-13 to 2^-6; not decoded: a channel
+whose weights were re-expressed (two probes, up to 25 steps off there). Exact float rounding, which
+this replaces, is off by up to hundreds of steps (the float16 multiplier's error times 16-bit codes).
 
 ``sum(u w)`` reaches 2^29, beyond float32's exact integers, and onnxruntime has no float64 Conv,
 so the codes are split: in two bytes where the filters are small enough (_byte_chain, the sums
