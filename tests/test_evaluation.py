@@ -158,3 +158,35 @@ def test_outputs_only_evaluator_reuses_fp32_outputs_within_its_limit(monkeypatch
         alone = fresh.evaluate(deploy, acts, params, observed, samples, 1)
         assert [o.to_dict() for o in run.outputs] == [o.to_dict() for o in alone.outputs]
         assert [f.isolated_sqnr_db for f in run.tensors] == [f.isolated_sqnr_db for f in alone.tensors]
+
+
+def test_the_switchable_model_takes_its_encodings_as_inputs_from_opset_11(tiny_model):
+    """One isolated-analysis model serves every set of encodings (compare's configurations), with the
+    runs of a model that holds them, bit for bit; before opset 11 (Clip's bounds are attributes) the
+    model holds them and says so."""
+    from onnxsnpe.report.sensitivity import IsolatedModel
+    from onnxsnpe.simulate.fake_quant import SWITCH_INPUT
+
+    deploy, _ = prepare_deploy_model(load_model(tiny_model), {"x": (1, 3, 8, 8)})
+    rng = np.random.default_rng(5)
+    samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    targets, _, acts8, _ = minmax_encodings(deploy, samples)
+    _, _, acts16, _ = minmax_encodings(deploy, samples, 16)
+    generic = IsolatedModel.build(deploy, targets, acts8, {})
+    assert generic.takes_encodings
+    for acts in (acts8, acts16):
+        model = generic.with_encodings(acts)
+        held, output_map = build_simulation_model(deploy, targets, acts, {}, switchable=True)
+        session = make_session(held)
+        for position in range(len(targets.activations)):
+            switch = np.eye(len(targets.activations), dtype=bool)[position]
+            want = session.run([output_map[o] for o in model.outputs], {**samples[0], SWITCH_INPUT: switch})
+            got = model.session().run(model.mapped, {**samples[0], **model.feed, SWITCH_INPUT: switch})
+            for w, g in zip(want, got, strict=True):
+                np.testing.assert_array_equal(g, w)
+    old = onnx.ModelProto.FromString(deploy.SerializeToString())
+    old.opset_import[0].version = 10
+    holding = IsolatedModel.build(old, targets, acts8, {})
+    assert not holding.takes_encodings
+    with pytest.raises(ValueError):
+        holding.with_encodings(acts16)

@@ -168,6 +168,7 @@ class Evaluator:
         self.kept_outputs: dict[int, list[np.ndarray]] | None = None if tensors else {}
         self.kept_bytes = 0
         self.keeping = threading.Lock()  # workers keep outputs side by side
+        self.switchable_model: IsolatedModel | None = None  # the isolated runs' model, for every configuration
 
     @cached_property
     def fp32(self) -> ort.InferenceSession:
@@ -241,7 +242,7 @@ class Evaluator:
     def _isolated(self, figures: list[TensorFigures], activations: dict[str, Encoding], kept: list[Kept]) -> None:
         """The isolated errors: one run of the switchable model per tensor per kept sample (with its
         FP32 outputs), shared out over the cores, or on Ray in groups of tensors; added up in sample order."""
-        switchable = IsolatedModel.build(self.reference, self.targets, activations, {})
+        switchable = self._switchable(activations)
         positions = list(range(len(figures)))
         if self.ray not in (None, False):
             signal, noise = isolated_sums_on_ray(switchable, dataset_part(self.dataset, 0, len(kept)),
@@ -254,6 +255,17 @@ class Evaluator:
                 for k in range(len(self.outputs)):
                     fig.isolated_signal += float(signal[s, position, k])
                     fig.isolated_noise += float(noise[s, position, k])
+
+    def _switchable(self, activations: dict[str, Encoding]) -> IsolatedModel:
+        """The switchable model with these encodings: built once and reused by every configuration
+        (compare) where it takes its encodings as inputs; built each time for a large model, whose
+        sessions are not kept between configurations."""
+        if self.switchable_model is not None:
+            return self.switchable_model.with_encodings(activations)
+        switchable = IsolatedModel.build(self.reference, self.targets, activations, {})
+        if switchable.takes_encodings and not self.large:
+            self.switchable_model = switchable
+        return switchable
 
 
 MAX_WORKERS = 4

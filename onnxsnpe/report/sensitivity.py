@@ -11,16 +11,17 @@ samples: what automatic mixed precision (optimize/mixed_precision.py) ranks and 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from ..encode.encoding import Encoding, ParamEncoding
 from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
-from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model
+from ..simulate.fake_quant import SWITCH_INPUT, build_simulation_model, encoding_feed
 from ..stats.parallel import ordered_map
 from .metrics import OutputComparison, TensorComparison, inner
 
@@ -50,21 +51,51 @@ def isolated_ranking(
 @dataclass
 class IsolatedModel:
     """The switchable simulation the isolated errors run: ``names`` in switch order, ``outputs`` the
-    deploy model's, ``mapped`` the simulation's outputs that stand for them."""
+    deploy model's, ``mapped`` the simulation's outputs that stand for them, ``feed`` the activations'
+    encodings when the model takes them as inputs (one model and one session then serve every set of
+    encodings: with_encodings)."""
 
     model: onnx.ModelProto
     names: list[str]
     outputs: list[str]
     mapped: list[str]
+    feed: dict[str, np.ndarray] = field(default_factory=dict)
+    sessions: dict[int, ort.InferenceSession] = field(default_factory=dict, repr=False, compare=False)
+    """Sessions by thread count, made when first needed and shared by with_encodings' copies."""
 
     @classmethod
     def build(cls, deploy: onnx.ModelProto, targets: QuantTargets, activations: dict[str, Encoding],
               weights: dict[str, ParamEncoding]) -> IsolatedModel:
-        """One simulation in which each activation, and each weight in ``weights``, can be quantized alone."""
+        """One simulation in which each activation, and each weight in ``weights``, can be quantized
+        alone; the activations' encodings are inputs where the opset allows (11 or later)."""
         outputs = [o.name for o in deploy.graph.output]
+        opset = next((o.version for o in deploy.opset_import if o.domain in ("", "ai.onnx")), 13)
+        generic = opset >= 11
         model, output_map = build_simulation_model(deploy, targets, activations, weights, switchable=True,
-                                                   switched_params=list(weights))
-        return cls(model, [*targets.activations, *weights], outputs, [output_map[o] for o in outputs])
+                                                   switched_params=list(weights), encodings_as_inputs=generic)
+        feed = encoding_feed(targets.activations, activations) if generic else {}
+        return cls(model, [*targets.activations, *weights], outputs, [output_map[o] for o in outputs], feed)
+
+    @property
+    def takes_encodings(self) -> bool:
+        """Whether with_encodings can serve another set of activation encodings."""
+        return bool(self.feed)
+
+    def with_encodings(self, activations: dict[str, Encoding]) -> IsolatedModel:
+        """The same model (and sessions) with other encodings for its activations (takes_encodings)."""
+        if not self.takes_encodings:
+            raise ValueError("this switchable model holds its encodings")
+        count = len(next(iter(self.feed.values())))
+        return replace(self, feed=encoding_feed(self.names[:count], activations))
+
+    def session(self, threads: int = 0) -> ort.InferenceSession:
+        """A session over the model on ``threads`` threads, made once."""
+        if threads not in self.sessions:
+            self.sessions[threads] = make_session(self.model, threads=threads)
+        return self.sessions[threads]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "sessions": {}}  # sessions stay in their process (Ray pickles the model)
 
     def errors(self, deploy: onnx.ModelProto, samples: Iterable[Sample],
                positions: Sequence[int] | None = None, threads: int = 0) -> list[TensorComparison]:
@@ -73,7 +104,7 @@ class IsolatedModel:
         ``threads`` threads (default: onnxruntime's)."""
         positions = range(len(self.names)) if positions is None else positions
         reference = make_session(deploy, threads=threads)
-        session = make_session(self.model, threads=threads)
+        session = self.session(threads)
         comparisons = [TensorComparison(self.names[position]) for position in positions]
         switch = np.zeros(len(self.names), dtype=bool)
         for sample in samples:
@@ -81,7 +112,8 @@ class IsolatedModel:
             for position, comparison in zip(positions, comparisons, strict=True):
                 switch[:] = False
                 switch[position] = True
-                for want, got in zip(ref, session.run(self.mapped, {**sample, SWITCH_INPUT: switch}), strict=True):
+                for want, got in zip(ref, session.run(self.mapped, {**sample, **self.feed, SWITCH_INPUT: switch}),
+                                     strict=True):
                     comparison.update(want, got)
         return comparisons
 
@@ -91,7 +123,7 @@ class IsolatedModel:
         ``positions`` quantized, against the kept FP32 outputs: two arrays [samples, positions, outputs].
         One run per sample and position, ``workers`` side by side on one session of ``threads`` threads;
         each figure comes from its run alone, so they do not depend on how the runs were shared out."""
-        session = make_session(self.model, threads=threads)
+        session = self.session(threads)
         shape = (len(kept), len(positions), len(self.mapped))
         signal, noise = np.zeros(shape), np.zeros(shape)
 
@@ -100,7 +132,7 @@ class IsolatedModel:
             sample, ref_outputs = kept[sample_index]
             switch = np.zeros(len(self.names), dtype=bool)
             switch[positions[column]] = True
-            got = session.run(self.mapped, {**sample, SWITCH_INPUT: switch})
+            got = session.run(self.mapped, {**sample, **self.feed, SWITCH_INPUT: switch})
             for k, (ref, value) in enumerate(zip(ref_outputs, got, strict=True)):
                 err = value.astype(np.float64) - ref
                 signal[sample_index, column, k] = inner(ref, ref)

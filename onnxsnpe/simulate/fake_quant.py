@@ -70,6 +70,19 @@ def fake_quant_nodes(
 
 
 SWITCH_INPUT = "onnxsnpe_quantize_enabled"
+ENCODING_INPUTS = ("onnxsnpe_scales", "onnxsnpe_lows", "onnxsnpe_highs")
+"""With ``encodings_as_inputs``, the switched activations' float32 scales and clamp bounds (the
+offset and offset + levels), one entry per activation in switch order: one model serves every set
+of encodings (encoding_feed)."""
+
+
+def encoding_feed(names: Sequence[str], activations: dict[str, Encoding]) -> dict[str, np.ndarray]:
+    """The ENCODING_INPUTS values for the activations ``names``: the float32 constants
+    fake_quant_nodes would hold, so the arithmetic is the same bit for bit."""
+    encs = [activations[name] for name in names]
+    values = ([e.scale for e in encs], [e.offset for e in encs], [e.offset + e.levels for e in encs])
+    return {name: np.array(v, dtype=np.float32).reshape(len(encs)) for name, v in zip(ENCODING_INPUTS, values,
+                                                                                      strict=True)}
 
 
 def build_simulation_model(
@@ -82,6 +95,7 @@ def build_simulation_model(
     switched_params: Sequence[str] = (),
     round_half_up: Iterable[str] = (),
     on_grid: Iterable[str] = (),
+    encodings_as_inputs: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The deploy model with quantized params and fake-quant after each chosen activation.
 
@@ -94,7 +108,10 @@ def build_simulation_model(
     half away from zero. The activations in ``on_grid`` are computed on their own grid already (the
     HTP arithmetic's integer ops requantize to it), where fake quantization changes nothing: they
     get an Identity instead of the chain. Returns the model and a map from each original tensor name
-    to the name that carries its simulated value.
+    to the name that carries its simulated value. With ``switchable`` and ``encodings_as_inputs``
+    the switched activations' encodings are inputs too (ENCODING_INPUTS, fed from encoding_feed;
+    ``activations`` then only needs their bitwidths right), for models of opset 11 or later (Clip's
+    bounds as inputs).
     """
     half_up, exact = set(round_half_up), set(on_grid)
     sim = onnx.ModelProto()
@@ -103,6 +120,8 @@ def build_simulation_model(
     chosen = list(targets.activations if quantize_activations is None else quantize_activations)
     switched = set(switched_params) if switchable else set()
     opset = next((o.version for o in sim.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if encodings_as_inputs and not (switchable and opset >= 11):
+        raise ValueError("encodings as inputs need a switchable model of opset 11 or later")
     if switched:
         _switch_params(graph, params, list(switched_params), len(chosen))
     # a large model's weights stay integer codes, made float one at a time in each inference
@@ -126,7 +145,8 @@ def build_simulation_model(
         if name in exact and not switchable:
             nodes, inits = [helper.make_node("Identity", [name], [renamed[name]])], []
         elif switchable:
-            nodes, inits = _switched_fake_quant(name, activations[name], renamed[name], index, opset, rounding)
+            nodes, inits = _switched_fake_quant(name, activations[name], renamed[name], index, opset, rounding,
+                                                encodings_as_inputs)
         else:
             nodes, inits = fake_quant_nodes(name, activations[name], renamed[name], opset, rounding)
         chains.append((name, nodes))
@@ -136,6 +156,9 @@ def build_simulation_model(
     if switchable:
         graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, onnx.TensorProto.BOOL,
                                                          [len(chosen) + len(switched)]))
+    if encodings_as_inputs:
+        graph.input.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [len(chosen)])
+                           for name in ENCODING_INPUTS)
 
     output_map = {name: renamed.get(name, name) for name in [*chosen, *(o.name for o in graph.output)]}
     for output in graph.output:
@@ -144,17 +167,24 @@ def build_simulation_model(
 
 
 def _switched_fake_quant(
-    name: str, enc: Encoding, output: str, index: int, opset: int, rounding: str
+    name: str, enc: Encoding, output: str, index: int, opset: int, rounding: str, from_inputs: bool = False
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """``output = fake_quantize(name)`` if ``SWITCH_INPUT[index]`` else ``name``, computing only one branch."""
+    """``output = fake_quantize(name)`` if ``SWITCH_INPUT[index]`` else ``name``, computing only one
+    branch; ``from_inputs``: the scale and bounds read from ENCODING_INPUTS[:][index]."""
     quantized = f"{output}/on"
+    index_name = f"{output}/index"
     nodes, inits = fake_quant_nodes(name, enc, quantized, opset, rounding)
+    if from_inputs:  # the chain's constants of the same names, gathered in the branch
+        p = f"{name}{SUFFIX}/"
+        gathered = [helper.make_node("Gather", [source, index_name], [p + constant])
+                    for source, constant in zip(ENCODING_INPUTS, ("scale", "low", "high"), strict=True)]
+        nodes = [*gathered, *nodes]
+        inits = [init for init in inits if init.name not in {p + "scale", p + "low", p + "high"}]
     value = helper.make_tensor_value_info
     then_branch = helper.make_graph(nodes, f"{output}/then", [], [value(quantized, onnx.TensorProto.FLOAT, None)],
                                     inits)
     else_branch = helper.make_graph([helper.make_node("Identity", [name], [f"{output}/off"])], f"{output}/else", [],
                                     [value(f"{output}/off", onnx.TensorProto.FLOAT, None)])
-    index_name = f"{output}/index"
     flag = helper.make_node("Gather", [SWITCH_INPUT, index_name], [f"{output}/enabled"])
     branch = helper.make_node("If", [f"{output}/enabled"], [output], then_branch=then_branch,
                               else_branch=else_branch)
