@@ -138,6 +138,41 @@ def test_the_htp_a16w8_conv_is_reproduced_bit_for_bit(group: int, stride: int) -
 
 
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("spread", [7, 10])
+def test_a_doubly_strided_depthwise_conv_takes_its_kernel_by_the_spread_of_its_channel_scales(
+        spread: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-channel weights whose multipliers' exponents span at most 8 keep the precise kernel; wider,
+    the HTP runs the truncating one (wide.PRECISE_EXPONENT_SPREAD): the chosen kernel follows the
+    emulator (bit for bit but for the precise kernel's rare one-step residuals), the other does not."""
+    from onnxsnpe.simulate.htp import wide
+
+    rng = np.random.default_rng(spread)
+    factors = 2.0 ** np.linspace(0, spread, 8)
+    rng.shuffle(factors)
+    weight = rng.normal(0.0, 1.0, size=(8, 1, 3, 3)) * factors.reshape(-1, 1, 1, 1)
+    model = _model("Conv", weight, rng.normal(size=8) * factors, [1, 8, 12, 12], 8, 2)
+    targets = find_targets(model)
+    top = factors.max()
+    acts = {"x": asymmetric_encoding(-1.0, 2.0, 16), "y": asymmetric_encoding(-4 * top, 5 * top, 16)}
+    weights = weight_encodings(model, targets, 8, per_channel=True)
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    assert (wide._exponent_spread(acts["x"], acts["y"], np.float32(weights["w"].scales()))
+            > wide.PRECISE_EXPONENT_SPREAD) == (spread > 8)
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    scale = np.float32(acts["y"].scale)
+    reference = np.round(HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}).run({"x": x})[0]
+                         / scale)
+
+    def agreement() -> float:
+        modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+        return float(np.mean(np.round(modeled / scale) == reference))
+
+    assert agreement() >= 0.99
+    monkeypatch.setattr(wide, "PRECISE_EXPONENT_SPREAD", 100 if spread > 8 else -1)  # the other kernel
+    assert agreement() < 0.5
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
 @pytest.mark.parametrize("out_range", [(-3.0, 9.0), (-0.5, 1.0)])  # scale ratios below and above 1
 def test_the_htp_16_bit_add_is_reproduced_bit_for_bit(out_range: tuple[float, float]) -> None:
     shape = [1, 1, 64, 64]

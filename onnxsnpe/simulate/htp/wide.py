@@ -90,7 +90,8 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
                                 name=f"{output}{SUFFIX}/Conv")
     attrs = node_attributes(node)
     strided_depthwise = (attrs.get("group", 1) > 1 and weight.shape[1] == 1
-                         and all(stride > 1 for stride in attrs.get("strides", [1])))
+                         and all(stride > 1 for stride in attrs.get("strides", [1]))
+                         and _exponent_spread(x_enc, y_enc, w_scale) <= PRECISE_EXPONENT_SPREAD)
     if strided_depthwise:  # as at 8 bits: the codes as they are, no truncation, a 15-bit multiplier
         steps, shift = np.ones(codes.shape[0]), 0
     else:  # channels that do not fit int8 re-expressed, as at 8 bits
@@ -143,6 +144,19 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         chain.append(helper.make_node("DepthToSpace", [node.output[0]], [original.output[0]], blocksize=blocks,
                                       mode="CRD"))
     return chain, inits, consumed
+
+
+PRECISE_EXPONENT_SPREAD = 8
+"""The widest spread of the channels' multiplier exponents ``floor(log2 M_c)`` for which the HTP runs a
+doubly strided depthwise Conv with its precise kernel; beyond it, the truncating one (probes, tools/HTP.md
+"The doubly strided depthwise kernel at 16 bits")."""
+
+
+def _exponent_spread(x_enc: Encoding, y_enc: Encoding, w_scale: np.ndarray) -> float:
+    """max - min over channels of ``floor(log2 M_c)``, ``M_c = s_in s_w[c] / s_out`` (0 per tensor)."""
+    multiplier = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) / float(np.float32(y_enc.scale))
+    exponents = np.floor(np.log2(multiplier[multiplier > 0])) if np.any(multiplier > 0) else np.zeros(1)
+    return float(exponents.max() - exponents.min())
 
 
 def _digit_bits(fan_in: int, largest_weight: float) -> int | None:
