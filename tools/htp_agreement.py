@@ -84,7 +84,7 @@ from onnxsnpe.graph.load import initializer_values, load_model, model_inputs
 from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import QuantTargets, find_targets
 from onnxsnpe.report.agreement import measure_agreement
-from onnxsnpe.simulate.emulator import HtpSession, cpu_runner, qnn_unavailable_reason, simulation_runner
+from onnxsnpe.simulate.emulator import HTP_ARCHS, HtpSession, cpu_runner, qnn_unavailable_reason, simulation_runner
 from onnxsnpe.simulate.fake_quant import SUFFIX, build_simulation_model
 from onnxsnpe.simulate.htp.model import htp_simulation_model
 from onnxsnpe.simulate.qdq import build_qdq_model
@@ -270,7 +270,8 @@ def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) ->
     return totals
 
 
-def graph_order(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8, shown: int = 12) -> str:
+def graph_order(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8, shown: int = 12,
+                arch: str | None = None) -> str:
     """The first tensors in graph order where the htp-model simulation and the HTP differ, every
     activation exposed on both sides, on the first evaluation sample (see the module docstring)."""
     deploy, targets, acts, params, inputs, options, _ = calibrate(key, weights_kind, act_bitwidth)
@@ -283,10 +284,11 @@ def graph_order(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 
     qdq = build_qdq_model(deploy, targets, acts, params)
     present = {o.name for o in qdq.graph.output}
     qdq.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    htp = HtpSession(qdq, {spec.name: acts[spec.name] for spec in inputs})  # inputs rounded as the pipeline does
+    htp = HtpSession(qdq, {spec.name: acts[spec.name] for spec in inputs}, arch)  # inputs rounded as the pipeline does
     on_htp = dict(zip(htp.output_names, htp.run(sample), strict=True))
     producer = {out: node for node in deploy.graph.node for out in node.output}
-    lines, differing = [f"{key}, {weights_kind} weights, A{act_bitwidth}: first differences in graph order"], 0
+    where = f", HTP v{arch}" if arch else ""
+    lines, differing = [f"{key}, {weights_kind} weights, A{act_bitwidth}{where}: first differences in graph order"], 0
     for name in (out for node in deploy.graph.node for out in node.output if out in simulated):
         steps = np.abs(simulated[name].astype(np.float64) - on_htp[name]) / acts[name].scale
         bad = steps > 0.5
@@ -421,6 +423,8 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MATRIX_ACTIVATIONS),
                         help="with --matrix, a comma-separated subset of " + ",".join(MATRIX_ACTIVATIONS))
     parser.add_argument("--save", type=Path, help="with --matrix, keep the rows as JSON here")
+    parser.add_argument("--htp-arch", choices=HTP_ARCHS,
+                        help="with --graph-order, the HTP architecture to emulate (default: the backend's)")
     parser.add_argument("--graph-order", action="store_true",
                         help="where the differences start: the first differing tensors with every one exposed")
     args = parser.parse_args()
@@ -431,7 +435,7 @@ def main() -> int:
     if args.graph_order:
         for key in args.models.split(","):
             if key in MODELS:
-                print(graph_order(key, args.weights, args.act_bitwidth))
+                print(graph_order(key, args.weights, args.act_bitwidth, arch=args.htp_arch))
         return 0
     rows, measured, refused = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
