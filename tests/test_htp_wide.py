@@ -578,7 +578,7 @@ def test_the_htp_computes_a_16_bit_hard_sigmoid_on_its_own_grid() -> None:
 
 def test_the_folded_requantization_constant_gives_the_unfolded_codes() -> None:
     """``t m + (c m + 1/2 - z)`` where that constant is exact, ``(t + c) m + 1/2`` then ``- z`` where it
-    is not (a constant of 2^52: only then): the same codes on truncated sums ``t`` from below the output
+    is not (here a constant of 2^52): the same codes on truncated sums ``t`` from below the output
     range to beyond it."""
     from onnxsnpe.graph.runtime import make_session
     from onnxsnpe.simulate.htp.codes import with_output_codes

@@ -30,7 +30,7 @@ from onnxsnpe.encode.encoding import ChannelEncodings, fake_quantize, quantize, 
 from onnxsnpe.graph.large import initializer_array
 from onnxsnpe.graph.ops import node_attributes
 from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason
-from onnxsnpe.simulate.htp.codes import output_encoding
+from onnxsnpe.simulate.htp.codes import output_encoding, requant_offset
 from onnxsnpe.simulate.htp.linear import int8_weights
 from onnxsnpe.simulate.qdq import build_qdq_model
 
@@ -66,7 +66,9 @@ def candidates(x_enc, y_enc, w_scale: np.ndarray, steps: np.ndarray, bias_codes:
     return {
         "float64: B + z_out / M": bias_codes * np.asarray(bias_scale, dtype=np.float64) / step
         + float(z_out) / multiplier,
-        "float32, the 8-bit rule": (z_out / ((base / s_out) * ratio)) / st32 + bias_term,
+        # what simulate/htp/wide.py computes (already rounded; rounding again changes nothing)
+        "float32, the 8-bit rule": requant_offset(x_enc.scale, w_scale, y_enc.scale, -y_enc.offset, steps,
+                                                  bias_codes, bias_scale),
         "float32, z s_out / base": (z_out * s_out) / (base * ratio) / st32 + bias_term,
         "float32, z / M": z_out / (s_in * w32 * st32 / s_out) + bias_term,
         "float32, (z s_out + b s_b) / base": ((z_out * s_out + b32 * sb32) / (base * ratio)) / st32,

@@ -69,8 +69,13 @@ def _names_read(node: onnx.NodeProto) -> set[str]:
     harmless, they are produced inside)."""
     names = set(node.input)
     for attribute in node.attribute:
-        for subgraph in [attribute.g, *attribute.graphs] if attribute.type in (
-                onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            subgraphs = [attribute.g]
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            subgraphs = list(attribute.graphs)
+        else:
+            continue
+        for subgraph in subgraphs:
             for inner in subgraph.node:
                 names |= _names_read(inner)
             names.update(o.name for o in subgraph.output)

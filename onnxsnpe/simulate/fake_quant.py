@@ -42,7 +42,7 @@ def fake_quant_nodes(
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
     p = f"{tensor}{SUFFIX}/"
-    consts = {"scale": enc.scale, "low": enc.offset, "high": enc.offset + enc.levels}
+    consts = chain_constants(enc)
     if rounding == "half_up":
         consts["half"] = 0.5
     inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), p + k) for k, v in consts.items()]
@@ -69,20 +69,24 @@ def fake_quant_nodes(
     return nodes, inits
 
 
+def chain_constants(enc: Encoding) -> dict[str, float]:
+    """The constants of fake_quant_nodes' chain that depend on the encoding: the scale and the clamp
+    bounds of ``x / scale`` (offset and offset + levels), held as float32."""
+    return {"scale": enc.scale, "low": enc.offset, "high": enc.offset + enc.levels}
+
+
 SWITCH_INPUT = "onnxsnpe_quantize_enabled"
-ENCODING_INPUTS = ("onnxsnpe_scales", "onnxsnpe_lows", "onnxsnpe_highs")
-"""With ``encodings_as_inputs``, the switched activations' float32 scales and clamp bounds (the
-offset and offset + levels), one entry per activation in switch order: one model serves every set
-of encodings (encoding_feed)."""
+ENCODING_INPUTS = {"scale": "onnxsnpe_scales", "low": "onnxsnpe_lows", "high": "onnxsnpe_highs"}
+"""With ``encodings_as_inputs``, each of chain_constants' values as an input, one entry per switched
+activation in switch order: one model serves every set of encodings (encoding_feed)."""
 
 
 def encoding_feed(names: Sequence[str], activations: dict[str, Encoding]) -> dict[str, np.ndarray]:
     """The ENCODING_INPUTS values for the activations ``names``: the float32 constants
     fake_quant_nodes would hold, so the arithmetic is the same bit for bit."""
-    encs = [activations[name] for name in names]
-    values = ([e.scale for e in encs], [e.offset for e in encs], [e.offset + e.levels for e in encs])
-    return {name: np.array(v, dtype=np.float32).reshape(len(encs)) for name, v in zip(ENCODING_INPUTS, values,
-                                                                                      strict=True)}
+    rows = [chain_constants(activations[name]) for name in names]
+    return {source: np.array([row[constant] for row in rows], dtype=np.float32).reshape(len(rows))
+            for constant, source in ENCODING_INPUTS.items()}
 
 
 def build_simulation_model(
@@ -158,7 +162,7 @@ def build_simulation_model(
                                                          [len(chosen) + len(switched)]))
     if encodings_as_inputs:
         graph.input.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [len(chosen)])
-                           for name in ENCODING_INPUTS)
+                           for name in ENCODING_INPUTS.values())
 
     output_map = {name: renamed.get(name, name) for name in [*chosen, *(o.name for o in graph.output)]}
     for output in graph.output:
@@ -170,16 +174,16 @@ def _switched_fake_quant(
     name: str, enc: Encoding, output: str, index: int, opset: int, rounding: str, from_inputs: bool = False
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """``output = fake_quantize(name)`` if ``SWITCH_INPUT[index]`` else ``name``, computing only one
-    branch; ``from_inputs``: the scale and bounds read from ENCODING_INPUTS[:][index]."""
+    branch; ``from_inputs``: the scale and bounds read from the ENCODING_INPUTS at ``index``."""
     quantized = f"{output}/on"
     index_name = f"{output}/index"
     nodes, inits = fake_quant_nodes(name, enc, quantized, opset, rounding)
     if from_inputs:  # the chain's constants of the same names, gathered in the branch
         p = f"{name}{SUFFIX}/"
         gathered = [helper.make_node("Gather", [source, index_name], [p + constant])
-                    for source, constant in zip(ENCODING_INPUTS, ("scale", "low", "high"), strict=True)]
+                    for constant, source in ENCODING_INPUTS.items()]
         nodes = [*gathered, *nodes]
-        inits = [init for init in inits if init.name not in {p + "scale", p + "low", p + "high"}]
+        inits = [init for init in inits if init.name not in {p + constant for constant in ENCODING_INPUTS}]
     value = helper.make_tensor_value_info
     then_branch = helper.make_graph(nodes, f"{output}/then", [], [value(quantized, onnx.TensorProto.FLOAT, None)],
                                     inits)
