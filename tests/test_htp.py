@@ -589,3 +589,54 @@ def test_htp_model_reproduces_the_htp_add_and_sub_of_a_scalar_on_every_code(case
     params = {"c": asymmetric_encoding(min(value, 0.0), max(value, 0.0), 8)}
     _assert_scalar_op_reproduced(op, ["c", "x"] if first else ["x", "c"], np.array([value], dtype=np.float32), x_enc,
                                  y_enc, params)
+
+
+def _reduce_mean_sweep(shape_of: str, count: int, x_range: tuple[float, float], y_range: tuple[float, float]):
+    """A ReduceMean over ``count`` values whose rows sweep every sum of centered codes (row r: base code
+    r // count, the first r % count values one higher), as a rank-3 tensor reduced over its last axis
+    ("last") or over axis 1 ("axis1"); returns the model, encodings and sample."""
+    base = np.repeat(np.arange(255), count)
+    codes = base[:, None] + (np.arange(count)[None, :] < np.tile(np.arange(count), 255)[:, None])
+    codes, shape, axis = ((codes[None], [1, codes.shape[0], count], -1) if shape_of == "last"
+                          else (codes.T[None], [1, count, codes.shape[0]], 1))
+    node = helper.make_node("ReduceMean", ["x"], ["y"], axes=[axis], keepdims=1)
+    graph = helper.make_graph([node], "mean", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.ir_version = 8
+    acts = {"x": asymmetric_encoding(*x_range, 8), "y": asymmetric_encoding(*y_range, 8)}
+    sample = {"x": ((codes + acts["x"].offset) * np.float32(acts["x"].scale)).astype(np.float32)}
+    return model, acts, sample
+
+
+def test_reduce_mean_multiplier_of_the_int16_kernel_sits_below_the_rounded_one():
+    """Hand-worked: ratio 0.0190 has e = -6 and mantissa x = 0.0190 * 2^20 = 19922.94; the rounded
+    kernel keeps 19923, the int16 one round(x * 32767 / 32768) = round(19922.33) = 19922."""
+    from onnxsnpe.simulate.htp.channelwise import reduce_mean_multiplier
+
+    assert reduce_mean_multiplier(0.0190, "rounded") == 19923 / 2**20
+    assert reduce_mean_multiplier(0.0190, "int16") == 19922 / 2**20
+    for ratio in np.random.default_rng(0).uniform(1e-4, 0.5, 200):  # 15 bits; half a step off, or 1.5 below
+        step = 2.0 ** (np.floor(np.log2(ratio)) - 14)
+        rounded, int16 = (reduce_mean_multiplier(float(ratio), kernel) / step for kernel in ("rounded", "int16"))
+        assert rounded == np.floor(rounded) and int16 == np.floor(int16)
+        assert abs(rounded - ratio / step) <= 0.5 and -1.5 <= int16 - ratio / step <= 0.5 and int16 <= rounded
+
+
+@needs_qnn
+@pytest.mark.parametrize(("shape_of", "count", "x_range", "y_range"), [
+    ("last", 120, (-3.82, 2.78), (-2.15, 2.97)),  # the int16 kernel's multiplier differs from the rounded one
+    ("last", 64, (-4.91, 4.82), (-4.89, 3.83)),
+    ("axis1", 48, (-2.5, 3.1), (-1.2, 2.4)),  # the rounded kernel
+])
+def test_htp_model_reproduces_the_htp_reduce_mean_on_every_sum(shape_of, count, x_range, y_range):
+    """An 8-bit ReduceMean (the recogniser's layer norms reduce a rank-3 tensor's last axis)."""
+    model, acts, sample = _reduce_mean_sweep(shape_of, count, x_range, y_range)
+    targets = find_targets(model)
+    htp = HtpSession(build_qdq_model(model, targets, acts, {}), {"x": acts["x"]})
+    assert htp.cpu_nodes == []
+    want = htp.run(sample)[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}), ["y"])(sample)[0]
+    exact = simulation_runner(*build_simulation_model(model, targets, acts, {}), ["y"])(sample)[0]
+    assert np.count_nonzero(exact != want) > 0  # the probe tells the kernels from exact rounding
+    np.testing.assert_array_equal(modeled, want)

@@ -24,7 +24,8 @@ activations and weights:
   a ConvTranspose whose kernel equals its stride: it runs as a 1x1 Conv with ``C_out * k * k``
   output channels and depth-to-space, re-expressed per (output channel, kernel position).
 - GlobalAveragePool sums the centered codes and multiplies by ``s_in / (s_out * n)`` rounded to 15
-  significant bits.
+  significant bits; an 8-bit ReduceMean likewise, its 15-bit multiplier mostly scaled by 32767/32768
+  (channelwise.reduce_mean_multiplier).
 - Add and Sub run in fixed point on raw codes: see add_constants.
 - Mul of two 8-bit tensors (activations or quantized constants) multiplies the centered codes and
   requantizes with a 15-bit multiplier and a constant that depends on the zero points: see
@@ -58,7 +59,7 @@ from ...encode.conversions import widened_inputs, widened_outputs
 from ...encode.encoding import Encoding, ParamEncoding
 from ...graph.targets import QuantTargets
 from ..fake_quant import build_simulation_model
-from .channelwise import lower_batch_norm, lower_global_average_pool
+from .channelwise import lower_batch_norm, lower_global_average_pool, lower_reduce_mean
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
 from .elementwise import lower_add, lower_mul
@@ -71,6 +72,7 @@ LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv)
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
     "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul,),
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
+    "ReduceMean": (lower_reduce_mean,),
 }
 """The lowerings of each op type (model docstring)."""
 
