@@ -30,7 +30,7 @@ from .report.html import write_html_report
 from .report.metrics import OutputComparison, json_db
 from .report.sensitivity import DEFAULT_ANALYSIS_SAMPLES
 from .report.weight_analysis import analyze_weights
-from .simulate.arithmetic import ARITHMETICS, simulation_model
+from .simulate.arithmetic import htp_arithmetic, simulation_model
 from .simulate.emulator import HTP_ARCHS, HtpSession, qnn_unavailable_reason, simulation_runner
 from .simulate.qdq import build_qdq_model
 from .stages import (
@@ -124,6 +124,8 @@ def quantize(
                         auto_precision=auto_precision, target_sqnr=target_sqnr, max_16bit=max_16bit,
                         bias_bitwidth=bias_bitwidth, write_bias_encodings=write_bias_encodings,
                         encoding_format=encoding_format, arithmetic=arithmetic)
+    if arithmetic == "htp" and htp_arch is not None:  # simulate the architecture the emulator computes as
+        settings = replace(settings, arithmetic=htp_arithmetic(htp_arch))
     settings.check()
     check_analysis_samples(analysis_samples)
     check_eval_samples(eval_samples)
@@ -225,18 +227,20 @@ def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelPr
     """Run ``count`` evaluation samples on the HTP backend and measure how closely our simulations follow it.
 
     Both arithmetics are compared (keys of ``agreement``): ``htp``, the HTP's measured integer
-    arithmetic, and ``exact``, float ops with exact rounding; ``built`` holds simulation models
-    already made for these encodings (the evaluation's), by arithmetic.
+    arithmetic of the architecture the emulator computes as, and ``exact``, float ops with exact
+    rounding; ``built`` holds simulation models already made for these encodings (the evaluation's),
+    by arithmetic.
     """
     built = built or {}
     acts = encodings.activations
     session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts}, arch)
     names = session.output_names
     samples = [prepared.eval_set.load(i) for i in range(min(count, len(prepared.eval_set)))]
+    arithmetics = {"htp": htp_arithmetic(session.arch), "exact": "exact"}  # the emulator's own architecture
     simulations = {
-        arithmetic: built.get(arithmetic)
+        label: built.get(arithmetic)
         or simulation_model(prepared.deploy, prepared.targets, acts, encodings.params, arithmetic)
-        for arithmetic in ARITHMETICS
+        for label, arithmetic in arithmetics.items()
     }
     output_encodings = {name: acts[name] for name in names}
     return {

@@ -205,8 +205,10 @@ def _add_setting_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--arithmetic", choices=ARITHMETICS, default="htp",
-        help="how the simulation computes: htp, the integer arithmetic measured on Qualcomm's HTP, or exact, "
-        "float ops with exactly rounded fake quantization (default htp)",
+        help="how the simulation computes: htp, the integer arithmetic measured on Qualcomm's HTP (as the "
+        "emulator computes by default: v68's, v73's when a weight is 16-bit); htp-v73, as HTP v73 and later "
+        "compute (their 8-bit convolutions requantize differently; --htp-arch 73 or later implies it); or "
+        "exact, float ops with exactly rounded fake quantization (default htp)",
     )
 
 
@@ -261,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--htp-arch", choices=HTP_ARCHS, default=None,
         help="with --htp: the HTP architecture the emulator computes as (default: the emulator's own, which "
-        f"computes as v68; v{A16W16_ARCH} when a weight is 16-bit, which older HTPs cannot run)",
+        f"computes as v68; v{A16W16_ARCH} when a weight is 16-bit, which older HTPs cannot run); the simulation "
+        "follows it",
     )
     _add_common(q)
 

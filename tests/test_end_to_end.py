@@ -280,6 +280,15 @@ def test_htp_arithmetic_simulation_equals_the_htp_on_efficientnet(tmp_path):
     assert exact["max_error_lsb"] > 0  # float arithmetic with exact rounding does not get there
 
 
+def test_htp_v73_arithmetic_simulation_equals_the_htp_v73_on_efficientnet(tmp_path):
+    """With --htp-arch 73 the emulator computes 8-bit convolutions as HTP v73 does (tools/HTP.md,
+    finding 19) and the simulation follows it, bit for bit; v68's arithmetic would not."""
+    htp, _ = _against_the_htp(tmp_path / "out", htp_arch="73")
+    assert htp["max_error_lsb"] == 0 and htp["sqnr_db"] is None and htp["top1_agreement"] == 1.0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["arithmetic"] == "htp-v73" and report["htp"]["htp_arch"] == "73"
+
+
 def test_htp_arithmetic_simulation_follows_the_htp_with_16_bit_activations(tmp_path):
     """At A16W8 on a real model: not bit for bit (re-expressed weight channels are not decoded), but
     far closer than exact rounding (on 64 samples, 61.1 dB against 36.0: README, tools/HTP.md)."""

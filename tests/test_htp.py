@@ -640,3 +640,47 @@ def test_htp_model_reproduces_the_htp_reduce_mean_on_every_sum(shape_of, count, 
     exact = simulation_runner(*build_simulation_model(model, targets, acts, {}), ["y"])(sample)[0]
     assert np.count_nonzero(exact != want) > 0  # the probe tells the kernels from exact rounding
     np.testing.assert_array_equal(modeled, want)
+
+
+def test_v73_conv_constants_hand_worked():
+    """M = 0.0123: k = floor(6.35) - 3 = 3, m = round(0.0123 * 2^18) / 2^15 = 3224 / 2^15, rounding
+    constant m / 2 + 1/2; the bias 1000 codes of step 0.001 over s_in s_w = 0.0003 is 3333.33
+    accumulator steps, truncated to 3333, and -3333 for a negative bias. M = 0.3 shifts left:
+    k = floor(1.74) - 3 = -2, factor 4, m = round(0.3 * 2^13) / 2^15 = 2458 / 2^15."""
+    from onnxsnpe.simulate.htp.linear import v73_conv_constants
+
+    factor, mantissa, offset, rounding = v73_conv_constants(
+        np.array([0.0123, 0.0123, 0.3]), 0.01, 0.03, np.ones(3), np.array([1000, -1000, 0]), 0.001)
+    np.testing.assert_array_equal(factor, [1 / 8, 1 / 8, 4])
+    np.testing.assert_array_equal(mantissa, [3224 / 2**15, 3224 / 2**15, 2458 / 2**15])
+    np.testing.assert_array_equal(offset, [3333, -3333, 0])
+    np.testing.assert_array_equal(rounding, mantissa / 2 + 0.5)
+
+
+@needs_qnn
+@pytest.mark.parametrize(("kernel", "group", "stride"), [(1, 1, 1), (3, 1, 1), (3, 1, 2), (3, 8, 1), (3, 8, 2)])
+def test_htp_model_reproduces_the_v73_conv_at_8_bits(kernel, group, stride):
+    """HTP v73 requantizes an 8-bit Conv unlike v68 (finding 19): with symmetric per-tensor weights
+    (int8 codes as they are) every output equals the emulator's at v73, where the v68 rule does not."""
+    rng = np.random.default_rng(kernel * 10 + group + stride)
+    weight = rng.normal(0.0, 1.0, (8, 8 // group, kernel, kernel)).astype(np.float32)
+    weight.flat[0], weight.flat[1] = np.abs(weight).max(), -np.abs(weight).max()  # codes fit int8 as they are
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[kernel // 2] * 4, group=group, strides=[stride] * 2)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"),
+                               numpy_helper.from_array(rng.normal(0.0, 3.0, 8).astype(np.float32), "b")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.ir_version = 8
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(-1.0, 2.0, 8), "y": asymmetric_encoding(-6.0 * kernel, 8.0 * kernel, 8)}
+    weights = weight_encodings(model, targets, 8)
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    codes = rng.integers(0, 256, size=(1, 8, 12, 12))
+    sample = {"x": ((codes + acts["x"].offset) * np.float32(acts["x"].scale)).astype(np.float32)}
+    want = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, "73").run(sample)[0]
+    got = {arch: simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])(sample)[0]
+           for arch in ("68", "73")}
+    np.testing.assert_array_equal(got["73"], want)
+    if (group, stride) != (8, 2):  # the doubly strided depthwise kernel is v68's on v73 too
+        assert np.count_nonzero(got["68"] != want) > 0

@@ -196,17 +196,19 @@ def pipeline_rows(key: str, model: Path, calib: Path, evaluation: Path, out: Pat
             for arithmetic, rows in report["htp"]["agreement"].items() for row in rows]
 
 
-def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric", act_bitwidth: int = 8) -> list[dict]:
-    """Calibrate one model, run it on the HTP, and compare every execution with it."""
+def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric", act_bitwidth: int = 8,
+            arch: str | None = None) -> list[dict]:
+    """Calibrate one model, run it on the HTP (as ``arch``; None: the emulator's default), and compare
+    every execution with it."""
     deploy, targets, acts, params, inputs, options, calib = calibrate(key, weights_kind, act_bitwidth)
     qdq = build_qdq_model(deploy, targets, acts, params)
     input_encodings = {spec.name: acts[spec.name] for spec in inputs}
-    htp = HtpSession(qdq, input_encodings)
+    htp = HtpSession(qdq, input_encodings, arch)
     names = htp.output_names
     candidates = {
         "ort-cpu": cpu_runner(qdq, input_encodings, names),
         "simulate": simulation_runner(*build_simulation_model(deploy, targets, acts, params), names),
-        "htp-model": simulation_runner(*htp_simulation_model(deploy, targets, acts, params), names),
+        "htp-model": simulation_runner(*htp_simulation_model(deploy, targets, acts, params, htp.arch), names),
     }
     folders = [ROOT / "calib_data" / "eval"] + ([crops] if crops else [])
     datasets = [open_dataset(folder, inputs, options) for folder in folders]
@@ -278,7 +280,7 @@ def graph_order(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 
     sample = open_dataset(ROOT / "calib_data" / "eval", inputs, options).load(0)
     graph_inputs = {value.name for value in deploy.graph.input}
     names = [n for n in targets.activations if n not in graph_inputs]
-    modeled, output_map = htp_simulation_model(deploy, targets, acts, params)
+    modeled, output_map = htp_simulation_model(deploy, targets, acts, params, arch)
     simulated = dict(zip(names, make_session(modeled, [output_map[n] for n in names]).run(
         [output_map[n] for n in names], sample), strict=True))
     qdq = build_qdq_model(deploy, targets, acts, params)
@@ -337,7 +339,7 @@ MATRIX_ACTIVATIONS = ("A8", "A16", "auto")
 
 
 def measure_config(key: str, crops: Path | None, weights_kind: str, activations: str, target_sqnr: float | None,
-                   extra_crops: int) -> list[dict]:
+                   extra_crops: int, arch: str | None = None) -> list[dict]:
     """One model in one configuration (``activations``: A8, A16 or auto precision at ``target_sqnr``):
     its agreement rows, or one row saying why the emulator refused it."""
     try:
@@ -348,7 +350,7 @@ def measure_config(key: str, crops: Path | None, weights_kind: str, activations:
         bitwidth = 16 if activations == "A16" else 8
         if key == "minilm":
             return measure_minilm(weights_kind, bitwidth, min(32, 8 + extra_crops // 2))
-        return measure(key, crops, weights_kind, bitwidth)
+        return measure(key, crops, weights_kind, bitwidth, arch)
     except OnnxSnpeError as exc:
         if not str(exc).startswith("the QNN HTP backend rejected"):
             raise
@@ -424,7 +426,8 @@ def main() -> int:
                         help="with --matrix, a comma-separated subset of " + ",".join(MATRIX_ACTIVATIONS))
     parser.add_argument("--save", type=Path, help="with --matrix, keep the rows as JSON here")
     parser.add_argument("--htp-arch", choices=HTP_ARCHS,
-                        help="with --graph-order, the HTP architecture to emulate (default: the backend's)")
+                        help="the HTP architecture the emulator and the htp-model simulation compute as (default: "
+                             "the backend's; not with --matrix or --auto-precision, which use the pipeline's)")
     parser.add_argument("--graph-order", action="store_true",
                         help="where the differences start: the first differing tensors with every one exposed")
     args = parser.parse_args()
@@ -455,7 +458,7 @@ def main() -> int:
                 refused.append(f"- {key}: not measured: per-tensor symmetric weights are not a pipeline option")
                 continue
             mode = "auto" if args.auto_precision is not None else f"A{args.act_bitwidth}"
-            found = measure_config(key, crops, args.weights, mode, args.auto_precision, args.extra_crops)
+            found = measure_config(key, crops, args.weights, mode, args.auto_precision, args.extra_crops, args.htp_arch)
             if "refused" in found[0]:  # the emulator refused the model: go on
                 refused.append(f"- {key}: not measured: {found[0]['refused']}")
             else:

@@ -8,9 +8,9 @@ class agreement, and for each activation with its own encoding, measured on eval
   weights included, FP32). It ranks the tensors whose quantization costs the most;
 - a histogram of the FP32 values over the calibration-observed range, to draw the chosen range on.
 
-The simulated model computes with the chosen arithmetic (``ARITHMETICS``): ``htp``, the integer
-arithmetic measured on Qualcomm's HTP (simulate/htp/), or ``exact``, float ops with exactly rounded
-fake quantization (simulate/fake_quant.py). The isolated errors always use the exact arithmetic: they rank
+The simulated model computes with the chosen arithmetic (``ARITHMETICS``): ``htp`` or ``htp-v73``, the
+integer arithmetic measured on Qualcomm's HTP (simulate/htp/), or ``exact``, float ops with exactly
+rounded fake quantization (simulate/fake_quant.py). The isolated errors always use the exact arithmetic: they rank
 tensors by the cost of their encoding, which does not depend on how the ops round.
 
 The pass costs two inferences a sample plus one compiled fold of every tensor (folding.py), samples

@@ -93,7 +93,8 @@ def _percent(share: float | None) -> str:
     return "" if share is None else f"{100 * share:.1f}%"
 
 
-ARITHMETIC_LABELS = {"htp": "HTP integer arithmetic", "exact": "exact arithmetic"}
+ARITHMETIC_LABELS = {"htp": "HTP integer arithmetic", "htp-v73": "HTP v73 integer arithmetic",
+                     "exact": "exact arithmetic"}
 
 
 def _htp_section(htp: dict) -> str:

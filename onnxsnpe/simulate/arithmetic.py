@@ -9,8 +9,10 @@ from ..graph.targets import QuantTargets
 from .fake_quant import build_simulation_model
 from .htp.model import htp_simulation_model
 
-ARITHMETICS = ("htp", "exact")
-"""How the simulation computes: like Qualcomm's HTP (default), or exact float with exact rounding."""
+ARITHMETICS = ("htp", "htp-v73", "exact")
+"""How the simulation computes: like Qualcomm's HTP as the emulator does by default (v68's
+arithmetic, v73's when a Conv/Gemm/MatMul weight is 16-bit), like HTP v73 and later (whose 8-bit
+convolutions requantize differently), or exact float with exact rounding."""
 
 
 def simulation_model(
@@ -23,5 +25,11 @@ def simulation_model(
     """The simulated quantized model in the given arithmetic, and the map to its tensors' names."""
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"unknown arithmetic {arithmetic!r}")
-    build = htp_simulation_model if arithmetic == "htp" else build_simulation_model
-    return build(deploy, targets, activations, params)
+    if arithmetic == "exact":
+        return build_simulation_model(deploy, targets, activations, params)
+    return htp_simulation_model(deploy, targets, activations, params, "73" if arithmetic == "htp-v73" else None)
+
+
+def htp_arithmetic(arch: str | None) -> str:
+    """The HTP arithmetic of an emulator computing as ``arch`` (None: its default, see ARITHMETICS)."""
+    return "htp-v73" if arch is not None and int(arch) >= 73 else "htp"

@@ -22,7 +22,8 @@ Lowered = tuple[list[onnx.NodeProto], list[onnx.TensorProto], set[str]]
 @dataclass(frozen=True)
 class Context:
     """What a lowering reads besides its node: the encodings, the graph's constants and tensor shapes,
-    the graph itself and its opset."""
+    the graph itself, its opset and the HTP architecture computed as (68 or 73: v73 and later
+    requantize 8-bit convolutions differently, linear.v73_conv_constants)."""
 
     targets: QuantTargets
     activations: dict[str, Encoding]
@@ -31,6 +32,7 @@ class Context:
     shapes: dict[str, list[int | None]]
     graph: onnx.GraphProto
     opset: int
+    arch: int = 68
 
 INVERSE_SCALE = "_inverse_scale"
 """The name ending of centered_codes' constant (code_passing.py finds its nodes by it)."""
@@ -104,8 +106,12 @@ def integer_op(
     tail: tuple[int, ...],
     y_enc: Encoding,
     output: str,
+    rounding: np.ndarray | None = None,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes turning ``inputs`` into codes, running ``op`` on them and requantizing as the HTP does."""
+    """Nodes turning ``inputs`` into codes, running ``op`` on them and requantizing as the HTP does.
+
+    The code is ``floor(t m + 1/2) - z_out`` with ``t`` the truncated accumulator; ``rounding``, per
+    channel, replaces ``1/2 - z_out`` where the output zero point is not in the offset (v73's Conv)."""
     factor, offset = (np.asarray(v, dtype=np.float32).reshape((-1, *tail)) for v in (constants[0], constants[2]))
     mantissa = np.asarray(constants[1], dtype=np.float64).reshape((-1, *tail))
     inits = [numpy_helper.from_array(offset, p + "offset")]
@@ -124,9 +130,10 @@ def integer_op(
         inits.append(numpy_helper.from_array(factor, p + "factor"))
         chain += [make("Mul", [p + "shifted", p + "factor"], [p + "scaled"]),
                   make("Floor", [p + "scaled"], [p + "truncated"])]
-    if not exact_in_float32(mantissa):
-        inits += [numpy_helper.from_array(mantissa, p + "mantissa"),
-                  numpy_helper.from_array(np.array(0.5 + y_enc.offset), p + "half")]
+    if rounding is not None or not exact_in_float32(mantissa):
+        half = np.array(0.5 + y_enc.offset) if rounding is None else np.asarray(rounding, np.float64).reshape(
+            (-1, *tail))
+        inits += [numpy_helper.from_array(mantissa, p + "mantissa"), numpy_helper.from_array(half, p + "half")]
         chain += [
             make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE),
             make("Mul", [p + "truncated64", p + "mantissa"], [p + "real"]),  # exact in float64, not float32

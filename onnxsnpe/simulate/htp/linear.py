@@ -128,10 +128,14 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
                 bias_codes, bias_scale = quantize(bias_codes, b_enc) + b_enc.offset, b_enc.scale
         bias_codes = np.repeat(bias_codes, max(blocks, 1) ** 2)
         bias_scale = np.repeat(bias_scale, max(blocks, 1) ** 2) if np.ndim(bias_scale) else bias_scale
-    factor, mantissa, _ = requant_constants(
-        base * steps / float(np.float32(y_enc.scale)), -y_enc.offset, precise=strided_depthwise
-    )
-    offset = requant_offset(x_enc.scale, w_scale, y_enc.scale, -y_enc.offset, steps, bias_codes, bias_scale)
+    multiplier = base * steps / float(np.float32(y_enc.scale))
+    rounding = None
+    if context.arch >= 73 and node.op_type in ("Conv", "Gemm") and not strided_depthwise:
+        factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias_codes,
+                                                                bias_scale)
+    else:
+        factor, mantissa, _ = requant_constants(multiplier, -y_enc.offset, precise=strided_depthwise)
+        offset = requant_offset(x_enc.scale, w_scale, y_enc.scale, -y_enc.offset, steps, bias_codes, bias_scale)
     bias_int = np.zeros(steps.size)  # the bias is part of ``offset``
 
     tail = (1,) * (weight.ndim - 2) if node.op_type.startswith("Conv") else ()  # channel constants broadcast over space
@@ -150,11 +154,40 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     linear.output.append(p + "acc")
     linear.name = p + node.op_type
     output = p + "blocks" if blocks else node.output[0]
-    chain, more = integer_op(p, [(x, x_enc, p + "x")], linear, (factor, mantissa, offset), tail, y_enc, output)
+    chain, more = integer_op(p, [(x, x_enc, p + "x")], linear, (factor, mantissa, offset), tail, y_enc, output,
+                             rounding)
     chain.insert(0, cast)
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [output], [node.output[0]], blocksize=blocks, mode="CRD"))
     return chain, inits + more, consumed
+
+
+def v73_conv_constants(
+    multiplier: np.ndarray, in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray,
+    bias_codes: np.ndarray | None, bias_scale: float | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How HTP v73 and later requantize an 8-bit Conv: factor ``2^-k``, multiplier ``m``, offset ``B``
+    and the constant added after the product, per output channel (tools/HTP.md, finding 19).
+
+    ``code = floor((floor((acc + B) / 2^k) + 1/2) m + z_out + 1/2)`` with ``k = floor(-log2 M) - 3``
+    (negative for ``M >= 2^-3``: no truncation then), ``m = round(M 2^(k + 15)) / 2^15`` (15
+    fractional bits) and ``B`` the bias alone in accumulator steps, ``float32(b s_b) / float32(s_in
+    s_w)`` (divided by a re-expressed channel's step) truncated toward zero. Unlike v68 the output
+    zero point is added after the product, and the truncated accumulator counts from the middle of
+    its bin. Bit-exact on lone-Conv probes with per-tensor weights (1x1, 3x3, strided, depthwise,
+    re-expressed 1x1; 19,000 outputs); per-channel weights leave a bias one step off in about 8% of
+    channels (0.05-0.1% of outputs).
+    """
+    f32 = np.float32
+    multiplier = np.asarray(multiplier, dtype=np.float64)
+    shift = np.floor(-np.log2(multiplier)) - 3
+    mantissa = np.round(multiplier * 2.0 ** (shift + 15)) / 2.0**15
+    if bias_codes is None:
+        offset = np.zeros(multiplier.shape)
+    else:
+        bias = (np.asarray(bias_codes).astype(f32) * np.asarray(bias_scale, dtype=f32)).astype(f32)
+        offset = np.trunc((bias / (f32(in_scale) * np.asarray(w_scale, dtype=f32)) / steps.astype(f32)).astype(f32))
+    return 2.0**-shift, mantissa, offset.astype(np.float64), mantissa / 2 + 0.5
 
 
 def as_block_conv(weight: np.ndarray) -> np.ndarray:

@@ -57,7 +57,9 @@ import onnx
 
 from ...encode.conversions import widened_inputs, widened_outputs
 from ...encode.encoding import Encoding, ParamEncoding
+from ...graph.ops import LINEAR_OPS
 from ...graph.targets import QuantTargets
+from ..emulator import A16W16_ARCH
 from ..fake_quant import build_simulation_model
 from .channelwise import lower_batch_norm, lower_global_average_pool, lower_reduce_mean
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
@@ -82,11 +84,14 @@ def htp_simulation_model(
     targets: QuantTargets,
     activations: dict[str, Encoding],
     params: dict[str, ParamEncoding],
+    arch: str | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """fake_quant.build_simulation_model, with the ops the module docstring lists computed as the HTP does.
 
     Ops whose inputs, weights and output have 8-bit encodings are lowered, and the 16-bit ops the
-    module docstring lists; everything else is simulated as before. Returns the model and the output map.
+    module docstring lists; everything else is simulated as before. ``arch`` is the HTP architecture
+    (emulator.HTP_ARCHS); None takes the emulator's choice (default_arch). Returns the model and the
+    output map.
     """
     model = onnx.ModelProto()
     model.CopyFrom(deploy)
@@ -99,7 +104,8 @@ def htp_simulation_model(
     opset = next((o.version for o in deploy.opset_import if o.domain in ("", "ai.onnx")), 13)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*graph.input, *graph.value_info]}
-    context = Context(targets, activations, params, constants, shapes, graph, opset)
+    context = Context(targets, activations, params, constants, shapes, graph, opset,
+                      int(arch) if arch is not None else default_arch(deploy, params))
     widened = widened_inputs(graph, targets, activations)
     wide_outputs = {name: enc for name, enc in widened_outputs(graph, targets, activations).items()
                     if name not in targets.squashed}  # computed on the 16-bit grid, converted after
@@ -155,6 +161,15 @@ def htp_simulation_model(
     return build_simulation_model(model, targets, activations, remaining,
                                   round_half_up=[name for name in targets.activations if name not in inputs],
                                   on_grid=on_grid)
+
+
+def default_arch(deploy: onnx.ModelProto, params: dict[str, ParamEncoding]) -> int:
+    """The architecture the emulator computes as when none is asked for (emulator.HtpSession): v73
+    when a Conv, ConvTranspose, Gemm or MatMul weight is 16-bit, else the backend's default, which
+    computes as v68."""
+    wide = any(node.op_type in LINEAR_OPS and any(params[name].bitwidth == 16 for name in node.input if name in params)
+               for node in deploy.graph.node)
+    return int(A16W16_ARCH) if wide else 68
 
 
 def _concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -> dict[str, Encoding]:
