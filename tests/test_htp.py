@@ -684,3 +684,17 @@ def test_htp_model_reproduces_the_v73_conv_at_8_bits(kernel, group, stride):
     np.testing.assert_array_equal(got["73"], want)
     if (group, stride) != (8, 2):  # the doubly strided depthwise kernel is v68's on v73 too
         assert np.count_nonzero(got["68"] != want) > 0
+
+
+def test_the_simulation_computes_as_the_architecture_the_emulator_picks():
+    """v73 when a Conv weight is 16-bit (the emulator then runs v73), else v68; an explicit
+    architecture or --arithmetic htp-v73 overrides it, and --htp-arch 73 or later implies htp-v73."""
+    from onnxsnpe.simulate.arithmetic import htp_arithmetic
+    from onnxsnpe.simulate.htp.model import default_arch
+
+    model = _conv_model(np.random.default_rng(0).normal(size=(4, 8, 3, 3)))
+    targets = find_targets(model)
+    assert default_arch(model, weight_encodings(model, targets, 8)) == 68
+    assert default_arch(model, weight_encodings(model, targets, 16)) == 73
+    assert [htp_arithmetic(arch) for arch in (None, "68", "69", "73", "75", "79")] == [
+        "htp", "htp", "htp", "htp-v73", "htp-v73", "htp-v73"]

@@ -2,10 +2,11 @@
 
     python tools/htp_agreement.py [--models effnet,det,rec,cls,minilm] [--extra-crops 56] [--per-op]
                                   [--weights asymmetric|symmetric|per-channel] [--act-bitwidth 8|16]
-                                  [--auto-precision DB]
+                                  [--auto-precision DB] [--htp-arch 73]
     python tools/htp_agreement.py --matrix [--models ...] [--modes A8,A16,auto] [--auto-precision DB]
                                   [--save rows.json]
     python tools/htp_agreement.py --graph-order [--models ...] [--weights ...] [--act-bitwidth 8|16]
+                                  [--htp-arch 73]
 
 Needs onnxruntime-qnn (``pip install 'onnxsnpe[qnn]'``). Each model is calibrated with min-max on
 calib_data/calib (fixed [0, 1] ranges for Sigmoid/Softmax outputs, 8-bit activations and weights,
@@ -50,6 +51,9 @@ sample runs through both, and the first tensors in graph order whose values diff
 more are listed with the channels they differ in, then how many tensors differ at all. Exposing
 every tensor can change how the HTP fuses ops; a difference that the op alone does not show
 (``--per-op``) comes from the graph around it.
+
+``--htp-arch`` has the emulator and the htp-model simulation compute as that HTP architecture (the
+default: the emulator's own, v68) in the A8/A16 rows, ``--per-op`` and ``--graph-order``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -225,11 +230,13 @@ def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric", act_
     return rows
 
 
-def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) -> dict[str, list[int]]:
-    """Per op type: [ops, output values, values where simulate differs, values where htp-model differs]."""
+def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8,
+           arch: str | None = None) -> dict[str, list[int]]:
+    """Per op type: [ops, output values, values where simulate differs, values where htp-model differs],
+    each op run alone on the HTP computing as ``arch`` (None: the emulator's default)."""
     deploy, targets, acts, params, inputs, options, _ = calibrate(key, weights_kind, act_bitwidth)
     sample = open_dataset(ROOT / "calib_data" / "eval", inputs, options).load(0)
-    modeled, _ = htp_simulation_model(deploy, targets, acts, params)
+    modeled, _ = htp_simulation_model(deploy, targets, acts, params, arch)
     produced = {out for node in modeled.graph.node for out in node.output}
     visible = [name + SUFFIX for name in targets.activations] + [a for a in targets.aliases if a in produced]
     session = make_session(modeled, visible)
@@ -260,13 +267,13 @@ def per_op(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8) ->
         sub_acts = {name: acts[name] for name in [*sub_targets.activations, *sub_targets.aliases] if name in acts}
         sub_params = {k: v for k, v in params.items() if k in {i.name for i in sub.graph.initializer}}
         feed = {name: values.get(name + SUFFIX, values.get(name)) for name in feeds}
-        htp = HtpSession(build_qdq_model(sub, sub_targets, sub_acts, sub_params), {})
+        htp = HtpSession(build_qdq_model(sub, sub_targets, sub_acts, sub_params), {}, arch)
         reference = htp.run(feed)[0]
         step = acts[tensor].scale / 2
         row = totals.setdefault("+".join(member.op_type for member in group), [0, 0, 0, 0])
         row[0] += 1
         row[1] += reference.size
-        for column, build in ((2, build_simulation_model), (3, htp_simulation_model)):
+        for column, build in ((2, build_simulation_model), (3, partial(htp_simulation_model, arch=arch))):
             got = simulation_runner(*build(sub, sub_targets, sub_acts, sub_params), [tensor])(feed)[0]
             row[column] += int((np.abs(got - reference) > step).sum())
     return totals
@@ -470,7 +477,7 @@ def main() -> int:
     print("\n".join(refused))
     if args.per_op:
         print()
-        print(per_op_table({key: per_op(key, args.weights, args.act_bitwidth) for key in measured}))
+        print(per_op_table({key: per_op(key, args.weights, args.act_bitwidth, args.htp_arch) for key in measured}))
     return 0
 
 
