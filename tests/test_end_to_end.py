@@ -287,6 +287,7 @@ def test_htp_v73_arithmetic_simulation_equals_the_htp_v73_on_efficientnet(tmp_pa
     assert htp["max_error_lsb"] == 0 and htp["sqnr_db"] is None and htp["top1_agreement"] == 1.0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["settings"]["arithmetic"] == "htp-v73" and report["htp"]["htp_arch"] == "73"
+    assert "computing as HTP v73" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_htp_arithmetic_simulation_follows_the_htp_with_16_bit_activations(tmp_path):

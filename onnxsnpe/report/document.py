@@ -89,7 +89,9 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}{cosine}   max |err| {o['max_abs_error']:.4g}{agreement}")
     if "htp" in report:
         htp = report["htp"]
-        lines.append(f"  agreement with Qualcomm's HTP emulator on {htp['samples']} samples (SQNR, max error in LSB):")
+        arch = f", computing as HTP v{htp['htp_arch']}" if htp.get("htp_arch") else ""
+        lines.append(f"  agreement with Qualcomm's HTP emulator on {htp['samples']} samples{arch} "
+                     "(SQNR, max error in LSB):")
         for label, rows in htp["agreement"].items():
             for row in rows:
                 sqnr = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f} dB"
