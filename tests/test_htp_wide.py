@@ -32,10 +32,10 @@ def _model(op: str, weight: np.ndarray, bias: np.ndarray, x_shape: list[int], gr
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _encoded(model, x_range, y_range):
+def _encoded(model, x_range, y_range, per_channel=False):
     targets = find_targets(model)
     acts = {"x": asymmetric_encoding(*x_range, 16), "y": asymmetric_encoding(*y_range, 16)}
-    weights = weight_encodings(model, targets, 8)
+    weights = weight_encodings(model, targets, 8, per_channel=per_channel)
     return targets, acts, {**weights, **bias_encodings(model, targets, acts, weights, 32)}
 
 
@@ -135,6 +135,27 @@ def test_the_htp_a16w8_conv_is_reproduced_bit_for_bit(group: int, stride: int) -
                      / scale)
     np.testing.assert_array_equal(modeled, reference)
     assert np.mean(exact == reference) < 0.95  # exact rounding does not: the HTP arithmetic is needed
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("group, stride, per_channel", [(1, 1, False), (1, 2, True), (8, 1, False), (8, 1, True),
+                                                        (8, 2, False)])
+def test_the_htp_v73_a16w8_conv_is_reproduced_bit_for_bit(group: int, stride: int, per_channel: bool) -> None:
+    """HTP v73 requantizes an A16W8 Conv otherwise (tools/HTP.md finding 20: the output zero point
+    after the product, a 22-bit multiplier from float32): bit for bit as v73, where v68's rule is not;
+    a doubly strided depthwise Conv keeps v68's precise kernel on v73."""
+    rng = np.random.default_rng(5)
+    outputs = 8 if group > 1 else 4
+    weight = rng.normal(0.0, 1.0, size=(outputs, 8 // group, 3, 3))
+    model = _model("Conv", weight, rng.normal(size=outputs), [1, 8, 12, 12], group, stride)
+    targets, acts, params = _encoded(model, (-1.0, 2.0), (-20.0, 26.0), per_channel=per_channel)
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, "73").run({"x": x})[0]
+    modeled = {arch: simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])({"x": x})[0]
+               for arch in ("68", "73")}
+    np.testing.assert_array_equal(modeled["73"], reference)
+    if (group, stride) != (8, 2):
+        assert np.count_nonzero(modeled["68"] != reference) > 0
 
 
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")

@@ -178,16 +178,23 @@ def v73_conv_constants(
     re-expressed 1x1; 19,000 outputs); per-channel weights leave a bias one step off in about 8% of
     channels (0.05-0.1% of outputs).
     """
-    f32 = np.float32
     multiplier = np.asarray(multiplier, dtype=np.float64)
     shift = np.floor(-np.log2(multiplier)) - 3
     mantissa = np.round(multiplier * 2.0 ** (shift + 15)) / 2.0**15
+    offset = v73_bias(in_scale, w_scale, steps, bias_codes, bias_scale)
+    return 2.0**-shift, mantissa, offset, mantissa / 2 + 0.5
+
+
+def v73_bias(in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray, bias_codes: np.ndarray | None,
+             bias_scale: float | np.ndarray) -> np.ndarray:
+    """The bias in accumulator steps as HTP v73 and later take it, per output channel: ``float32(b s_b)
+    / float32(s_in s_w)`` (divided by a re-expressed channel's step) truncated toward zero."""
+    f32 = np.float32
     if bias_codes is None:
-        offset = np.zeros(multiplier.shape)
-    else:
-        bias = (np.asarray(bias_codes).astype(f32) * np.asarray(bias_scale, dtype=f32)).astype(f32)
-        offset = np.trunc((bias / (f32(in_scale) * np.asarray(w_scale, dtype=f32)) / steps.astype(f32)).astype(f32))
-    return 2.0**-shift, mantissa, offset.astype(np.float64), mantissa / 2 + 0.5
+        return np.zeros(steps.shape)
+    bias = (np.asarray(bias_codes).astype(f32) * np.asarray(bias_scale, dtype=f32)).astype(f32)
+    steps_in = (bias / (f32(in_scale) * np.asarray(w_scale, dtype=f32)) / steps.astype(f32)).astype(f32)
+    return np.trunc(steps_in).astype(np.float64)
 
 
 def as_block_conv(weight: np.ndarray) -> np.ndarray:

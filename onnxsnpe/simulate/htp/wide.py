@@ -48,7 +48,7 @@ from .codes import (
     requant_offset,
     with_output_codes,
 )
-from .linear import as_block_conv, int8_weights, transpose_blocks
+from .linear import as_block_conv, int8_weights, transpose_blocks, v73_bias
 
 SHIFT = 8
 """Bits the HTP drops from the A16W8 accumulator."""
@@ -132,18 +132,50 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         clipped = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
         folded = np.where(saturated, round_half_away(clipped + out_zero_point / multiplier), folded)
     constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
+    v73 = None
+    if context.arch >= 73 and not strided_depthwise and not blocks:
+        b73 = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
+        constant = np.trunc(b73 / 2.0**SHIFT) - np.floor(zero_sum / 2.0**SHIFT + 0.5)
+        v73 = v73_a16w8_requant(x_enc.scale, w_scale, y_enc.scale, steps)
     largest_sum = float(np.abs(codes).reshape(codes.shape[0], -1).sum(axis=1).max())  # of |w| over a filter
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
-        chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa)
+        chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa, v73)
     else:
         digit_bits = _digit_bits(int(np.prod(codes.shape[1:])), float(np.abs(codes).max()))
         if digit_bits is None:
             return None
-        chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift)
+        chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift, v73)
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [node.output[0]], [original.output[0]], blocksize=blocks,
                                       mode="CRD"))
     return chain, inits, consumed
+
+
+V73_MULTIPLIER_BITS = 22
+"""Significant bits of v73's 16-bit requantization multiplier."""
+
+
+def v73_a16w8_requant(in_scale: float, w_scale: np.ndarray, out_scale: float, steps: np.ndarray,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HTP v73's A16W8 requantization per output channel (tools/HTP.md finding 20): the factor ``d``
+    and multiplier ``m`` with ``v = floor(t d)`` and ``code - z_out = floor(v m + r)``, and ``r``.
+
+    With ``F = floor(-log2 M)`` and ``q = floor(M32 2^(F + 22) + 1/2)`` (22 bits of the float32
+    multiplier ``M32``, each channel's weight scale taken relative to the largest one), the HTP
+    computes ``floor((floor(t 2^(15 - F)) + 1/2) q / 2^29 + z_out + 1/2)``: for ``F <= 15`` the
+    shift is exact and folds into ``m``; beyond, ``d = 2^(15 - F)`` drops low bits first.
+    """
+    f32 = np.float32
+    scales = np.asarray(w_scale, dtype=f32)
+    top = scales.max()
+    m32 = (f32(f32(f32(in_scale) * top) / f32(out_scale)) * (scales / top).astype(f32)).astype(f32)
+    m32 = (m32 * steps.astype(f32)).astype(f32).astype(np.float64)
+    exact = float(f32(in_scale)) * scales.astype(np.float64) * steps / float(f32(out_scale))
+    exponent = np.floor(-np.log2(exact))
+    q = np.floor(m32 * 2.0 ** (exponent + V73_MULTIPLIER_BITS) + 0.5)
+    down = np.where(exponent > 15, 2.0 ** (15 - exponent), 1.0)
+    mantissa = q * 2.0**-29 * np.where(exponent > 15, 1.0, 2.0 ** (15 - exponent))
+    return down, mantissa, q * 2.0**-30 + 0.5
 
 
 PRECISE_EXPONENT_SPREAD = 8
@@ -172,7 +204,8 @@ a byte times it stays below 2^23, leaving room for the constants."""
 
 
 def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, zero_sum: np.ndarray,
-                constant: np.ndarray, mantissa: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+                constant: np.ndarray, mantissa: np.ndarray, v73: tuple | None = None,
+                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes when the shift is 8 and the filters are small enough (BYTE_SPLIT_LIMIT): the centered
     codes split in bytes ``c = 2^8 hi + lo`` (``lo`` in [0, 2^8)) and the input zero point's share
     ``z sum(w) = 2^8 q + r``, so that ``floor(sum(u w) / 2^8) = conv(hi) + q + floor((conv(lo) + r) / 2^8)``
@@ -206,14 +239,15 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
               make("Floor", [p + "byte_low_down"], [p + "carry"]),
               make("Add", [p + "byte_high_sum", p + "carry"], [p + "truncated"]),
               make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE)]
-    requant, requant_inits, centered = _requantized(p, p + "truncated64", whole + constant, mantissa, y_enc, channel)
+    requant, requant_inits, centered = _requantized(p, p + "truncated64", whole + constant, mantissa, y_enc, channel,
+                                                    v73)
     chain, inits, _ = with_output_codes(nodes + requant, inits + requant_inits, p, y_enc, p + "real_half",
                                         node.output[0], centered)
     return chain, inits
 
 
 def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, digit_bits: int,
-           zero_sum: np.ndarray, constant: np.ndarray, mantissa: np.ndarray, shift: int,
+           zero_sum: np.ndarray, constant: np.ndarray, mantissa: np.ndarray, shift: int, v73: tuple | None = None,
            ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes: the codes split in digits, a Conv per digit, their sum, the truncation and the
     requantization, in float64 from the sums on."""
@@ -256,22 +290,39 @@ def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.nda
     nodes += [make("Sum", [*weighted, p + "zero_sum"], [p + "input_sum"]),  # sum(u w), exact in float64
               make("Mul", [p + "input_sum", p + "shift"], [p + "input_shifted"]),
               make("Floor", [p + "input_shifted"], [p + "truncated"])]
-    requant, requant_inits, centered = _requantized(p, p + "truncated", constant, mantissa, y_enc, channel)
+    requant, requant_inits, centered = _requantized(p, p + "truncated", constant, mantissa, y_enc, channel, v73)
     chain, inits, _ = with_output_codes(nodes + requant, inits + requant_inits, p, y_enc, p + "real_half",
                                         node.output[0], centered)
     return chain, inits
 
 
 def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndarray, y_enc: Encoding,
-                 channel: tuple[int, ...]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], bool]:
+                 channel: tuple[int, ...], v73: tuple | None = None,
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], bool]:
     """Nodes making ``p + "real_half"``, the float64 output code plus one half, from the truncated
     sum ``t`` (float64) and the per-channel integer ``constant`` ``c`` and multiplier ``m``; and
     whether it is centered (with_output_codes). ``(t + c) m + 1/2 - z_out`` is computed as
     ``t m + (c m + 1/2 - z_out)``, one pass fewer, where the folded constant is exact in float64
     (always, for the encodings seen): ``t m`` is exact (an int32 times 11 to 15 significant bits),
     so the sum is the exact value wherever the code is in range, and beyond it float64's monotone
-    rounding keeps it beyond the clamp, as before."""
+    rounding keeps it beyond the clamp, as before. With ``v73`` (v73_a16w8_requant's factor,
+    multiplier and rounding constant) the centered code is ``floor(floor((t + c) d) m + r)``
+    instead: ``t + c`` below 2^31 times a 22-bit ``q`` stays exact in float64."""
     make = helper.make_node
+    if v73 is not None:
+        down, multiplier, rounding = v73
+        inits = [numpy_helper.from_array(constant.reshape(channel), p + "constant"),
+                 numpy_helper.from_array(multiplier.reshape(channel), p + "mantissa"),
+                 numpy_helper.from_array(rounding.reshape(channel), p + "rounding")]
+        nodes = [make("Add", [truncated, p + "constant"], [p + "t"])]
+        shifted = p + "t"
+        if np.any(down != 1):  # channels whose multiplier is below 2^-15 lose low bits first
+            inits.append(numpy_helper.from_array(down.reshape(channel), p + "down"))
+            nodes += [make("Mul", [p + "t", p + "down"], [p + "t_down"]), make("Floor", [p + "t_down"], [p + "v"])]
+            shifted = p + "v"
+        nodes += [make("Mul", [shifted, p + "mantissa"], [p + "real"]),
+                  make("Add", [p + "real", p + "rounding"], [p + "real_half"])]
+        return nodes, inits, True
     if _exact_fold(constant, mantissa, 0.5 + y_enc.offset):
         folded = constant * mantissa + (0.5 + y_enc.offset)
         inits = [numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
