@@ -627,3 +627,44 @@ def test_the_folded_requantization_constant_gives_the_unfolded_codes() -> None:
     assert not _exact_fold(np.array([2.0**38 + 1]), np.array([2.0**-10 * 1.375]), 24_576.5)
     assert not _exact_fold(np.array([3.0]), np.array([1 + 2.0**-20]), 24_576.5)
     assert not _exact_fold(np.array([2.0**37 + 1]), tiny, 24_576.5) and _exact_fold(np.array([2.0**37 + 1]), tiny, 0.0)
+
+
+def test_the_htp_caps_large_positive_int16_weight_codes():
+    """32640 and above compute as 32639, or as 32511 in a strided Conv with a kernel beyond 1x1 over
+    several input channels and in a strided depthwise Conv; lower and negative codes are kept."""
+    from onnxsnpe.simulate.htp.wide_weights import capped_codes
+
+    codes = np.array([32767, 32640, 32639, 32512, -32768, 0], dtype=np.float64).reshape(6, 1, 1, 1)
+    np.testing.assert_array_equal(capped_codes(codes, {}).ravel(), [32639, 32639, 32639, 32512, -32768, 0])
+    wide = np.broadcast_to(codes, (6, 2, 3, 3))
+    capped = capped_codes(wide, {"strides": [2, 2]})[:, 0, 0, 0]
+    np.testing.assert_array_equal(capped, [32511, 32511, 32639, 32512, -32768, 0])
+    depthwise = np.broadcast_to(codes, (6, 1, 3, 3))
+    assert capped_codes(depthwise, {"strides": [2, 2], "group": 6})[0, 0, 0, 0] == 32511
+    assert capped_codes(depthwise, {"strides": [2, 2]})[0, 0, 0, 0] == 32639  # one input channel, not grouped
+    assert capped_codes(np.broadcast_to(codes, (6, 4, 1, 1)), {"strides": [2, 2]})[0, 0, 0, 0] == 32639  # 1x1
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("kernel, group, stride, per_channel", [(1, 1, 1, False), (3, 1, 2, True), (3, 8, 2, False),
+                                                                (5, 8, 1, True)])
+def test_the_htp_a16w16_conv_is_reproduced_bit_for_bit(kernel: int, group: int, stride: int,
+                                                       per_channel: bool) -> None:
+    """A 16-bit weight (automatic mixed precision's) runs on v73 only; there the Conv follows
+    finding 20's rule bit for bit, weight cap included, where exact rounding is off by up to 151 steps."""
+    rng = np.random.default_rng(kernel + group + stride)
+    outputs = 8 if group > 1 else 6
+    weight = rng.normal(0.0, 1.0, size=(outputs, 8 // group, kernel, kernel))
+    model = _model("Conv", weight, rng.normal(size=outputs), [1, 8, 12, 12], group, stride)
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(-1.0, 2.0, 16), "y": asymmetric_encoding(-6.0 * kernel, 7.8 * kernel, 16)}
+    weights = weight_encodings(model, targets, 8, per_channel=per_channel, raised=["w"])
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]})
+    assert htp.arch == "73"
+    reference = htp.run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    exact = simulation_runner(*build_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)
+    assert np.count_nonzero(exact != reference) > 0

@@ -39,6 +39,9 @@ activations and weights:
 - A Concat input that only the Concat reads is computed with the Concat's encoding (_concat_encodings).
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
   (elementwise.add16_constants) and GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations").
+- HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
+  (wide.v73_a16w8_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
+  findings 19 and 20).
 - A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
   and a lowered op reads the codes its producer computed instead of deriving them from the
   dequantized tensor (code_passing.py): the same numbers in fewer passes.
@@ -68,8 +71,9 @@ from .elementwise import lower_add, lower_mul
 from .linear import lower_linear
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
+from .wide_weights import lower_a16w16_conv
 
-LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv)
+LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv)
 """Tried in turn for any other op: each returns None for a node it does not lower."""
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
     "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul,),

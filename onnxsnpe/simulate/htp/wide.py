@@ -25,7 +25,7 @@ this replaces, is off by up to hundreds of steps (the float16 multiplier's error
 ``sum(u w)`` reaches 2^29, beyond float32's exact integers, and onnxruntime has no float64 Conv,
 so the codes are split: in two bytes where the filters are small enough (_byte_chain, the sums
 combined in float32), otherwise in digits of ``d`` bits, small enough that each digit's Conv stays
-exact in float32 (``2^d * |w| * fan-in <= 2^24``), combined in float64 (_chain).
+exact in float32 (``2^d * |w| * fan-in <= 2^24``), combined in float64 (digit_chain).
 """
 
 from __future__ import annotations
@@ -141,10 +141,10 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
         chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa, v73)
     else:
-        digit_bits = _digit_bits(int(np.prod(codes.shape[1:])), float(np.abs(codes).max()))
-        if digit_bits is None:
+        bits = digit_bits(int(np.prod(codes.shape[1:])), float(np.abs(codes).max()))
+        if bits is None:
             return None
-        chain, inits = _chain(node, x_enc, y_enc, codes, digit_bits, zero_sum, constant, mantissa, shift, v73)
+        chain, inits = digit_chain(node, x_enc, y_enc, codes, bits, zero_sum, constant, mantissa, shift, v73)
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [node.output[0]], [original.output[0]], blocksize=blocks,
                                       mode="CRD"))
@@ -155,15 +155,16 @@ V73_MULTIPLIER_BITS = 22
 """Significant bits of v73's 16-bit requantization multiplier."""
 
 
-def v73_a16w8_requant(in_scale: float, w_scale: np.ndarray, out_scale: float, steps: np.ndarray,
+def v73_a16w8_requant(in_scale: float, w_scale: np.ndarray, out_scale: float, steps: np.ndarray, point: int = 15,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """HTP v73's A16W8 requantization per output channel (tools/HTP.md finding 20): the factor ``d``
+    """HTP v73's 16-bit requantization per output channel (tools/HTP.md finding 20): the factor ``d``
     and multiplier ``m`` with ``v = floor(t d)`` and ``code - z_out = floor(v m + r)``, and ``r``.
 
     With ``F = floor(-log2 M)`` and ``q = floor(M32 2^(F + 22) + 1/2)`` (22 bits of the float32
     multiplier ``M32``, each channel's weight scale taken relative to the largest one), the HTP
-    computes ``floor((floor(t 2^(15 - F)) + 1/2) q / 2^29 + z_out + 1/2)``: for ``F <= 15`` the
-    shift is exact and folds into ``m``; beyond, ``d = 2^(15 - F)`` drops low bits first.
+    computes ``floor((floor(t 2^(P - F)) + 1/2) q / 2^29 + z_out + 1/2)``, ``P`` = ``point``: 15
+    for A16W8, 23 for A16W16. For ``F <= P`` the shift is exact and folds into ``m``; beyond,
+    ``d = 2^(P - F)`` drops low bits first.
     """
     f32 = np.float32
     scales = np.asarray(w_scale, dtype=f32)
@@ -173,8 +174,8 @@ def v73_a16w8_requant(in_scale: float, w_scale: np.ndarray, out_scale: float, st
     exact = float(f32(in_scale)) * scales.astype(np.float64) * steps / float(f32(out_scale))
     exponent = np.floor(-np.log2(exact))
     q = np.floor(m32 * 2.0 ** (exponent + V73_MULTIPLIER_BITS) + 0.5)
-    down = np.where(exponent > 15, 2.0 ** (15 - exponent), 1.0)
-    mantissa = q * 2.0**-29 * np.where(exponent > 15, 1.0, 2.0 ** (15 - exponent))
+    down = np.where(exponent > point, 2.0 ** (point - exponent), 1.0)
+    mantissa = q * 2.0**-29 * np.where(exponent > point, 1.0, 2.0 ** (point - exponent))
     return down, mantissa, q * 2.0**-30 + 0.5
 
 
@@ -191,7 +192,7 @@ def _exponent_spread(x_enc: Encoding, y_enc: Encoding, w_scale: np.ndarray) -> f
     return float(exponents.max() - exponents.min())
 
 
-def _digit_bits(fan_in: int, largest_weight: float) -> int | None:
+def digit_bits(fan_in: int, largest_weight: float) -> int | None:
     """Bits per digit of the centered input codes so that each digit's Conv sum is an exact float32
     integer: ``2^d * |w| * fan_in <= 2^24`` (None for a fan-in too large even for one bit)."""
     bits = int(np.floor(np.log2(2.0**24 / (max(largest_weight, 1.0) * fan_in))))
@@ -246,16 +247,21 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
     return chain, inits
 
 
-def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, digit_bits: int,
-           zero_sum: np.ndarray, constant: np.ndarray, mantissa: np.ndarray, shift: int, v73: tuple | None = None,
-           ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The nodes: the codes split in digits, a Conv per digit, their sum, the truncation and the
-    requantization, in float64 from the sums on."""
+def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
+                codes: np.ndarray | list[tuple[np.ndarray, float]], digit_bits: int, zero_sum: np.ndarray,
+                constant: np.ndarray, mantissa: np.ndarray, shift: int, v73: tuple | None = None,
+                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes: the codes split in digits, a Conv per digit (and per weight part: ``codes`` may be
+    a list of (part, factor) whose weighted sum is the weights, each part small enough for
+    ``digit_bits``), their sum, the truncation and the requantization, in float64 from the sums on."""
     p = f"{node.output[0]}{SUFFIX}/"
-    channel = (1, -1) + (1,) * (codes.ndim - 2)
+    parts = [(codes, 1.0)] if isinstance(codes, np.ndarray) else codes
+    names = [p + "w"] if len(parts) == 1 else [f"{p}w{k}" for k in range(len(parts))]
+    channel = (1, -1) + (1,) * (parts[0][0].ndim - 2)
     nodes, inits = centered_codes(node.input[0], x_enc, p + "x")
+    inits += [numpy_helper.from_array(part.astype(np.float32), name) for (part, _), name in zip(parts, names,
+                                                                                                strict=True)]
     inits += [
-        numpy_helper.from_array(codes.astype(np.float32), p + "w"),
         numpy_helper.from_array(np.array(2.0**-digit_bits, dtype=np.float32), p + "digit_down"),
         numpy_helper.from_array(np.array(2.0**digit_bits, dtype=np.float32), p + "digit_up"),
         numpy_helper.from_array(zero_sum.reshape(channel), p + "zero_sum"),
@@ -273,17 +279,19 @@ def _chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.nda
                       make("Floor", [digit + "_down"], [digit + "_rest"]),  # exact: a power-of-two scaling
                       make("Mul", [digit + "_rest", p + "digit_up"], [digit + "_up"]),
                       make("Sub", [rest, digit + "_up"], [digit])]
-        conv = onnx.NodeProto()
-        conv.CopyFrom(node)
-        del conv.input[:], conv.output[:]
-        conv.input.extend([digit, p + "w"])
-        conv.output.append(digit + "_sum")
-        conv.name = digit + "_conv"
-        weight = numpy_helper.from_array(np.array(2.0 ** (digit_bits * position)), digit + "_weight")
-        inits.append(weight)
-        nodes += [conv, make("Cast", [digit + "_sum"], [digit + "_sum64"], to=onnx.TensorProto.DOUBLE),
-                  make("Mul", [digit + "_sum64", weight.name], [digit + "_weighted"])]
-        weighted.append(digit + "_weighted")
+        for (_, factor), name in zip(parts, names, strict=True):
+            term = digit + name[len(p) + 1:]  # digit, or digit and weight part
+            conv = onnx.NodeProto()
+            conv.CopyFrom(node)
+            del conv.input[:], conv.output[:]
+            conv.input.extend([digit, name])
+            conv.output.append(term + "_sum")
+            conv.name = term + "_conv"
+            weight = numpy_helper.from_array(np.array(2.0 ** (digit_bits * position) * factor), term + "_weight")
+            inits.append(weight)
+            nodes += [conv, make("Cast", [term + "_sum"], [term + "_sum64"], to=onnx.TensorProto.DOUBLE),
+                      make("Mul", [term + "_sum64", weight.name], [term + "_weighted"])]
+            weighted.append(term + "_weighted")
         if top:
             break
         rest, position = digit + "_rest", position + 1

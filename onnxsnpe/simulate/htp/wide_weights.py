@@ -1,0 +1,89 @@
+"""Conv with 16-bit activations and 16-bit weights (A16W16) as HTP v73 and later compute it.
+
+Only v73 and later run 16-bit weights (the emulator refuses them below). Probed on single Convs
+(tools/HTP.md finding 20): with ``u`` the uncentered 16-bit input codes (padding at the zero point
+``z``), the symmetric int16 weight codes ``w`` after the HTP's cap (capped_codes), ``S = sum(u w)``
+and ``B`` the bias in accumulator steps (linear.v73_bias),
+
+    t = floor(S / 2^16) + floor(B / 2^16 + 1/2) - floor(z sum(w) / 2^16 + 1/2),
+
+then requantized as the v73 A16W8 Conv with the point 23 (wide.v73_a16w8_requant): the output
+zero point after the product, a 22-bit multiplier from float32. Bit for bit on 30 sweeps and 128
+Conv probes (1x1, 3x3, depthwise 3x3 and 5x5, strided); the simulation's exact rounding, which
+this replaces, was 1 to 9 steps off, and up to 2,135 where a weight code is capped.
+
+``S`` reaches 2^42: the weights are split in two bytes and the input codes in digits
+(wide.digit_chain), each Conv's sum exact in float32, combined in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ...encode.encoding import ChannelEncodings, fake_quantize, quantize
+from ...graph.large import initializer_array
+from ...graph.ops import node_attributes
+from .codes import Context, Lowered, of_bitwidth, output_encoding
+from .linear import v73_bias
+from .wide import INT32_HIGH, INT32_LOW, digit_bits, digit_chain, v73_a16w8_requant
+
+A16W16_SHIFT = 16
+"""Bits the HTP drops from the A16W16 accumulator."""
+CAP, STRIDED_CAP = 32639, 32511
+"""What positive int16 weight codes of 32640 and above compute as: CAP, or STRIDED_CAP in a strided
+Conv whose filters span several input values (capped_codes)."""
+
+
+def capped_codes(codes: np.ndarray, attrs: dict) -> np.ndarray:
+    """The int16 weight codes the HTP computes with: codes of 32640 and above become 32639, or 32511
+    in a depthwise Conv strided in either direction and in a strided Conv with a kernel beyond 1x1
+    and several input channels per group (probed: 3x3 stride 2, depthwise 3x3 stride 2; a 1x1 stride-2
+    Conv and a one-input-channel 3x3 stride-2 Conv keep 32639). Negative codes are kept."""
+    strided = any(stride > 1 for stride in attrs.get("strides", [1]))
+    depthwise = attrs.get("group", 1) > 1 and codes.shape[1] == 1
+    spatial = int(np.prod(codes.shape[2:])) > 1
+    limit = STRIDED_CAP if strided and (depthwise or (spatial and codes.shape[1] >= 2)) else CAP
+    return np.where(codes > CAP, limit, codes)
+
+
+def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
+    """The A16W16 Conv in v73's arithmetic (module docstring), or None where it does not apply: other
+    architectures, ops, bitwidths, asymmetric 16-bit weights or weights not on the output-channel axis."""
+    if (context.arch < 73 or node.op_type != "Conv" or len(node.input) < 2
+            or node.input[1] not in context.constants):
+        return None
+    x_enc = context.activations.get(node.input[0])
+    y_enc = output_encoding(node, context.targets, context.activations)
+    w_enc = context.params.get(node.input[1])
+    weight = initializer_array(context.constants[node.input[1]])
+    if not of_bitwidth(16, x_enc, y_enc, w_enc) or weight.ndim != 4:
+        return None
+    per_channel = isinstance(w_enc, ChannelEncodings)
+    if not w_enc.is_symmetric or (per_channel and w_enc.axis != 0):  # the codes as int16, zero at 0
+        return None
+    w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[0], np.float32(w_enc.scale))
+    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(-1, 1, 1, 1))
+    codes = capped_codes(codes, node_attributes(node))
+    consumed = {node.input[1]}
+    bias_codes, bias_scale = None, 1.0
+    if len(node.input) > 2 and node.input[2] in context.constants:
+        bias_codes = initializer_array(context.constants[node.input[2]]).astype(np.float64).reshape(-1)
+        b_enc = context.params.get(node.input[2])
+        if b_enc is not None:
+            consumed.add(node.input[2])
+            offset = b_enc.offsets() if isinstance(b_enc, ChannelEncodings) else b_enc.offset
+            bias_codes = quantize(bias_codes, b_enc) + offset
+            bias_scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
+    steps = np.ones(codes.shape[0])
+    bias = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
+    zero_sum = -x_enc.offset * codes.sum(axis=(1, 2, 3))
+    constant = np.floor(bias / 2.0**A16W16_SHIFT + 0.5) - np.floor(zero_sum / 2.0**A16W16_SHIFT + 0.5)
+    requant = v73_a16w8_requant(x_enc.scale, w_scale, y_enc.scale, steps, point=23)
+    high = np.floor(codes / 2.0**8)
+    parts = [(high, 2.0**8), (codes - high * 2.0**8, 1.0)]  # int16 codes in two bytes
+    bits = digit_bits(int(np.prod(codes.shape[1:])), 2.0**8)
+    if bits is None:
+        return None
+    chain, inits = digit_chain(node, x_enc, y_enc, parts, bits, zero_sum, constant, requant[1], A16W16_SHIFT, requant)
+    return chain, inits, consumed
