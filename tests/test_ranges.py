@@ -229,3 +229,24 @@ def test_quantize_rejects_bad_method_and_percentile(tiny_model, npy_folder, tmp_
         quantize(tiny_model, npy_folder, tmp_path / "b", method="percentile", percentile=120, progress=False)
     with pytest.raises(OnnxSnpeError, match="unknown --weight-method"):
         quantize(tiny_model, npy_folder, tmp_path / "c", weight_method="kl", progress=False)
+
+
+@pytest.mark.parametrize(("strides", "group", "cap"), [([1, 1], 1, 32639), ([2, 2], 1, 32511), ([2, 2], 4, 32511)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_raised_weight_keeps_its_codes_below_the_htps_int16_cap(strides, group, cap, per_channel):
+    """HTP v73 computes positive int16 weight codes above 32639 (32511 in a strided 3x3 Conv, tools/HTP.md
+    finding 20) as that cap: a raised weight's range is widened so that its largest code is the cap."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(group)
+    weight = rng.normal(size=(4, 4 // group, 3, 3)).astype(np.float32)
+    weight.flat[0] = np.abs(weight).max() + 1.0  # the largest magnitude positive
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=strides, group=group, pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    encoding = weight_encodings(model, find_targets(model), 8, per_channel=per_channel, raised=["w"])["w"]
+    scales = encoding.scales() if per_channel else np.array([encoding.scale])
+    codes = np.round(fake_quantize(weight, encoding) / scales.reshape(-1, 1, 1, 1))
+    assert codes.max() == cap and encoding.bitwidth == 16

@@ -10,7 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from ..graph.targets import QuantTargets
+
+INT16_WEIGHT_CAP, INT16_STRIDED_CAP = 32639, 32511
+"""The largest positive int16 weight code HTP v73 multiplies with as it is: codes above it compute
+as INT16_WEIGHT_CAP, or as INT16_STRIDED_CAP in a strided Conv whose filters span several input
+values (int16_weight_cap; tools/HTP.md finding 20). Negative codes are kept, -32768 included."""
+
+
+def int16_weight_cap(attributes: dict, weight_shape: tuple[int, ...]) -> int:
+    """The cap of a 16-bit Conv weight of ``weight_shape`` (O x I/group x kH x kW) with these node
+    attributes: INT16_STRIDED_CAP for a depthwise Conv strided in either direction and for a strided
+    Conv with a kernel beyond 1x1 over several input channels per group (probed: 3x3 stride 2), else
+    INT16_WEIGHT_CAP (a 1x1 or one-input-channel strided Conv, every unstrided one)."""
+    strided = any(stride > 1 for stride in attributes.get("strides", [1]))
+    depthwise = attributes.get("group", 1) > 1 and len(weight_shape) > 1 and weight_shape[1] == 1
+    spatial = int(np.prod(weight_shape[2:])) > 1
+    several_inputs = len(weight_shape) > 1 and weight_shape[1] >= 2
+    return INT16_STRIDED_CAP if strided and (depthwise or (spatial and several_inputs)) else INT16_WEIGHT_CAP
 
 
 def sixteen_bit_tensors(targets: QuantTargets, raised: Iterable[str]) -> tuple[set[str], set[str]]:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from ...encode.encoding import ChannelEncodings, fake_quantize, quantize
+from ...encode.precision import INT16_WEIGHT_CAP, int16_weight_cap
 from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import Context, Lowered, of_bitwidth, output_encoding
@@ -30,21 +31,14 @@ from .wide import INT32_HIGH, INT32_LOW, digit_bits, digit_chain, v73_a16w8_requ
 
 A16W16_SHIFT = 16
 """Bits the HTP drops from the A16W16 accumulator."""
-CAP, STRIDED_CAP = 32639, 32511
-"""What positive int16 weight codes of 32640 and above compute as: CAP, or STRIDED_CAP in a strided
-Conv whose filters span several input values (capped_codes)."""
 
 
 def capped_codes(codes: np.ndarray, attrs: dict) -> np.ndarray:
-    """The int16 weight codes the HTP computes with: codes of 32640 and above become 32639, or 32511
-    in a depthwise Conv strided in either direction and in a strided Conv with a kernel beyond 1x1
-    and several input channels per group (probed: 3x3 stride 2, depthwise 3x3 stride 2; a 1x1 stride-2
-    Conv and a one-input-channel 3x3 stride-2 Conv keep 32639). Negative codes are kept."""
-    strided = any(stride > 1 for stride in attrs.get("strides", [1]))
-    depthwise = attrs.get("group", 1) > 1 and codes.shape[1] == 1
-    spatial = int(np.prod(codes.shape[2:])) > 1
-    limit = STRIDED_CAP if strided and (depthwise or (spatial and codes.shape[1] >= 2)) else CAP
-    return np.where(codes > CAP, limit, codes)
+    """The int16 weight codes the HTP computes with: those above the node's cap
+    (encode.precision.int16_weight_cap) become the cap. The encode stage keeps its own 16-bit weight
+    encodings below it; codes from elsewhere (a user's fixed ranges) may not be."""
+    cap = int16_weight_cap(attrs, codes.shape)
+    return np.where(codes > INT16_WEIGHT_CAP, cap, codes)
 
 
 def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
