@@ -668,3 +668,17 @@ def test_the_htp_a16w16_conv_is_reproduced_bit_for_bit(kernel: int, group: int, 
     exact = simulation_runner(*build_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(modeled, reference)
     assert np.count_nonzero(exact != reference) > 0
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_the_htp_v73_a16w8_conv_with_a_multiplier_below_2_to_the_minus_15() -> None:
+    """M = 2^-19.7 (small weights, a wide output range): v73 drops the shifted sum's low bits before the
+    product (finding 20's floor right shift); its factor once collided with _byte_chain's constant of
+    the same name, and onnxruntime refused the simulation."""
+    rng = np.random.default_rng(0)
+    model = _model("Conv", rng.normal(size=(4, 8, 3, 3)) * 0.01, rng.normal(size=4) * 0.1, [1, 8, 12, 12])
+    targets, acts, params = _encoded(model, (-1.0, 2.0), (-300.0, 300.0))
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, "73").run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params, "73"), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)

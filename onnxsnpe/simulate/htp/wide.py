@@ -325,8 +325,8 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndar
         nodes = [make("Add", [truncated, p + "constant"], [p + "t"])]
         shifted = p + "t"
         if np.any(down != 1):  # channels whose multiplier is below 2^-15 lose low bits first
-            inits.append(numpy_helper.from_array(down.reshape(channel), p + "down"))
-            nodes += [make("Mul", [p + "t", p + "down"], [p + "t_down"]), make("Floor", [p + "t_down"], [p + "v"])]
+            inits.append(numpy_helper.from_array(down.reshape(channel), p + "v73_down"))  # _byte_chain has "down"
+            nodes += [make("Mul", [p + "t", p + "v73_down"], [p + "t_down"]), make("Floor", [p + "t_down"], [p + "v"])]
             shifted = p + "v"
         nodes += [make("Mul", [shifted, p + "mantissa"], [p + "real"]),
                   make("Add", [p + "real", p + "rounding"], [p + "real_half"])]
