@@ -682,3 +682,59 @@ def test_the_htp_v73_a16w8_conv_with_a_multiplier_below_2_to_the_minus_15() -> N
     reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, "73").run({"x": x})[0]
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params, "73"), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(modeled, reference)
+
+
+def test_a_16_bit_value_narrowed_to_its_8_bit_grid_takes_the_htps_integer_rounding() -> None:
+    """The 16 -> 8-bit conversion of a value on the 8-bit encoding's 16-bit grid (finding 21):
+    ``q8 = floor((255 q16 + 33279) / 2^16)`` on raw codes, every code; exact rounding differs in 384."""
+    from onnxsnpe.encode.encoding import same_grid_wider
+    from onnxsnpe.simulate.fake_quant import narrowed_nodes
+
+    enc = asymmetric_encoding(-1.3, 2.1, 8)
+    wide = same_grid_wider(enc, 16)
+    codes16 = np.arange(65536.0)
+    x = ((codes16 + wide.offset) * np.float32(wide.scale)).astype(np.float32)
+    nodes, inits = narrowed_nodes("x", enc, "y")
+    graph = helper.make_graph(nodes, "narrow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [65536])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [65536])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    got = np.round(simulation_runner(model, {"y": "y"}, ["y"])({"x": x})[0] / np.float32(enc.scale)) - enc.offset
+    np.testing.assert_array_equal(got, np.floor((255 * codes16 + 33279) / 2**16))
+    exact = np.clip(np.floor(codes16 / 257 + 0.5), 0, 255)
+    assert np.count_nonzero(got != exact) == 384 and np.all(got - exact >= 0)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("arch", ["68", "73"])
+def test_an_8_bit_output_of_a_16_bit_input_rounds_in_float16(arch: str) -> None:
+    """An op reading a 16-bit activation and writing an 8-bit one (here a Conv, as automatic mixed
+    precision makes them) rounds its output in float16 (finding 21), on v68 and v73: bit for bit,
+    where exact rounding misses about 2% of the codes."""
+    rng = np.random.default_rng(int(arch))
+    weight = rng.normal(0.0, 1.0, size=(6, 8, 3, 3))
+    model = _model("Conv", weight, rng.normal(size=6), [1, 8, 12, 12])
+    targets, acts, params = _encoded(model, (-1.0, 2.0), (-20.0, 26.0))
+    acts["y"] = asymmetric_encoding(-20.0, 26.0, 8)
+    params.update(bias_encodings(model, targets, acts, {k: v for k, v in params.items() if k == "w"}, 32))
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, arch).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])({"x": x})[0]
+    exact = simulation_runner(*build_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)
+    assert np.count_nonzero(exact != reference) > 0
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_htp_a16w16_gemm_is_reproduced_bit_for_bit(per_channel: bool) -> None:
+    """A Gemm with a 16-bit weight follows the A16W16 Conv rule as a 1x1 Conv (finding 21)."""
+    rng = np.random.default_rng(11)
+    model = _model("Gemm", rng.normal(size=(32, 64)), rng.normal(size=32), [16, 64])
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(-1.0, 2.0, 16), "y": asymmetric_encoding(-40.0, 45.0, 16)}
+    weights = weight_encodings(model, targets, 8, per_channel=per_channel, raised=["w"])
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    x = _on_grid(rng, acts["x"], [16, 64])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..encode.encoding import Encoding, ParamEncoding, fake_quantize
+from ..encode.encoding import Encoding, ParamEncoding, fake_quantize, same_grid_wider
 from ..graph.large import initializer_array, is_large
 from ..graph.targets import QuantTargets
 from .qdq import dequantized_param, quantization_domain
@@ -22,9 +22,11 @@ from .qdq import dequantized_param, quantization_domain
 SUFFIX = "__onnxsnpe_fq"
 
 
-ROUNDINGS = ("half_away", "half_up")
+ROUNDINGS = ("half_away", "half_up", "float16")
 """How a fake quantization rounds ``x / scale``: half away from zero (SNPE's encoding math, the
-HTP's Quantize of a float graph input) or ties up, ``floor(v + 0.5)`` (the HTP's requantized outputs)."""
+HTP's Quantize of a float graph input), ties up, ``floor(v + 0.5)`` (the HTP's requantized outputs),
+or half away from zero after rounding to float16 (the HTP's 8-bit output of an op that reads a
+16-bit activation: tools/HTP.md finding 21)."""
 
 
 def fake_quant_nodes(
@@ -55,7 +57,13 @@ def fake_quant_nodes(
         rounded = [n("Add", [p + "c", p + "half"], [p + "shifted"]), n("Floor", [p + "shifted"], [p + "round"])]
     else:
         int32, float32 = onnx.TensorProto.INT32, onnx.TensorProto.FLOAT
-        rounded = [
+        if rounding == "float16":  # the clamped value to float16 (round to nearest even) and back, then rounded
+            clip.output[0] = p + "c32"
+            rounded = [n("Cast", [p + "c32"], [p + "c16"], to=onnx.TensorProto.FLOAT16),
+                       n("Cast", [p + "c16"], [p + "c"], to=float32)]
+        else:
+            rounded = []
+        rounded += [
             n("Cast", [p + "c"], [p + "trunc"], to=int32),
             n("Cast", [p + "trunc"], [p + "whole"], to=float32),
             n("Sub", [p + "c", p + "whole"], [p + "frac"]),
@@ -66,6 +74,25 @@ def fake_quant_nodes(
         ]
     nodes = [n("Div", [tensor, p + "scale"], [p + "v"]), clip, *rounded,
              n("Mul", [p + "round", p + "scale"], [output])]
+    return nodes, inits
+
+
+def narrowed_nodes(tensor: str, enc: Encoding, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """ONNX nodes quantizing ``tensor``, computed on the 16-bit grid of its 8-bit encoding ``enc``
+    (encode.encoding.same_grid_wider), to ``enc`` as the HTP converts it: on raw codes,
+    ``q8 = floor((255 q16 + 33279) / 2^16)`` (tools/HTP.md finding 21; exact rounding differs in 384
+    of the 65,536 codes, one step up). The 16-bit code is exact in float32 and so is every step."""
+    p = f"{tensor}{SUFFIX}/"
+    wide = same_grid_wider(enc, 16)
+    consts = {"scale16": wide.scale, "raw16": -wide.offset, "times": 255.0, "plus": 33279.0, "down": 2.0**-16,
+              "low": 0.0, "high": float(enc.levels), "offset": float(enc.offset), "scale": enc.scale}
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), p + k) for k, v in consts.items()]
+    n = helper.make_node
+    nodes = [n("Div", [tensor, p + "scale16"], [p + "v16"]), n("Round", [p + "v16"], [p + "c16"]),
+             n("Add", [p + "c16", p + "raw16"], [p + "q16"]), n("Mul", [p + "q16", p + "times"], [p + "t"]),
+             n("Add", [p + "t", p + "plus"], [p + "t_plus"]), n("Mul", [p + "t_plus", p + "down"], [p + "t_down"]),
+             n("Floor", [p + "t_down"], [p + "q8"]), n("Clip", [p + "q8", p + "low", p + "high"], [p + "q8_clipped"]),
+             n("Add", [p + "q8_clipped", p + "offset"], [p + "c8"]), n("Mul", [p + "c8", p + "scale"], [output])]
     return nodes, inits
 
 
@@ -100,6 +127,8 @@ def build_simulation_model(
     round_half_up: Iterable[str] = (),
     on_grid: Iterable[str] = (),
     encodings_as_inputs: bool = False,
+    float16_rounded: Iterable[str] = (),
+    narrowed: Iterable[str] = (),
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The deploy model with quantized params and fake-quant after each chosen activation.
 
@@ -115,9 +144,10 @@ def build_simulation_model(
     to the name that carries its simulated value. With ``switchable`` and ``encodings_as_inputs``
     the switched activations' encodings are inputs too (ENCODING_INPUTS, fed from encoding_feed;
     ``activations`` then only needs their bitwidths right), for models of opset 11 or later (Clip's
-    bounds as inputs).
+    bounds as inputs). Without ``switchable``, the activations in ``float16_rounded`` round as
+    ROUNDINGS' "float16", and those in ``narrowed`` (computed on their 16-bit grid) as narrowed_nodes.
     """
-    half_up, exact = set(round_half_up), set(on_grid)
+    half_up, exact, float16, narrow = set(round_half_up), set(on_grid), set(float16_rounded), set(narrowed)
     sim = onnx.ModelProto()
     sim.CopyFrom(model)
     graph = sim.graph
@@ -146,8 +176,12 @@ def build_simulation_model(
     chains, new_inits = [], []
     for index, name in enumerate(chosen):
         rounding = "half_up" if name in half_up else "half_away"
+        if name in float16 and not switchable:
+            rounding = "float16"
         if name in exact and not switchable:
             nodes, inits = [helper.make_node("Identity", [name], [renamed[name]])], []
+        elif name in narrow and not switchable:
+            nodes, inits = narrowed_nodes(name, activations[name], renamed[name])
         elif switchable:
             nodes, inits = _switched_fake_quant(name, activations[name], renamed[name], index, opset, rounding,
                                                 encodings_as_inputs)

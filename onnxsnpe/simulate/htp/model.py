@@ -164,7 +164,26 @@ def htp_simulation_model(
     inputs = {v.name for v in deploy.graph.input}  # the HTP's Quantize of a float input rounds half away
     return build_simulation_model(model, targets, activations, remaining,
                                   round_half_up=[name for name in targets.activations if name not in inputs],
-                                  on_grid=on_grid)
+                                  on_grid=on_grid, float16_rounded=_float16_rounded(deploy, targets, activations,
+                                                                                    wide_outputs),
+                                  narrowed=list(wide_outputs))
+
+
+def _float16_rounded(deploy: onnx.ModelProto, targets: QuantTargets, activations: dict[str, Encoding],
+                     wide_outputs: dict[str, Encoding]) -> list[str]:
+    """The 8-bit outputs (after a squashed Relu/Clip) of ops reading a 16-bit activation, which the HTP
+    rounds in float16 (tools/HTP.md finding 21), except those computed on the 16-bit grid and
+    converted (narrowed)."""
+    rounded = []
+    for node in deploy.graph.node:
+        if not node.output or node.output[0] in wide_outputs:
+            continue
+        name = targets.squashed.get(node.output[0], node.output[0])
+        enc = activations.get(name)
+        if enc is not None and enc.bitwidth == 8 and any(
+                activations.get(i) is not None and activations[i].bitwidth == 16 for i in node.input):
+            rounded.append(name)
+    return rounded
 
 
 def default_arch(deploy: onnx.ModelProto, params: dict[str, ParamEncoding]) -> int:

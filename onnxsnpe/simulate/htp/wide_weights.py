@@ -9,8 +9,8 @@ and ``B`` the bias in accumulator steps (linear.v73_bias),
 
 then requantized as the v73 A16W8 Conv with the point 23 (wide.v73_a16w8_requant): the output
 zero point after the product, a 22-bit multiplier from float32. Bit for bit on 30 sweeps and 128
-Conv probes (1x1, 3x3, depthwise 3x3 and 5x5, strided); the simulation's exact rounding, which
-this replaces, was 1 to 9 steps off, and up to 2,135 where a weight code is capped.
+Conv probes (1x1, 3x3, depthwise 3x3 and 5x5, strided), and a Gemm as a 1x1 Conv (12 probes); the
+simulation's exact rounding, which this replaces, was 1 to 9 steps off, and up to 2,135 where a weight code is capped.
 
 ``S`` reaches 2^42: the weights are split in two bytes and the input codes in digits
 (wide.digit_chain), each Conv's sum exact in float32, combined in float64.
@@ -42,23 +42,29 @@ def capped_codes(codes: np.ndarray, attrs: dict) -> np.ndarray:
 
 
 def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
-    """The A16W16 Conv in v73's arithmetic (module docstring), or None where it does not apply: other
-    architectures, ops, bitwidths, asymmetric 16-bit weights or weights not on the output-channel axis."""
-    if (context.arch < 73 or node.op_type != "Conv" or len(node.input) < 2
+    """The A16W16 Conv, or Gemm ``x W^T + b`` (as a 1x1 Conv), in v73's arithmetic (module docstring),
+    or None where it does not apply: other architectures, ops, bitwidths, asymmetric 16-bit weights or
+    weights not on the output-channel axis."""
+    if (context.arch < 73 or node.op_type not in ("Conv", "Gemm") or len(node.input) < 2
             or node.input[1] not in context.constants):
+        return None
+    attrs = node_attributes(node)
+    if node.op_type == "Gemm" and tuple(attrs.get(key, default) for key, default in (
+            ("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0))) != (1.0, 1.0, 0, 1):
         return None
     x_enc = context.activations.get(node.input[0])
     y_enc = output_encoding(node, context.targets, context.activations)
     w_enc = context.params.get(node.input[1])
     weight = initializer_array(context.constants[node.input[1]])
-    if not of_bitwidth(16, x_enc, y_enc, w_enc) or weight.ndim != 4:
+    if not of_bitwidth(16, x_enc, y_enc, w_enc) or weight.ndim != (2 if node.op_type == "Gemm" else 4):
         return None
     per_channel = isinstance(w_enc, ChannelEncodings)
     if not w_enc.is_symmetric or (per_channel and w_enc.axis != 0):  # the codes as int16, zero at 0
         return None
     w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[0], np.float32(w_enc.scale))
-    codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(-1, 1, 1, 1))
-    codes = capped_codes(codes, node_attributes(node))
+    along = (-1,) + (1,) * (weight.ndim - 1)
+    codes = capped_codes(np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64)
+                                  .reshape(along)), attrs)
     consumed = {node.input[1]}
     bias_codes, bias_scale = None, 1.0
     if len(node.input) > 2 and node.input[2] in context.constants:
@@ -71,7 +77,7 @@ def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
             bias_scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
     steps = np.ones(codes.shape[0])
     bias = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
-    zero_sum = -x_enc.offset * codes.sum(axis=(1, 2, 3))
+    zero_sum = -x_enc.offset * codes.sum(axis=tuple(range(1, codes.ndim)))
     constant = np.floor(bias / 2.0**A16W16_SHIFT + 0.5) - np.floor(zero_sum / 2.0**A16W16_SHIFT + 0.5)
     requant = v73_a16w8_requant(x_enc.scale, w_scale, y_enc.scale, steps, point=23)
     high = np.floor(codes / 2.0**8)
