@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, ParamEncoding, round_half_away
+from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, quantize, round_half_away
+from ...graph.large import initializer_array
 from ...graph.targets import QuantTargets
 
 INT8_LOW, INT8_HIGH = -128, 127
@@ -89,6 +90,25 @@ def requant_offset(
     if bias_codes is not None:
         total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
     return round_half_away(total.astype(np.float64))
+
+
+def constant_bias(name: str, context: Context,
+                  repeat: int = 1) -> tuple[np.ndarray | None, float | np.ndarray, set[str]]:
+    """A Conv/Gemm's constant bias ``name`` as the lowerings take it: its int32 codes and their
+    scale(s) when it has an encoding (then consumed: the returned set), else its values with scale 1;
+    each repeated ``repeat`` times (a ConvTranspose's bias for each kernel position). (None, 1.0,
+    set()) without a constant bias."""
+    if name not in context.constants:
+        return None, 1.0, set()
+    values = initializer_array(context.constants[name]).astype(np.float64).reshape(-1)
+    enc = context.params.get(name)
+    scale: float | np.ndarray = 1.0
+    if enc is not None:
+        per_channel = isinstance(enc, ChannelEncodings)
+        values = quantize(values, enc) + (enc.offsets() if per_channel else enc.offset)
+        scale = enc.scales() if per_channel else enc.scale
+    return np.repeat(values, repeat), np.repeat(scale, repeat) if np.ndim(scale) else scale, \
+        {name} if enc is not None else set()
 
 
 def dequantizing_mul(chain: list[onnx.NodeProto], output: str) -> onnx.NodeProto | None:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, quantize, round_half_away
+from ...encode.encoding import ChannelEncodings, Encoding, ParamEncoding, fake_quantize, round_half_away
 from ...graph.large import initializer_array, slabs
 from ...graph.ops import LINEAR_OPS, node_attributes
 from .codes import (
@@ -15,6 +15,7 @@ from .codes import (
     SUFFIX,
     Context,
     Lowered,
+    constant_bias,
     int8,
     integer_op,
     output_encoding,
@@ -114,28 +115,18 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     else:
         w_int, steps = int8_weights(codes, axis, in_place=True)  # codes are this function's own
     base = float(np.float32(x_enc.scale)) * np.float64(w_scale)
-    consumed = {w}
-    bias_codes, bias_scale = None, 1.0
-    has_bias = len(node.input) > 2 and node.input[2] in context.constants
-    if has_bias:
-        bias_codes = initializer_array(context.constants[node.input[2]]).reshape(-1)
-        b_enc = context.params.get(node.input[2])
-        if b_enc is not None:  # the int32 codes
-            consumed.add(node.input[2])
-            if isinstance(b_enc, ChannelEncodings):
-                bias_codes, bias_scale = quantize(bias_codes, b_enc) + b_enc.offsets(), b_enc.scales()
-            else:
-                bias_codes, bias_scale = quantize(bias_codes, b_enc) + b_enc.offset, b_enc.scale
-        bias_codes = np.repeat(bias_codes, max(blocks, 1) ** 2)
-        bias_scale = np.repeat(bias_scale, max(blocks, 1) ** 2) if np.ndim(bias_scale) else bias_scale
+    bias_name = node.input[2] if len(node.input) > 2 else ""
+    has_bias = bias_name in context.constants
+    bias, bias_scale, bias_consumed = constant_bias(bias_name, context, max(blocks, 1) ** 2)
+    consumed = {w} | bias_consumed
     multiplier = base * steps / float(np.float32(y_enc.scale))
     rounding = None
     if context.arch >= 73 and node.op_type in ("Conv", "Gemm") and not strided_depthwise:
-        factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias_codes,
+        factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias,
                                                                 bias_scale)
     else:
         factor, mantissa, _ = requant_constants(multiplier, -y_enc.offset, precise=strided_depthwise)
-        offset = requant_offset(x_enc.scale, w_scale, y_enc.scale, -y_enc.offset, steps, bias_codes, bias_scale)
+        offset = requant_offset(x_enc.scale, w_scale, y_enc.scale, -y_enc.offset, steps, bias, bias_scale)
     bias_int = np.zeros(steps.size)  # the bias is part of ``offset``
 
     tail = (1,) * (weight.ndim - 2) if node.op_type.startswith("Conv") else ()  # channel constants broadcast over space

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, quantize, round_half_away
+from ...encode.encoding import ChannelEncodings, Encoding, fake_quantize, round_half_away
 from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import (
@@ -42,6 +42,7 @@ from .codes import (
     Context,
     Lowered,
     centered_codes,
+    constant_bias,
     of_bitwidth,
     output_encoding,
     requant_constants,
@@ -105,21 +106,12 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         mantissa = (multiplier * 2.0**shift).astype(np.float16).astype(np.float64)
     if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
         return None
-    consumed = {node.input[1]}
-    bias, bias_codes, bias_scale = np.zeros(codes.shape[0]), None, 1.0
-    bias_name = original.input[2] if len(original.input) > 2 else ""
-    if bias_name in context.constants:
-        bias_codes = initializer_array(context.constants[bias_name]).astype(np.float64).reshape(-1)
-        b_enc = context.params.get(bias_name)
-        if b_enc is not None:
-            consumed.add(bias_name)
-            scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
-            offset = b_enc.offsets() if isinstance(b_enc, ChannelEncodings) else b_enc.offset
-            bias_codes, bias_scale = quantize(bias_codes, b_enc) + offset, scale
-        repeat = max(blocks, 1) ** 2  # a ConvTranspose's bias for each kernel position
-        bias_codes = np.repeat(bias_codes, repeat)
-        bias_scale = np.repeat(bias_scale, repeat) if np.ndim(bias_scale) else bias_scale
-        bias = bias_codes * np.asarray(bias_scale, dtype=np.float64) / step
+    # a ConvTranspose's bias for each kernel position
+    bias_codes, bias_scale, bias_consumed = constant_bias(original.input[2] if len(original.input) > 2 else "",
+                                                           context, max(blocks, 1) ** 2)
+    consumed = {node.input[1]} | bias_consumed
+    bias = np.zeros(codes.shape[0]) if bias_codes is None else bias_codes * np.asarray(bias_scale,
+                                                                                         dtype=np.float64) / step
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
     # bias and output zero point folded into one integer in float32 as at 8 bits (module docstring);

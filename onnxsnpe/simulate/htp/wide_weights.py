@@ -21,11 +21,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ...encode.encoding import ChannelEncodings, fake_quantize, quantize
+from ...encode.encoding import ChannelEncodings, fake_quantize
 from ...encode.precision import INT16_WEIGHT_CAP, int16_weight_cap
 from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
-from .codes import Context, Lowered, of_bitwidth, output_encoding
+from .codes import Context, Lowered, constant_bias, of_bitwidth, output_encoding
 from .linear import v73_bias
 from .wide import INT32_HIGH, INT32_LOW, digit_bits, digit_chain, v73_a16w8_requant
 
@@ -65,16 +65,8 @@ def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     along = (-1,) + (1,) * (weight.ndim - 1)
     codes = capped_codes(np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64)
                                   .reshape(along)), attrs)
-    consumed = {node.input[1]}
-    bias_codes, bias_scale = None, 1.0
-    if len(node.input) > 2 and node.input[2] in context.constants:
-        bias_codes = initializer_array(context.constants[node.input[2]]).astype(np.float64).reshape(-1)
-        b_enc = context.params.get(node.input[2])
-        if b_enc is not None:
-            consumed.add(node.input[2])
-            offset = b_enc.offsets() if isinstance(b_enc, ChannelEncodings) else b_enc.offset
-            bias_codes = quantize(bias_codes, b_enc) + offset
-            bias_scale = b_enc.scales() if isinstance(b_enc, ChannelEncodings) else b_enc.scale
+    bias_codes, bias_scale, bias_consumed = constant_bias(node.input[2] if len(node.input) > 2 else "", context)
+    consumed = {node.input[1]} | bias_consumed
     steps = np.ones(codes.shape[0])
     bias = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
     zero_sum = -x_enc.offset * codes.sum(axis=tuple(range(1, codes.ndim)))
