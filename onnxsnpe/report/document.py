@@ -65,6 +65,12 @@ def build_report(
     }
 
 
+def htp_arch_phrase(htp: dict) -> str:
+    """", computing as HTP vN" when the emulator was asked for an architecture (report.json's
+    htp.htp_arch), else nothing."""
+    return f", computing as HTP v{htp['htp_arch']}" if htp.get("htp_arch") else ""
+
+
 def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
     """A one-screen summary of a quantize run for the terminal."""
     enc = report["encodings"]
@@ -89,8 +95,7 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}{cosine}   max |err| {o['max_abs_error']:.4g}{agreement}")
     if "htp" in report:
         htp = report["htp"]
-        arch = f", computing as HTP v{htp['htp_arch']}" if htp.get("htp_arch") else ""
-        lines.append(f"  agreement with Qualcomm's HTP emulator on {htp['samples']} samples{arch} "
+        lines.append(f"  agreement with Qualcomm's HTP emulator on {htp['samples']} samples{htp_arch_phrase(htp)} "
                      "(SQNR, max error in LSB):")
         for label, rows in htp["agreement"].items():
             for row in rows:

@@ -6,7 +6,7 @@ import html
 import math
 from pathlib import Path
 
-from .document import step_facts
+from .document import htp_arch_phrase, step_facts
 from .svg import DOT_COLOUR, LINE_COLOUR, PALETTE, Chart, box_marker, dot_marker, line_marker, log_ticks, value_ticks
 
 HISTOGRAMS_SHOWN = 6
@@ -109,15 +109,10 @@ def _htp_section(htp: dict) -> str:
     fallback_text = ("unknown (this onnxruntime does not report node placement)" if fallback is None
                      else ", ".join(f"{op} {name}" for op, name in fallback) or "none")
     return (
-        f"<h2>Simulation against Qualcomm's HTP emulator ({htp['samples']} samples{_arch(htp)})</h2>"
+        f"<h2>Simulation against Qualcomm's HTP emulator ({htp['samples']} samples{htp_arch_phrase(htp)})</h2>"
         "<table><tr><th>simulation</th><th>output</th><th>SQNR dB vs HTP</th><th>max error (LSB)</th>"
         f"<th>top-1 agree</th></tr>{rows}</table><p>Ops that fell back to the CPU: {_e(fallback_text)}</p>"
     )
-
-
-def _arch(htp: dict) -> str:
-    """", computing as HTP vN" when the emulator was asked for an architecture (report.json's htp_arch)."""
-    return f", computing as HTP v{htp['htp_arch']}" if htp.get("htp_arch") else ""
 
 
 def _optimizations_section(done: dict) -> str:

@@ -40,7 +40,7 @@ activations and weights:
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
   (elementwise.add16_constants) and GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations").
 - HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
-  (wide.v73_a16w8_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
+  (wide.v73_wide_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
   findings 19 and 20).
 - A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
   and a lowered op reads the codes its producer computed instead of deriving them from the

@@ -114,21 +114,22 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
                                                                                          dtype=np.float64) / step
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
-    # bias and output zero point folded into one integer in float32 as at 8 bits (module docstring);
-    # an int32 bias code of step s_in * s_w at most, whatever wider scale the bias encoding has: the
-    # HTP saturates there (measured: a channel of near-zero weights with a bias of 7), those channels
-    # in float64 as before
-    folded = requant_offset(x_enc.scale, w_scale, y_enc.scale, out_zero_point, steps, bias_codes, bias_scale)
-    saturated = np.abs(bias * steps) > INT32_HIGH
-    if saturated.any():
-        clipped = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
-        folded = np.where(saturated, round_half_away(clipped + out_zero_point / multiplier), folded)
-    constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
     v73 = None
-    if context.arch >= 73 and not strided_depthwise and not blocks:
+    if context.arch >= 73 and not strided_depthwise and not blocks:  # finding 20: the bias apart, truncated
         b73 = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
         constant = np.trunc(b73 / 2.0**SHIFT) - np.floor(zero_sum / 2.0**SHIFT + 0.5)
-        v73 = v73_a16w8_requant(x_enc.scale, w_scale, y_enc.scale, steps)
+        v73 = v73_wide_requant(x_enc.scale, w_scale, y_enc.scale, steps)
+    else:
+        # bias and output zero point folded into one integer in float32 as at 8 bits (module
+        # docstring); an int32 bias code of step s_in * s_w at most, whatever wider scale the bias
+        # encoding has: the HTP saturates there (measured: a channel of near-zero weights with a bias
+        # of 7), those channels in float64 as before
+        folded = requant_offset(x_enc.scale, w_scale, y_enc.scale, out_zero_point, steps, bias_codes, bias_scale)
+        saturated = np.abs(bias * steps) > INT32_HIGH
+        if saturated.any():
+            clipped = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
+            folded = np.where(saturated, round_half_away(clipped + out_zero_point / multiplier), folded)
+        constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
     largest_sum = float(np.abs(codes).reshape(codes.shape[0], -1).sum(axis=1).max())  # of |w| over a filter
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
         chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa, v73)
@@ -147,7 +148,7 @@ V73_MULTIPLIER_BITS = 22
 """Significant bits of v73's 16-bit requantization multiplier."""
 
 
-def v73_a16w8_requant(in_scale: float, w_scale: np.ndarray, out_scale: float, steps: np.ndarray, point: int = 15,
+def v73_wide_requant(in_scale: float, w_scale: np.ndarray, out_scale: float, steps: np.ndarray, point: int = 15,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HTP v73's 16-bit requantization per output channel (tools/HTP.md finding 20): the factor ``d``
     and multiplier ``m`` with ``v = floor(t d)`` and ``code - z_out = floor(v m + r)``, and ``r``.
@@ -305,7 +306,7 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndar
     ``t m + (c m + 1/2 - z_out)``, one pass fewer, where the folded constant is exact in float64
     (always, for the encodings seen): ``t m`` is exact (an int32 times 11 to 15 significant bits),
     so the sum is the exact value wherever the code is in range, and beyond it float64's monotone
-    rounding keeps it beyond the clamp, as before. With ``v73`` (v73_a16w8_requant's factor,
+    rounding keeps it beyond the clamp, as before. With ``v73`` (v73_wide_requant's factor,
     multiplier and rounding constant) the centered code is ``floor(floor((t + c) d) m + r)``
     instead: ``t + c`` below 2^31 times a 22-bit ``q`` stays exact in float64."""
     make = helper.make_node

@@ -7,7 +7,7 @@ and ``B`` the bias in accumulator steps (linear.v73_bias),
 
     t = floor(S / 2^16) + floor(B / 2^16 + 1/2) - floor(z sum(w) / 2^16 + 1/2),
 
-then requantized as the v73 A16W8 Conv with the point 23 (wide.v73_a16w8_requant): the output
+then requantized as the v73 A16W8 Conv with the point 23 (wide.v73_wide_requant): the output
 zero point after the product, a 22-bit multiplier from float32. Bit for bit on 30 sweeps and 128
 Conv probes (1x1, 3x3, depthwise 3x3 and 5x5, strided), and a Gemm as a 1x1 Conv (12 probes); the
 simulation's exact rounding, which this replaces, was 1 to 9 steps off, and up to 2,135 where a weight code is capped.
@@ -27,7 +27,7 @@ from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import Context, Lowered, constant_bias, of_bitwidth, output_encoding
 from .linear import v73_bias
-from .wide import INT32_HIGH, INT32_LOW, digit_bits, digit_chain, v73_a16w8_requant
+from .wide import INT32_HIGH, INT32_LOW, digit_bits, digit_chain, v73_wide_requant
 
 A16W16_SHIFT = 16
 """Bits the HTP drops from the A16W16 accumulator."""
@@ -71,7 +71,7 @@ def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     bias = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
     zero_sum = -x_enc.offset * codes.sum(axis=tuple(range(1, codes.ndim)))
     constant = np.floor(bias / 2.0**A16W16_SHIFT + 0.5) - np.floor(zero_sum / 2.0**A16W16_SHIFT + 0.5)
-    requant = v73_a16w8_requant(x_enc.scale, w_scale, y_enc.scale, steps, point=23)
+    requant = v73_wide_requant(x_enc.scale, w_scale, y_enc.scale, steps, point=23)
     high = np.floor(codes / 2.0**8)
     parts = [(high, 2.0**8), (codes - high * 2.0**8, 1.0)]  # int16 codes in two bytes
     bits = digit_bits(int(np.prod(codes.shape[1:])), 2.0**8)
