@@ -576,6 +576,11 @@ SCALAR_ADD_CASES = {  # op, constant first, x's encoding, the constant, y's enco
     "x - c": ("Sub", False, (0.04099457710981369, -133), 0.06544798612594604, (0.031148234382271767, -129)),
     "c + x": ("Add", True, (0.02518448419868946, -43), -2.996725082397461, (0.02145121432840824, -204)),
     "c - x": ("Sub", True, (0.0291, -93), 1.3517, (0.0287, -180)),
+    # every output an exact tie, which the HTP rounds to even (finding 22): MiniLM-L6's GELU erf + 1,
+    # and power-of-two steps with a constant of k + 1/2 of them
+    "erf + 1": ("Add", False, (2 / 255, -128), 1.0, (2 / 255, 0)),
+    "x + c on ties": ("Add", False, (2**-6, -128), 3.5 * 2**-6, (2**-6, -128)),
+    "c - x on ties": ("Sub", True, (2**-7, -128), 11.5 * 2**-7, (2**-7, -128)),
 }
 
 
@@ -583,7 +588,7 @@ SCALAR_ADD_CASES = {  # op, constant first, x's encoding, the constant, y's enco
 @pytest.mark.parametrize("case", SCALAR_ADD_CASES.values(), ids=SCALAR_ADD_CASES.keys())
 def test_htp_model_reproduces_the_htp_add_and_sub_of_a_scalar_on_every_code(case):
     """At 8 bits the HTP adds or subtracts a one-element constant as exactly as float rounding does
-    (tools/HTP.md finding 13)."""
+    (tools/HTP.md finding 13), ties to even (finding 22)."""
     op, first, (x_scale, x_offset), value, (y_scale, y_offset) = case
     x_enc, y_enc = Encoding(8, x_scale, x_offset), Encoding(8, y_scale, y_offset)
     params = {"c": asymmetric_encoding(min(value, 0.0), max(value, 0.0), 8)}

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize
+from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantize
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import load_model
 from onnxsnpe.graph.runtime import make_session
@@ -16,8 +16,8 @@ from onnxsnpe.report.metrics import OutputComparison
 from onnxsnpe.simulate.fake_quant import build_simulation_model, fake_quant_nodes
 
 
-def _fq_session(enc):
-    nodes, inits = fake_quant_nodes("x", enc, "y")
+def _fq_session(enc, rounding="half_away"):
+    nodes, inits = fake_quant_nodes("x", enc, "y", rounding=rounding)
     graph = helper.make_graph(
         nodes, "fq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])], inits,
@@ -35,6 +35,20 @@ def test_graph_fake_quant_matches_numpy_on_ties_and_edges(bitwidth):
     x = x.astype(np.float32)
     got = _fq_session(enc).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, fake_quantize(x, enc))
+
+
+def test_graph_fake_quant_rounds_ties_to_even_when_asked():
+    """rounding="half_even" (the HTP's scalar Add and Sub): ties to the even code, within the clamp;
+    elsewhere the same as rounding half away from zero."""
+    enc = Encoding(8, 2**-6, -128)  # a power-of-two step: k + 1/2 steps are exact ties in float32
+    steps = np.arange(-140, 140, dtype=np.float64)
+    ties = ((steps + 0.5) * enc.scale).astype(np.float32)
+    got = _fq_session(enc, "half_even").run(None, {"x": ties})[0] / np.float32(enc.scale)
+    np.testing.assert_array_equal(got, np.clip(np.rint(steps + 0.5), -128, 127))
+    assert (got % 2 == 0).sum() >= 250  # all even but the clamped ends
+    off_tie = ((steps + 0.3) * enc.scale).astype(np.float32)
+    np.testing.assert_array_equal(_fq_session(enc, "half_even").run(None, {"x": off_tie})[0],
+                                  fake_quantize(off_tie, enc))
 
 
 @settings(max_examples=30, deadline=None)

@@ -22,11 +22,12 @@ from .qdq import dequantized_param, quantization_domain
 SUFFIX = "__onnxsnpe_fq"
 
 
-ROUNDINGS = ("half_away", "half_up", "float16")
+ROUNDINGS = ("half_away", "half_up", "float16", "half_even")
 """How a fake quantization rounds ``x / scale``: half away from zero (SNPE's encoding math, the
 HTP's Quantize of a float graph input), ties up, ``floor(v + 0.5)`` (the HTP's requantized outputs),
-or half away from zero after rounding to float16 (the HTP's 8-bit output of an op that reads a
-16-bit activation: tools/HTP.md finding 21)."""
+half away from zero after rounding to float16 (the HTP's 8-bit output of an op that reads a
+16-bit activation: tools/HTP.md finding 21), or ties to even (the HTP's 8-bit Add or Sub of a
+one-element constant: finding 22)."""
 
 
 def fake_quant_nodes(
@@ -43,6 +44,8 @@ def fake_quant_nodes(
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
+    if rounding == "half_even" and opset < 11:  # no Round before opset 11; ties up is the nearest
+        rounding = "half_up"
     p = f"{tensor}{SUFFIX}/"
     consts = chain_constants(enc)
     if rounding == "half_up":
@@ -55,6 +58,8 @@ def fake_quant_nodes(
         clip = n("Clip", [p + "v"], [p + "c"], min=float(enc.offset), max=float(enc.offset + enc.levels))
     if rounding == "half_up":
         rounded = [n("Add", [p + "c", p + "half"], [p + "shifted"]), n("Floor", [p + "shifted"], [p + "round"])]
+    elif rounding == "half_even":  # ONNX's Round rounds ties to even
+        rounded = [n("Round", [p + "c"], [p + "round"])]
     else:
         int32, float32 = onnx.TensorProto.INT32, onnx.TensorProto.FLOAT
         if rounding == "float16":  # the clamped value to float16 (round to nearest even) and back, then rounded
@@ -129,6 +134,7 @@ def build_simulation_model(
     encodings_as_inputs: bool = False,
     float16_rounded: Iterable[str] = (),
     narrowed: Iterable[str] = (),
+    half_even: Iterable[str] = (),
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The deploy model with quantized params and fake-quant after each chosen activation.
 
@@ -145,9 +151,11 @@ def build_simulation_model(
     the switched activations' encodings are inputs too (ENCODING_INPUTS, fed from encoding_feed;
     ``activations`` then only needs their bitwidths right), for models of opset 11 or later (Clip's
     bounds as inputs). Without ``switchable``, the activations in ``float16_rounded`` round as
-    ROUNDINGS' "float16", and those in ``narrowed`` (computed on their 16-bit grid) as narrowed_nodes.
+    ROUNDINGS' "float16", those in ``half_even`` round ties to even, and those in ``narrowed``
+    (computed on their 16-bit grid) as narrowed_nodes.
     """
     half_up, exact, float16, narrow = set(round_half_up), set(on_grid), set(float16_rounded), set(narrowed)
+    even = set(half_even)
     sim = onnx.ModelProto()
     sim.CopyFrom(model)
     graph = sim.graph
@@ -178,6 +186,8 @@ def build_simulation_model(
         rounding = "half_up" if name in half_up else "half_away"
         if name in float16 and not switchable:
             rounding = "float16"
+        elif name in even and not switchable:
+            rounding = "half_even"
         if name in exact and not switchable:
             nodes, inits = [helper.make_node("Identity", [name], [renamed[name]])], []
         elif name in narrow and not switchable:

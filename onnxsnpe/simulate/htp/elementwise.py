@@ -43,6 +43,17 @@ def add_constants(
     return bits, multipliers, float(round_half_away(np.array(constant * grid)) / grid)
 
 
+def is_scalar_sum(node: onnx.NodeProto, context: Context) -> bool:
+    """Whether ``node`` is an 8-bit Add or Sub of a one-element constant, which lower_add leaves to
+    the float computation and the HTP rounds ties to even (tools/HTP.md finding 22: every exact tie
+    of six probes, and MiniLM-L6's GELU ``erf + 1``, whose every output is a tie, bit for bit)."""
+    if node.op_type not in ("Add", "Sub") or not any(is_scalar(name, context.constants) for name in node.input):
+        return False
+    output = context.targets.squashed.get(node.output[0], node.output[0])
+    encoding = context.activations.get(output)
+    return encoding is not None and encoding.bitwidth == 8
+
+
 def lower_add(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An 8-bit Add or Sub computed in HTP's fixed point (add_constants), in float64 to stay exact; a
     16-bit one likewise (add16_operands).

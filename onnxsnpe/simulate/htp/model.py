@@ -67,7 +67,7 @@ from ..fake_quant import build_simulation_model
 from .channelwise import lower_batch_norm, lower_global_average_pool, lower_reduce_mean
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
-from .elementwise import lower_add, lower_mul
+from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .linear import lower_linear
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
@@ -118,6 +118,7 @@ def htp_simulation_model(
     absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
     known: dict[str, Codes] = {}  # tensors whose centered codes a lowered op computed
     pads: list[onnx.NodeProto] = []  # Pads whose codes were padded too, and the Pads of those codes
+    half_even: list[str] = []  # the outputs of 8-bit Adds and Subs of a scalar, computed in float
     for node in graph.node:
         if node.output and node.output[0] in absorbed:
             continue
@@ -136,6 +137,8 @@ def htp_simulation_model(
                         if (result := lower(node, node_context)) is not None), None)
         if lowered is None:
             nodes.append(node)
+            if is_scalar_sum(node, context):
+                half_even.append(targets.squashed.get(node.output[0], node.output[0]))
             continue
         chain, inits, consumed = lowered
         chain = reuse_codes(chain, inits, known)
@@ -166,7 +169,7 @@ def htp_simulation_model(
                                   round_half_up=[name for name in targets.activations if name not in inputs],
                                   on_grid=on_grid, float16_rounded=_float16_rounded(deploy, targets, activations,
                                                                                     wide_outputs),
-                                  narrowed=list(wide_outputs))
+                                  narrowed=list(wide_outputs), half_even=half_even)
 
 
 def _float16_rounded(deploy: onnx.ModelProto, targets: QuantTargets, activations: dict[str, Encoding],
