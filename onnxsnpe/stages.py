@@ -33,6 +33,7 @@ from .encode.ranges import (
     widened_for_biases,
     with_htp_fixed_encodings,
 )
+from .encode.zero_constants import with_zero_sums_sharing_encodings
 from .errors import OnnxSnpeError
 from .graph.control_flow import check_supported
 from .graph.deploy import prepare_deploy_model
@@ -436,10 +437,11 @@ def encode(
                                        percentile=settings.percentile, fixed=fixed, raised=sixteen_activations)
     activations = with_htp_fixed_encodings(deploy, targets, activations)
     weights = weight_set(prepared, settings, sixteen_weights)
+    constants = constant_encodings(deploy, targets, weights, 8, activations)
+    activations = with_zero_sums_sharing_encodings(deploy, targets, activations, constants)
     if settings.bias_bitwidth == 32:  # a bias the HTP could not hold at s_in * s_w widens its weight's scale
         weights = widened_for_biases(deploy, targets, activations, weights)
     biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
-    constants = constant_encodings(deploy, targets, weights, 8, activations)
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
     return Encodings(activations, weights, biases, constants, written)
 

@@ -83,6 +83,7 @@ from onnxsnpe.encode.ranges import (
     widened_for_biases,
     with_htp_fixed_encodings,
 )
+from onnxsnpe.encode.zero_constants import with_zero_sums_sharing_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import initializer_values, load_model, model_inputs
@@ -147,9 +148,10 @@ def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8)
         weights = symmetric_weight_encodings(deploy, targets, 8)
     else:
         weights = weight_encodings(deploy, targets, 8, per_channel=weights_kind == "per-channel")
-    weights = widened_for_biases(deploy, targets, acts, weights)  # as the pipeline encodes (stages.encode)
-    params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32)}
-    params.update(constant_encodings(deploy, targets, params, 8, acts))
+    constants = constant_encodings(deploy, targets, weights, 8, acts)  # as the pipeline encodes (stages.encode)
+    acts = with_zero_sums_sharing_encodings(deploy, targets, acts, constants)
+    weights = widened_for_biases(deploy, targets, acts, weights)
+    params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32), **constants}
     return deploy, targets, acts, params, inputs, options, calib
 
 
