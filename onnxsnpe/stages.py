@@ -9,7 +9,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +52,7 @@ from .optimize.bias_correction import correct_biases
 from .optimize.cle import equalize
 from .optimize.mixed_precision import held_back_count
 from .report.evaluation import Evaluation, Evaluator
+from .report.timings import StageTimer
 from .simulate.arithmetic import ARITHMETICS
 from .stats.collect import collect_statistics
 from .stats.distributed import collect_on_ray
@@ -224,32 +224,6 @@ def limit_evaluation(prepared: Prepared, count: int | str | None) -> Prepared:
         return prepared
     return replace(prepared, eval_set=replace(prepared.eval_set, entries=prepared.eval_set.entries[:count]),
                    eval_available=available)
-
-
-class StageTimer:
-    """Wall seconds per stage of one run: report.json's ``timings``, and the --debug log."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the block as stage ``name`` (added to earlier time of the same name)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        log.debug("stage %s: %.3f s", name, seconds)
-
-    def to_dict(self) -> dict[str, float]:
-        """Seconds per stage in the order they ran, and the total so far (the command's, less its last writes)."""
-        return {**{name: round(value, 3) for name, value in self.seconds.items()},
-                "total": round(time.perf_counter() - self.start, 3)}
 
 
 def check_analysis_samples(count: int) -> None:
