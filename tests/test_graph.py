@@ -1,4 +1,4 @@
-"""Graph preparation: BatchNorm folding keeps the outputs, shapes become static, names survive."""
+"""Graph preparation: BatchNorm and bias-Add folding keep the outputs, shapes become static, names survive."""
 
 import numpy as np
 import onnx
@@ -55,6 +55,65 @@ def test_batchnorm_folding_keeps_outputs(case):
     want = make_session(model).run(None, {"x": x})[0]
     got = make_session(deploy).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _add_after(op: str, constant: np.ndarray, *, add_op: str = "Add", constant_first: bool = False,
+               also_read: bool = False, batchnorm: bool = False) -> onnx.ModelProto:
+    """x [1, 4, 5, 5] -> op (4 -> 6 channels, no bias) -> add_op with ``constant`` -> [BatchNorm] -> y."""
+    rng = np.random.default_rng(3)
+    shape = (6, 4, 3, 3) if op == "Conv" else (4, 6, 2, 2)
+    attrs = {"pads": [1, 1, 1, 1]} if op == "Conv" else {"strides": [2, 2]}
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), "w"),
+             numpy_helper.from_array(constant.astype(np.float32), "c")]
+    nodes = [helper.make_node(op, ["x", "w"], ["a"], **attrs),
+             helper.make_node(add_op, ["c", "a"] if constant_first else ["a", "c"], ["s"])]
+    outputs = ["s"]
+    if batchnorm:
+        inits += [numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), n) for n in "omv"]
+        inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), "g"))
+        nodes.append(helper.make_node("BatchNormalization", ["s", "g", "o", "m", "v"], ["y"]))
+        outputs = ["y"]
+    if also_read:
+        nodes.append(helper.make_node("Relu", ["a"], ["r"]))
+        outputs.append("r")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+PER_CHANNEL = np.linspace(-1, 1, 6)
+BIAS_ADDS = {
+    "conv + per-channel [6, 1, 1]": ("Conv", PER_CHANNEL.reshape(6, 1, 1), {}),
+    "conv + [1, 6, 1, 1], constant first": ("Conv", PER_CHANNEL.reshape(1, 6, 1, 1), {"constant_first": True}),
+    "conv - scalar": ("Conv", np.array([0.3]), {"add_op": "Sub"}),
+    "conv transpose + per-channel, then a BatchNorm": ("ConvTranspose", PER_CHANNEL.reshape(6, 1, 1),
+                                                       {"batchnorm": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BIAS_ADDS))
+def test_an_add_of_a_per_channel_constant_folds_into_the_convolution_bias(case):
+    """As SNPE's converter squashes it (its SQUASH_SUM/SQUASH_SUB): one node left, the Add's (or the
+    BatchNorm's) output name kept, the same outputs."""
+    op, constant, extra = BIAS_ADDS[case]
+    model = _add_after(op, constant, **extra)
+    deploy, _ = prepare_deploy_model(model, {"x": (1, 4, 5, 5)})
+    assert [n.op_type for n in deploy.graph.node] == [op]
+    assert deploy.graph.node[0].output[0] == model.graph.output[0].name
+    x = np.random.default_rng(2).normal(size=(1, 4, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(make_session(deploy).run(None, {"x": x})[0], make_session(model).run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("constant, extra", [
+    (np.linspace(-1, 1, 5).reshape(1, 1, 1, 5), {}),  # varies along the width, not per channel
+    (np.linspace(-1, 1, 6).reshape(6, 1, 1), {"add_op": "Sub", "constant_first": True}),  # c - conv
+    (np.linspace(-1, 1, 6).reshape(6, 1, 1), {"also_read": True}),  # the convolution's output read elsewhere
+])
+def test_other_adds_after_a_convolution_stay(constant, extra):
+    model = _add_after("Conv", constant, **extra)
+    deploy, _ = prepare_deploy_model(model, {"x": (1, 4, 5, 5)})
+    assert [n.op_type for n in deploy.graph.node if n.op_type != "Relu"] == ["Conv", extra.get("add_op", "Add")]
 
 
 def test_shared_weight_is_copied_not_changed():

@@ -2,7 +2,8 @@
 
 Preparation fixes the input shapes (SNPE needs static shapes), folds constant subgraphs (shape
 arithmetic, Constant nodes become initializers whose names the param encodings use; If nodes with
-a constant condition become their branch), unrolls Loops of constant trip count (unroll.py), and folds
+a constant condition become their branch), unrolls Loops of constant trip count (unroll.py), folds
+an Add or Sub of a per-channel constant into the bias of the Conv or ConvTranspose before it and
 BatchNormalization into a preceding Conv, ConvTranspose or Gemm, as the converter does
 (SNPE.md section 4), and drops NaN guards (``Where(IsNaN(t), c, t)``) that a quantized ``t`` always
 passes. Nothing else changes the model's meaning.
@@ -44,7 +45,10 @@ def prepare_deploy_model(
         del written_out
         free_dropped_copies(weight_bytes)  # the graphs left behind, with their weights
         drop_nan_guards(graph)
+        biases = fold_bias_adds(graph)  # first, so that a BatchNorm after the Add folds too
         folded = fold_batchnorms(graph)
+        if biases:
+            log.debug("folded %d Add/Sub of a per-channel constant into a convolution's bias", biases)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         prepared = _infer_shapes(gs.export_onnx(graph))
     prepared.producer_name = "onnxsnpe"
@@ -122,6 +126,58 @@ def drop_nan_guards(graph: gs.Graph) -> int:
         where.outputs.clear()
         dropped += 1
     return dropped
+
+
+def fold_bias_adds(graph: gs.Graph) -> int:
+    """Fold each Add or Sub of a constant into the bias of the Conv or ConvTranspose it follows, when
+    the constant is one value or one per output channel (along axis 1 of the output) and the
+    convolution's output is read by nothing else.
+
+    SNPE's converter squashes such an Add into the bias (its SQUASH_SUM and SQUASH_SUB
+    optimizations, for convolution, depthwise convolution and deconvolution); the HTP left to itself
+    does not: a PP-OCRv4 detector's ConvTranspose followed by an Add of its bias computes, in the
+    whole graph, the ConvTranspose *without* the bias (tools/HTP.md finding 24). The producer takes
+    over the Add's output tensor and name, as for a folded BatchNorm. Returns how many were folded.
+    """
+    outputs = {t.name for t in graph.outputs}
+    folded = 0
+    for add in [n for n in graph.nodes if n.op in ("Add", "Sub")]:
+        if len(add.inputs) != 2 or len(add.outputs) != 1:
+            continue
+        x, constant = add.inputs
+        if add.op == "Add" and isinstance(x, gs.Constant):
+            x, constant = constant, x
+        if not isinstance(constant, gs.Constant) or isinstance(x, gs.Constant):
+            continue
+        if len(x.inputs) != 1 or len(x.outputs) != 1 or x.name in outputs:
+            continue
+        producer = x.inputs[0]
+        if producer.op not in ("Conv", "ConvTranspose") or not isinstance(producer.inputs[1], gs.Constant):
+            continue
+        if len(producer.inputs) > 2 and not isinstance(producer.inputs[2], gs.Constant):
+            continue
+        shift = _per_channel(constant.values, x.shape)
+        if shift is None:
+            continue
+        if not _fold_into(producer, np.ones(shift.shape[0]), -shift if add.op == "Sub" else shift):
+            continue
+        producer.outputs = [add.outputs[0]]
+        add.outputs.clear()
+        add.inputs.clear()
+        folded += 1
+    return folded
+
+
+def _per_channel(values: np.ndarray, shape: list | tuple | None) -> np.ndarray | None:
+    """A constant added to a tensor of ``shape`` (N, C, ...) as one value per channel ``C`` (float64), or
+    None when it varies along another axis, would broadcast the tensor to another shape, or the
+    channel count is unknown."""
+    if not shape or len(shape) < 2 or not isinstance(shape[1], int) or values.ndim > len(shape):
+        return None
+    full = (1,) * (len(shape) - values.ndim) + values.shape
+    if any(size != 1 for axis, size in enumerate(full) if axis != 1) or full[1] not in (1, shape[1]):
+        return None
+    return np.broadcast_to(values.astype(np.float64).reshape(-1), (shape[1],)).copy()
 
 
 def fold_batchnorms(graph: gs.Graph) -> int:
