@@ -1,4 +1,4 @@
-"""Graph preparation: BatchNorm and bias-Add folding keep the outputs, shapes become static, names survive."""
+"""Graph preparation: BatchNorm and elementwise folding keep the outputs, shapes become static, names survive."""
 
 import numpy as np
 import onnx
@@ -58,8 +58,9 @@ def test_batchnorm_folding_keeps_outputs(case):
 
 
 def _add_after(op: str, constant: np.ndarray, *, add_op: str = "Add", constant_first: bool = False,
-               also_read: bool = False, batchnorm: bool = False) -> onnx.ModelProto:
-    """x [1, 4, 5, 5] -> op (4 -> 6 channels, no bias) -> add_op with ``constant`` -> [BatchNorm] -> y."""
+               also_read: bool = False, batchnorm: bool = False, then_add: float | None = None) -> onnx.ModelProto:
+    """x [1, 4, 5, 5] -> op (4 -> 6 channels, no bias) -> add_op with ``constant`` -> [+ then_add]
+    -> [BatchNorm] -> y."""
     rng = np.random.default_rng(3)
     shape = (6, 4, 3, 3) if op == "Conv" else (4, 6, 2, 2)
     attrs = {"pads": [1, 1, 1, 1]} if op == "Conv" else {"strides": [2, 2]}
@@ -68,6 +69,10 @@ def _add_after(op: str, constant: np.ndarray, *, add_op: str = "Add", constant_f
     nodes = [helper.make_node(op, ["x", "w"], ["a"], **attrs),
              helper.make_node(add_op, ["c", "a"] if constant_first else ["a", "c"], ["s"])]
     outputs = ["s"]
+    if then_add is not None:
+        inits.append(numpy_helper.from_array(np.array([then_add], dtype=np.float32), "t"))
+        nodes.append(helper.make_node("Add", ["s", "t"], ["u"]))
+        outputs = ["u"]
     if batchnorm:
         inits += [numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), n) for n in "omv"]
         inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), "g"))
@@ -88,13 +93,15 @@ BIAS_ADDS = {
     "conv - scalar": ("Conv", np.array([0.3]), {"add_op": "Sub"}),
     "conv transpose + per-channel, then a BatchNorm": ("ConvTranspose", PER_CHANNEL.reshape(6, 1, 1),
                                                        {"batchnorm": True}),
+    "conv * scalar + scalar (PP-OCRv4's affine block)": ("Conv", np.array([1.7]), {"add_op": "Mul", "then_add": -0.2}),
+    "conv / per-channel": ("Conv", PER_CHANNEL.reshape(6, 1, 1) + 2, {"add_op": "Div"}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BIAS_ADDS))
-def test_an_add_of_a_per_channel_constant_folds_into_the_convolution_bias(case):
-    """As SNPE's converter squashes it (its SQUASH_SUM/SQUASH_SUB): one node left, the Add's (or the
-    BatchNorm's) output name kept, the same outputs."""
+def test_an_elementwise_op_by_a_per_channel_constant_folds_into_the_convolution(case):
+    """As SNPE's converter squashes it (SQUASH_SUM/SUB/PROD/DIV): one node left, the last folded
+    op's output name kept, the same outputs."""
     op, constant, extra = BIAS_ADDS[case]
     model = _add_after(op, constant, **extra)
     deploy, _ = prepare_deploy_model(model, {"x": (1, 4, 5, 5)})
@@ -109,6 +116,8 @@ def test_an_add_of_a_per_channel_constant_folds_into_the_convolution_bias(case):
     (np.linspace(-1, 1, 5).reshape(1, 1, 1, 5), {}),  # varies along the width, not per channel
     (np.linspace(-1, 1, 6).reshape(6, 1, 1), {"add_op": "Sub", "constant_first": True}),  # c - conv
     (np.linspace(-1, 1, 6).reshape(6, 1, 1), {"also_read": True}),  # the convolution's output read elsewhere
+    (np.linspace(-1, 1, 6).reshape(6, 1, 1), {"add_op": "Div", "constant_first": True}),  # c / conv
+    (np.linspace(0, 1, 6).reshape(6, 1, 1), {"add_op": "Div"}),  # a division by zero stays as written
 ])
 def test_other_adds_after_a_convolution_stay(constant, extra):
     model = _add_after("Conv", constant, **extra)

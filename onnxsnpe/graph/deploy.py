@@ -3,7 +3,7 @@
 Preparation fixes the input shapes (SNPE needs static shapes), folds constant subgraphs (shape
 arithmetic, Constant nodes become initializers whose names the param encodings use; If nodes with
 a constant condition become their branch), unrolls Loops of constant trip count (unroll.py), folds
-an Add or Sub of a per-channel constant into the bias of the Conv or ConvTranspose before it and
+an Add, Sub, Mul or Div by a per-channel constant into the Conv or ConvTranspose before it and
 BatchNormalization into a preceding Conv, ConvTranspose or Gemm, as the converter does
 (SNPE.md section 4), and drops NaN guards (``Where(IsNaN(t), c, t)``) that a quantized ``t`` always
 passes. Nothing else changes the model's meaning.
@@ -45,10 +45,10 @@ def prepare_deploy_model(
         del written_out
         free_dropped_copies(weight_bytes)  # the graphs left behind, with their weights
         drop_nan_guards(graph)
-        biases = fold_bias_adds(graph)  # first, so that a BatchNorm after the Add folds too
+        elementwise = fold_into_convolutions(graph)  # first, so that a BatchNorm after them folds too
         folded = fold_batchnorms(graph)
-        if biases:
-            log.debug("folded %d Add/Sub of a per-channel constant into a convolution's bias", biases)
+        if elementwise:
+            log.debug("folded %d Add/Sub/Mul/Div by a constant into the convolution before it", elementwise)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         prepared = _infer_shapes(gs.export_onnx(graph))
     prepared.producer_name = "onnxsnpe"
@@ -128,48 +128,55 @@ def drop_nan_guards(graph: gs.Graph) -> int:
     return dropped
 
 
-def fold_bias_adds(graph: gs.Graph) -> int:
-    """Fold each Add or Sub of a constant into the bias of the Conv or ConvTranspose it follows, when
-    the constant is one value or one per output channel (along axis 1 of the output) and the
-    convolution's output is read by nothing else.
+def fold_into_convolutions(graph: gs.Graph) -> int:
+    """Fold each Add, Sub, Mul or Div by a constant into the Conv or ConvTranspose it follows, when the
+    constant is one value or one per output channel (along axis 1 of the output) and the
+    convolution's output is read by nothing else: ``conv + c`` and ``conv - c`` into its bias,
+    ``conv * c`` and ``conv / c`` into its weights and bias. Until nothing is left to fold.
 
-    SNPE's converter squashes such an Add into the bias (its SQUASH_SUM and SQUASH_SUB
-    optimizations, for convolution, depthwise convolution and deconvolution); the HTP left to itself
-    does not: a PP-OCRv4 detector's ConvTranspose followed by an Add of its bias computes, in the
-    whole graph, the ConvTranspose *without* the bias (tools/HTP.md finding 24). The producer takes
-    over the Add's output tensor and name, as for a folded BatchNorm. Returns how many were folded.
+    SNPE's converter squashes these (its SQUASH_SUM, SQUASH_SUB, SQUASH_PROD and SQUASH_DIV
+    optimizations, and a constant Mul then Add merged into a BatchNorm that it folds), so the
+    device never computes them apart; the HTP left to itself does, and in the PP-OCRv4 detector's
+    graph computed a ConvTranspose's bias Add *without* the bias (tools/HTP.md finding 24). The
+    producer takes over the op's output tensor and name, as for a folded BatchNorm. Returns how many
+    were folded.
     """
     outputs = {t.name for t in graph.outputs}
     folded = 0
-    for add in [n for n in graph.nodes if n.op in ("Add", "Sub")]:
-        if len(add.inputs) != 2 or len(add.outputs) != 1:
-            continue
-        x, constant = add.inputs
-        if add.op == "Add" and isinstance(x, gs.Constant):
-            x, constant = constant, x
-        if not isinstance(constant, gs.Constant) or isinstance(x, gs.Constant):
-            continue
-        if len(x.inputs) != 1 or len(x.outputs) != 1 or x.name in outputs:
-            continue
-        producer = x.inputs[0]
-        if producer.op not in ("Conv", "ConvTranspose") or not isinstance(producer.inputs[1], gs.Constant):
-            continue
-        if len(producer.inputs) > 2 and not isinstance(producer.inputs[2], gs.Constant):
-            continue
-        shift = _per_channel(constant.values, x.shape)
-        if shift is None:
-            continue
-        if not _fold_into(producer, np.ones(shift.shape[0]), -shift if add.op == "Sub" else shift):
-            continue
-        producer.outputs = [add.outputs[0]]
-        add.outputs.clear()
-        add.inputs.clear()
-        folded += 1
+    changed = True
+    while changed:
+        changed = False
+        for op in [n for n in graph.nodes if n.op in ("Add", "Sub", "Mul", "Div") and len(n.inputs) == 2]:
+            x, constant = op.inputs
+            if op.op in ("Add", "Mul") and isinstance(x, gs.Constant):
+                x, constant = constant, x
+            if not isinstance(constant, gs.Constant) or isinstance(x, gs.Constant) or len(op.outputs) != 1:
+                continue
+            if len(x.inputs) != 1 or len(x.outputs) != 1 or x.name in outputs:
+                continue
+            producer = x.inputs[0]
+            if producer.op not in ("Conv", "ConvTranspose") or not isinstance(producer.inputs[1], gs.Constant):
+                continue
+            if len(producer.inputs) > 2 and not isinstance(producer.inputs[2], gs.Constant):
+                continue
+            values = _per_channel(constant.values, x.shape)
+            if values is None or (op.op == "Div" and not np.all(values)):
+                continue
+            ones, zeros = np.ones(values.shape[0]), np.zeros(values.shape[0])
+            factor, shift = {"Add": (ones, values), "Sub": (ones, -values), "Mul": (values, zeros),
+                             "Div": (1 / values, zeros)}[op.op]
+            if not _fold_into(producer, factor, shift):
+                continue
+            producer.outputs = [op.outputs[0]]
+            op.outputs.clear()
+            op.inputs.clear()
+            folded += 1
+            changed = True
     return folded
 
 
 def _per_channel(values: np.ndarray, shape: list | tuple | None) -> np.ndarray | None:
-    """A constant added to a tensor of ``shape`` (N, C, ...) as one value per channel ``C`` (float64), or
+    """A constant applied to a tensor of ``shape`` (N, C, ...) as one value per channel ``C`` (float64), or
     None when it varies along another axis, would broadcast the tensor to another shape, or the
     channel count is unknown."""
     if not shape or len(shape) < 2 or not isinstance(shape[1], int) or values.ndim > len(shape):
