@@ -223,6 +223,44 @@ def test_htp_model_reproduces_the_htp_conv_with_per_channel_weights(seed):
     np.testing.assert_array_equal(modeled({"x": x})[0], htp.run({"x": x})[0])
 
 
+@needs_qnn
+@pytest.mark.parametrize("arch", [None, "73"])
+def test_a_per_channel_conv_takes_its_bias_on_one_grid_set_by_the_largest(arch):
+    """One channel's bias code near 2^30 puts every channel's bias on a grid of about 4 codes (tools/HTP.md
+    finding 25: ``S = max |a| 2^-28``); the other biases, small and not multiples of 4, move by up to
+    2 codes. The simulation reproduces every output on v68 and v73."""
+    rng = np.random.default_rng(29)
+    weight = (rng.normal(size=(16, 8, 1, 1)) * np.exp(rng.uniform(-2, 0, size=(16, 1, 1, 1)))).astype(np.float32)
+    x_enc = Encoding(8, 0.02, -100)
+    w_scales = np.abs(weight).reshape(16, -1).max(axis=1) / 127
+    codes = rng.integers(100, 5000, size=16).astype(np.float64) * rng.choice([-1, 1], size=16)
+    codes[3] = 0.99 * 2**30
+    bias = (codes * x_enc.scale * w_scales).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"])
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 24, 24])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.ir_version = 8
+    targets = find_targets(model)
+    acts = {"x": x_enc, "y": asymmetric_encoding(-40.0, 40.0, 8)}
+    weights = weight_encodings(model, targets, 8, per_channel=True)
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    x = ((rng.integers(0, 256, size=(1, 8, 24, 24)) + x_enc.offset) * np.float32(x_enc.scale)).astype(np.float32)
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {}, arch).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, htp)
+
+
+def test_gridded_bias_rounds_every_channel_to_a_grid_set_by_the_largest():
+    """Hand-worked: equal scales, the largest code 2^30, so the grid is 4 codes: 5 -> 4, 6 -> 8 (ties to
+    even: 1.5 -> 2), 7 -> 8, -6 -> -8; the largest stays."""
+    from onnxsnpe.simulate.htp.codes import gridded_bias
+
+    got = gridded_bias(np.array([2**30, 5, 6, 7, -6]), 0.01, np.full(5, 0.003, dtype=np.float32))
+    np.testing.assert_array_equal(got, [2**30, 4, 8, 8, -8])
+
+
 def test_add_constants_pick_fraction_bits_from_the_scale_ratios():
     bits, multipliers, constant = add_constants((0.05, 0.03), (100, 30), 0.07, 90)
     ratios = (np.float32(0.05) / np.float32(0.07), np.float32(0.03) / np.float32(0.07))

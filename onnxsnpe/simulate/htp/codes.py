@@ -77,8 +77,8 @@ def requant_offset(
 
     Per-channel weight scales enter relative to the largest one, ``s_w = s_max * r`` with
     ``r = s_w / s_max`` in float32 (tools/HTP.md, "Per-channel weights"): ``base = s_in * s_max``,
-    zero-point term ``z / ((base / s_out) * r) / step``, bias term ``(b * s_b) / (base * step) / r``.
-    With one scale ``r`` is 1 and this is the per-tensor rule above.
+    zero-point term ``z / ((base / s_out) * r) / step``, and the bias as gridded_bias gives it,
+    added in float32 (finding 25). With one scale ``r`` is 1 and this is the per-tensor rule above.
     """
     f32 = np.float32
     steps = np.asarray(steps, dtype=f32)
@@ -87,9 +87,38 @@ def requant_offset(
     ratio = w_scale / largest
     base = f32(in_scale) * largest
     total = (f32(zero_point) / ((base / f32(out_scale)) * ratio)) / steps
-    if bias_codes is not None:
+    if bias_codes is not None and gridded(w_scale, steps):
+        total = (total + gridded_bias(bias_codes, in_scale, w_scale)).astype(f32)
+    elif bias_codes is not None:
         total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
     return round_half_away(total.astype(np.float64))
+
+
+def gridded(w_scale: float | np.ndarray, steps: np.ndarray) -> bool:
+    """Whether the HTP puts a Conv's bias on one tensor-wide grid (gridded_bias): per-channel weights
+    (more than one scale), none of them re-expressed."""
+    return np.size(w_scale) > 1 and bool(np.all(np.asarray(steps) == 1))
+
+
+def gridded_bias(bias_codes: np.ndarray, in_scale: float, w_scale: np.ndarray) -> np.ndarray:
+    """A per-channel Conv's bias in each channel's accumulator steps as the HTP takes it (v68 and v73,
+    8- and 16-bit activations; tools/HTP.md finding 25), float32 and not yet rounded.
+
+    The HTP re-codes the whole int32 bias tensor on one grid: each code taken at the largest
+    channel's step ``base = s_in s_max`` (``a = code base``, whatever the channel's own scale),
+    rounded half to even to a multiple of ``S = max |a| 2^-28``, and divided back by ``base``, every
+    operation in float32. A channel's bias thus depends on the largest bias of the tensor, and a code
+    whose float32 round trip lands just under an integer loses a step where it is truncated (v73).
+    """
+    f32 = np.float32
+    base = f32(f32(in_scale) * np.asarray(w_scale, dtype=f32).max())
+    values = (np.asarray(bias_codes).astype(f32) * base).astype(f32)
+    largest = np.abs(values).max()
+    if largest == 0:
+        return np.zeros(values.shape, dtype=f32)
+    grid = f32(largest * f32(2.0**-28))
+    on_grid = np.rint((values * (f32(1) / grid)).astype(f32)).astype(f32)
+    return ((on_grid * grid).astype(f32) / base).astype(f32)
 
 
 def constant_bias(name: str, context: Context,

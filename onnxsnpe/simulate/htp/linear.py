@@ -16,6 +16,8 @@ from .codes import (
     Context,
     Lowered,
     constant_bias,
+    gridded,
+    gridded_bias,
     int8,
     integer_op,
     output_encoding,
@@ -180,10 +182,13 @@ def v73_conv_constants(
 def v73_bias(in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray, bias_codes: np.ndarray | None,
              bias_scale: float | np.ndarray) -> np.ndarray:
     """The bias in accumulator steps as HTP v73 and later take it, per output channel: ``float32(b s_b)
-    / float32(s_in s_w)`` (divided by a re-expressed channel's step) truncated toward zero."""
+    / float32(s_in s_w)`` (divided by a re-expressed channel's step) truncated toward zero; with
+    per-channel weights codes.gridded_bias truncated toward zero (tools/HTP.md finding 25)."""
     f32 = np.float32
     if bias_codes is None:
         return np.zeros(steps.shape)
+    if gridded(w_scale, steps):
+        return np.trunc(gridded_bias(bias_codes, in_scale, w_scale).astype(np.float64))
     bias = (np.asarray(bias_codes).astype(f32) * np.asarray(bias_scale, dtype=f32)).astype(f32)
     steps_in = (bias / (f32(in_scale) * np.asarray(w_scale, dtype=f32)) / steps.astype(f32)).astype(f32)
     return np.trunc(steps_in).astype(np.float64)
