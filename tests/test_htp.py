@@ -261,6 +261,28 @@ def test_gridded_bias_rounds_every_channel_to_a_grid_set_by_the_largest():
     np.testing.assert_array_equal(got, [2**30, 4, 8, 8, -8])
 
 
+@needs_qnn
+@pytest.mark.parametrize("arch", [None, "73"])
+@pytest.mark.parametrize("scale, offset", [(0.05, -128), (0.011, -200)])
+def test_htp_model_reproduces_the_htp_two_value_softmax_on_every_pair_of_codes(arch, scale, offset):
+    """A Softmax over two values is a sigmoid of the code difference and its complement to 255 (tools/HTP.md
+    finding 26); float softmax then rounding differs where the two codes are equal (127, 128, not 128, 128)."""
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256, 256, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model)
+    targets = find_targets(model)
+    acts = {"x": Encoding(8, scale, offset), "y": Encoding(8, 1 / 255, 0)}
+    first, second = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    x = ((np.stack([first, second], -1)[None] + offset) * np.float32(scale)).astype(np.float32)
+    htp = HtpSession(build_qdq_model(model, targets, acts, {}), {}, arch).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}, arch), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, htp)
+    assert htp[0, 7, 7, 0] * 255 == pytest.approx(127) and htp[0, 7, 7, 1] * 255 == pytest.approx(128)
+
+
 def test_add_constants_pick_fraction_bits_from_the_scale_ratios():
     bits, multipliers, constant = add_constants((0.05, 0.03), (100, 30), 0.07, 90)
     ratios = (np.float32(0.05) / np.float32(0.07), np.float32(0.03) / np.float32(0.07))

@@ -69,6 +69,7 @@ from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
 from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .linear import lower_linear
+from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
 from .wide_weights import lower_a16w16_conv
@@ -78,7 +79,7 @@ LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv)
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
     "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul,),
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
-    "ReduceMean": (lower_reduce_mean,),
+    "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,),
 }
 """The lowerings of each op type (model docstring)."""
 
