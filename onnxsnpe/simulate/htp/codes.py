@@ -87,17 +87,19 @@ def requant_offset(
     ratio = w_scale / largest
     base = f32(in_scale) * largest
     total = (f32(zero_point) / ((base / f32(out_scale)) * ratio)) / steps
-    if bias_codes is not None and gridded(w_scale, steps):
+    if bias_codes is not None and gridded(in_scale, w_scale, steps, bias_scale):
         total = (total + gridded_bias(bias_codes, in_scale, w_scale)).astype(f32)
     elif bias_codes is not None:
         total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
     return round_half_away(total.astype(np.float64))
 
 
-def gridded(w_scale: float | np.ndarray, steps: np.ndarray) -> bool:
+def gridded(in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray, bias_scale: float | np.ndarray) -> bool:
     """Whether the HTP puts a Conv's bias on one tensor-wide grid (gridded_bias): per-channel weights
-    (more than one scale), none of them re-expressed."""
-    return np.size(w_scale) > 1 and bool(np.all(np.asarray(steps) == 1))
+    (more than one scale), none of them re-expressed, and a bias in int32 codes at ``s_in s_w`` (to a
+    few float32 steps, as the encode stage makes it; not a float bias passed as values)."""
+    return (np.size(w_scale) > 1 and bool(np.all(np.asarray(steps) == 1))
+            and np.allclose(bias_scale, np.float32(in_scale) * np.asarray(w_scale, dtype=np.float32), rtol=1e-5))
 
 
 def gridded_bias(bias_codes: np.ndarray, in_scale: float, w_scale: np.ndarray) -> np.ndarray:

@@ -187,7 +187,7 @@ def v73_bias(in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray, bi
     f32 = np.float32
     if bias_codes is None:
         return np.zeros(steps.shape)
-    if gridded(w_scale, steps):
+    if gridded(in_scale, w_scale, steps, bias_scale):
         return np.trunc(gridded_bias(bias_codes, in_scale, w_scale).astype(np.float64))
     bias = (np.asarray(bias_codes).astype(f32) * np.asarray(bias_scale, dtype=f32)).astype(f32)
     steps_in = (bias / (f32(in_scale) * np.asarray(w_scale, dtype=f32)) / steps.astype(f32)).astype(f32)
