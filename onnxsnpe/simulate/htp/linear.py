@@ -123,7 +123,7 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     consumed = {w} | bias_consumed
     multiplier = base * steps / float(np.float32(y_enc.scale))
     rounding = None
-    if context.arch >= 73 and node.op_type in ("Conv", "Gemm") and not strided_depthwise:
+    if context.arch >= 73 and (node.op_type in ("Conv", "Gemm") or blocks) and not strided_depthwise:
         factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias,
                                                                 bias_scale)
     else:
@@ -159,8 +159,9 @@ def v73_conv_constants(
     multiplier: np.ndarray, in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray,
     bias_codes: np.ndarray | None, bias_scale: float | np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """How HTP v73 and later requantize an 8-bit Conv: factor ``2^-k``, multiplier ``m``, offset ``B``
-    and the constant added after the product, per output channel (tools/HTP.md, finding 19).
+    """How HTP v73 and later requantize an 8-bit Conv, Gemm or kernel-equals-stride ConvTranspose (as its
+    1x1 Conv: finding 27): factor ``2^-k``, multiplier ``m``, offset ``B`` and the constant added after
+    the product, per output channel (tools/HTP.md, finding 19).
 
     ``code = floor((floor((acc + B) / 2^k) + 1/2) m + z_out + 1/2)`` with ``k = floor(-log2 M) - 3``
     (negative for ``M >= 2^-3``: no truncation then), ``m = round(M 2^(k + 15)) / 2^15`` (15
@@ -168,9 +169,8 @@ def v73_conv_constants(
     s_w)`` (divided by a re-expressed channel's step) truncated toward zero. Unlike v68 the output
     zero point is added after the product, and the truncated accumulator counts from the middle of
     its bin. Bit-exact on ``tools/probe_conv8.py --htp-arch 73``'s symmetric-weight probes (six
-    shapes, 42,009 in-range outputs); per-channel weights leave 22 of 42,050 outputs one step off
-    (a bias that depends on the whole bias tensor: finding 19), and one re-expressed channel 119
-    of 42,045.
+    shapes, 42,009 in-range outputs); per-channel weights with the bias grid of finding 25 too (30
+    seeds), and one re-expressed channel 119 of 42,045 off.
     """
     multiplier = np.asarray(multiplier, dtype=np.float64)
     shift = np.floor(-np.log2(multiplier)) - 3

@@ -36,7 +36,7 @@ activations and weights:
   the 16-bit encoding (the same grid, so the values do not change); one whose 8-bit output is
   computed on the 16-bit grid is lowered onto that grid and then quantized to its own encoding
   (no value of the finer grid lies halfway between two of the coarser one: 257 is odd).
-- A Concat input that only the Concat reads is computed with the Concat's encoding (_concat_encodings).
+- A Concat input that only the Concat reads is computed with the Concat's encoding (concat_encodings).
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
   (elementwise.add16_constants) and GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations").
 - HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
@@ -101,7 +101,7 @@ def htp_simulation_model(
     model = onnx.ModelProto()
     model.CopyFrom(deploy)
     graph = model.graph
-    activations = _concat_encodings(graph, activations)
+    activations = concat_encodings(graph, activations)
     constants = {init.name: init for init in graph.initializer}
     lowered_params: set[str] = set()
     on_grid: list[str] = []  # outputs the lowered ops requantize to their own encoding
@@ -199,7 +199,7 @@ def default_arch(deploy: onnx.ModelProto, params: dict[str, ParamEncoding]) -> i
     return int(A16W16_ARCH) if wide else 68
 
 
-def _concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -> dict[str, Encoding]:
+def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -> dict[str, Encoding]:
     """``activations`` with each Concat input that only the Concat reads given the Concat's 8-bit encoding.
 
     The HTP writes such a producer's output straight into the concatenation, requantized once to
