@@ -308,6 +308,31 @@ def test_htp_model_follows_the_htp_table_softmax_far_closer_than_float(length, s
     assert (steps["float"] > 0.5).sum() >= 10 * max(1, (steps["htp"] > 0.5).sum())
 
 
+@needs_qnn
+@pytest.mark.parametrize("arch", [None, "73"])
+@pytest.mark.parametrize("kernel", [(3, 2), (3, 3)])
+def test_htp_model_reproduces_the_htp_average_pool_with_kernel_equal_to_stride(kernel, arch):
+    """An 8-bit AveragePool tiling its input (the recogniser's is 3 x 2) computes as GlobalAveragePool:
+    the window's sum of centered codes times a 15-significant-bit multiplier (tools/HTP.md finding 28)."""
+    (kh, kw), channels = kernel, 64
+    pool = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[kh, kw], strides=[kh, kw])
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4 * kh, 16 * kw])
+    graph = helper.make_graph([pool], "pool", [x_info], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model)
+    targets = find_targets(model)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        acts = {"x": asymmetric_encoding(-rng.uniform(0.1, 5), rng.uniform(1, 80), 8),
+                "y": asymmetric_encoding(-rng.uniform(0.1, 3), rng.uniform(1, 50) * rng.uniform(0.3, 1.2), 8)}
+        codes = rng.integers(0, 256, size=(1, channels, 4 * kh, 16 * kw))
+        x = ((codes + acts["x"].offset) * np.float32(acts["x"].scale)).astype(np.float32)
+        htp = HtpSession(build_qdq_model(model, targets, acts, {}), {}, arch).run({"x": x})[0]
+        modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}, arch), ["y"])({"x": x})[0]
+        np.testing.assert_array_equal(modeled, htp)
+
+
 def test_add_constants_pick_fraction_bits_from_the_scale_ratios():
     bits, multipliers, constant = add_constants((0.05, 0.03), (100, 30), 0.07, 90)
     ratios = (np.float32(0.05) / np.float32(0.07), np.float32(0.03) / np.float32(0.07))

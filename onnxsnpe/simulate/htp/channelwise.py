@@ -1,4 +1,4 @@
-"""Standalone BatchNormalization, GlobalAveragePool and ReduceMean in the HTP's integer arithmetic."""
+"""Standalone BatchNormalization, GlobalAveragePool, AveragePool and ReduceMean in the HTP's integer arithmetic."""
 
 from __future__ import annotations
 
@@ -133,6 +133,53 @@ def lower_global_average_pool(node: onnx.NodeProto, context: Context) -> Lowered
     ratio = float(np.float32(x_enc.scale)) / float(np.float32(y_enc.scale)) / (shape[2] * shape[3])
     _, multiplier, _ = requant_constants(np.array(ratio), 0, precise=True)
     return _mean_of_codes(node, context, x_enc, y_enc, [2, 3], True, float(multiplier))
+
+
+def lower_average_pool(node: onnx.NodeProto, context: Context) -> Lowered | None:
+    """An 8-bit 2-D AveragePool whose kernel equals its strides, unpadded, tiling its input exactly, on
+    codes as GlobalAveragePool: ``floor(S m + z_out + 1/2)`` with ``S`` each window's sum of centered
+    codes and ``m = s_in / (s_out n)`` rounded to 15 significant bits (tools/HTP.md finding 28: 20
+    probes of kernels 3x2, 1x2, 3x3, 2x1 and 3x1 bit for bit, exact rounding of the mean 6 off). A
+    2x2 kernel is left to the float computation (two of four probes one step off with this rule)."""
+    x_enc = context.activations.get(node.input[0])
+    y_enc = output_encoding(node, context.targets, context.activations)
+    shape = context.shapes.get(node.input[0], [])
+    attributes = node_attributes(node)
+    kernel = list(attributes.get("kernel_shape", []))
+    if not int8(x_enc, y_enc) or len(shape) != 4 or len(kernel) != 2 or kernel == [2, 2]:
+        return None
+    if list(attributes.get("strides", [1, 1])) != kernel or any(attributes.get("pads", [0] * 4)):
+        return None
+    if attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+        return None
+    height, width = shape[2:]
+    if not all(isinstance(d, int) and d > 0 for d in shape) or height % kernel[0] or width % kernel[1]:
+        return None
+    ratio = float(np.float32(x_enc.scale)) / float(np.float32(y_enc.scale)) / (kernel[0] * kernel[1])
+    _, multiplier, _ = requant_constants(np.array(ratio), 0, precise=True)
+    p = f"{node.output[0]}{SUFFIX}/"
+    make = helper.make_node
+    chain, inits = centered_codes(node.input[0], x_enc, p + "codes32")
+    windows = [shape[0], shape[1], height // kernel[0], kernel[0], width // kernel[1], kernel[1]]
+    inits += [
+        numpy_helper.from_array(np.array(windows, dtype=np.int64), p + "windows"),
+        numpy_helper.from_array(np.array(float(multiplier)), p + "multiplier"),
+        numpy_helper.from_array(np.array(-y_enc.offset + 0.5), p + "constant"),
+    ]
+    chain += [
+        make("Cast", [p + "codes32"], [p + "codes"], to=onnx.TensorProto.DOUBLE),
+        make("Reshape", [p + "codes", p + "windows"], [p + "tiled"]),
+    ]
+    if context.opset >= 13:
+        inits.append(numpy_helper.from_array(np.array([3, 5], dtype=np.int64), p + "axes"))
+        chain.append(make("ReduceSum", [p + "tiled", p + "axes"], [p + "sum"], keepdims=0))
+    else:
+        chain.append(make("ReduceSum", [p + "tiled"], [p + "sum"], axes=[3, 5], keepdims=0))
+    chain += [
+        make("Mul", [p + "sum", p + "multiplier"], [p + "product"]),
+        make("Add", [p + "product", p + "constant"], [p + "shifted"]),
+    ]
+    return with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
 
 
 REDUCE_MEAN_KERNELS = {(3, (2,)): "int16", (3, (1,)): "rounded", (4, (3,)): "int16", (4, (1,)): "int16",

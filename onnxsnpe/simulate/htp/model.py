@@ -64,7 +64,7 @@ from ...graph.ops import LINEAR_OPS
 from ...graph.targets import QuantTargets
 from ..emulator import A16W16_ARCH
 from ..fake_quant import build_simulation_model
-from .channelwise import lower_batch_norm, lower_global_average_pool, lower_reduce_mean
+from .channelwise import lower_average_pool, lower_batch_norm, lower_global_average_pool, lower_reduce_mean
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
 from .elementwise import is_scalar_sum, lower_add, lower_mul
@@ -79,6 +79,7 @@ LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv)
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
     "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul,),
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
+    "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,),
 }
 """The lowerings of each op type (model docstring)."""
