@@ -17,7 +17,7 @@ from onnxsnpe.encode.encoding import Encoding, asymmetric_encoding, fake_quantiz
 from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.runtime import make_session
-from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.graph.targets import QuantTargets, find_targets
 from onnxsnpe.report.agreement import measure_agreement
 from onnxsnpe.simulate.emulator import (
     A16W16_ARCH,
@@ -69,6 +69,16 @@ def _quantized(model, samples):
 def _samples(channels, count=3, seed=0):
     rng = np.random.default_rng(seed)
     return [{"x": rng.uniform(-1.0, 2.0, size=(1, channels, 12, 12)).astype(np.float32)} for _ in range(count)]
+
+
+def _one_op(node: onnx.NodeProto, shape: list[int]) -> tuple[onnx.ModelProto, QuantTargets]:
+    """A model of one op from ``x`` (of ``shape``) to ``y``, with its targets."""
+    graph = helper.make_graph([node], node.op_type, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model)
+    return model, find_targets(model)
 
 
 def test_missing_onnxruntime_qnn_is_a_one_line_error(monkeypatch, tiny_model):
@@ -267,13 +277,7 @@ def test_gridded_bias_rounds_every_channel_to_a_grid_set_by_the_largest():
 def test_htp_model_reproduces_the_htp_two_value_softmax_on_every_pair_of_codes(arch, scale, offset):
     """A Softmax over two values is a sigmoid of the code difference and its complement to 255 (tools/HTP.md
     finding 26); float softmax then rounding differs where the two codes are equal (127, 128, not 128, 128)."""
-    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256, 256, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    model = onnx.shape_inference.infer_shapes(model)
-    targets = find_targets(model)
+    model, targets = _one_op(helper.make_node("Softmax", ["x"], ["y"], axis=-1), [1, 256, 256, 2])
     acts = {"x": Encoding(8, scale, offset), "y": Encoding(8, 1 / 255, 0)}
     first, second = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
     x = ((np.stack([first, second], -1)[None] + offset) * np.float32(scale)).astype(np.float32)
@@ -290,13 +294,7 @@ def test_htp_model_follows_the_htp_table_softmax_far_closer_than_float(length, s
     leaves at most 0.05% of outputs one step off where float softmax then rounding misses ten times
     as many (MiniLM-L6's first attention Softmax encoding, and one of the recogniser's row length)."""
     rows = 256
-    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, length])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    model = onnx.shape_inference.infer_shapes(model)
-    targets = find_targets(model)
+    model, targets = _one_op(helper.make_node("Softmax", ["x"], ["y"], axis=-1), [1, rows, length])
     acts = {"x": Encoding(8, scale, offset), "y": Encoding(8, 1 / 255, 0)}
     rng = np.random.default_rng(5)
     codes = np.clip(rng.integers(200, 256, size=(1, rows, 1)) - rng.integers(0, 60, size=(1, rows, length)), 0, 255)
@@ -316,12 +314,7 @@ def test_htp_model_reproduces_the_htp_average_pool_with_kernel_equal_to_stride(k
     the window's sum of centered codes times a 15-significant-bit multiplier (tools/HTP.md finding 28)."""
     (kh, kw), channels = kernel, 64
     pool = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[kh, kw], strides=[kh, kw])
-    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4 * kh, 16 * kw])
-    graph = helper.make_graph([pool], "pool", [x_info], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    model = onnx.shape_inference.infer_shapes(model)
-    targets = find_targets(model)
+    model, targets = _one_op(pool, [1, channels, 4 * kh, 16 * kw])
     rng = np.random.default_rng(3)
     for _ in range(3):
         acts = {"x": asymmetric_encoding(-rng.uniform(0.1, 5), rng.uniform(1, 80), 8),
