@@ -301,6 +301,14 @@ def test_htp_arithmetic_simulation_equals_the_htp_on_the_detector(tmp_path):
     assert exact["max_error_lsb"] > 0
 
 
+def test_htp_v73_arithmetic_simulation_equals_the_htp_v73_with_per_channel_weights(tmp_path):
+    """EfficientNet-Lite0 with per-channel weights on v73 bit for bit (tools/HTP.md findings 25 and 29:
+    the bias on one grid, the multiplier from float32 scales relative to the largest; 27.9 dB over
+    64 samples before both)."""
+    htp, _ = _against_the_htp(tmp_path / "out", per_channel=True, htp_arch="73")
+    assert htp["max_error_lsb"] == 0 and htp["sqnr_db"] is None and htp["top1_agreement"] == 1.0
+
+
 def test_htp_arithmetic_simulation_follows_the_htp_with_16_bit_activations(tmp_path):
     """At A16W8 on a real model: not bit for bit (re-expressed weight channels are not decoded), but
     far closer than exact rounding (on 64 samples, 61.1 dB against 36.0: README, tools/HTP.md)."""

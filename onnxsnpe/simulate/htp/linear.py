@@ -124,6 +124,11 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     multiplier = base * steps / float(np.float32(y_enc.scale))
     rounding = None
     if context.arch >= 73 and (node.op_type in ("Conv", "Gemm") or blocks) and not strided_depthwise:
+        if per_channel:  # M from float32 s_in s_max times float32 s_w / s_max (tools/HTP.md finding 29)
+            largest = np.float32(w_scale.max())
+            relative = (w_scale / largest).astype(np.float32)
+            multiplier = (np.float32(np.float32(x_enc.scale) * largest) * relative).astype(np.float64) * steps \
+                / float(np.float32(y_enc.scale))
         factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias,
                                                                 bias_scale)
     else:
