@@ -111,7 +111,8 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if blocks:
         codes = as_block_conv(codes)
         axis = 0
-        w_scale = np.repeat(w_scale, blocks**2) if per_channel else w_scale
+        # one scale per channel and kernel position; a one-channel weight stays one scale (no bias grid)
+        w_scale = np.repeat(w_scale, blocks**2) if per_channel and w_scale.size > 1 else w_scale
     if strided_depthwise or (node.op_type == "ConvTranspose" and not blocks):
         w_int, steps = codes, np.ones(codes.shape[axis])
     else:
@@ -124,11 +125,11 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     multiplier = base * steps / float(np.float32(y_enc.scale))
     rounding = None
     if context.arch >= 73 and (node.op_type in ("Conv", "Gemm") or blocks) and not strided_depthwise:
-        if per_channel:  # M from float32 s_in s_max times float32 s_w / s_max (tools/HTP.md finding 29)
-            largest = np.float32(w_scale.max())
+        if per_channel:  # M = f32(f32(f32(s_in s_max) / s_out) f32(s_w / s_max)) (tools/HTP.md finding 29)
+            largest = np.float32(np.max(w_scale))
             relative = (w_scale / largest).astype(np.float32)
-            multiplier = (np.float32(np.float32(x_enc.scale) * largest) * relative).astype(np.float64) * steps \
-                / float(np.float32(y_enc.scale))
+            largest_m = np.float32(np.float32(np.float32(x_enc.scale) * largest) / np.float32(y_enc.scale))
+            multiplier = (largest_m * relative).astype(np.float32).astype(np.float64) * steps
         factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias,
                                                                 bias_scale)
     else:
@@ -170,7 +171,7 @@ def v73_conv_constants(
 
     ``code = floor((floor((acc + B) / 2^k) + 1/2) m + z_out + 1/2)`` with ``k = floor(-log2 M) - 3``
     (negative for ``M >= 2^-3``: no truncation then), ``m = round(M 2^(k + 15)) / 2^15`` (15
-    fractional bits) and ``B`` the bias alone in accumulator steps, ``float32(b s_b) / float32(s_in
+    fractional bits, ties rounded up) and ``B`` the bias alone in accumulator steps, ``float32(b s_b) / float32(s_in
     s_w)`` (divided by a re-expressed channel's step) truncated toward zero. Unlike v68 the output
     zero point is added after the product, and the truncated accumulator counts from the middle of
     its bin. Bit-exact on ``tools/probe_conv8.py --htp-arch 73``'s symmetric-weight probes (six
@@ -179,7 +180,7 @@ def v73_conv_constants(
     """
     multiplier = np.asarray(multiplier, dtype=np.float64)
     shift = np.floor(-np.log2(multiplier)) - 3
-    mantissa = np.round(multiplier * 2.0 ** (shift + 15)) / 2.0**15
+    mantissa = np.floor(multiplier * 2.0 ** (shift + 15) + 0.5) / 2.0**15  # ties up (finding 29)
     offset = v73_bias(in_scale, w_scale, steps, bias_codes, bias_scale)
     return 2.0**-shift, mantissa, offset, mantissa / 2 + 0.5
 
