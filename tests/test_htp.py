@@ -28,7 +28,7 @@ from onnxsnpe.simulate.emulator import (
 )
 from onnxsnpe.simulate.fake_quant import build_simulation_model
 from onnxsnpe.simulate.htp.channelwise import batch_norm_constants
-from onnxsnpe.simulate.htp.codes import centered_codes, exact_in_float32, requant_constants
+from onnxsnpe.simulate.htp.codes import centered_codes, exact_in_float32, gridded_bias, requant_constants
 from onnxsnpe.simulate.htp.elementwise import add_constants, mul_constants, scalar_mul_constants
 from onnxsnpe.simulate.htp.linear import int8_weights, stored_codes, weight_codes
 from onnxsnpe.simulate.htp.model import htp_simulation_model
@@ -265,8 +265,6 @@ def test_a_per_channel_conv_takes_its_bias_on_one_grid_set_by_the_largest(arch):
 def test_gridded_bias_rounds_every_channel_to_a_grid_set_by_the_largest():
     """Hand-worked: equal scales, the largest code 2^30, so the grid is 4 codes: 5 -> 4, 6 -> 8 (ties to
     even: 1.5 -> 2), 7 -> 8, -6 -> -8; the largest stays."""
-    from onnxsnpe.simulate.htp.codes import gridded_bias
-
     got = gridded_bias(np.array([2**30, 5, 6, 7, -6]), 0.01, np.full(5, 0.003, dtype=np.float32))
     np.testing.assert_array_equal(got, [2**30, 4, 8, 8, -8])
 

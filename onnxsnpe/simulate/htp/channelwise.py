@@ -138,8 +138,9 @@ def lower_global_average_pool(node: onnx.NodeProto, context: Context) -> Lowered
 def lower_average_pool(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """An 8-bit 2-D AveragePool whose kernel equals its strides, unpadded, tiling its input exactly, on
     codes as GlobalAveragePool: ``floor(S m + z_out + 1/2)`` with ``S`` each window's sum of centered
-    codes and ``m = s_in / (s_out n)`` rounded to 15 significant bits (tools/HTP.md finding 28: 20
-    probes of kernels 3x2, 1x2, 3x3, 2x1 and 3x1 bit for bit, exact rounding of the mean 6 off). A
+    codes and ``m = s_in / (s_out n)`` rounded to 15 significant bits (tools/HTP.md finding 28: 52
+    probes of kernels 3x2, 1x2, 3x3, 2x1 and 3x1 bit for bit; exact rounding of the mean was off in
+    10 of the first 36 probes, 2x2 included). A
     2x2 kernel is left to the float computation (two of four probes one step off with this rule)."""
     x_enc = context.activations.get(node.input[0])
     y_enc = output_encoding(node, context.targets, context.activations)

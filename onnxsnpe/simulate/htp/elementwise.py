@@ -46,7 +46,7 @@ def add_constants(
 def is_scalar_sum(node: onnx.NodeProto, context: Context) -> bool:
     """Whether ``node`` is an 8-bit Add or Sub of a one-element constant, which lower_add leaves to
     the float computation and the HTP rounds ties to even (tools/HTP.md finding 22: every exact tie
-    of six probes, and MiniLM-L6's GELU ``erf + 1``, whose every output is a tie, bit for bit)."""
+    of eight probes, and MiniLM-L6's GELU ``erf + 1``, whose every output is a tie, bit for bit)."""
     if node.op_type not in ("Add", "Sub") or not any(is_scalar(name, context.constants) for name in node.input):
         return False
     output = context.targets.squashed.get(node.output[0], node.output[0])
