@@ -18,21 +18,17 @@ from tqdm import tqdm
 
 from . import export
 from .data.datasets import Dataset, ImageOptions, Sample, open_dataset
-from .encode.constants import constant_encodings
+from .encode.completion import completed_encodings
 from .encode.encoding import Encoding, ParamEncoding
 from .encode.methods import DEFAULT_PERCENTILE, check_method
 from .encode.precision import sixteen_bit_tensors
 from .encode.quantized_weights import quantized_weights
 from .encode.ranges import (
     activation_encodings,
-    bias_encodings,
     function_ranges,
     gathered_table_ranges,
     weight_encodings,
-    widened_for_biases,
-    with_htp_fixed_encodings,
 )
-from .encode.zero_constants import with_zero_sums_sharing_encodings
 from .errors import OnnxSnpeError
 from .graph.control_flow import check_supported
 from .graph.deploy import prepare_deploy_model
@@ -409,13 +405,9 @@ def encode(
     fixed = {**(function_ranges(deploy) if settings.fixed_ranges else {}), **prepared.table_ranges}
     activations = activation_encodings(stats, targets, settings.method, settings.act_bitwidth,
                                        percentile=settings.percentile, fixed=fixed, raised=sixteen_activations)
-    activations = with_htp_fixed_encodings(deploy, targets, activations)
-    weights = weight_set(prepared, settings, sixteen_weights)
-    constants = constant_encodings(deploy, targets, weights, 8, activations)
-    activations = with_zero_sums_sharing_encodings(deploy, targets, activations, constants)
-    if settings.bias_bitwidth == 32:  # a bias the HTP could not hold at s_in * s_w widens its weight's scale
-        weights = widened_for_biases(deploy, targets, activations, weights)
-    biases = bias_encodings(deploy, targets, activations, weights, settings.bias_bitwidth)
+    done = completed_encodings(deploy, targets, activations, weight_set(prepared, settings, sixteen_weights),
+                               settings.bias_bitwidth)
+    activations, weights, constants, biases = done.activations, done.weights, done.constants, done.biases
     written = {**weights, **constants, **(biases if settings.write_bias_encodings else {})}
     return Encodings(activations, weights, biases, constants, written)
 

@@ -73,17 +73,13 @@ import onnx
 from PIL import Image
 
 from onnxsnpe.data.datasets import ImageOptions, open_dataset
-from onnxsnpe.encode.constants import constant_encodings
+from onnxsnpe.encode.completion import completed_encodings
 from onnxsnpe.encode.encoding import Encoding, symmetric_encoding
 from onnxsnpe.encode.ranges import (
     activation_encodings,
-    bias_encodings,
     fixed_range_tensors,
     weight_encodings,
-    widened_for_biases,
-    with_htp_fixed_encodings,
 )
-from onnxsnpe.encode.zero_constants import with_zero_sums_sharing_encodings
 from onnxsnpe.errors import OnnxSnpeError
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import initializer_values, load_model, model_inputs
@@ -143,15 +139,13 @@ def calibrate(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 8)
     targets = find_targets(deploy)
     stats = collect_statistics(deploy, targets.activations, calib, methods=["minmax"], floors=targets.floors())
     acts = activation_encodings(stats, targets, "minmax", act_bitwidth, fixed=fixed_range_tensors(deploy))
-    acts = with_htp_fixed_encodings(deploy, targets, acts)  # as the pipeline encodes (stages.encode)
     if weights_kind == "symmetric":
         weights = symmetric_weight_encodings(deploy, targets, 8)
     else:
         weights = weight_encodings(deploy, targets, 8, per_channel=weights_kind == "per-channel")
-    constants = constant_encodings(deploy, targets, weights, 8, acts)  # as the pipeline encodes (stages.encode)
-    acts = with_zero_sums_sharing_encodings(deploy, targets, acts, constants)
-    weights = widened_for_biases(deploy, targets, acts, weights)
-    params = {**weights, **bias_encodings(deploy, targets, acts, weights, 32), **constants}
+    done = completed_encodings(deploy, targets, acts, weights)  # as the pipeline encodes (stages.encode)
+    params = {**done.weights, **done.biases, **done.constants}
+    acts = done.activations
     return deploy, targets, acts, params, inputs, options, calib
 
 
