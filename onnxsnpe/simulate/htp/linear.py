@@ -122,14 +122,13 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     has_bias = bias_name in context.constants
     bias, bias_scale, bias_consumed = constant_bias(bias_name, context, max(blocks, 1) ** 2)
     consumed = {w} | bias_consumed
-    multiplier = base * steps / float(np.float32(y_enc.scale))
     rounding = None
-    if context.arch >= 73 and (node.op_type in ("Conv", "Gemm") or blocks) and not strided_depthwise:
-        if per_channel:  # M = f32(f32(f32(s_in s_max) / s_out) f32(s_w / s_max)) (tools/HTP.md finding 29)
-            largest = np.float32(np.max(w_scale))
-            relative = (w_scale / largest).astype(np.float32)
-            largest_m = np.float32(np.float32(np.float32(x_enc.scale) * largest) / np.float32(y_enc.scale))
-            multiplier = (largest_m * relative).astype(np.float32).astype(np.float64) * steps
+    v73_rule = context.arch >= 73 and (node.op_type in ("Conv", "Gemm") or blocks) and not strided_depthwise
+    if v73_rule and per_channel:
+        multiplier = v73_channel_multipliers(x_enc.scale, w_scale, y_enc.scale) * steps
+    else:
+        multiplier = base * steps / float(np.float32(y_enc.scale))
+    if v73_rule:
         factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias,
                                                                 bias_scale)
     else:
@@ -159,6 +158,16 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [output], [node.output[0]], blocksize=blocks, mode="CRD"))
     return chain, inits + more, consumed
+
+
+def v73_channel_multipliers(in_scale: float, w_scales: np.ndarray, out_scale: float) -> np.ndarray:
+    """Per-channel multipliers as HTP v73 and later compute them, relative to the largest weight
+    scale: ``f32(f32(f32(s_in s_max) / s_out) f32(s_w / s_max))`` (tools/HTP.md finding 29)."""
+    f32 = np.float32
+    largest = f32(np.max(w_scales))
+    relative = (w_scales / largest).astype(f32)
+    largest_m = f32(f32(f32(in_scale) * largest) / f32(out_scale))
+    return (largest_m * relative).astype(f32).astype(np.float64)
 
 
 def v73_conv_constants(
