@@ -168,11 +168,15 @@ def weight_encodings(
     """
     check_method(method, percentile, "--weight-method")
     raised = set(raised)
+    readers: dict[str, onnx.NodeProto] = {}  # each raised weight's first reader, whose kernel sets its cap
+    for node in model.graph.node:
+        if len(node.input) > 1 and node.input[1] in raised:
+            readers.setdefault(node.input[1], node)
     encodings: dict[str, ParamEncoding] = {}
     for name, array in initializer_values(model, targets.weights):
         axis = targets.weight_axes.get(name) if per_channel else None
         if name in raised:
-            encodings[name] = _sixteen_bit_weight(model, name, array, axis, method, percentile)
+            encodings[name] = _sixteen_bit_weight(readers.get(name), array, axis, method, percentile)
             continue
         if axis is None:
             encodings[name] = asymmetric_encoding(*_weight_range(array, method, bitwidth, percentile), bitwidth)
@@ -182,13 +186,12 @@ def weight_encodings(
     return encodings
 
 
-def _sixteen_bit_weight(model: onnx.ModelProto, name: str, array: np.ndarray, axis: int | None, method: str,
+def _sixteen_bit_weight(reader: onnx.NodeProto | None, array: np.ndarray, axis: int | None, method: str,
                         percentile: float) -> ParamEncoding:
     """A raised weight's symmetric 16-bit encoding, per tensor or per channel, its range widened so
     that no positive code passes the cap above which the HTP computes another value than the code
     (precision.int16_weight_cap: 32639 of 32767, 0.4% of the range; 0.8% in some strided Convs)."""
-    node = next((n for n in model.graph.node if len(n.input) > 1 and n.input[1] == name), None)
-    cap = int16_weight_cap(node_attributes(node) if node is not None else {}, array.shape)
+    cap = int16_weight_cap(node_attributes(reader) if reader is not None else {}, array.shape)
     widen = (2**15 - 1) / cap
     if axis is None:
         low, high = _weight_range(array, method, 16, percentile)
