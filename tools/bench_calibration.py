@@ -16,7 +16,9 @@ it prints
 - the whole command as a user runs it, from .npy files of the same samples (``--whole``, or only these
   rows with ``--whole-only``): ``quantize --method mse`` (report on its default 64 calibration
   samples), the same with ``--eval`` of 64 held-out samples, ``compare`` of 4 methods x 2 activation
-  bitwidths; the stage timings of the first; and its peak memory at 64 and 512 samples.
+  bitwidths; the stage timings of the first; and its peak memory at 64 and 512 samples. With
+  ``--parts``, also both commands with the float simulation (``--arithmetic exact``) and with a
+  report on one sample and no isolated analysis: what the HTP arithmetic and the report cost.
 
 With ``--model minilm_l6``, the same on the MiniLM-L6 sentence encoder, its samples the sentences of
 tools/sentences.txt tokenized (tools/text_samples.py; needs the ``tokenizers`` package), cycled.
@@ -234,10 +236,12 @@ def write_samples(folder: Path, data: list[dict[str, np.ndarray]]) -> Path:
     return folder
 
 
-def whole_command(deploy: onnx.ModelProto, samples_count: int, repeats: int) -> None:
-    """The whole quantize and compare commands against plain inference over the same samples."""
+def whole_command(deploy: onnx.ModelProto, samples_count: int, repeats: int, parts: bool = False) -> None:
+    """The whole quantize and compare commands against plain inference over the same samples; with
+    ``parts``, also what they cost with less of the report (the floor of the targets)."""
     from onnxsnpe import quantize
     from onnxsnpe.compare import compare
+    from onnxsnpe.stages import Settings
 
     data = list(samples(samples_count))
     held_out = list(samples(64, seed=1))
@@ -259,6 +263,18 @@ def whole_command(deploy: onnx.ModelProto, samples_count: int, repeats: int) -> 
             "compare 4 methods x A8,A16": lambda: compare(MODEL, calib, root / "c", methods=list(ACTIVATION_METHODS),
                                                           act_bitwidths=[8, 16], progress=False),
         }
+        if parts:
+            runs.update({
+                "  ... --arithmetic exact": lambda: run_quantize(calib, "qx", arithmetic="exact"),
+                "  ... report on 1 sample, no isolated": lambda: run_quantize(calib, "q1", eval_samples=1,
+                                                                                analysis_samples=0),
+                "  compare --arithmetic exact": lambda: compare(
+                    MODEL, calib, root / "cx", methods=list(ACTIVATION_METHODS), act_bitwidths=[8, 16],
+                    base=Settings(arithmetic="exact"), progress=False),
+                "  compare, report on 1 sample, no isolated": lambda: compare(
+                    MODEL, calib, root / "c1", methods=list(ACTIVATION_METHODS), act_bitwidths=[8, 16],
+                    eval_samples=1, analysis_samples=0, progress=False),
+            })
         run_quantize(calib64, "warm")  # compile the kernels outside the timings
         best = dict.fromkeys(runs, np.inf)
         for _ in range(repeats):  # interleaved, best of each
@@ -292,6 +308,9 @@ def main() -> None:
     parser.add_argument("--stats-samples", type=int, default=16, help="samples for the statistics-alone costs")
     parser.add_argument("--whole", action="store_true", help="also time the whole quantize and compare commands")
     parser.add_argument("--whole-only", action="store_true", help="only the whole-command rows")
+    parser.add_argument("--parts", action="store_true",
+                        help="with the whole-command rows, also quantize and compare with the float simulation "
+                             "(--arithmetic exact) and with a report on 1 sample and no isolated analysis")
     parser.add_argument("--ray", action="store_true", help="benchmark calibration on a local Ray cluster instead")
     parser.add_argument("--ray-samples", type=int, default=10_000, help="samples of --ray's memory run")
     args = parser.parse_args()
@@ -309,7 +328,7 @@ def main() -> None:
         bench_ray(deploy, samples, args.samples, args.ray_samples, args.repeats, peak_rss_mb)
         return
     if args.whole_only:
-        whole_command(deploy, args.samples, args.repeats)
+        whole_command(deploy, args.samples, args.repeats, args.parts)
         return
     for method in ACTIVATION_METHODS:  # compile the kernels outside the timings
         calibrate(deploy, list(samples(2)), method)
@@ -364,7 +383,7 @@ def main() -> None:
     for name, seconds in rows:
         print(f"{name:<40}{seconds:>9.2f}{1000 * seconds / len(data):>11.2f}{seconds / baseline:>8.2f}")
     if args.whole:
-        whole_command(deploy, args.samples, args.repeats)
+        whole_command(deploy, args.samples, args.repeats, args.parts)
 
 
 if __name__ == "__main__":

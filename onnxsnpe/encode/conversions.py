@@ -32,6 +32,11 @@ HTP_FIXED_16_BIT = {"HardSigmoid": Encoding(bitwidth=16, scale=2.0**-16, offset=
 ranges.with_htp_fixed_encodings gives them)."""
 ONE_BITWIDTH_OPS = ("Div", "HardSigmoid", "Sqrt")
 """Op types the HTP runs only with their activation inputs and output at one bitwidth."""
+WIDENED_INPUT_OPS = ("Add", "Sub", "Mul")
+"""Elementwise ops whose 8-bit activation inputs are converted to 16 bits when their output is
+16-bit: read directly the HTP takes some 8-bit codes for others (c + 1 for c a nonzero multiple of
+4, at a float16 scale) and drops a Clip before a Mul, by rules that depend on the graph around them
+(tools/HTP.md finding 30), while after the conversion they are the decoded 16-bit ops."""
 
 
 def runs_at_wider_bitwidth(node: onnx.NodeProto) -> bool:
@@ -59,9 +64,11 @@ def operating_bitwidth(node: onnx.NodeProto, targets: QuantTargets, activations:
 def _computing_at_16_bits(
     graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
 ) -> Iterator[onnx.NodeProto]:
-    """The nodes that need one bitwidth (runs_at_wider_bitwidth) and compute in 16 bits."""
+    """The nodes that need one bitwidth (runs_at_wider_bitwidth) or convert their 8-bit inputs
+    (WIDENED_INPUT_OPS) and compute in 16 bits."""
     return (node for node in graph.node
-            if runs_at_wider_bitwidth(node) and operating_bitwidth(node, targets, activations) == 16)
+            if (runs_at_wider_bitwidth(node) or node.op_type in WIDENED_INPUT_OPS)
+            and operating_bitwidth(node, targets, activations) == 16)
 
 
 def widened_inputs(

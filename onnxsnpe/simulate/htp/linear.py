@@ -66,7 +66,7 @@ def stored_codes(values: np.ndarray, name: str) -> tuple[onnx.TensorProto, onnx.
     return stored, helper.make_node("Cast", [stored.name], [name], to=onnx.TensorProto.FLOAT)
 
 
-def _weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
+def weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
     """The output-channel axis of a linear op's constant weight."""
     if node.op_type == "Conv":
         return 0
@@ -98,7 +98,7 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
         return None
 
     weight = initializer_array(context.constants[w])
-    axis = _weight_axis(node, context.constants[w])
+    axis = weight_axis(node, context.constants[w])
     per_channel = isinstance(w_enc, ChannelEncodings)
     if per_channel and w_enc.axis != axis:
         return None

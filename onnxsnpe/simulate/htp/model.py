@@ -73,8 +73,9 @@ from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
 from .wide_weights import lower_a16w16_conv
+from .widening import lower_widening_conv
 
-LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv)
+LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv, lower_widening_conv)
 """Tried in turn for any other op: each returns None for a node it does not lower."""
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
     "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul,),
