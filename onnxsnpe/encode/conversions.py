@@ -7,7 +7,9 @@ bitwidth of its constant; PP-OCR cls's hard-swish tails under automatic mixed pr
 tools/HTP.md finding 16), and so it does a HardSigmoid (PP-OCRv4 rec), a Sqrt (probes) and a grouped Conv
 with unequal strides (PP-OCR cls's ``conv10_depthwise``, strides [2, 1]; probed depthwise, per
 tensor and per channel), while Add, Mul, Sigmoid, Tanh, Relu, Erf, Softmax, ReduceMean,
-GlobalAveragePool, MatMul, a full Conv and a depthwise Conv with equal strides take such mixes. So these ops run at
+GlobalAveragePool, MatMul, a full Conv and a depthwise Conv with equal strides take such mixes. Add, Sub
+and Mul take them but misread the 8-bit side by rules that depend on the graph around them
+(finding 30), so they are put at one bitwidth too (WIDENED_INPUT_OPS). These ops run at
 the wider of the two bitwidths, a Div's constant encoded at it (constants.constant_encodings), and
 the 8-bit side moves to the same grid at 16 bits (encoding.same_grid_wider): an 8-bit input is
 converted before the op, which loses nothing, and an 8-bit output is computed on the 16-bit grid and
@@ -33,15 +35,16 @@ ranges.with_htp_fixed_encodings gives them)."""
 ONE_BITWIDTH_OPS = ("Div", "HardSigmoid", "Sqrt")
 """Op types the HTP runs only with their activation inputs and output at one bitwidth."""
 WIDENED_INPUT_OPS = ("Add", "Sub", "Mul")
-"""Elementwise ops whose 8-bit activation inputs are converted to 16 bits when their output is
-16-bit: read directly the HTP takes some 8-bit codes for others (c + 1 for c a nonzero multiple of
+"""Elementwise ops that also run at one bitwidth, though the HTP takes mixes: reading an 8-bit input
+into a 16-bit computation it takes some 8-bit codes for others (c + 1 for c a nonzero multiple of
 4, at a float16 scale) and drops a Clip before a Mul, by rules that depend on the graph around them
-(tools/HTP.md finding 30), while after the conversion they are the decoded 16-bit ops."""
+(tools/HTP.md finding 30), while converted they are the 16-bit ops of findings 7, 12 and 21."""
 
 
 def runs_at_wider_bitwidth(node: onnx.NodeProto) -> bool:
-    """Whether the HTP needs ``node``'s activation inputs and output at one bitwidth (module docstring)."""
-    if node.op_type in ONE_BITWIDTH_OPS:
+    """Whether ``node``'s activation inputs and output are put at one bitwidth (module docstring,
+    WIDENED_INPUT_OPS)."""
+    if node.op_type in ONE_BITWIDTH_OPS or node.op_type in WIDENED_INPUT_OPS:
         return True
     if node.op_type != "Conv":
         return False
@@ -64,11 +67,9 @@ def operating_bitwidth(node: onnx.NodeProto, targets: QuantTargets, activations:
 def _computing_at_16_bits(
     graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
 ) -> Iterator[onnx.NodeProto]:
-    """The nodes that need one bitwidth (runs_at_wider_bitwidth) or convert their 8-bit inputs
-    (WIDENED_INPUT_OPS) and compute in 16 bits."""
+    """The nodes that need one bitwidth (runs_at_wider_bitwidth) and compute in 16 bits."""
     return (node for node in graph.node
-            if (runs_at_wider_bitwidth(node) or node.op_type in WIDENED_INPUT_OPS)
-            and operating_bitwidth(node, targets, activations) == 16)
+            if runs_at_wider_bitwidth(node) and operating_bitwidth(node, targets, activations) == 16)
 
 
 def widened_inputs(
