@@ -69,6 +69,7 @@ from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
 from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .linear import lower_linear
+from .mul16 import lower_mul16
 from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
@@ -78,7 +79,7 @@ from .widening import lower_widening_conv
 LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv, lower_widening_conv)
 """Tried in turn for any other op: each returns None for a node it does not lower."""
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
-    "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul,),
+    "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul, lower_mul16),
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,),
