@@ -38,7 +38,10 @@ activations and weights:
   (no value of the finer grid lies halfway between two of the coarser one: 257 is odd).
 - A Concat input that only the Concat reads is computed with the Concat's encoding (concat_encodings).
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
-  (elementwise.add16_constants) and GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations").
+  (elementwise.add16_constants), the Mul of two activations (mul16.py) and GlobalAveragePool, as
+  probed (tools/HTP.md, "16-bit activations", finding 31).
+- A Conv or Gemm from an 8-bit activation to a 16-bit output reads its input as the HTP does inside a
+  network (widening.py, finding 30).
 - HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
   (wide.v73_wide_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
   findings 19 and 20).
