@@ -44,9 +44,12 @@ class TensorComparison:
 
     @property
     def cosine(self) -> float:
-        """Cosine similarity of all reference values with all simulated values."""
+        """Cosine similarity of all reference values with all simulated values: 1 when both are all
+        zero, 0 when only one is (a quantized output stuck at zero is not similar to anything)."""
         norm = math.sqrt(self.signal * self.simulated_power)
-        return self.dot / norm if norm else 1.0
+        if norm:
+            return self.dot / norm
+        return 1.0 if self.signal == self.simulated_power == 0 else 0.0
 
     @property
     def mean_abs_error(self) -> float:
