@@ -2,8 +2,9 @@
 
 Automatic mixed precision puts such ops at every boundary from an 8-bit region into a 16-bit one.
 Alone (its input a graph input nothing else reads) the HTP rounds it about exactly; but when its
-input comes from a Conv or Gemm (through a squashed Relu/Clip, a Pad or a Flatten), or is also read
-by a Conv or a GlobalAveragePool, it computes as if the centered input codes ``c`` were
+input comes from a Conv or Gemm (through a squashed Relu/Clip, a Pad or a Flatten), or another op
+reads it too (a Conv, Add or Relu: EfficientNet's narrowed residual sums; for a graph input a Conv or
+a GlobalAveragePool), it computes as if the centered input codes ``c`` were
 ``f(c) = c + 1`` where ``c`` is a nonzero multiple of 4 (``c`` otherwise) and the input scale were
 ``h = float16(s_x)``, with the bias at the true ``s_x s_w`` (tools/HTP.md finding 30, two helpers'
 probes: 98-99.9% of in-range codes exact, every miss one step, at a rounding boundary):
@@ -40,8 +41,8 @@ from .linear import stored_codes, weight_axis, weight_codes
 PASSED_THROUGH = ("Pad", "Flatten")
 """Ops between a Conv and the 16-bit Conv or Gemm that leave the trigger as it is (probed)."""
 TRIGGER_READERS = ("Conv", "GlobalAveragePool")
-"""Ops whose reading an 8-bit tensor into an 8-bit output makes a 16-bit-output Conv read it as f(c)
-(module docstring)."""
+"""Ops whose reading a graph input into an 8-bit output makes a 16-bit-output Conv read it as f(c)
+(module docstring); any second reader of another tensor does."""
 
 
 def lower_widening_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
@@ -107,9 +108,9 @@ def lower_widening_conv(node: onnx.NodeProto, context: Context) -> Lowered | Non
 
 
 def shares_with_conv(node: onnx.NodeProto, context: Context) -> bool:
-    """Whether ``node``'s input is produced by a Conv or Gemm (through a Relu or Clip squashed into
-    it, a Pad or a Flatten) or read by another Conv or a GlobalAveragePool with an 8-bit output
-    (module docstring)."""
+    """Whether ``node`` reads its input as f(c) (module docstring): the input comes from a Conv or
+    Gemm (through a squashed Relu/Clip, a Pad or a Flatten), or another op reads it too (for a graph
+    input, only a Conv with an 8-bit output or a GlobalAveragePool was seen to count)."""
     name = node.input[0]
     producers = {out: n for n in context.graph.node for out in n.output}
     producer = producers.get(name)
@@ -118,6 +119,8 @@ def shares_with_conv(node: onnx.NodeProto, context: Context) -> bool:
         producer = producers.get(producer.input[0])
     if producer is not None and producer.op_type in ("Conv", "Gemm"):
         return True
-    return any(other is not node and other.op_type in TRIGGER_READERS and name in other.input[:1]
-               and of_bitwidth(8, output_encoding(other, context.targets, context.activations))
-               for other in context.graph.node)
+    others = [other for other in context.graph.node if other is not node and name in other.input]
+    if name in producers:
+        return bool(others)
+    return any(other.op_type in TRIGGER_READERS and name in other.input[:1]
+               and of_bitwidth(8, output_encoding(other, context.targets, context.activations)) for other in others)
