@@ -129,3 +129,44 @@ def test_a_widening_conv_after_a_relu_stays_exact_rounding() -> None:
     on_htp = dict(zip(htp.output_names, htp.run({"x": x}), strict=True))["y"]
     steps = np.abs(_simulated(model, targets, acts, params, x, ["y"])[0] - on_htp) / acts["y"].scale
     assert (steps > 0.5).mean() < 0.01
+
+
+def _narrowed_sum(second_reader: bool):
+    """Relu(x) + Sigmoid(x) at 16 bits, narrowed to 8 (t), then a 1x1 Conv to 16 bits; with
+    ``second_reader`` an Add reads t too."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.normal(size=(8, 8, 1, 1)) * 0.1).astype(np.float32), "w"),
+             numpy_helper.from_array((rng.normal(size=(8, 8, 1, 1)) * 0.3).astype(np.float32), "wr")]
+    nodes = [helper.make_node("Relu", ["x"], ["p"]), helper.make_node("Sigmoid", ["x"], ["q"]),
+             helper.make_node("Add", ["p", "q"], ["t"]), helper.make_node("Conv", ["t", "w"], ["y"])]
+    outputs = ["y"]
+    if second_reader:
+        nodes += [helper.make_node("Conv", ["x", "wr"], ["r"]), helper.make_node("Add", ["t", "r"], ["z"])]
+        outputs.append("z")
+    graph = helper.make_graph(nodes, "narrowed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    x = rng.uniform(-1, 2, size=(1, 8, 16, 16)).astype(np.float32)
+    names = [node.output[0] for node in nodes]
+    values = dict(zip(names, make_session(model, names).run(names, {"x": x}), strict=True))
+    bits = {"p": 16, "q": 16, "t": 8, "y": 16, "r": 8, "z": 8}
+    acts = {"x": asymmetric_encoding(-1.0, 2.0, 8), **{n: asymmetric_encoding(float(values[n].min()),
+                                                                               float(values[n].max()), bits[n])
+                                                        for n in names}}
+    targets = find_targets(model)
+    done = completed_encodings(model, targets, acts, weight_encodings(model, targets, 8))
+    return model, targets, done.activations, {**done.weights, **done.biases}, x
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_a_second_reader_of_the_input_makes_the_htp_read_it_as_f_of_c(second_reader: bool) -> None:
+    """Read by the 16-bit Conv alone the narrowed sum is rounded exactly; read by an Add too, the
+    HTP reads it as f(c) (exact rounding 90% off there, up to 154 steps)."""
+    model, targets, acts, params, x = _narrowed_sum(second_reader)
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, "73")
+    on_htp = dict(zip(htp.output_names, htp.run({"x": x}), strict=True))["y"]
+    steps = np.abs(_simulated(model, targets, acts, params, x, ["y"])[0] - on_htp) / acts["y"].scale
+    assert steps.max() <= 1.0 + 1e-3
+    assert (steps > 0.5).mean() < 0.01
