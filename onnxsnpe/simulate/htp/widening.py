@@ -3,8 +3,8 @@
 Automatic mixed precision puts such ops at every boundary from an 8-bit region into a 16-bit one.
 Alone (its input a graph input nothing else reads) the HTP rounds it about exactly; but when its
 input comes from a Conv or Gemm (through a squashed Relu/Clip, a Pad or a Flatten), or another op
-reads it too (a Conv, Add or Relu: EfficientNet's narrowed residual sums; for a graph input a Conv or
-a GlobalAveragePool), it computes as if the centered input codes ``c`` were
+reads it too (a Conv, an Add or a Relu in the probes; for a graph input a Conv or a
+GlobalAveragePool), it computes as if the centered input codes ``c`` were
 ``f(c) = c + 1`` where ``c`` is a nonzero multiple of 4 (``c`` otherwise) and the input scale were
 ``h = float16(s_x)``, with the bias at the true ``s_x s_w`` (tools/HTP.md finding 30, two helpers'
 probes: 98-99.9% of in-range codes exact, every miss one step, at a rounding boundary):
@@ -14,7 +14,9 @@ probes: 98-99.9% of in-range codes exact, every miss one step, at a rounding bou
 ``w`` the weight codes minus their zero point (an asymmetric weight is not re-expressed as the
 8-bit kernels do), ``s_w`` per output channel with per-channel weights, ``b`` the int32 bias code.
 Finding 21's "c = 0 mod 4 read as c + 1" and slope ``1 + 4.17e-4 = float16(s_x) / s_x``. A small
-offset per valid tap (about 1.2e-4 input steps) is not modelled. Elsewhere exact rounding stays.
+offset per valid tap (about 1.2e-4 input steps) is not modelled. Elsewhere exact rounding stays,
+though EfficientNet-Lite0's residual sums narrowed to 8 bits and read by its expand Convs alone follow
+the rule on the HTP where generated ones do not (finding 30: not settled).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ TRIGGER_READERS = ("Conv", "GlobalAveragePool")
 
 def lower_widening_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     """The Conv or Gemm reading an 8-bit activation into a 16-bit output, as the module docstring
-    says, or None when it is not one or its input does not come from (or go to) a Conv."""
+    says, or None when it is not one or does not read its input so (shares_with_conv)."""
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in context.constants:
         return None
     attrs = node_attributes(node)
