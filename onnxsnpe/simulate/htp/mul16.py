@@ -33,8 +33,8 @@ INT64_SAFE = 2.0**62
 
 def mul16_constants(scales: tuple[float, float], zero_points: tuple[int, int], out_scale: float,
                     ) -> tuple[int, int, int] | None:
-    """The multiplier ``m``, ``N`` and ``R`` of the module docstring, or None when a product could
-    leave int64 (then ``M < 1/8``: ``k`` is 0)."""
+    """The multiplier ``m``, ``N`` and ``R`` of the module docstring (``k`` is 0), or None when a
+    product could leave int64, which every ``M >= 1/8`` (where ``k > 0``) does."""
     f32 = np.float32
     multiplier = float(f32(f32(f32(scales[0]) * f32(scales[1])) / f32(out_scale)))
     if not multiplier > 0 or not math.isfinite(multiplier):
