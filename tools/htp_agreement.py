@@ -306,10 +306,10 @@ def graph_order(key: str, weights_kind: str = "asymmetric", act_bitwidth: int = 
             listed = ", ".join(str(c) for c in channels[:6]) + (" ..." if len(channels) > 6 else "")
             lines.append(f"  {producer[name].op_type:<12} {name:<40} {int(bad.sum()):>8} of {bad.size:<9} "
                          f"up to {steps.max():.0f} steps, channels {listed}")
-    lines.append(f"  {differing} of {len(simulated) - len(reencoded & set(simulated))} tensors differ"
-                 + (f" ({len(reencoded & set(simulated))} Concat inputs the simulation computes on the Concat's grid"
-                    " not compared: exposed, the HTP writes them on their own; the Concat's output is compared)"
-                    if reencoded & set(simulated) else ""))
+    skipped = len(reencoded & simulated.keys())
+    lines.append(f"  {differing} of {len(simulated) - skipped} tensors differ"
+                 + (f" ({skipped} Concat inputs the simulation computes on the Concat's grid not compared:"
+                    " exposed, the HTP writes them on their own; the Concat's output is compared)" if skipped else ""))
     return "\n".join(lines)
 
 

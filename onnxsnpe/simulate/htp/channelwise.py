@@ -17,6 +17,7 @@ from .codes import (
     int8,
     of_bitwidth,
     output_encoding,
+    reduction,
     requant_constants,
     with_output_codes,
 )
@@ -158,29 +159,8 @@ def lower_average_pool(node: onnx.NodeProto, context: Context) -> Lowered | None
         return None
     ratio = float(np.float32(x_enc.scale)) / float(np.float32(y_enc.scale)) / (kernel[0] * kernel[1])
     _, multiplier, _ = requant_constants(np.array(ratio), 0, precise=True)
-    p = f"{node.output[0]}{SUFFIX}/"
-    make = helper.make_node
-    chain, inits = centered_codes(node.input[0], x_enc, p + "codes32")
     windows = [shape[0], shape[1], height // kernel[0], kernel[0], width // kernel[1], kernel[1]]
-    inits += [
-        numpy_helper.from_array(np.array(windows, dtype=np.int64), p + "windows"),
-        numpy_helper.from_array(np.array(float(multiplier)), p + "multiplier"),
-        numpy_helper.from_array(np.array(-y_enc.offset + 0.5), p + "constant"),
-    ]
-    chain += [
-        make("Cast", [p + "codes32"], [p + "codes"], to=onnx.TensorProto.DOUBLE),
-        make("Reshape", [p + "codes", p + "windows"], [p + "tiled"]),
-    ]
-    if context.opset >= 13:
-        inits.append(numpy_helper.from_array(np.array([3, 5], dtype=np.int64), p + "axes"))
-        chain.append(make("ReduceSum", [p + "tiled", p + "axes"], [p + "sum"], keepdims=0))
-    else:
-        chain.append(make("ReduceSum", [p + "tiled"], [p + "sum"], axes=[3, 5], keepdims=0))
-    chain += [
-        make("Mul", [p + "sum", p + "multiplier"], [p + "product"]),
-        make("Add", [p + "product", p + "constant"], [p + "shifted"]),
-    ]
-    return with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
+    return _mean_of_codes(node, context, x_enc, y_enc, [3, 5], False, float(multiplier), tiles=windows)
 
 
 REDUCE_MEAN_KERNELS = {(3, (2,)): "int16", (3, (1,)): "rounded", (4, (3,)): "int16", (4, (1,)): "int16",
@@ -236,9 +216,10 @@ def lower_reduce_mean(node: onnx.NodeProto, context: Context) -> Lowered | None:
 
 
 def _mean_of_codes(node: onnx.NodeProto, context: Context, x_enc: Encoding, y_enc: Encoding, axes: list[int],
-                   keepdims: bool, multiplier: float) -> Lowered:
-    """The chain of an average on codes: the centered codes summed over ``axes`` in float64 (sums of
-    16-bit codes pass float32's exact integers), times ``multiplier``, plus ``z_out + 1/2``, floored."""
+                   keepdims: bool, multiplier: float, tiles: list[int] | None = None) -> Lowered:
+    """The chain of an average on codes: the centered codes (reshaped to ``tiles`` when given) summed
+    over ``axes`` in float64 (sums of 16-bit codes pass float32's exact integers), times
+    ``multiplier``, plus ``z_out + 1/2``, floored."""
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
     chain, inits = centered_codes(node.input[0], x_enc, p + "codes32")
@@ -247,13 +228,15 @@ def _mean_of_codes(node: onnx.NodeProto, context: Context, x_enc: Encoding, y_en
         numpy_helper.from_array(np.array(multiplier), p + "multiplier"),
         numpy_helper.from_array(np.array(-y_enc.offset + 0.5), p + "constant"),
     ]
-    if context.opset >= 13:
-        inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), p + "axes"))
-        chain.append(make("ReduceSum", [p + "codes", p + "axes"], [p + "sum"], keepdims=int(keepdims)))
-    else:
-        chain.append(make("ReduceSum", [p + "codes"], [p + "sum"], axes=axes, keepdims=int(keepdims)))
+    summed = p + "codes"
+    if tiles is not None:
+        inits.append(numpy_helper.from_array(np.array(tiles, dtype=np.int64), p + "tiles"))
+        chain.append(make("Reshape", [p + "codes", p + "tiles"], [p + "tiled"]))
+        summed = p + "tiled"
+    total, axes_inits = reduction("ReduceSum", summed, p + "sum", axes, keepdims, context.opset)
     chain += [
+        total,
         make("Mul", [p + "sum", p + "multiplier"], [p + "product"]),
         make("Add", [p + "product", p + "constant"], [p + "shifted"]),
     ]
-    return with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
+    return with_output_codes(chain, inits + axes_inits, p, y_enc, p + "shifted", node.output[0])

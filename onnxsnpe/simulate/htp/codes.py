@@ -305,3 +305,16 @@ def centered_codes(tensor: str, enc: Encoding, codes: str) -> tuple[list[onnx.No
         helper.make_node("Round", [codes + "_real"], [codes]),
     ]
     return nodes, [scale]
+
+
+AXES_AS_INPUT = {"ReduceSum": 13, "ReduceMax": 18}
+"""The opset from which each reduction takes its axes as an input instead of an attribute."""
+
+
+def reduction(op_type: str, data: str, output: str, axes: list[int], keepdims: bool,
+              opset: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A ``op_type`` node over ``axes`` in the form ``opset`` takes, and the initializer of its axes."""
+    if opset >= AXES_AS_INPUT[op_type]:
+        axes_init = numpy_helper.from_array(np.array(axes, dtype=np.int64), output + "_axes")
+        return helper.make_node(op_type, [data, axes_init.name], [output], keepdims=int(keepdims)), [axes_init]
+    return helper.make_node(op_type, [data], [output], axes=axes, keepdims=int(keepdims)), []

@@ -27,25 +27,28 @@ from onnx import helper, numpy_helper
 
 from .codes import SUFFIX, Context, Lowered, binary_operands, centered_codes, with_output_codes
 
-INT64_SAFE = 2.0**62
-"""The bound every int64 intermediate stays below (with room for the floor's shift)."""
+INT64_SAFE = 2**62
+"""The bound every int64 intermediate stays below."""
 
 
 def mul16_constants(scales: tuple[float, float], zero_points: tuple[int, int], out_scale: float,
-                    ) -> tuple[int, int, int] | None:
-    """The multiplier ``m``, ``N`` and ``R`` of the module docstring (``k`` is 0), or None when a
-    product could leave int64, which every ``M >= 1/8`` (where ``k > 0``) does."""
+                    ) -> tuple[int, int, int, int] | None:
+    """The multiplier ``m``, ``N`` and ``R`` of the module docstring (``k`` is 0), and a multiple of
+    2^34 that lifts the floor's numerator above zero (int64 Div truncates toward zero); or None when
+    the numerator could leave int64, which every ``M >= 1/8`` (where ``k > 0``) does."""
     f32 = np.float32
     multiplier = float(f32(f32(f32(scales[0]) * f32(scales[1])) / f32(out_scale)))
     if not multiplier > 0 or not math.isfinite(multiplier):
         return None
     m = int(np.rint(multiplier * 2.0**34))
     z_a, z_b = zero_points
-    n = 2**16 + 65535 * (z_a + z_b) - 2 * z_a * z_b
+    n = 2**16 + 65535 * (z_a + z_b) - 2 * z_a * z_b  # at least 2^16 for codes in [0, 65535]
     r = (n * m + 2**30) >> 31
-    if (65535.0**2 + abs(n)) * m + abs(r) * 2.0**31 + 2.0**34 * (2 + (65535.0**2 + abs(n)) * m / 2.0**34) >= INT64_SAFE:
+    reach = (65535**2 + n) * m  # the largest |(c_a c_b + N) m|
+    lift = (reach // 2**34 + 3) * 2**34
+    if reach + lift + r * 2**31 + 2**33 >= INT64_SAFE:
         return None
-    return m, n, r
+    return m, n, r, lift
 
 
 def lower_mul16(node: onnx.NodeProto, context: Context) -> Lowered | None:
@@ -58,10 +61,7 @@ def lower_mul16(node: onnx.NodeProto, context: Context) -> Lowered | None:
     constants = mul16_constants((encs[0].scale, encs[1].scale), (-encs[0].offset, -encs[1].offset), y_enc.scale)
     if constants is None:
         return None
-    m, n, r = constants
-    # floor division of a possibly negative numerator: lifted by a multiple of 2^34 first, as int64
-    # Div truncates toward zero
-    lift = (math.ceil((65535**2 + abs(n)) * m / 2**34) + 2) * 2**34
+    m, n, r, lift = constants
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
     chain: list[onnx.NodeProto] = []

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding
 from ...graph.ops import node_attributes
-from .codes import SUFFIX, Context, Lowered, centered_codes, int8, output_encoding, with_output_codes
+from .codes import SUFFIX, Context, Lowered, centered_codes, int8, output_encoding, reduction, with_output_codes
 
 LEVELS = 255
 """The output codes of an 8-bit Softmax on [0, 1]."""
@@ -109,16 +109,9 @@ def _table_softmax(node: onnx.NodeProto, context: Context, x_enc: Encoding, y_en
         numpy_helper.from_array(np.array(1.0), p + "one"),
         numpy_helper.from_array(np.array(0.5), p + "half"),
     ]
-    if context.opset >= 18:
-        inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), p + "axes"))
-        largest = make("ReduceMax", [p + "codes32", p + "axes"], [p + "largest"], keepdims=1)
-    else:
-        largest = make("ReduceMax", [p + "codes32"], [p + "largest"], axes=[-1], keepdims=1)
-    if context.opset >= 13:
-        inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), p + "sum_axes"))
-        total = make("ReduceSum", [p + "exp", p + "sum_axes"], [p + "sum"], keepdims=1)
-    else:
-        total = make("ReduceSum", [p + "exp"], [p + "sum"], axes=[-1], keepdims=1)
+    largest, largest_inits = reduction("ReduceMax", p + "codes32", p + "largest", [-1], True, context.opset)
+    total, total_inits = reduction("ReduceSum", p + "exp", p + "sum", [-1], True, context.opset)
+    inits += largest_inits + total_inits
     chain += [
         largest,
         make("Sub", [p + "largest", p + "codes32"], [p + "distance32"]),
