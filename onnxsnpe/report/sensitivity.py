@@ -53,13 +53,14 @@ class IsolatedModel:
     """The switchable simulation the isolated errors run: ``names`` in switch order, ``outputs`` the
     deploy model's, ``mapped`` the simulation's outputs that stand for them, ``feed`` the activations'
     encodings when the model takes them as inputs (one model and one session then serve every set of
-    encodings: with_encodings)."""
+    encodings: with_encodings) and ``fed`` those activations in order."""
 
     model: onnx.ModelProto
     names: list[str]
     outputs: list[str]
     mapped: list[str]
     feed: dict[str, np.ndarray] = field(default_factory=dict)
+    fed: list[str] = field(default_factory=list)
     sessions: dict[int, ort.InferenceSession] = field(default_factory=dict, repr=False, compare=False)
     """Sessions by thread count, made when first needed and shared by with_encodings' copies."""
 
@@ -73,8 +74,9 @@ class IsolatedModel:
         generic = opset >= 11
         model, output_map = build_simulation_model(deploy, targets, activations, weights, switchable=True,
                                                    switched_params=list(weights), encodings_as_inputs=generic)
-        feed = encoding_feed(targets.activations, activations) if generic else {}
-        return cls(model, [*targets.activations, *weights], outputs, [output_map[o] for o in outputs], feed)
+        fed = list(targets.activations) if generic else []
+        return cls(model, [*targets.activations, *weights], outputs, [output_map[o] for o in outputs],
+                   encoding_feed(fed, activations) if fed else {}, fed)
 
     @property
     def takes_encodings(self) -> bool:
@@ -85,8 +87,7 @@ class IsolatedModel:
         """The same model (and sessions) with other encodings for its activations (takes_encodings)."""
         if not self.takes_encodings:
             raise ValueError("this switchable model holds its encodings")
-        count = len(next(iter(self.feed.values())))
-        return replace(self, feed=encoding_feed(self.names[:count], activations))
+        return replace(self, feed=encoding_feed(self.fed, activations))
 
     def session(self, threads: int = 0) -> ort.InferenceSession:
         """A session over the model on ``threads`` threads, made once."""

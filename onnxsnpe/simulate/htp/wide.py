@@ -54,6 +54,8 @@ from .linear import as_block_conv, int8_weights, transpose_blocks, v73_bias
 SHIFT = 8
 """Bits the HTP drops from the A16W8 accumulator."""
 INT32_LOW, INT32_HIGH = -(2.0**31), 2.0**31 - 1
+Requant = np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]
+"""A 16-bit Conv's requantization: v68's multiplier per channel, or v73_wide_requant's (d, m, r)."""
 
 
 def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
@@ -114,11 +116,11 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
                                                                                          dtype=np.float64) / step
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
-    v73 = None
+    requant: Requant = mantissa
     if context.arch >= 73 and not strided_depthwise and not blocks:  # finding 20: the bias apart, truncated
         b73 = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
         constant = np.trunc(b73 / 2.0**SHIFT) - np.floor(zero_sum / 2.0**SHIFT + 0.5)
-        v73 = v73_wide_requant(x_enc.scale, w_scale, y_enc.scale, steps)
+        requant = v73_wide_requant(x_enc.scale, w_scale, y_enc.scale, steps)
     else:
         # bias and output zero point folded into one integer in float32 as at 8 bits (module
         # docstring); an int32 bias code of step s_in * s_w at most, whatever wider scale the bias
@@ -132,12 +134,12 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
     largest_sum = float(np.abs(codes).reshape(codes.shape[0], -1).sum(axis=1).max())  # of |w| over a filter
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
-        chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, mantissa, v73)
+        chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, requant)
     else:
         bits = digit_bits(int(np.prod(codes.shape[1:])), float(np.abs(codes).max()))
         if bits is None:
             return None
-        chain, inits = digit_chain(node, x_enc, y_enc, codes, bits, zero_sum, constant, mantissa, shift, v73)
+        chain, inits = digit_chain(node, x_enc, y_enc, codes, bits, zero_sum, constant, requant, shift)
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [node.output[0]], [original.output[0]], blocksize=blocks,
                                       mode="CRD"))
@@ -198,8 +200,7 @@ a byte times it stays below 2^23, leaving room for the constants."""
 
 
 def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: np.ndarray, zero_sum: np.ndarray,
-                constant: np.ndarray, mantissa: np.ndarray, v73: tuple | None = None,
-                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+                constant: np.ndarray, requant: Requant) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes when the shift is 8 and the filters are small enough (BYTE_SPLIT_LIMIT): the centered
     codes split in bytes ``c = 2^8 hi + lo`` (``lo`` in [0, 2^8)) and the input zero point's share
     ``z sum(w) = 2^8 q + r``, so that ``floor(sum(u w) / 2^8) = conv(hi) + q + floor((conv(lo) + r) / 2^8)``
@@ -233,16 +234,15 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
               make("Floor", [p + "byte_low_down"], [p + "carry"]),
               make("Add", [p + "byte_high_sum", p + "carry"], [p + "truncated"]),
               make("Cast", [p + "truncated"], [p + "truncated64"], to=onnx.TensorProto.DOUBLE)]
-    requant, requant_inits, centered = _requantized(p, p + "truncated64", whole + constant, mantissa, y_enc, channel,
-                                                    v73)
-    chain, inits, _ = with_output_codes(nodes + requant, inits + requant_inits, p, y_enc, p + "real_half",
+    tail, tail_inits, centered = _requantized(p, p + "truncated64", whole + constant, requant, y_enc, channel)
+    chain, inits, _ = with_output_codes(nodes + tail, inits + tail_inits, p, y_enc, p + "real_half",
                                         node.output[0], centered)
     return chain, inits
 
 
 def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
                 codes: np.ndarray | list[tuple[np.ndarray, float]], digit_bits: int, zero_sum: np.ndarray,
-                constant: np.ndarray, mantissa: np.ndarray, shift: int, v73: tuple | None = None,
+                constant: np.ndarray, requant: Requant, shift: int,
                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes: the codes split in digits, a Conv per digit (and per weight part: ``codes`` may be
     a list of (part, factor) whose weighted sum is the weights, each part small enough for
@@ -291,27 +291,27 @@ def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
     nodes += [make("Sum", [*weighted, p + "zero_sum"], [p + "input_sum"]),  # sum(u w), exact in float64
               make("Mul", [p + "input_sum", p + "shift"], [p + "input_shifted"]),
               make("Floor", [p + "input_shifted"], [p + "truncated"])]
-    requant, requant_inits, centered = _requantized(p, p + "truncated", constant, mantissa, y_enc, channel, v73)
-    chain, inits, _ = with_output_codes(nodes + requant, inits + requant_inits, p, y_enc, p + "real_half",
+    tail, tail_inits, centered = _requantized(p, p + "truncated", constant, requant, y_enc, channel)
+    chain, inits, _ = with_output_codes(nodes + tail, inits + tail_inits, p, y_enc, p + "real_half",
                                         node.output[0], centered)
     return chain, inits
 
 
-def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndarray, y_enc: Encoding,
-                 channel: tuple[int, ...], v73: tuple | None = None,
-                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], bool]:
+def _requantized(p: str, truncated: str, constant: np.ndarray, requant: Requant, y_enc: Encoding,
+                 channel: tuple[int, ...]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], bool]:
     """Nodes making ``p + "real_half"``, the float64 output code plus one half, from the truncated
-    sum ``t`` (float64) and the per-channel integer ``constant`` ``c`` and multiplier ``m``; and
+    sum ``t`` (float64), the per-channel integer ``constant`` ``c`` and ``requant``: v68's multiplier
+    ``m`` per channel or v73_wide_requant's triple; and
     whether it is centered (with_output_codes). ``(t + c) m + 1/2 - z_out`` is computed as
     ``t m + (c m + 1/2 - z_out)``, one pass fewer, where the folded constant is exact in float64
     (always, for the encodings seen): ``t m`` is exact (an int32 times 11 to 15 significant bits),
     so the sum is the exact value wherever the code is in range, and beyond it float64's monotone
-    rounding keeps it beyond the clamp, as before. With ``v73`` (v73_wide_requant's factor,
-    multiplier and rounding constant) the centered code is ``floor(floor((t + c) d) m + r)``
+    rounding keeps it beyond the clamp, as before. With v73's factor ``d``, multiplier ``m`` and
+    rounding constant ``r`` the centered code is ``floor(floor((t + c) d) m + r)``
     instead: ``t + c`` below 2^31 times a 22-bit ``q`` stays exact in float64."""
     make = helper.make_node
-    if v73 is not None:
-        down, multiplier, rounding = v73
+    if isinstance(requant, tuple):
+        down, multiplier, rounding = requant
         inits = [numpy_helper.from_array(constant.reshape(channel), p + "constant"),
                  numpy_helper.from_array(multiplier.reshape(channel), p + "mantissa"),
                  numpy_helper.from_array(rounding.reshape(channel), p + "rounding")]
@@ -324,6 +324,7 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, mantissa: np.ndar
         nodes += [make("Mul", [shifted, p + "mantissa"], [p + "real"]),
                   make("Add", [p + "real", p + "rounding"], [p + "real_half"])]
         return nodes, inits, True
+    mantissa = requant
     if _exact_fold(constant, mantissa, 0.5 + y_enc.offset):
         folded = constant * mantissa + (0.5 + y_enc.offset)
         inits = [numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),

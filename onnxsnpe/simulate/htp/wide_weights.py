@@ -77,5 +77,5 @@ def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     bits = digit_bits(int(np.prod(codes.shape[1:])), 2.0**8)
     if bits is None:
         return None
-    chain, inits = digit_chain(node, x_enc, y_enc, parts, bits, zero_sum, constant, requant[1], A16W16_SHIFT, requant)
+    chain, inits = digit_chain(node, x_enc, y_enc, parts, bits, zero_sum, constant, requant, A16W16_SHIFT)
     return chain, inits, consumed
