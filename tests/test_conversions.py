@@ -95,16 +95,16 @@ def _unconverted(monkeypatch, model, targets, acts, params) -> onnx.ModelProto:
 def test_the_8_bit_side_of_a_mixed_op_is_converted_on_the_16_bit_grid(monkeypatch, op, x_bits, d_bits) -> None:
     model, targets, acts, params = _mixed(op, x_bits, d_bits)
     inputs, outputs = widened_inputs(model.graph, targets, acts), widened_outputs(model.graph, targets, acts)
-    if x_bits == 8:
-        assert inputs == {"d": {0: same_grid_wider(acts["x"], 16)}} and outputs == {}
-    else:
-        computed = HTP_FIXED_16_BIT.get(op) or same_grid_wider(acts["d"], 16)
-        assert inputs == {} and outputs == {"d": computed}
+    computed = HTP_FIXED_16_BIT.get(op) or same_grid_wider(acts["d"], 16)
+    expected = {"d": {0: same_grid_wider(acts["x"], 16)}} if x_bits == 8 else {}
+    if d_bits == 8:  # the Conv after it writes 16 bits: it reads d converted too
+        expected["y"] = {0: same_grid_wider(acts["d"], 16)}
+    assert inputs == expected and outputs == ({} if x_bits == 8 else {"d": computed})
     if op == "Div":
         assert params["six"].bitwidth == 16  # the Div computes in 16 bits either way
     qdq = build_qdq_model(model, targets, acts, params)
     names = [name for node in qdq.graph.node for name in node.output]
-    assert sum(name.endswith("/wide") for name in names) == (x_bits == 8)
+    assert sum(name.endswith("/wide") for name in names) == (x_bits == 8) + (d_bits == 8)
     assert sum(name.endswith("/computed") for name in names) == (d_bits == 8)
     sample = _sample(acts["x"])
     got = cpu_runner(qdq, {"x": acts["x"]}, ["y"])(sample)[0]

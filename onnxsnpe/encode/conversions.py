@@ -1,22 +1,27 @@
 """Where the HTP converts an 8-bit tensor to the same grid at 16 bits around an op.
 
 onnxruntime's quantizer writes a boundary between 8-bit and 16-bit regions as a DequantizeLinear
-then QuantizeLinear (a QNN Convert). The HTP emulator refuses to finalize a Div whose activation
-input and output differ in bitwidth (QNN_COMMON_ERROR_MEM_ALLOC when a Conv reads it, whatever the
-bitwidth of its constant; PP-OCR cls's hard-swish tails under automatic mixed precision;
-tools/HTP.md finding 16), and so it does a HardSigmoid (PP-OCRv4 rec), a Sqrt (probes) and a grouped Conv
-with unequal strides (PP-OCR cls's ``conv10_depthwise``, strides [2, 1]; probed depthwise, per
-tensor and per channel), while Add, Mul, Sigmoid, Tanh, Relu, Erf, Softmax, ReduceMean,
-GlobalAveragePool, MatMul, a full Conv and a depthwise Conv with equal strides take such mixes. Add, Sub
-and Mul take them but misread the 8-bit side by rules that depend on the graph around them
-(finding 30), so they are put at one bitwidth too (WIDENED_INPUT_OPS). These ops run at
-the wider of the two bitwidths, a Div's constant encoded at it (constants.constant_encodings), and
-the 8-bit side moves to the same grid at 16 bits (encoding.same_grid_wider): an 8-bit input is
-converted before the op, which loses nothing, and an 8-bit output is computed on the 16-bit grid and
-converted after it (a second rounding that differs from rounding once only at ties). The QDQ export
-writes the conversions; the HTP simulation computes an op with a converted input with the 16-bit
-encoding the HTP sees (for the Conv, the A16W8 rules), and one with a converted output in float
-with exact rounding, as before.
+then QuantizeLinear (a QNN Convert). An op whose activation inputs and output differ in bitwidth is
+not one the HTP runs as written:
+- the HTP emulator refuses to finalize a Div with such a mix (QNN_COMMON_ERROR_MEM_ALLOC when a
+  Conv reads it, whatever the bitwidth of its constant; PP-OCR cls's hard-swish tails under
+  automatic mixed precision; tools/HTP.md finding 16), a HardSigmoid (PP-OCRv4 rec) and a Sqrt
+  (probes) (ONE_BITWIDTH_OPS);
+- the QNN execution provider hands a Conv, ConvTranspose, Gemm or MatMul with such a mix to the
+  HTP as a float island (DequantizeLinear, the op in float, QuantizeLinear; its QNN graph dump),
+  whose DequantizeLinear misreads 8-bit codes by rules that depend on the graph around it (finding
+  30), and refuses a MatMul with a 16-bit input whose bias Add is 8-bit (MiniLM-L6 under automatic
+  mixed precision; finding 32) and a grouped Conv with unequal strides (PP-OCR cls's
+  ``conv10_depthwise``, strides [2, 1], depthwise probes) (LINEAR_OPS);
+- Add, Sub and Mul take such mixes but misread the 8-bit side by graph-dependent rules too
+  (finding 30; WIDENED_INPUT_OPS).
+These ops run at the wider of the two bitwidths, a constant (a Div's, an Add's) encoded at it
+(constants.constant_encodings), and the 8-bit side moves to the same grid at 16 bits
+(encoding.same_grid_wider): an 8-bit input is converted before the op, which loses nothing, and an
+8-bit output is computed on the 16-bit grid and converted after it (a second rounding that differs
+from rounding once only at ties). The QDQ export writes the conversions; the HTP simulation
+computes an op with a converted input with the 16-bit encoding the HTP sees (for a Conv, the A16W8
+rules), and one with a converted output on the 16-bit grid, narrowed after.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from collections.abc import Iterator
 
 import onnx
 
-from ..graph.ops import node_attributes
 from ..graph.targets import QuantTargets
 from .encoding import Encoding, same_grid_wider
 
@@ -34,6 +38,9 @@ HTP_FIXED_16_BIT = {"HardSigmoid": Encoding(bitwidth=16, scale=2.0**-16, offset=
 ranges.with_htp_fixed_encodings gives them)."""
 ONE_BITWIDTH_OPS = ("Div", "HardSigmoid", "Sqrt")
 """Op types the HTP runs only with their activation inputs and output at one bitwidth."""
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Op types the QNN execution provider computes in float on the HTP when their activation input and
+output bitwidths differ (module docstring)."""
 WIDENED_INPUT_OPS = ("Add", "Sub", "Mul")
 """Elementwise ops that also run at one bitwidth, though the HTP takes mixes: reading an 8-bit input
 into a 16-bit computation it takes some 8-bit codes for others (c + 1 for c a nonzero multiple of
@@ -42,14 +49,8 @@ into a 16-bit computation it takes some 8-bit codes for others (c + 1 for c a no
 
 
 def runs_at_wider_bitwidth(node: onnx.NodeProto) -> bool:
-    """Whether ``node``'s activation inputs and output are put at one bitwidth (module docstring,
-    WIDENED_INPUT_OPS)."""
-    if node.op_type in ONE_BITWIDTH_OPS or node.op_type in WIDENED_INPUT_OPS:
-        return True
-    if node.op_type != "Conv":
-        return False
-    attributes = node_attributes(node)
-    return attributes.get("group", 1) > 1 and len(set(attributes.get("strides", [1]))) > 1
+    """Whether ``node``'s activation inputs and output are put at one bitwidth (module docstring)."""
+    return node.op_type in ONE_BITWIDTH_OPS or node.op_type in LINEAR_OPS or node.op_type in WIDENED_INPUT_OPS
 
 
 def operating_bitwidth(node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding]) -> int | None:

@@ -40,8 +40,6 @@ activations and weights:
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
   (elementwise.add16_constants), the Mul of two activations (mul16.py) and GlobalAveragePool, as
   probed (tools/HTP.md, "16-bit activations", finding 31).
-- A Conv or Gemm from an 8-bit activation to a 16-bit output reads its input as the HTP does inside a
-  network (widening.py, finding 30).
 - HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
   (wide.v73_wide_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
   findings 19 and 20).
@@ -77,9 +75,8 @@ from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
 from .wide_weights import lower_a16w16_conv
-from .widening import lower_widening_conv
 
-LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv, lower_widening_conv)
+LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv)
 """Tried in turn for any other op: each returns None for a node it does not lower."""
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
     "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul, lower_mul16),
