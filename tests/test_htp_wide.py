@@ -12,7 +12,8 @@ from onnxsnpe.encode.ranges import bias_encodings, weight_encodings, widened_for
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
 from onnxsnpe.simulate.fake_quant import build_simulation_model
-from onnxsnpe.simulate.htp.linear import int8_weights
+from onnxsnpe.simulate.htp.codes import gridded_bias
+from onnxsnpe.simulate.htp.linear import int8_weights, v73_bias
 from onnxsnpe.simulate.htp.model import htp_simulation_model
 from onnxsnpe.simulate.qdq import build_qdq_model
 
@@ -738,3 +739,19 @@ def test_the_htp_a16w16_gemm_is_reproduced_bit_for_bit(per_channel: bool) -> Non
     reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}).run({"x": x})[0]
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(modeled, reference)
+
+
+def test_a_per_tensor_weight_scale_given_per_channel_keeps_the_bias_off_the_per_channel_grid() -> None:
+    """The 16-bit lowerings pass a per-tensor weight scale once per channel: its bias must not take
+    finding 25's per-channel grid (EfficientNet-Lite0's A16W16 block-5 project Conv under auto
+    precision: one channel at a tie, 130 values a step off), while distinct scales do."""
+    codes = np.random.default_rng(3).integers(-2**30, 2**30, size=16)
+    in_scale, w_scale, steps = 0.0123, 0.00071, np.ones(16)
+    for scales in (np.full(16, w_scale), w_scale * (1 + 0.01 * np.arange(16))):
+        bias_scale = np.float32(in_scale) * scales.astype(np.float32)
+        got = v73_bias(in_scale, scales, steps, codes, bias_scale)
+        on_grid = np.trunc(gridded_bias(codes, in_scale, scales).astype(np.float64))
+        plain = np.trunc((codes.astype(np.float32) * bias_scale / (np.float32(in_scale) * scales.astype(np.float32)))
+                         .astype(np.float32)).astype(np.float64)
+        assert not np.array_equal(on_grid, plain)  # the case tells the two apart
+        assert np.array_equal(got, plain if np.ptp(scales) == 0 else on_grid)

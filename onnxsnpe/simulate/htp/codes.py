@@ -96,9 +96,10 @@ def requant_offset(
 
 def gridded(in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray, bias_scale: float | np.ndarray) -> bool:
     """Whether the HTP puts a Conv's bias on one tensor-wide grid (gridded_bias): per-channel weights
-    (more than one scale), none of them re-expressed, and a bias in int32 codes at ``s_in s_w`` (to a
-    few float32 steps, as the encode stage makes it; not a float bias passed as values)."""
-    return (np.size(w_scale) > 1 and bool(np.all(np.asarray(steps) == 1))
+    (scales that differ: the 16-bit lowerings pass a per-tensor scale once per channel), none of them
+    re-expressed, and a bias in int32 codes at ``s_in s_w`` (to a few float32 steps, as the encode
+    stage makes it; not a float bias passed as values)."""
+    return (np.size(w_scale) > 1 and np.ptp(w_scale) > 0 and bool(np.all(np.asarray(steps) == 1))
             and np.allclose(bias_scale, np.float32(in_scale) * np.asarray(w_scale, dtype=np.float32), rtol=1e-5))
 
 
