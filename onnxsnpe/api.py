@@ -247,6 +247,7 @@ def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelPr
         "samples": len(samples),
         "htp_arch": session.arch,
         "cpu_fallback_ops": None if session.cpu_nodes is None else [list(n) for n in session.cpu_nodes],
+        "float_ops": [list(n) for n in session.float_nodes],
         "agreement": {
             label: [a.to_dict() for a in measure_agreement(session.run, simulation_runner(model, output_map, names),
                                                             names, output_encodings, samples)]

@@ -223,7 +223,8 @@ def pipeline_rows(key: str, model: Path, calib: Path, evaluation: Path, out: Pat
     label = key if precision is None else f"{key} (auto precision, {len(precision['raised'])} raised)"
     runs = {"htp": "htp-model", "exact": "simulate"}
     return [{"model": label, "run": runs[arithmetic], "samples": report["htp"]["samples"], **row,
-             "cpu_nodes": [tuple(n) for n in report["htp"]["cpu_fallback_ops"] or []]}
+             "cpu_nodes": [tuple(n) for n in report["htp"]["cpu_fallback_ops"] or []],
+             "float_nodes": [tuple(n) for n in report["htp"]["float_ops"]]}
             for arithmetic, rows in report["htp"]["agreement"].items() for row in rows]
 
 
@@ -252,7 +253,7 @@ def measure(key: str, crops: Path | None, weights_kind: str = "asymmetric", act_
         outputs = iter(htp_outputs)
         for agreement in measure_agreement(lambda _s, it=outputs: next(it), candidate, names, acts, samples):
             rows.append({"model": key, "run": run, "samples": len(samples), **agreement.to_dict(),
-                         "cpu_nodes": htp.cpu_nodes})
+                         "cpu_nodes": htp.cpu_nodes, "float_nodes": htp.float_nodes})
     return rows
 
 
@@ -368,6 +369,10 @@ def table(rows: list[dict]) -> str:
         text = "unknown (this onnxruntime cannot report placement)" if nodes is None else (
             ", ".join(f"{op} {name}" for op, name in nodes) or "none")
         lines.append(f"- {model}: nodes on the CPU besides graph input/output (de)quantization: {text}")
+    for model, nodes in {row["model"]: row.get("float_nodes") for row in rows}.items():
+        if nodes:
+            text = ", ".join(f"{op} {name}" for op, name in nodes)
+            lines.append(f"- {model}: ops the HTP computes in float: {text}")
     return "\n".join(lines)
 
 

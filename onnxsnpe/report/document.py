@@ -103,6 +103,8 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
                 lines.append(f"    {label} arithmetic: {row['name']}  {sqnr}  {row['max_error_lsb']:g} LSB")
         fallback = htp["cpu_fallback_ops"]
         lines.append(f"    ops that fell back to the CPU: {len(fallback) if fallback is not None else 'unknown'}")
+        if htp.get("float_ops"):
+            lines.append(f"    ops the HTP computes in float: {len(htp['float_ops'])}")
     worst = report["tensors"]["worst_isolated"][:3]
     if worst:
         figures = {t["name"]: t for t in report["tensors"]["figures"]}

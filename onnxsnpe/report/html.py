@@ -108,10 +108,12 @@ def _htp_section(htp: dict) -> str:
     fallback = htp["cpu_fallback_ops"]
     fallback_text = ("unknown (this onnxruntime does not report node placement)" if fallback is None
                      else ", ".join(f"{op} {name}" for op, name in fallback) or "none")
+    float_text = ", ".join(f"{op} {name}" for op, name in htp.get("float_ops", [])) or "none"
     return (
         f"<h2>Simulation against Qualcomm's HTP emulator ({htp['samples']} samples{htp_arch_phrase(htp)})</h2>"
         "<table><tr><th>simulation</th><th>output</th><th>SQNR dB vs HTP</th><th>max error (LSB)</th>"
         f"<th>top-1 agree</th></tr>{rows}</table><p>Ops that fell back to the CPU: {_e(fallback_text)}</p>"
+        f"<p>Ops the HTP computes in float: {_e(float_text)}</p>"
     )
 
 

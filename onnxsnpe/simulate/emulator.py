@@ -14,8 +14,11 @@ ties (``pixel / 127.5 - 1`` lands on one at every odd pixel value with the usual
 from __future__ import annotations
 
 import importlib
+import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -88,13 +91,15 @@ class HtpSession:
     ``cpu_nodes`` lists (op type, node name) of the compute nodes that fell back to onnxruntime's
     CPU provider, ``io_nodes`` the QuantizeLinear/DequantizeLinear nodes it runs there (by design
     the graph input and output conversions; the QNN provider renames the ones it moves). Both are
-    None when this onnxruntime cannot report node placement.
+    None when this onnxruntime cannot report node placement. ``float_nodes`` lists (QNN op type,
+    QNN node name) of the ops the HTP computes in float (_float_nodes).
     """
 
     model: onnx.ModelProto
     input_encodings: dict[str, Encoding]
     arch: str | None = None
     session: ort.InferenceSession = field(init=False)
+    float_nodes: list[tuple[str, str]] = field(init=False)
     cpu_nodes: list[tuple[str, str]] | None = field(init=False)
     io_nodes: list[tuple[str, str]] | None = field(init=False)
 
@@ -109,14 +114,17 @@ class HtpSession:
         if self.arch is None and has_16_bit_weights(self.model):
             self.arch = A16W16_ARCH
         provider = {"backend_path": qnn.get_qnn_htp_path(), **({"htp_arch": self.arch} if self.arch else {})}
-        options.add_provider_for_devices(_qnn_devices(qnn), provider)
-        try:
-            self.session = with_model_source(self.model, lambda source: ort.InferenceSession(source, options))
-        except Exception as exc:
-            hint = ""
-            if self.arch in (None, "68", "69") and has_16_bit_weights(self.model):
-                hint = f" (a 16-bit weight needs HTP v{A16W16_ARCH} or later: --htp-arch {A16W16_ARCH})"
-            raise OnnxSnpeError(f"the QNN HTP backend rejected the model{hint}: {_first_line(exc)}") from exc
+        with tempfile.TemporaryDirectory() as folder:  # the QNN graph the provider builds, as JSON
+            provider.update(dump_json_qnn_graph="1", json_qnn_graph_dir=folder)
+            options.add_provider_for_devices(_qnn_devices(qnn), provider)
+            try:
+                self.session = with_model_source(self.model, lambda source: ort.InferenceSession(source, options))
+            except Exception as exc:
+                hint = ""
+                if self.arch in (None, "68", "69") and has_16_bit_weights(self.model):
+                    hint = f" (a 16-bit weight needs HTP v{A16W16_ARCH} or later: --htp-arch {A16W16_ARCH})"
+                raise OnnxSnpeError(f"the QNN HTP backend rejected the model{hint}: {_first_line(exc)}") from exc
+            self.float_nodes = _float_nodes(Path(folder))
         self.cpu_nodes = self.io_nodes = None
         if hasattr(self.session, "get_provider_graph_assignment_info"):
             cpu = [
@@ -135,6 +143,27 @@ class HtpSession:
     def run(self, sample: Sample) -> list[np.ndarray]:
         """The HTP outputs for one sample (inputs fake-quantized first, see the module docstring)."""
         return self.session.run(None, quantize_inputs(sample, self.input_encodings))
+
+
+QNN_FLOAT_TYPES = {0x0216: "float16", 0x0232: "float32"}
+"""QNN's data type codes of float tensors (QnnTypes.h)."""
+MOVING_OPS = frozenset({"Dequantize", "Quantize", "Transpose", "Reshape"})
+"""QNN ops that only convert or move data: the edges of a float island, not its computation."""
+
+
+def _float_nodes(folder: Path) -> list[tuple[str, str]]:
+    """(QNN op type, node name) of every op the HTP computes in float, from the provider's JSON dump of
+    its QNN graphs in ``folder``: it hands an op whose quantized inputs and output differ in bitwidth
+    to the HTP as Dequantize, the op in float, Quantize (tools/HTP.md finding 32)."""
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        graph = json.loads(path.read_text())
+        if "graph" not in graph:  # the tensor log beside each graph
+            continue
+        tensors, nodes = graph["graph"]["tensors"], graph["graph"]["nodes"]
+        found += [(node["type"], name) for name, node in nodes.items() if node["type"] not in MOVING_OPS
+                  and any(tensors[out]["data_type"] in QNN_FLOAT_TYPES for out in node["output_names"])]
+    return sorted(found)
 
 
 def has_16_bit_weights(qdq: onnx.ModelProto) -> bool:
