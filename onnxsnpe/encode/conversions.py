@@ -90,12 +90,14 @@ def widened_inputs(
 def widened_outputs(
     graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
 ) -> dict[str, Encoding]:
-    """Each 8-bit output (by name) of a node that computes it at 16 bits, with the 16-bit encoding it
-    is computed in before it is converted: the same grid at 16 bits, or the one the HTP fixes for
-    the op (HTP_FIXED_16_BIT: a HardSigmoid's)."""
+    """Each 8-bit output of a node that computes it at 16 bits, by the name of the tensor that carries
+    its encoding (that of a Relu/Clip squashed into the node), with the 16-bit encoding it is
+    computed in before it is converted: the same grid at 16 bits, or the one the HTP fixes for the op
+    (HTP_FIXED_16_BIT: a HardSigmoid's)."""
     widened: dict[str, Encoding] = {}
     for node in _computing_at_16_bits(graph, targets, activations):
-        output = activations[targets.squashed.get(node.output[0], node.output[0])]
+        name = targets.squashed.get(node.output[0], node.output[0])
+        output = activations[name]
         if output.bitwidth == 8 and not output.is_symmetric:
-            widened[node.output[0]] = HTP_FIXED_16_BIT.get(node.op_type) or same_grid_wider(output, 16)
+            widened[name] = HTP_FIXED_16_BIT.get(node.op_type) or same_grid_wider(output, 16)
     return widened

@@ -65,6 +65,9 @@ def build_qdq_model(
     new_inits: list[onnx.TensorProto] = []
     wide_outputs = widened_outputs(graph, targets, activations)
     for tensor, enc in _activation_plan(graph, targets, activations):
+        carrier = targets.squashed.get(tensor)
+        if carrier in wide_outputs:  # an op and its squashed Relu/Clip both compute on the 16-bit grid
+            enc = wide_outputs[carrier]
         nodes, inits = _qdq_pair(tensor, enc, domain)
         if tensor in wide_outputs:  # computed on the 16-bit grid, then converted (encode/conversions.py)
             wide, wide_inits = _qdq_pair(f"{tensor}{SUFFIX}/computed", wide_outputs[tensor], domain)

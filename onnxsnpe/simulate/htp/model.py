@@ -115,8 +115,7 @@ def htp_simulation_model(
     context = Context(targets, activations, params, constants, shapes, graph, opset,
                       int(arch) if arch is not None else default_arch(deploy, params))
     widened = widened_inputs(graph, targets, activations)
-    wide_outputs = {name: enc for name, enc in widened_outputs(graph, targets, activations).items()
-                    if name not in targets.squashed}  # computed on the 16-bit grid, converted after
+    wide_outputs = widened_outputs(graph, targets, activations)  # computed on the 16-bit grid, converted after
     squashing = {node.input[0]: node for node in graph.node
                  if node.op_type in ("Relu", "Clip") and node.input and node.input[0] in targets.squashed}
     absorbed: set[str] = set()  # the outputs of Relu/Clip nodes computed as their producer's clamp
@@ -133,9 +132,10 @@ def htp_simulation_model(
             pads += [node, codes_pad[0]]
             continue
         node_context = context
-        if node.output and (node.output[0] in widened or node.output[0] in wide_outputs):
+        carrier = targets.squashed.get(node.output[0], node.output[0]) if node.output else None
+        if node.output and (node.output[0] in widened or carrier in wide_outputs):
             wide = {node.input[index]: enc for index, enc in widened.get(node.output[0], {}).items()}
-            wide.update({name: wide_outputs[name] for name in node.output[:1] if name in wide_outputs})
+            wide.update({carrier: wide_outputs[carrier]} if carrier in wide_outputs else {})
             node_context = replace(context, activations={**activations, **wide})
         lowered = next((result for lower in LOWERINGS.get(node.op_type, LINEAR_LOWERINGS)
                         if (result := lower(node, node_context)) is not None), None)
@@ -150,7 +150,7 @@ def htp_simulation_model(
         activation = squashing.get(requantized)
         bounds = activation_bounds(activation, constants) if activation is not None else None
         if bounds is not None and absorb(chain, inits, requantized,
-                                         code_bounds(activations[activation.output[0]], *bounds),
+                                         code_bounds(node_context.activations[activation.output[0]], *bounds),
                                          activation.output[0]):
             absorbed.add(activation.output[0])
             requantized = activation.output[0]
@@ -183,9 +183,9 @@ def _float16_rounded(deploy: onnx.ModelProto, targets: QuantTargets, activations
     converted (narrowed)."""
     rounded = []
     for node in deploy.graph.node:
-        if not node.output or node.output[0] in wide_outputs:
+        name = targets.squashed.get(node.output[0], node.output[0]) if node.output else None
+        if name is None or name in wide_outputs:
             continue
-        name = targets.squashed.get(node.output[0], node.output[0])
         enc = activations.get(name)
         if enc is not None and enc.bitwidth == 8 and any(
                 activations.get(i) is not None and activations[i].bitwidth == 16 for i in node.input):
