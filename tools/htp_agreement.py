@@ -427,7 +427,14 @@ def matrix_table(results: list[dict]) -> str:
             samples = next(iter(runs.values()))["samples"]
             lines.append(f"{head} {name} | {samples} | {cell(runs.get('htp-model'))} | "
                          f"{cell(runs.get('simulate'))} | {cell(runs.get('ort-cpu'))} |")
-    return "\n".join(lines)
+    lines.append("")
+    for result in results:
+        nodes = next((row.get("float_nodes") for row in result["rows"] if "refused" not in row), None)
+        if nodes:
+            text = ", ".join(f"{op} {name}" for op, name in nodes)
+            lines.append(f"- {result['model']} {result['weights']} {result['activations']}: "
+                         f"ops the HTP computes in float: {text}")
+    return "\n".join(lines).rstrip()
 
 
 def run_matrix(models: list[str], modes: list[str], crops: Path | None, target_sqnr: float, extra_crops: int,
