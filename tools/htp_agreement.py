@@ -169,7 +169,7 @@ def measure_minilm(weights_kind: str, act_bitwidth: int, samples: int, target_sq
                 raise
         body = Path(tmp, "minilm_body.onnx")
         onnx.save(without_l2_normalization(onnx.load(model)), body)
-        return pipeline_rows("minilm before its L2 normalization (refused whole)", body, *data)
+        return pipeline_rows("minilm before its L2 normalization, the whole refused", body, *data)
 
 
 def without_l2_normalization(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -422,7 +422,7 @@ def matrix_table(results: list[dict]) -> str:
         outputs = list(dict.fromkeys(row["name"] for row in result["rows"]))
         for output in outputs:
             runs = {row["run"]: row for row in result["rows"] if row["name"] == output}
-            label = result["rows"][0]["model"].removeprefix(result["model"]).strip(" ()")
+            label = result["rows"][0]["model"].removeprefix(result["model"]).strip(" (),")
             name = f"{output} ({label})" if label else output
             samples = next(iter(runs.values()))["samples"]
             lines.append(f"{head} {name} | {samples} | {cell(runs.get('htp-model'))} | "
