@@ -265,6 +265,78 @@ def test_a_doubly_strided_16_bit_depthwise_conv_drops_no_bits() -> None:
     np.testing.assert_array_equal(np.round(got / np.float32(y_enc.scale)), want)
 
 
+def _wrapping_depthwise(seed: int = 1):
+    """A doubly strided 3x3 depthwise Conv, 64 channels, per-channel weights whose scales span 2^6 in
+    each group of 32 (one channel per group 64 times smaller) and an output range an eighth of the
+    float result's: accumulators with the output zero point's share reach past 2^31 once shifted."""
+    rng = np.random.default_rng(seed)
+    factors = 2.0 ** -rng.uniform(0, 1.5, 64)
+    factors[[5, 40]] = 2.0**-6
+    weight = factors.reshape(-1, 1, 1, 1) * rng.uniform(0.2, 1.0, (64, 1, 3, 3))
+    weight *= np.where(rng.random(weight.shape) < 0.1, -1, 1)
+    model = _model("Conv", weight, rng.normal(size=64) * factors, [1, 64, 16, 16], group=64, stride=2)
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(-1.0, 3.0, 16), "y": asymmetric_encoding(-1.0, 3.5, 16)}
+    weights = weight_encodings(model, targets, 8, per_channel=True)
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    codes = rng.integers(40000, 65536, size=(1, 64, 16, 16))
+    x = ((codes + acts["x"].offset) * np.float32(acts["x"].scale)).astype(np.float32)
+    return model, targets, acts, params, x
+
+
+def _register_reference(model, acts, params, x, wrap: bool) -> np.ndarray:
+    """Output codes of the precise kernel in int64: ``t = sum(u w) + C - z sum(w)`` (``u`` the
+    uncentered codes, ``C`` codes.requant_offset), held as ``t 2^sh`` in int32 when ``wrap``
+    (tools/HTP.md finding 33), times the 15-bit multiplier, rounded half up and clamped."""
+    from onnxsnpe.simulate.htp.codes import requant_offset
+
+    weight = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    w_enc, b_enc, x_enc, y_enc = params["w"], params["b"], acts["x"], acts["y"]
+    w_scale = np.float32(w_enc.scales())
+    w_int = np.round(fake_quantize(weight, w_enc) / w_scale.astype(np.float64).reshape(-1, 1, 1, 1)).astype(np.int64)
+    z, z_out = -x_enc.offset, -y_enc.offset
+    u = np.pad(np.round(x[0].astype(np.float64) / np.float32(x_enc.scale)).astype(np.int64) + z,
+               ((0, 0), (1, 1), (1, 1)), constant_values=z)
+    sums = sum(u[:, i:i + 16:2, j:j + 16:2] * w_int[:, 0, i, j].reshape(-1, 1, 1) for i in range(3) for j in range(3))
+    bias = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+    folded = requant_offset(x_enc.scale, w_scale, y_enc.scale, z_out, np.ones(64),
+                            quantize(bias, b_enc) + b_enc.offsets(), b_enc.scales())
+    t = sums + (folded.astype(np.int64) - z * w_int.reshape(64, -1).sum(axis=1)).reshape(-1, 1, 1)
+    multiplier = float(np.float32(x_enc.scale)) * w_scale.astype(np.float64) / float(np.float32(y_enc.scale))
+    exponent = np.floor(np.log2(multiplier)).astype(np.int64)
+    if wrap:
+        shift = np.concatenate([exponent[g:g + 32] - exponent[g:g + 32].min() for g in (0, 32)]).reshape(-1, 1, 1)
+        held = [[[((int(v) << int(k)) + 2**31) % 2**32 - 2**31 >> int(k) for v in row] for row in channel]
+                for channel, k in zip(t, shift.reshape(-1), strict=True)]  # Python integers: no overflow
+        t = np.array(held, dtype=np.int64)
+    mantissa = np.round(multiplier / 2.0**exponent * 2.0**14) / 2.0**14 * 2.0**exponent
+    return np.clip(np.floor(t * mantissa.reshape(-1, 1, 1) + 0.5), 0, 65535) - z_out
+
+
+def test_the_precise_depthwise_kernel_wraps_its_shifted_accumulator_in_32_bits() -> None:
+    """With per-channel weights the doubly strided depthwise kernel holds each accumulator shifted by
+    its channel's exponent over its group's least, in int32: the simulation wraps as an int64
+    reference does, in values the unwrapped formula puts elsewhere."""
+    model, targets, acts, params, x = _wrapping_depthwise()
+    got = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0][0]
+    got = np.round(got / np.float32(acts["y"].scale))
+    wrapped = _register_reference(model, acts, params, x, wrap=True)
+    assert np.sum(wrapped != _register_reference(model, acts, params, x, wrap=False)) > 50
+    np.testing.assert_array_equal(got, wrapped)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_the_htp_wraps_the_precise_depthwise_kernels_register_as_simulated() -> None:
+    model, targets, acts, params, x = _wrapping_depthwise()
+    scale = np.float32(acts["y"].scale)
+    on_htp = np.round(HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}).run({"x": x})[0][0]
+                      / scale)
+    unwrapped = _register_reference(model, acts, params, x, wrap=False)
+    assert np.sum(on_htp != unwrapped) > 50
+    got = np.round(simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0][0] / scale)
+    np.testing.assert_array_equal(got, on_htp)
+
+
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
 def test_a_bias_beyond_int32_saturates_as_on_the_htp() -> None:
     """A channel of near-zero weights (its scale at the floor) with a bias of 7: the bias needs more

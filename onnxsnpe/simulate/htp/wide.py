@@ -17,9 +17,12 @@ multiple of 2^8: on the four models' A16W8 Convs it fits the emulator where floa
 brought four probes to bit for bit (tools/HTP.md "The A16W8 offset in float32"). A bias beyond int32
 at the step ``s_in * s_w`` saturates there, whatever wider scale its encoding was given. A depthwise
 Conv strided in both directions keeps its weight codes as they are, drops no bits and has a 15-bit
-multiplier, as at 8 bits. Bit for bit on 14 of 15 Conv probes, 8 of 9 depthwise and 9 of 9 doubly
-strided depthwise, per-tensor and per-channel weights, M from 2^-13 to 2^-6; not decoded: a channel
-whose weights were re-expressed (two probes, up to 25 steps off there). Exact float rounding, which
+multiplier, as at 8 bits; with per-channel weights its accumulator (bias and output zero point
+included) is held shifted left by ``sh_c = e_c - min(e)`` over its group of 32 output channels
+(``e_c = floor(log2 M_c)``) in a 32-bit register that wraps (register_shifts; tools/HTP.md finding
+33). Bit for bit on 14 of 15 Conv probes, 8 of 9 depthwise and 9 of 9 doubly strided depthwise,
+per-tensor and per-channel weights, M from 2^-13 to 2^-6; not decoded: a channel whose weights were
+re-expressed (two probes, up to 25 steps off there). Exact float rounding, which
 this replaces, is off by up to hundreds of steps (the float16 multiplier's error times 16-bit codes).
 
 ``sum(u w)`` reaches 2^29, beyond float32's exact integers, and onnxruntime has no float64 Conv,
@@ -108,6 +111,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         mantissa = (multiplier * 2.0**shift).astype(np.float16).astype(np.float64)
     if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
         return None
+    register = register_shifts(multiplier) if strided_depthwise else None
     # a ConvTranspose's bias for each kernel position
     bias_codes, bias_scale, bias_consumed = constant_bias(original.input[2] if len(original.input) > 2 else "",
                                                            context, max(blocks, 1) ** 2)
@@ -139,7 +143,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         bits = digit_bits(int(np.prod(codes.shape[1:])), float(np.abs(codes).max()))
         if bits is None:
             return None
-        chain, inits = digit_chain(node, x_enc, y_enc, codes, bits, zero_sum, constant, requant, shift)
+        chain, inits = digit_chain(node, x_enc, y_enc, codes, bits, zero_sum, constant, requant, shift, register)
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [node.output[0]], [original.output[0]], blocksize=blocks,
                                       mode="CRD"))
@@ -172,6 +176,23 @@ def v73_wide_requant(in_scale: float, w_scale: np.ndarray, out_scale: float, ste
     down = np.where(exponent > point, 2.0 ** (point - exponent), 1.0)
     mantissa = q * 2.0**-29 * np.where(exponent > point, 1.0, 2.0 ** (point - exponent))
     return down, mantissa, q * 2.0**-30 + 0.5
+
+
+REGISTER_GROUP = 32
+"""Output channels whose accumulators share one exponent reference in the precise kernel's register."""
+
+
+def register_shifts(multiplier: np.ndarray) -> np.ndarray:
+    """How far left the precise doubly strided depthwise kernel holds each channel's accumulator in its
+    32-bit register: ``floor(log2 M_c)`` less the least of it over the channel's group of REGISTER_GROUP
+    output channels (channels 32 g to 32 g + 31). Decoded by wrapped values of EfficientNet-Lite0's
+    block 3 under five channel orders and generated probes (tools/HTP.md finding 33)."""
+    exponent = np.floor(np.log2(multiplier))
+    shifts = np.empty_like(exponent)
+    for start in range(0, exponent.size, REGISTER_GROUP):
+        group = slice(start, start + REGISTER_GROUP)
+        shifts[group] = exponent[group] - exponent[group].min()
+    return shifts
 
 
 PRECISE_EXPONENT_SPREAD = 8
@@ -242,11 +263,12 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
 
 def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
                 codes: np.ndarray | list[tuple[np.ndarray, float]], digit_bits: int, zero_sum: np.ndarray,
-                constant: np.ndarray, requant: Requant, shift: int,
+                constant: np.ndarray, requant: Requant, shift: int, register: np.ndarray | None = None,
                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes: the codes split in digits, a Conv per digit (and per weight part: ``codes`` may be
     a list of (part, factor) whose weighted sum is the weights, each part small enough for
-    ``digit_bits``), their sum, the truncation and the requantization, in float64 from the sums on."""
+    ``digit_bits``), their sum, the truncation and the requantization, in float64 from the sums on;
+    ``register``: the channels' register_shifts, where the accumulator wraps."""
     p = f"{node.output[0]}{SUFFIX}/"
     parts = [(codes, 1.0)] if isinstance(codes, np.ndarray) else codes
     names = [p + "w"] if len(parts) == 1 else [f"{p}w{k}" for k in range(len(parts))]
@@ -291,14 +313,15 @@ def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
     nodes += [make("Sum", [*weighted, p + "zero_sum"], [p + "input_sum"]),  # sum(u w), exact in float64
               make("Mul", [p + "input_sum", p + "shift"], [p + "input_shifted"]),
               make("Floor", [p + "input_shifted"], [p + "truncated"])]
-    tail, tail_inits, centered = _requantized(p, p + "truncated", constant, requant, y_enc, channel)
+    tail, tail_inits, centered = _requantized(p, p + "truncated", constant, requant, y_enc, channel, register)
     chain, inits, _ = with_output_codes(nodes + tail, inits + tail_inits, p, y_enc, p + "real_half",
                                         node.output[0], centered)
     return chain, inits
 
 
 def _requantized(p: str, truncated: str, constant: np.ndarray, requant: Requant, y_enc: Encoding,
-                 channel: tuple[int, ...]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], bool]:
+                 channel: tuple[int, ...], register: np.ndarray | None = None,
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], bool]:
     """Nodes making ``p + "real_half"``, the float64 output code plus one half, from the truncated
     sum ``t`` (float64), the per-channel integer ``constant`` ``c`` and ``requant``: v68's multiplier
     ``m`` per channel or v73_wide_requant's triple; and
@@ -308,7 +331,8 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, requant: Requant,
     so the sum is the exact value wherever the code is in range, and beyond it float64's monotone
     rounding keeps it beyond the clamp, as before. With v73's factor ``d``, multiplier ``m`` and
     rounding constant ``r`` the centered code is ``floor(floor((t + c) d) m + r)``
-    instead: ``t + c`` below 2^31 times a 22-bit ``q`` stays exact in float64."""
+    instead: ``t + c`` below 2^31 times a 22-bit ``q`` stays exact in float64. With ``register``
+    shifts (some above 0), ``t + c`` wraps first (_wrapped_register)."""
     make = helper.make_node
     if isinstance(requant, tuple):
         down, multiplier, rounding = requant
@@ -325,7 +349,8 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, requant: Requant,
                   make("Add", [p + "real", p + "rounding"], [p + "real_half"])]
         return nodes, inits, True
     mantissa = requant
-    if _exact_fold(constant, mantissa, 0.5 + y_enc.offset):
+    wraps = register is not None and bool(np.any(register > 0))
+    if not wraps and _exact_fold(constant, mantissa, 0.5 + y_enc.offset):
         folded = constant * mantissa + (0.5 + y_enc.offset)
         inits = [numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
                  numpy_helper.from_array(folded.reshape(channel), p + "constant")]
@@ -334,9 +359,34 @@ def _requantized(p: str, truncated: str, constant: np.ndarray, requant: Requant,
     inits = [numpy_helper.from_array(constant.reshape(channel), p + "constant"),  # float64: up to z_out / M
              numpy_helper.from_array(mantissa.reshape(channel), p + "mantissa"),
              numpy_helper.from_array(np.array(0.5), p + "half")]
-    return [make("Add", [truncated, p + "constant"], [p + "t"]),
-            make("Mul", [p + "t", p + "mantissa"], [p + "real"]),
+    nodes = [make("Add", [truncated, p + "constant"], [p + "t"])]
+    held = p + "t"
+    if wraps:
+        wrapped, wrapped_inits = _wrapped_register(p, held, register, channel)
+        nodes, inits, held = nodes + wrapped, inits + wrapped_inits, p + "t_held"
+    return [*nodes, make("Mul", [held, p + "mantissa"], [p + "real"]),
             make("Add", [p + "real", p + "half"], [p + "real_half"])], inits, False
+
+
+def _wrapped_register(p: str, t: str, shifts: np.ndarray, channel: tuple[int, ...],
+                      ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes making ``p + "t_held"``: the integer ``t`` (float64) as the HTP's 32-bit register holds
+    it at ``t 2^sh``, wrapped into [-2^31, 2^31) and scaled back, ``r - 2^32 floor((r + 2^31) / 2^32)``
+    with ``r = t 2^sh`` (exact while ``|t| 2^sh < 2^52``; the low ``sh`` bits stay 0)."""
+    make = helper.make_node
+    inits = [numpy_helper.from_array((2.0**shifts).reshape(channel), p + "register_up"),
+             numpy_helper.from_array((2.0**-shifts).reshape(channel), p + "register_down"),
+             numpy_helper.from_array(np.array(2.0**31), p + "register_half"),
+             numpy_helper.from_array(np.array(2.0**-32), p + "register_down32"),
+             numpy_helper.from_array(np.array(2.0**32), p + "register_span")]
+    nodes = [make("Mul", [t, p + "register_up"], [p + "register"]),
+             make("Add", [p + "register", p + "register_half"], [p + "register_lifted"]),
+             make("Mul", [p + "register_lifted", p + "register_down32"], [p + "register_turns"]),
+             make("Floor", [p + "register_turns"], [p + "register_wraps"]),
+             make("Mul", [p + "register_wraps", p + "register_span"], [p + "register_wrapped_by"]),
+             make("Sub", [p + "register", p + "register_wrapped_by"], [p + "register_wrapped"]),
+             make("Mul", [p + "register_wrapped", p + "register_down"], [p + "t_held"])]
+    return nodes, inits
 
 
 def _exact_fold(constant: np.ndarray, mantissa: np.ndarray, half: float) -> bool:
