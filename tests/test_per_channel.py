@@ -164,3 +164,12 @@ def test_per_channel_flag_end_to_end(tmp_path, tiny_model, npy_folder):
     assert per_tensor.report["settings"]["per_channel"] is False
     figures = {w["name"]: w for w in per_channel.report["weights"]["figures"]}
     assert figures[conv]["per_channel"] and figures[conv]["per_channel_gain_db"] == pytest.approx(0, abs=1e-9)
+
+
+def test_a_channel_of_zeros_takes_the_largest_channels_scale():
+    """Not the floor scale, which would set the HTP's register reference for its group of channels
+    (tools/HTP.md finding 33); a tensor of zeros keeps the floor."""
+    enc = per_channel_symmetric(np.array([0.0, 0.5, 2.0]), 0, 8)
+    assert enc.scales()[0] == enc.scales()[2] == 2.0 / 127
+    assert fake_quantize(np.zeros((3, 4)), enc).tolist() == np.zeros((3, 4)).tolist()
+    assert per_channel_symmetric(np.zeros(2), 0, 8).scales().tolist() == [0.005 / 127] * 2

@@ -134,8 +134,14 @@ def symmetric_encoding(absmax: float, bitwidth: int) -> Encoding:
 
 
 def per_channel_symmetric(absmax: np.ndarray, axis: int, bitwidth: int) -> ChannelEncodings:
-    """Symmetric per-channel encodings from each channel's largest magnitude (symmetric_encoding each)."""
-    return ChannelEncodings(axis, tuple(symmetric_encoding(float(a), bitwidth) for a in np.asarray(absmax).reshape(-1)))
+    """Symmetric per-channel encodings from each channel's largest magnitude (symmetric_encoding each).
+
+    A channel of zeros takes the largest channel's range: any scale holds it exactly, and the floor
+    scale it would otherwise get sets the HTP's register reference for its group of channels, where a
+    16-bit doubly strided depthwise Conv then wraps (tools/HTP.md finding 33)."""
+    absmax = np.abs(np.asarray(absmax, dtype=np.float64)).reshape(-1)
+    absmax = np.where(absmax == 0, absmax.max(initial=0.0), absmax)
+    return ChannelEncodings(axis, tuple(symmetric_encoding(float(a), bitwidth) for a in absmax))
 
 
 def same_grid_wider(enc: Encoding, bitwidth: int) -> Encoding:
