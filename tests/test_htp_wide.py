@@ -333,8 +333,8 @@ def test_the_htp_wraps_the_precise_depthwise_kernels_register_as_simulated() -> 
                       / scale)
     unwrapped = _register_reference(model, acts, params, x, wrap=False)
     assert np.sum(on_htp != unwrapped) > 50
-    got = np.round(simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0][0] / scale)
-    np.testing.assert_array_equal(got, on_htp)
+    simulated = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0][0]
+    np.testing.assert_array_equal(np.round(simulated / scale), on_htp)
 
 
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
