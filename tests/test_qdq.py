@@ -222,6 +222,6 @@ def test_constants_of_ops_with_16_bit_outputs_are_16_bit():
     assert {enc.bitwidth for enc in constant_encodings(model, targets, {}, 8, acts).values()} == {8}
     acts["c"] = asymmetric_encoding(-3.0, 40.0, 16)  # the Add's output, squashed into the Clip's
     found = constant_encodings(model, targets, {}, 8, acts)
-    # the Mul reads the 16-bit c: it runs at 16 bits, its 8-bit output converted after (conversions.WIDENED_INPUT_OPS)
+    # the Mul reads the 16-bit c: it runs at 16 bits, its 8-bit output converted after (encode/conversions.py)
     assert (found["shift"].bitwidth, found["factor"].bitwidth) == (16, 16)
     assert found["shift"] == asymmetric_encoding(-1.0, 2.0, 16)

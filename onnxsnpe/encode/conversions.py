@@ -1,27 +1,26 @@
-"""Where the HTP converts an 8-bit tensor to the same grid at 16 bits around an op.
+"""Where an 8-bit tensor is converted to the same grid at 16 bits around an op: every op computes at one bitwidth.
 
 onnxruntime's quantizer writes a boundary between 8-bit and 16-bit regions as a DequantizeLinear
 then QuantizeLinear (a QNN Convert). An op whose activation inputs and output differ in bitwidth is
-not one the HTP runs as written:
-- the HTP emulator refuses to finalize a Div with such a mix (QNN_COMMON_ERROR_MEM_ALLOC when a
-  Conv reads it, whatever the bitwidth of its constant; PP-OCR cls's hard-swish tails under
-  automatic mixed precision; tools/HTP.md finding 16), a HardSigmoid (PP-OCRv4 rec) and a Sqrt
-  (probes) (ONE_BITWIDTH_OPS);
-- the QNN execution provider hands a Conv, ConvTranspose, Gemm or MatMul with such a mix to the
-  HTP as a float island (DequantizeLinear, the op in float, QuantizeLinear; its QNN graph dump),
-  whose DequantizeLinear misreads 8-bit codes by rules that depend on the graph around it (finding
-  30), and refuses a MatMul with a 16-bit input whose bias Add is 8-bit (MiniLM-L6 under automatic
-  mixed precision; finding 32) and a grouped Conv with unequal strides (PP-OCR cls's
-  ``conv10_depthwise``, strides [2, 1], depthwise probes) (LINEAR_OPS);
-- Add, Sub and Mul take such mixes but misread the 8-bit side by graph-dependent rules too
-  (finding 30; WIDENED_INPUT_OPS).
-These ops run at the wider of the two bitwidths, a constant (a Div's, an Add's) encoded at it
+not one the HTP runs as written (tools/HTP.md findings 16, 30 and 32):
+- the QNN execution provider hands such an op to the HTP as a float island (DequantizeLinear, the op
+  in float, QuantizeLinear: its QNN graph dump shows Conv, GlobalAveragePool and Sigmoid so), whose
+  DequantizeLinear misreads 8-bit codes by rules that depend on the graph around it (Conv, Gemm,
+  Add, Sub and Mul in probes and real graphs);
+- the emulator refuses to finalize some of them outright: a Div (QNN_COMMON_ERROR_MEM_ALLOC when a
+  Conv reads it, whatever the bitwidth of its constant; PP-OCR cls's hard-swish tails), a
+  HardSigmoid (PP-OCRv4 rec), a Sqrt (probes), a grouped Conv with unequal strides (PP-OCR cls's
+  ``conv10_depthwise``) and a MatMul with a 16-bit input whose bias Add is 8-bit (MiniLM-L6's query
+  projections under automatic mixed precision).
+So every op but those that only move data (which share their input's encoding) runs at the wider
+of the two bitwidths, a constant it reads (a Div's, an Add's) encoded at it
 (constants.constant_encodings), and the 8-bit side moves to the same grid at 16 bits
 (encoding.same_grid_wider): an 8-bit input is converted before the op, which loses nothing, and an
 8-bit output is computed on the 16-bit grid and converted after it (a second rounding that differs
-from rounding once only at ties). The QDQ export writes the conversions; the HTP simulation
-computes an op with a converted input with the 16-bit encoding the HTP sees (for a Conv, the A16W8
-rules), and one with a converted output on the 16-bit grid, narrowed after.
+from rounding once only at ties). The QDQ export writes the conversions, and the HTP computes every
+op quantized (emulator.HtpSession.float_nodes checks it); the HTP simulation computes an op with a
+converted input with the 16-bit encoding the HTP sees (for a Conv, the A16W8 rules), and one with a
+converted output on the 16-bit grid, narrowed after.
 """
 
 from __future__ import annotations
@@ -30,27 +29,17 @@ from collections.abc import Iterator
 
 import onnx
 
+from ..graph.ops import DATA_MOVEMENT
 from ..graph.targets import QuantTargets
 from .encoding import Encoding, same_grid_wider
 
 HTP_FIXED_16_BIT = {"HardSigmoid": Encoding(bitwidth=16, scale=2.0**-16, offset=0)}
 """Output encodings the HTP uses at 16 bits whatever the graph says (tools/HTP.md finding 17;
 ranges.with_htp_fixed_encodings gives them)."""
-ONE_BITWIDTH_OPS = ("Div", "HardSigmoid", "Sqrt")
-"""Op types the HTP runs only with their activation inputs and output at one bitwidth."""
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-"""Op types the QNN execution provider computes in float on the HTP when their activation input and
-output bitwidths differ (module docstring)."""
-WIDENED_INPUT_OPS = ("Add", "Sub", "Mul")
-"""Elementwise ops that also run at one bitwidth, though the HTP takes mixes: reading an 8-bit input
-into a 16-bit computation it takes some 8-bit codes for others (c + 1 for c a nonzero multiple of
-4, at a float16 scale) and drops a Clip before a Mul, by rules that depend on the graph around them
-(tools/HTP.md finding 30), while converted they are the 16-bit ops of findings 7, 12 and 21."""
-
-
 def runs_at_wider_bitwidth(node: onnx.NodeProto) -> bool:
-    """Whether ``node``'s activation inputs and output are put at one bitwidth (module docstring)."""
-    return node.op_type in ONE_BITWIDTH_OPS or node.op_type in LINEAR_OPS or node.op_type in WIDENED_INPUT_OPS
+    """Whether ``node``'s activation inputs and output are put at one bitwidth: all but the ops that
+    only move data (module docstring)."""
+    return node.op_type not in DATA_MOVEMENT
 
 
 def operating_bitwidth(node: onnx.NodeProto, targets: QuantTargets, activations: dict[str, Encoding]) -> int | None:
