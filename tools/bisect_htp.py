@@ -52,6 +52,25 @@ def ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
     return found
 
 
+def window_inputs(model: onnx.ModelProto, start: str, end: str) -> list[str]:
+    """The inputs of the window from ``start`` to ``end``: ``start`` and every graph input ``end`` is
+    still computed from without passing through it (an attention mask's branch), which the window
+    must declare or onnxruntime rejects it as invalid, not the emulator."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    graph_inputs = {value.name for value in model.graph.input}
+    found, seen, todo = set(), set(), [end]
+    while todo:
+        name = todo.pop()
+        if name in seen or name == start:
+            continue
+        seen.add(name)
+        if name in graph_inputs:
+            found.add(name)
+        elif name in producer:
+            todo.extend(tensor for tensor in producer[name].input if tensor)
+    return [start, *sorted(found)]
+
+
 def finalizes(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], arch: str | None) -> bool:
     """Whether the emulator finalizes the part of the model from ``inputs`` to ``outputs``."""
     try:
@@ -95,12 +114,13 @@ def main() -> int:
     print(f"first refused prefix: graph inputs -> {end} ({low + 1} of {len(cuts)} activations)")
     above = ancestors(model, end)
     start = next((cut for cut in reversed(cuts[:low]) if cut in above
-                  and not finalizes(extractor, [cut + SUFFIX + "/float"], [end], args.htp_arch)), None)
+                  and not finalizes(extractor, window_inputs(model, cut + SUFFIX + "/float", end), [end],
+                                    args.htp_arch)), None)
     if start is None:
         print("no shorter window is refused: the refusal needs the graph inputs' part too")
         return 0
     print(f"shortest refused window: {start} (its Q/DQ included) -> {end}")
-    window = extractor.extract_model([start + SUFFIX + "/float"], [end])
+    window = extractor.extract_model(window_inputs(model, start + SUFFIX + "/float", end), [end])
     values = {init.name: numpy_helper.to_array(init) for init in window.graph.initializer}
     for node in window.graph.node:
         kind = ""
