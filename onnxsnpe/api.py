@@ -16,7 +16,7 @@ import onnx
 from . import export
 from .data.datasets import ImageOptions
 from .encode.methods import DEFAULT_PERCENTILE
-from .errors import OnnxSnpeError
+from .errors import HtpRefused, OnnxSnpeError
 from .graph.large import free_dropped_copies, tensor_bytes, with_scoped_workspace
 from .optimize.adaround import DEFAULT_INPUTS as DEFAULT_ADAROUND_INPUTS
 from .optimize.adaround import DEFAULT_ITERATIONS as DEFAULT_ADAROUND_ITERATIONS
@@ -229,11 +229,16 @@ def compare_with_htp(prepared: Prepared, encodings: Encodings, qdq: onnx.ModelPr
     Both arithmetics are compared (keys of ``agreement``): ``htp``, the HTP's measured integer
     arithmetic of the architecture the emulator computes as, and ``exact``, float ops with exact
     rounding; ``built`` holds simulation models already made for these encodings (the evaluation's),
-    by arithmetic.
+    by arithmetic. A model the backend refuses is a finding, reported as ``refused`` (its message)
+    with no samples run, so that the rest of the run's outputs are still written.
     """
     built = built or {}
     acts = encodings.activations
-    session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts}, arch)
+    try:
+        session = HtpSession(qdq, {name: acts[name] for name in prepared.input_names if name in acts}, arch)
+    except HtpRefused as exc:
+        return {"samples": 0, "htp_arch": arch, "refused": str(exc), "cpu_fallback_ops": None, "float_ops": [],
+                "agreement": {}}
     names = session.output_names
     samples = [prepared.eval_set.load(i) for i in range(min(count, len(prepared.eval_set)))]
     arithmetics = {"htp": htp_arithmetic(session.arch), "exact": "exact"}  # the emulator's own architecture

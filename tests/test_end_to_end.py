@@ -255,6 +255,27 @@ def test_htp_flag(capsys, tmp_path, tiny_model, npy_folder):
         assert rows[0]["name"] == "out" and rows[0]["max_error_lsb"] >= 0
 
 
+def test_a_model_the_htp_refuses_is_reported_and_every_output_written(capsys, tmp_path, tiny_model, npy_folder,
+                                                                       monkeypatch):
+    """The backend's refusal is a finding about the model: the command succeeds, the summary and
+    both reports say so, and the SNPE outputs are written as without --htp."""
+    from onnxsnpe import api
+    from onnxsnpe.errors import HtpRefused
+
+    def refuse(*_args, **_kwargs):
+        raise HtpRefused("the QNN HTP backend rejected the model: QNN_COMMON_ERROR_MEM_ALLOC")
+
+    monkeypatch.setattr(api, "HtpSession", refuse)
+    out = tmp_path / "out"
+    code = main(["quantize", str(tiny_model), "--calib", str(npy_folder), "--out", str(out), "--htp", "2"])
+    captured = capsys.readouterr()
+    assert code == 0 and "HTP emulator refused the QDQ model: the QNN HTP backend rejected" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["htp"]["refused"].endswith("QNN_COMMON_ERROR_MEM_ALLOC") and report["htp"]["samples"] == 0
+    assert "It refused the QDQ model" in (out / "report.html").read_text()
+    assert {"snpe_clip_ranges.json", "snpe_qdq.onnx", "data.txt"} <= {p.name for p in out.iterdir()}
+
+
 def _against_the_htp(out: Path, name: str = "efficientnet_lite0.onnx", num_samples: int | None = 8,
                      **options) -> tuple[dict, dict]:
     """A real model quantized on ``num_samples`` crops (None: all 16) and run on the HTP emulator for

@@ -18,7 +18,7 @@ import sys
 import onnx
 from onnx import numpy_helper
 
-from onnxsnpe.errors import OnnxSnpeError
+from onnxsnpe.errors import HtpRefused
 from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason
 from onnxsnpe.simulate.qdq import SUFFIX
 
@@ -76,7 +76,7 @@ def finalizes(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[
     try:
         HtpSession(extractor.extract_model(inputs, outputs), {}, arch)
         return True
-    except OnnxSnpeError:
+    except HtpRefused:
         return False
 
 

@@ -80,7 +80,7 @@ from onnxsnpe.encode.ranges import (
     fixed_range_tensors,
     weight_encodings,
 )
-from onnxsnpe.errors import OnnxSnpeError
+from onnxsnpe.errors import HtpRefused
 from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import initializer_values, load_model, model_inputs
 from onnxsnpe.graph.runtime import make_session
@@ -164,9 +164,8 @@ def measure_minilm(weights_kind: str, act_bitwidth: int, samples: int, target_sq
                 target_sqnr)
         try:
             return pipeline_rows("minilm", model, *data)
-        except OnnxSnpeError as exc:
-            if not str(exc).startswith("the QNN HTP backend rejected"):
-                raise
+        except HtpRefused:
+            pass
         body = Path(tmp, "minilm_body.onnx")
         onnx.save(without_l2_normalization(onnx.load(model)), body)
         return pipeline_rows("minilm before its L2 normalization, the whole refused", body, *data)
@@ -219,6 +218,8 @@ def pipeline_rows(key: str, model: Path, calib: Path, evaluation: Path, out: Pat
                       per_channel=weights_kind == "per-channel", analysis_samples=0, htp_samples=samples,
                       image_options=options, auto_precision=target_sqnr is not None, target_sqnr=target_sqnr,
                       progress=False).report
+    if "refused" in report["htp"]:
+        raise HtpRefused(report["htp"]["refused"])
     precision = report["optimizations"].get("auto_precision")
     label = key if precision is None else f"{key} (auto precision, {len(precision['raised'])} raised)"
     runs = {"htp": "htp-model", "exact": "simulate"}
@@ -393,9 +394,7 @@ def measure_config(key: str, crops: Path | None, weights_kind: str, activations:
         if key == "minilm":
             return measure_minilm(weights_kind, bitwidth, min(32, 8 + extra_crops // 2))
         return measure(key, crops, weights_kind, bitwidth, arch)
-    except OnnxSnpeError as exc:
-        if not str(exc).startswith("the QNN HTP backend rejected"):
-            raise
+    except HtpRefused as exc:
         return [{"model": key, "refused": str(exc)}]
 
 

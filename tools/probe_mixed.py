@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxsnpe.encode.constants import constant_encodings
 from onnxsnpe.encode.encoding import asymmetric_encoding
 from onnxsnpe.encode.ranges import bias_encodings, weight_encodings
-from onnxsnpe.errors import OnnxSnpeError
+from onnxsnpe.errors import HtpRefused
 from onnxsnpe.graph.targets import find_targets
 from onnxsnpe.simulate import qdq as qdq_module
 from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason
@@ -80,7 +80,7 @@ def finalizes(op: str, mix: tuple[int, int, int], per_channel: bool, conversions
     try:
         HtpSession(qdq_module.build_qdq_model(model, targets, acts, params), {"x": acts["x"]})
         return True
-    except OnnxSnpeError:
+    except HtpRefused:
         return False
 
 

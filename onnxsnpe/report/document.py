@@ -93,7 +93,9 @@ def summary_text(report: dict, out_dir: Path, seconds: float) -> str:
         agreement = f"   top-1 agree {100 * o['top1_agreement']:.1f}%" if "top1_agreement" in o else ""
         cosine = "" if o.get("cosine") is None else f"   cosine {o['cosine']:.4f}"
         lines.append(f"    {o['name']:<{width}}  SQNR {sqnr}{cosine}   max |err| {o['max_abs_error']:.4g}{agreement}")
-    if "htp" in report:
+    if "htp" in report and "refused" in report["htp"]:
+        lines.append(f"  Qualcomm's HTP emulator refused the QDQ model: {report['htp']['refused']}")
+    elif "htp" in report:
         htp = report["htp"]
         lines.append(f"  agreement with Qualcomm's HTP emulator on {htp['samples']} samples{htp_arch_phrase(htp)} "
                      "(SQNR, max error in LSB):")

@@ -98,6 +98,8 @@ ARITHMETIC_LABELS = {"htp": "HTP integer arithmetic", "htp-v73": "HTP v73 intege
 
 
 def _htp_section(htp: dict) -> str:
+    if "refused" in htp:
+        return f"<h2>Qualcomm's HTP emulator</h2><p>It refused the QDQ model: {_e(htp['refused'])}</p>"
     rows = "".join(
         f"<tr><td>{_e(ARITHMETIC_LABELS.get(label, label))}</td><td class='name'>{_e(r['name'])}</td>"
         f"<td>{_db(r['sqnr_db'])}</td>"

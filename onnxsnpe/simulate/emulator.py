@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from ..encode.encoding import Encoding, fake_quantize
-from ..errors import OnnxSnpeError
+from ..errors import HtpRefused, OnnxSnpeError
 from ..graph.large import with_model_source
 from ..graph.ops import LINEAR_OPS
 from ..graph.runtime import make_session
@@ -123,7 +123,7 @@ class HtpSession:
                 hint = ""
                 if self.arch in (None, "68", "69") and has_16_bit_weights(self.model):
                     hint = f" (a 16-bit weight needs HTP v{A16W16_ARCH} or later: --htp-arch {A16W16_ARCH})"
-                raise OnnxSnpeError(f"the QNN HTP backend rejected the model{hint}: {_first_line(exc)}") from exc
+                raise HtpRefused(f"the QNN HTP backend rejected the model{hint}: {_first_line(exc)}") from exc
             self.float_nodes = _float_nodes(Path(folder))
         self.cpu_nodes = self.io_nodes = None
         if hasattr(self.session, "get_provider_graph_assignment_info"):
