@@ -65,6 +65,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -372,8 +373,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"- {model}: nodes on the CPU besides graph input/output (de)quantization: {text}")
     for model, nodes in {row["model"]: row.get("float_nodes") for row in rows}.items():
         if nodes:
-            text = ", ".join(f"{op} {name}" for op, name in nodes)
-            lines.append(f"- {model}: ops the HTP computes in float: {text}")
+            lines.append(f"- {model}: ops the HTP computes in float: {float_ops_text(nodes)}")
     return "\n".join(lines)
 
 
@@ -396,6 +396,14 @@ def measure_config(key: str, crops: Path | None, weights_kind: str, activations:
         return measure(key, crops, weights_kind, bitwidth, arch)
     except HtpRefused as exc:
         return [{"model": key, "refused": str(exc)}]
+
+
+def float_ops_text(nodes: list[tuple[str, str]]) -> str:
+    """The ops the HTP computes in float: by name when there are a few, else counted by QNN op type."""
+    if len(nodes) <= 3:
+        return ", ".join(f"{op} {name}" for op, name in nodes)
+    counts = Counter(op for op, _ in nodes)
+    return ", ".join(f"{count} {op}" for op, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def matrix_table(results: list[dict]) -> str:
@@ -430,9 +438,8 @@ def matrix_table(results: list[dict]) -> str:
     for result in results:
         nodes = next((row.get("float_nodes") for row in result["rows"] if "refused" not in row), None)
         if nodes:
-            text = ", ".join(f"{op} {name}" for op, name in nodes)
             lines.append(f"- {result['model']} {result['weights']} {result['activations']}: "
-                         f"ops the HTP computes in float: {text}")
+                         f"ops the HTP computes in float: {float_ops_text(nodes)}")
     return "\n".join(lines).rstrip()
 
 
