@@ -568,9 +568,11 @@ def test_the_htp_16_bit_add_and_sub_of_two_activations_are_reproduced_bit_for_bi
 
 
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
-def test_the_htp_a16w8_conv_transpose_with_kernel_equal_to_stride_is_reproduced_bit_for_bit() -> None:
+@pytest.mark.parametrize("arch", [None, "73"])
+def test_the_htp_a16w8_conv_transpose_with_kernel_equal_to_stride_is_reproduced_bit_for_bit(arch) -> None:
     """The detector's upsampler at A16: a 1x1 Conv with C_out k k channels in the A16W8 arithmetic, then
-    depth-to-space, as at 8 bits (tools/HTP.md finding 15); in float it was off in 99.9% of values."""
+    depth-to-space, as at 8 bits (tools/HTP.md finding 15); in float it was off in 99.9% of values. On
+    v73 with v73's A16W8 rule (finding 27 at 16 bits; v68's was off in 43-100% of values)."""
     from onnx.reference import ReferenceEvaluator
 
     rng = np.random.default_rng(0)
@@ -591,8 +593,8 @@ def test_the_htp_a16w8_conv_transpose_with_kernel_equal_to_stride_is_reproduced_
     targets = find_targets(model)
     weights = weight_encodings(model, targets, 8)
     params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
-    want = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc}).run({"x": x})[0]
-    got = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    want = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc}, arch).run({"x": x})[0]
+    got = simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(got, want)
     exact = simulation_runner(*build_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
     assert np.mean(exact != want) > 0.5

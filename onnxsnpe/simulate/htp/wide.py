@@ -121,7 +121,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     zero_point, out_zero_point = -x_enc.offset, -y_enc.offset
     zero_sum = zero_point * codes.sum(axis=tuple(range(1, codes.ndim)))
     requant: Requant = mantissa
-    if context.arch >= 73 and not strided_depthwise and not blocks:  # finding 20: the bias apart, truncated
+    if context.arch >= 73 and not strided_depthwise:  # findings 20, 27: the bias apart, truncated
         b73 = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
         constant = np.trunc(b73 / 2.0**SHIFT) - np.floor(zero_sum / 2.0**SHIFT + 0.5)
         requant = v73_wide_requant(x_enc.scale, w_scale, y_enc.scale, steps)
