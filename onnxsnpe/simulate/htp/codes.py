@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -34,6 +34,9 @@ class Context:
     graph: onnx.GraphProto
     opset: int
     arch: int = 68
+    converted: dict[str, Encoding] = field(default_factory=dict)
+    """The 8-bit encodings of the inputs the node reads converted to 16 bits (``activations`` holds
+    their 16-bit grid: encode/conversions.py)."""
 
 INVERSE_SCALE = "_inverse_scale"
 """The name ending of centered_codes' constant (code_passing.py finds its nodes by it)."""

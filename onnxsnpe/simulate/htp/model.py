@@ -37,6 +37,7 @@ activations and weights:
   computed on the 16-bit grid is lowered onto that grid and then quantized to its own encoding
   (no value of the finer grid lies halfway between two of the coarser one: 257 is odd).
 - A Concat input that only the Concat reads is computed with the Concat's encoding (concat_encodings).
+  A 16-bit Concat of 8-bit inputs converted to it requantizes each from its 8-bit code (concat.py).
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
   (elementwise.add16_constants), the Mul of two activations (mul16.py) and GlobalAveragePool, as
   probed (tools/HTP.md, "16-bit activations", finding 31).
@@ -68,6 +69,7 @@ from ..fake_quant import build_simulation_model
 from .channelwise import lower_average_pool, lower_batch_norm, lower_global_average_pool, lower_reduce_mean
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
+from .concat import lower_concat16
 from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .linear import lower_linear
 from .mul16 import lower_mul16
@@ -82,7 +84,7 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul, lower_mul16),
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
-    "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,),
+    "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
 }
 """The lowerings of each op type (model docstring)."""
 
@@ -136,7 +138,8 @@ def htp_simulation_model(
         if node.output and (node.output[0] in widened or carrier in wide_outputs):
             wide = {node.input[index]: enc for index, enc in widened.get(node.output[0], {}).items()}
             wide.update({carrier: wide_outputs[carrier]} if carrier in wide_outputs else {})
-            node_context = replace(context, activations={**activations, **wide})
+            converted = {node.input[index]: activations[node.input[index]] for index in widened.get(node.output[0], {})}
+            node_context = replace(context, activations={**activations, **wide}, converted=converted)
         lowered = next((result for lower in LOWERINGS.get(node.op_type, LINEAR_LOWERINGS)
                         if (result := lower(node, node_context)) is not None), None)
         if lowered is None:
