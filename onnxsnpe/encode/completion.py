@@ -39,11 +39,12 @@ def completed_encodings(
     bias_bitwidth: int = 32,
 ) -> CompletedEncodings:
     """The encodings the HTP computes with, from calibrated ``activations`` and chosen ``weights``
-    (module docstring); 8-bit static operands, ``bias_bitwidth`` biases."""
+    (module docstring); 8-bit static operands, ``bias_bitwidth`` biases (a LayerNormalization's
+    bias at its gamma's encoding, a constant's)."""
     activations = with_htp_fixed_encodings(deploy, targets, activations)
     constants = constant_encodings(deploy, targets, weights, 8, activations)
     activations = with_zero_sums_sharing_encodings(deploy, targets, activations, constants)
     if bias_bitwidth == 32:  # a bias the HTP could not hold at s_in * s_w widens its weight's scale
         weights = widened_for_biases(deploy, targets, activations, weights)
-    biases = bias_encodings(deploy, targets, activations, weights, bias_bitwidth)
+    biases = bias_encodings(deploy, targets, activations, {**constants, **weights}, bias_bitwidth)
     return CompletedEncodings(activations, weights, constants, biases)

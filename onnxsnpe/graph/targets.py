@@ -5,7 +5,9 @@
   survives conversion).
 - Outputs of data-movement ops keep their input's grid: they reuse (alias) its encoding.
 - Constant weights of Conv, ConvTranspose and Gemm, and constant MatMul operands, get param
-  encodings; biases of Conv, ConvTranspose and Gemm are listed for 32-bit bias quantization.
+  encodings; biases of Conv, ConvTranspose and Gemm are listed for 32-bit bias quantization, and so
+  is a LayerNormalization's constant bias (at its input's step times its gamma's: tools/HTP.md
+  finding 36).
 - Integer and shape tensors are never quantized.
 - Tensors that carry an additive attention mask are marked (graph/masks.py).
 """
@@ -101,6 +103,8 @@ def find_targets(model: onnx.ModelProto) -> QuantTargets:
             targets.weight_layers.setdefault(node.input[1], (node.input[0], node.output[0]))
             if len(node.input) > 2 and node.input[2] in constants:
                 targets.biases.append(BiasRef(node.input[2], node.input[1], node.input[0]))
+        elif node.op_type == "LayerNormalization" and len(node.input) > 2 and {*node.input[1:3]} <= constants:
+            targets.biases.append(BiasRef(node.input[2], node.input[1], node.input[0]))
         elif node.op_type == "MatMul":
             for index, name in enumerate(node.input):
                 if name in constants:
