@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..graph.large import initializer_array
 from ..graph.load import FLOAT_TYPES
 from ..graph.targets import QuantTargets
 from .conversions import operating_bitwidth
-from .encoding import Encoding, ParamEncoding, asymmetric_encoding
+from .encoding import Encoding, ParamEncoding, asymmetric_encoding, symmetric_encoding
 
 STRUCTURAL_INPUTS = {
     "Clip": {1, 2},
@@ -48,7 +49,10 @@ def constant_encodings(
     (``bitwidth`` elsewhere): the HTP emulator refuses some 16-bit graphs whose elementwise ops
     have 8-bit constants (a Div by an 8-bit constant before a GlobalAveragePool fails graph
     finalization with QNN_COMMON_ERROR_MEM_ALLOC; with a 16-bit constant it runs, as do the three
-    PP-OCR models at A16, which all failed before; tools/HTP.md, "16-bit activations").
+    PP-OCR models at A16, which all failed before; tools/HTP.md, "16-bit activations"). A LayerNorm's
+    gamma read at 16 bits is signed symmetric, as the HTP requires (SNPE.md section 4; asymmetric,
+    onnxruntime-qnn leaves the LayerNorm to the CPU: tools/HTP.md finding 36); at 8 bits it shares
+    its input's unsigned type.
     """
     activations = activations or {}
     bias_names = {ref.bias for ref in targets.biases}
@@ -75,5 +79,9 @@ def constant_encodings(
                 found[name] = activations[node.output[0]]  # a table keeps its gathered rows' grid
                 continue
             array = initializer_array(values[name])
-            found[name] = asymmetric_encoding(float(array.min()), float(array.max()), widths.get(name, bitwidth))
+            width = widths.get(name, bitwidth)
+            if node.op_type == "LayerNormalization" and index == 1 and width == 16:
+                found[name] = symmetric_encoding(float(np.abs(array).max()), 16)
+            else:
+                found[name] = asymmetric_encoding(float(array.min()), float(array.max()), width)
     return found

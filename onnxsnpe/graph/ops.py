@@ -21,6 +21,9 @@ DATA_MOVEMENT = frozenset(
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 """Ops that multiply by a weight operand (a constant one, or a second activation for MatMul)."""
+WIDE_WEIGHT_OPS = LINEAR_OPS | {"LayerNormalization"}
+"""Ops whose 16-bit static operand (a weight, a LayerNorm's gamma) only HTP v73 and later compute
+(SNPE.md section 4; tools/HTP.md finding 36 for LayerNorm: v68 refuses it)."""
 
 
 def node_attributes(node: onnx.NodeProto) -> dict:

@@ -27,7 +27,7 @@ import onnxruntime as ort
 from ..encode.encoding import Encoding, fake_quantize
 from ..errors import HtpRefused, OnnxSnpeError
 from ..graph.large import with_model_source
-from ..graph.ops import LINEAR_OPS
+from ..graph.ops import WIDE_WEIGHT_OPS
 from ..graph.runtime import make_session
 
 QNN_EP = "QNNExecutionProvider"
@@ -167,14 +167,14 @@ def _float_nodes(folder: Path) -> list[tuple[str, str]]:
 
 
 def has_16_bit_weights(qdq: onnx.ModelProto) -> bool:
-    """Whether a Conv, ConvTranspose, Gemm or MatMul of ``qdq`` reads a 16-bit constant tensor
-    through its DequantizeLinear (a weight, not a zero point): such an A16W16 kernel needs v73. The
-    16-bit constant of an elementwise op does not; the default architecture runs those."""
+    """Whether a Conv, ConvTranspose, Gemm, MatMul or LayerNormalization of ``qdq`` reads a 16-bit
+    constant tensor through its DequantizeLinear (a weight or gamma, not a zero point): such a kernel
+    needs v73. The 16-bit constant of an elementwise op does not; the default architecture runs those."""
     wide = {init.name for init in qdq.graph.initializer
             if init.data_type in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)}
     dequantized = {node.output[0] for node in qdq.graph.node
                    if node.op_type == "DequantizeLinear" and node.input[0] in wide}
-    return any(node.op_type in LINEAR_OPS and any(name in dequantized for name in node.input)
+    return any(node.op_type in WIDE_WEIGHT_OPS and any(name in dequantized for name in node.input)
                for node in qdq.graph.node)
 
 

@@ -62,7 +62,7 @@ import onnx
 
 from ...encode.conversions import widened_inputs, widened_outputs
 from ...encode.encoding import Encoding, ParamEncoding
-from ...graph.ops import LINEAR_OPS
+from ...graph.ops import WIDE_WEIGHT_OPS
 from ...graph.targets import QuantTargets
 from ..emulator import A16W16_ARCH
 from ..fake_quant import build_simulation_model
@@ -198,9 +198,10 @@ def _float16_rounded(deploy: onnx.ModelProto, targets: QuantTargets, activations
 
 def default_arch(deploy: onnx.ModelProto, params: dict[str, ParamEncoding]) -> int:
     """The architecture the emulator computes as when none is asked for (emulator.HtpSession): v73
-    when a Conv, ConvTranspose, Gemm or MatMul weight is 16-bit, else the backend's default, which
-    computes as v68."""
-    wide = any(node.op_type in LINEAR_OPS and any(params[name].bitwidth == 16 for name in node.input if name in params)
+    when a Conv, ConvTranspose, Gemm or MatMul weight or a LayerNormalization's gamma is 16-bit,
+    else the backend's default, which computes as v68."""
+    wide = any(node.op_type in WIDE_WEIGHT_OPS
+               and any(params[name].bitwidth == 16 for name in node.input if name in params)
                for node in deploy.graph.node)
     return int(A16W16_ARCH) if wide else 68
 
