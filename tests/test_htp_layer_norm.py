@@ -8,9 +8,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsnpe.encode.completion import completed_encodings
-from onnxsnpe.encode.encoding import asymmetric_encoding
+from onnxsnpe.encode.encoding import asymmetric_encoding, quantize, round_half_away
+from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
-from onnxsnpe.simulate.emulator import A16W16_ARCH, HtpSession, qnn_unavailable_reason
+from onnxsnpe.simulate.emulator import A16W16_ARCH, HtpSession, qnn_unavailable_reason, simulation_runner
+from onnxsnpe.simulate.fake_quant import build_simulation_model
+from onnxsnpe.simulate.htp.layer_norm import rsqrt_nodes, rsqrt_reference
+from onnxsnpe.simulate.htp.model import htp_simulation_model
 from onnxsnpe.simulate.qdq import build_qdq_model
 
 QNN_REASON = qnn_unavailable_reason()
@@ -57,3 +61,74 @@ def test_the_htp_computes_the_layer_norm_quantized(bitwidth: int) -> None:
     assert htp.float_nodes == []
     assert not [op for op, _ in htp.cpu_nodes or [] if op == "LayerNormalization"]
     assert htp.arch == (A16W16_ARCH if bitwidth == 16 else None)
+
+
+def _documented_codes(x_codes: np.ndarray, done, model: onnx.ModelProto) -> np.ndarray:
+    """The module docstring's formula in float64 numpy, from the codes (an independent reference)."""
+    x_enc, y_enc = done.activations["x"], done.activations["y"]
+    g_enc, b_enc = done.constants["gamma"], done.biases["beta"]
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    s_x, s_g, s_b, s_y = (float(np.float32(e.scale)) for e in (x_enc, g_enc, b_enc, y_enc))
+    c = x_codes.astype(np.float64) + x_enc.offset
+    n = c.shape[-1]
+    total, squares = c.sum(-1, keepdims=True), (c * c).sum(-1, keepdims=True)
+    deviation = 64 * c - np.floor(64 * total / n)
+    variance = squares / n - (total / n) ** 2
+    multiplier = np.floor(rsqrt_reference(variance + 1e-12 / s_x**2).astype(np.float64) * (2.0**16 * s_g / s_y))
+    g = (quantize(values["gamma"], g_enc) + g_enc.offset).astype(np.float64)
+    beta = round_half_away((quantize(values["beta"], b_enc) + b_enc.offset) * s_b / s_y)
+    return np.clip(np.floor(deviation * g * multiplier / 2.0**22 + 0.5) + beta - y_enc.offset, 0, 255).astype(np.int64)
+
+
+def _on_grid(enc, seed: int, rows: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    codes = np.clip(np.round(rng.normal(-enc.offset, 30, size=(1, rows, FEATURES))), 0, 255)
+    codes[0, 0] = -enc.offset + 3  # a constant row: no deviation at all
+    return codes.astype(np.int64), ((codes + enc.offset) * np.float32(enc.scale)).astype(np.float32)
+
+
+def test_the_reciprocal_square_root_nodes_compute_the_magic_constant_method_exactly() -> None:
+    """The ONNX nodes (no bit cast: exponent and mantissa by arithmetic) against the numpy bit-cast
+    version, bit for bit, on powers of two, their neighbours and random values; both within 5e-6 of
+    1 / sqrt(x)."""
+    rng = np.random.default_rng(3)
+    powers = np.float32(2.0) ** np.arange(-40, 40, dtype=np.float32)
+    x = np.concatenate([powers, np.nextafter(powers, 0), np.nextafter(powers, np.inf),
+                        rng.uniform(1e-9, 1e5, 2000).astype(np.float32)]).astype(np.float64)
+    nodes, inits = rsqrt_nodes("x", "y", "r/")
+    graph = helper.make_graph(nodes, "rsqrt", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [x.size])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [x.size])], inits)
+    session = make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["y"])
+    got = session.run(["y"], {"x": x})[0]
+    reference = rsqrt_reference(x.astype(np.float32)).astype(np.float64)
+    np.testing.assert_array_equal(got, reference)
+    np.testing.assert_allclose(reference, 1 / np.sqrt(x.astype(np.float32).astype(np.float64)), rtol=5e-6)
+
+
+def test_the_layer_norm_lowering_computes_the_documented_formula() -> None:
+    model, targets, done = _encoded(8)
+    params = {**done.constants, **done.biases}
+    simulate = simulation_runner(*htp_simulation_model(model, targets, done.activations, params), ["y"])
+    y_enc = done.activations["y"]
+    for seed in range(4):
+        codes, x = _on_grid(done.activations["x"], seed)
+        got = np.round(simulate({"x": x})[0] / np.float32(y_enc.scale)).astype(np.int64) - y_enc.offset
+        np.testing.assert_array_equal(got, _documented_codes(codes, done, model))
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("arch", [None, A16W16_ARCH])
+def test_the_htp_8_bit_layer_norm_is_reproduced_bit_for_bit(arch: str | None) -> None:
+    """Exact float then rounding misses 10-35% of MiniLM-L6's LayerNorm outputs by one step."""
+    model, targets, done = _encoded(8)
+    params = {**done.constants, **done.biases}
+    htp = HtpSession(build_qdq_model(model, targets, done.activations, params), {"x": done.activations["x"]}, arch)
+    simulate = simulation_runner(*htp_simulation_model(model, targets, done.activations, params, arch), ["y"])
+    exact = simulation_runner(*build_simulation_model(model, targets, done.activations, params), ["y"])
+    rounding_misses = 0
+    for seed in range(4):
+        _, x = _on_grid(done.activations["x"], seed)
+        expected = htp.run({"x": x})[0]
+        np.testing.assert_array_equal(simulate({"x": x})[0], expected)
+        rounding_misses += int((exact({"x": x})[0] != expected).sum())
+    assert rounding_misses > 0  # the probe tells the kernels apart

@@ -44,6 +44,8 @@ activations and weights:
 - HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
   (wide.v73_wide_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
   findings 19 and 20).
+- An 8-bit LayerNormalization: its row statistics on the codes, a float32 reciprocal square root
+  by the magic-constant method and an integer multiplier per row (layer_norm.py).
 - A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
   and a lowered op reads the codes its producer computed instead of deriving them from the
   dequantized tensor (code_passing.py): the same numbers in fewer passes.
@@ -71,6 +73,7 @@ from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
 from .concat import lower_concat16
 from .elementwise import is_scalar_sum, lower_add, lower_mul
+from .layer_norm import lower_layer_norm
 from .linear import lower_linear
 from .mul16 import lower_mul16
 from .softmax import lower_softmax
@@ -85,6 +88,7 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
+    "LayerNormalization": (lower_layer_norm,),
 }
 """The lowerings of each op type (model docstring)."""
 
