@@ -56,6 +56,7 @@ def constant_encodings(
     """
     activations = activations or {}
     bias_names = {ref.bias for ref in targets.biases}
+    fused = targets.fused_node_outputs()  # a fused op's constants are not the device's
     values = {init.name: init for init in model.graph.initializer if init.data_type in FLOAT_TYPES}
     widths: dict[str, int] = {}  # the widest bitwidth among the ops reading each constant
     for node in model.graph.node:
@@ -68,6 +69,8 @@ def constant_encodings(
                 widths[name] = width
     found: dict[str, Encoding] = {}
     for node in model.graph.node:
+        if node.output and node.output[0] in fused:
+            continue
         structural = STRUCTURAL_INPUTS.get(node.op_type, set())
         for index, name in enumerate(node.input):
             if name not in values or name in params or name in bias_names or name in found:

@@ -51,7 +51,8 @@ def operating_bitwidth(node: onnx.NodeProto, targets: QuantTargets, activations:
         return None
     if not runs_at_wider_bitwidth(node):
         return output.bitwidth
-    return max([output.bitwidth, *(activations[name].bitwidth for name in node.input if name in activations)])
+    return max([output.bitwidth, *(activations[name].bitwidth for _, name in targets.activation_inputs(node)
+                                   if name in activations)])
 
 
 def _computing_at_16_bits(
@@ -66,10 +67,11 @@ def widened_inputs(
     graph: onnx.GraphProto, targets: QuantTargets, activations: dict[str, Encoding]
 ) -> dict[str, dict[int, Encoding]]:
     """For each node (by its first output) that reads an 8-bit activation converted to 16 bits: the
-    index of each such input and the 16-bit encoding it is converted to."""
+    index of each such input and the 16-bit encoding it is converted to (a fused op's last node: its
+    input, at 0, as the fused op reads it)."""
     widened: dict[str, dict[int, Encoding]] = {}
     for node in _computing_at_16_bits(graph, targets, activations):
-        for index, name in enumerate(node.input):
+        for index, name in targets.activation_inputs(node):
             enc = activations.get(name)
             if enc is not None and enc.bitwidth == 8 and not enc.is_symmetric:
                 widened.setdefault(node.output[0], {})[index] = same_grid_wider(enc, 16)

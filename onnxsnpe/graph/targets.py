@@ -10,6 +10,8 @@
   finding 36).
 - Integer and shape tensors are never quantized.
 - Tensors that carry an additive attention mask are marked (graph/masks.py).
+- The tensors inside an op pattern SNPE's converter fuses (a written-out GELU) get no encoding: only
+  the fused op's input and output exist on the device (graph/fusions.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
+from .fusions import Fusion, find_fusions
 from .load import FLOAT_TYPES
 from .masks import MaskedTensor, find_masks
 from .ops import DATA_MOVEMENT, SQUASHED_ACTIVATIONS, SQUASHING_PRODUCERS, WEIGHTED_OPS, node_attributes
@@ -47,6 +50,17 @@ class QuantTargets:
     """Each weight's layer: the activation it multiplies and the layer's output (its first consumer's)."""
     masks: dict[str, MaskedTensor] = field(default_factory=dict)
     """The activations on an additive attention mask's chain (graph/masks.py)."""
+    fusions: dict[str, Fusion] = field(default_factory=dict)
+    """The op patterns SNPE fuses, by the fused op's output (graph/fusions.py)."""
+
+    def fused_node_outputs(self) -> set[str]:
+        """The outputs of every node that is part of a fused op (its inner tensors and its output)."""
+        return {name for fusion in self.fusions.values() for name in fusion.nodes}
+
+    def activation_inputs(self, node: onnx.NodeProto) -> list[tuple[int, str]]:
+        """``node``'s inputs by index, except that a fused op's last node reads the fused op's input (at 0)."""
+        fusion = self.fusions.get(node.output[0]) if node.output else None
+        return [(0, fusion.input)] if fusion is not None else list(enumerate(node.input))
 
     def floors(self) -> dict[str, float]:
         """Each masked activation's floor: values at or below it are masked positions."""
@@ -68,7 +82,8 @@ def find_targets(model: onnx.ModelProto) -> QuantTargets:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
-    targets = QuantTargets()
+    targets = QuantTargets(fusions=find_fusions(model))
+    inner = {name for fusion in targets.fusions.values() for name in fusion.inner}
     encoded: set[str] = set()
     for value in graph.input:
         if value.name not in constants and elem_types.get(value.name) in FLOAT_TYPES:
@@ -77,7 +92,7 @@ def find_targets(model: onnx.ModelProto) -> QuantTargets:
 
     for node in graph.node:
         for out in node.output:
-            if not out or elem_types.get(out) not in FLOAT_TYPES:
+            if not out or elem_types.get(out) not in FLOAT_TYPES or out in inner:
                 continue
             users = consumers.get(out, [])
             if node.op_type in DATA_MOVEMENT and node.input and node.input[0] in encoded:

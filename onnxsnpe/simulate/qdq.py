@@ -17,7 +17,8 @@ integer grids the simulation uses:
 onnx.version_converter). 16-bit encodings need opset 21 and per-channel ones (DequantizeLinear's
 ``axis``) opset 13, so when the model is older than what its encodings need, the Q/DQ nodes use
 onnxruntime's ``com.microsoft`` domain, which both onnxruntime and its QNN execution provider
-accept; the float graph is never rewritten for it. Where the HTP needs an 8-bit input or output of
+accept; the float graph is never rewritten for it. An op pattern SNPE fuses (graph/fusions.py) is
+written as the fused op, whose inner tensors have no encoding. Where the HTP needs an 8-bit input or output of
 an op converted to 16 bits (encode/conversions.py), a second Q/DQ pair on the 16-bit grid does it.
 """
 
@@ -30,6 +31,7 @@ from onnx import helper, numpy_helper, version_converter
 from ..encode.constants import STRUCTURAL_INPUTS
 from ..encode.conversions import widened_inputs, widened_outputs
 from ..encode.encoding import ChannelEncodings, Encoding, ParamEncoding, quantize
+from ..graph.fusions import with_fused_ops
 from ..graph.large import initializer_array, slabs
 from ..graph.targets import QuantTargets
 
@@ -56,6 +58,7 @@ def build_qdq_model(
     model.CopyFrom(deploy)
     if _default_opset(model) < 10:
         model = version_converter.convert_version(model, 13)
+    with_fused_ops(model, targets.fusions)
     domain = quantization_domain(model, [*activations.values(), *params.values()])
     graph = model.graph
     inputs = {v.name for v in graph.input}
