@@ -105,3 +105,21 @@ def _written_out(model: onnx.ModelProto) -> HtpSession:
     done = completed_encodings(model, targets, acts, weight_encodings(model, targets, 8))
     params = {**done.weights, **done.constants, **done.biases}
     return HtpSession(build_qdq_model(model, targets, done.activations, params), {"x": acts["x"]})
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_a_fused_gelu_with_a_16_bit_output_reads_its_8_bit_input_converted() -> None:
+    """As automatic mixed precision leaves it: the Gelu runs at 16 bits on its input converted to the
+    same grid (encode/conversions.py), not as a float island. The 16-bit Gelu is an approximation not
+    decoded (finding 37: here up to 16 steps of its 16-bit grid), so the output is only within 2 steps."""
+    model = _gelu_model()
+    targets, acts, params = _encoded(model)
+    acts["gelu"] = asymmetric_encoding(-0.2, 6.0, 16)
+    qdq = build_qdq_model(model, targets, acts, params)
+    gelu = next(node for node in qdq.graph.node if node.op_type == "Gelu")
+    assert gelu.input[0].endswith("/wide")
+    htp = HtpSession(qdq, {"x": acts["x"]})
+    assert htp.float_nodes == [] and not htp.cpu_nodes
+    simulate = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])
+    steps = np.abs(simulate(_sample(0))[0] - htp.run(_sample(0))[0]) / acts["y"].scale
+    assert steps.max() <= 2

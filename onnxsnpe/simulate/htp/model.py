@@ -140,9 +140,10 @@ def htp_simulation_model(
         node_context = context
         carrier = targets.squashed.get(node.output[0], node.output[0]) if node.output else None
         if node.output and (node.output[0] in widened or carrier in wide_outputs):
-            wide = {node.input[index]: enc for index, enc in widened.get(node.output[0], {}).items()}
+            reads = dict(targets.activation_inputs(node))  # a fused op's last node reads the fused op's input
+            wide = {reads[index]: enc for index, enc in widened.get(node.output[0], {}).items()}
             wide.update({carrier: wide_outputs[carrier]} if carrier in wide_outputs else {})
-            converted = {node.input[index]: activations[node.input[index]] for index in widened.get(node.output[0], {})}
+            converted = {reads[index]: activations[reads[index]] for index in widened.get(node.output[0], {})}
             node_context = replace(context, activations={**activations, **wide}, converted=converted)
         lowered = next((result for lower in LOWERINGS.get(node.op_type, LINEAR_LOWERINGS)
                         if (result := lower(node, node_context)) is not None), None)
