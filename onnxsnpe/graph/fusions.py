@@ -1,8 +1,9 @@
 """Op patterns SNPE's converter fuses into one op: only the fused op's input and output exist on the device.
 
 SNPE's converter matches a GELU written out as ``x * (erf(x / sqrt 2) + 1) * 1/2`` (``Div -> Erf ->
-Add -> Mul -> Mul``, tools/HTP.md "Not done", the converter's pattern fusions) and builds one Gelu op,
-so the tensors inside the pattern are never quantized there. The HTP computes a quantized Gelu as
+Add -> Mul -> Mul``, tools/HTP.md "Not done", the converter's pattern fusions; Qualcomm's list of the
+ONNX ops snpe-onnx-to-dlc supports takes Erf only where it matches a GeLU) and builds one Gelu op, so
+the tensors inside the pattern are never quantized there. The HTP computes a quantized Gelu as
 exact GELU then rounding (tools/HTP.md finding 37), while the pattern written out, as a QDQ model
 hands it over, is computed wrongly when a MatMul follows it. So the chain's inner tensors get no
 encoding, the simulation computes it in float between its quantized input and output, and the QDQ
