@@ -44,6 +44,8 @@ activations and weights:
 - HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
   (wide.v73_wide_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
   findings 19 and 20).
+- A fused GELU (graph/fusions.py) at 16 bits: the HTP's fixed-point erf per segment (gelu.py; at
+  8 bits its Gelu is exact GELU then rounding, as the float chain computes).
 - An 8-bit LayerNormalization: its row statistics on the codes, a float32 reciprocal square root
   by the magic-constant method and an integer multiplier per row (layer_norm.py).
 - A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
@@ -73,6 +75,7 @@ from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered, int8
 from .concat import lower_concat16
 from .elementwise import is_scalar_sum, lower_add, lower_mul
+from .gelu import lower_gelu16
 from .layer_norm import lower_layer_norm
 from .linear import lower_linear
 from .mul16 import lower_mul16
@@ -84,7 +87,7 @@ from .wide_weights import lower_a16w16_conv
 LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv)
 """Tried in turn for any other op: each returns None for a node it does not lower."""
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
-    "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_mul, lower_mul16),
+    "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_gelu16, lower_mul, lower_mul16),
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
