@@ -56,8 +56,16 @@ def requant_constants(
         exponent = 2.0 ** np.floor(np.log2(multiplier))
         return np.ones_like(multiplier), np.round(multiplier / exponent * 2.0**14) / 2.0**14 * exponent, offset
     shift = np.maximum(0.0, np.floor(-np.log2(multiplier)) - 3)
-    mantissa = (multiplier * 2.0**shift).astype(np.float16).astype(np.float64)
-    return 2.0**-shift, mantissa, offset
+    return 2.0**-shift, float16_ties_up(multiplier * 2.0**shift), offset
+
+
+def float16_ties_up(value: np.ndarray) -> np.ndarray:
+    """Positive normal ``value`` rounded to float16's 11 significant bits, an exact tie upwards (the
+    HTP's multiplier: a channel whose ``M 2^k`` lies halfway, EfficientNet-Lite0's block 12 depthwise
+    channel 148 per channel, computes with the larger one; tools/HTP.md finding 39)."""
+    value = np.asarray(value, dtype=np.float64)
+    unit = 2.0 ** (np.floor(np.log2(value)) - 10)
+    return np.floor(value / unit + 0.5) * unit
 
 
 def requant_offset(
