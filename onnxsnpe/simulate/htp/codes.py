@@ -60,12 +60,15 @@ def requant_constants(
 
 
 def float16_ties_up(value: np.ndarray) -> np.ndarray:
-    """Positive normal ``value`` rounded to float16's 11 significant bits, an exact tie upwards (the
-    HTP's multiplier: a channel whose ``M 2^k`` lies halfway, EfficientNet-Lite0's block 12 depthwise
-    channel 148 per channel, computes with the larger one; tools/HTP.md finding 39)."""
+    """Positive ``value`` rounded to float16 (11 significant bits, subnormals below 2^-14, infinity past
+    its largest), an exact tie upwards: the HTP's multiplier (a channel whose ``M 2^k`` lies halfway,
+    EfficientNet-Lite0's block 12 depthwise channel 148 per channel, computes with the larger one;
+    tools/HTP.md finding 39), where numpy's float16 rounds ties to even."""
     value = np.asarray(value, dtype=np.float64)
-    unit = 2.0 ** (np.floor(np.log2(value)) - 10)
-    return np.floor(value / unit + 0.5) * unit
+    with np.errstate(divide="ignore"):
+        unit = 2.0 ** np.maximum(np.floor(np.log2(value)) - 10, -24)
+    rounded = np.floor(value / unit + 0.5) * unit
+    return np.where(rounded > float(np.finfo(np.float16).max), np.inf, rounded)
 
 
 def requant_offset(

@@ -46,6 +46,7 @@ from .codes import (
     Lowered,
     centered_codes,
     constant_bias,
+    float16_ties_up,
     of_bitwidth,
     output_encoding,
     requant_constants,
@@ -108,7 +109,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if strided_depthwise:
         _, mantissa, _ = requant_constants(multiplier, 0, precise=True)
     else:
-        mantissa = (multiplier * 2.0**shift).astype(np.float16).astype(np.float64)
+        mantissa = float16_ties_up(multiplier * 2.0**shift)
     if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
         return None
     register = register_shifts(multiplier) if strided_depthwise else None
