@@ -11,7 +11,8 @@ activations and weights:
   and ``acc`` the integer accumulator of centered codes, the output code is
   ``clamp(floor(t * m + 0.5))``, ``t = floor((acc + C) / 2^k)``, ``k = max(0, floor(-log2 M) - 3)``,
   ``m = float16(M * 2^k)``: the accumulator loses its low bits (up to 1/8 of an output step, always
-  downwards) and the multiplier has 11 significant bits. ``C = round(bias + z_out / M)`` folds the
+  downwards) and the multiplier has 11 significant bits (an exact tie rounded upwards:
+  codes.float16_ties_up). ``C = round(bias + z_out / M)`` folds the
   bias (in accumulator steps) and the output zero point into one integer, computed in float32 and
   rounded half away from zero once (requant_offset). Depthwise convolutions strided in both
   directions use ``k = 0`` and a 15-bit multiplier.
