@@ -6,8 +6,8 @@ it is (tools/HTP.md finding 38; v68 and v73 alike), with ``c`` the centered inpu
 - ``u = round(|c| rho)``, ``rho = s_x / sqrt 2 * 2^14`` to a 15-bit mantissa: ``|x| / sqrt 2`` in Q14;
 - ``erf`` in Q11 per unit segment of ``u / 2^14``, by Horner in ``u`` with products shifted by 16:
   segment 0 truncates its inner shifts, segment 1 rounds all three (both exact on every probe);
-  segments 2 and 3 (``|x| >= 2 sqrt 2``) are cubics fitted to the probes (not decoded: up to 2% of
-  the codes of a probe one step off there); from ``u >= 4`` the table's end, 4095;
+  segments 2 and 3 (``|x| >= 2 sqrt 2``) are cubics fitted to the probes (not decoded: 0.5-3% of the
+  codes of a probe reaching them off, up to 14 steps); from ``u >= 4`` the table's end, 4095;
 - ``k = 2048 + e`` for ``x >= 0`` and ``max(0, 4096 - 2048 - e)`` below: Phi in Q12;
 - ``w = round_half_away(c k / 2^12)``: the output first on the input's grid;
 - ``|w| M`` shifted right by ``S`` (``M / 2^S`` the step ratio ``s_x / s_y`` to a 15-bit mantissa):
@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding
-from .codes import SUFFIX, Context, Lowered, centered_codes, of_bitwidth
+from .codes import SUFFIX, Context, Lowered, centered_codes, of_bitwidth, with_output_codes
 
 SEGMENT_FIT = {2: (0.9959356734488427, 0.014359333559816107, -0.016645228172528278, 0.006342069344285332),
                3: (1.0000916911952564, -0.0025850998110275997, 0.006035744822869059, -0.004275151381539786)}
@@ -58,11 +58,10 @@ def _gelu16(x: str, y: str, x_enc: Encoding, y_enc: Encoding) -> Lowered:
     ratio_m, ratio_s = mantissa15(float(np.float32(np.float32(s_x) / np.float32(s_y))))
     chain, inits = centered_codes(x, x_enc, p + "codes32")
     constants = {"rho": rho_m / 2.0**rho_s, "inv14": 2.0**-14, "inv16": 2.0**-16, "half16": float(HALF_SHIFT),
-                 "zero": 0.0, "one": 1.0, "two": 2.0, "three": 3.0, "end": 4.0 * Q14, "full": 4095.0,
-                 "center": 2048.0, "q12": 4096.0, "inv12": 2.0**-12, "m": float(ratio_m),
-                 "y_zero": float(-y_enc.offset), "low": 0.0, "high": float(y_enc.levels), "out_scale": s_y, "half": 0.5}
-    inits += [numpy_helper.from_array(np.array(v), p + k) for k, v in constants.items() if k != "out_scale"]
-    inits.append(numpy_helper.from_array(np.array(s_y, dtype=np.float32), p + "out_scale"))
+                 "zero": 0.0, "one": 1.0, "two": 2.0, "end": 4.0 * Q14, "full": 4095.0, "center": 2048.0,
+                 "q12": 4096.0, "inv12": 2.0**-12, "m": float(ratio_m), "half": 0.5,
+                 "zero_point_half": 0.5 - y_enc.offset}
+    inits += [numpy_helper.from_array(np.array(v), p + k) for k, v in constants.items()]
 
     def shifted(product: str, rounded: bool, out: str) -> list[onnx.NodeProto]:
         """``out = (product [+ 2^15]) >> 16``."""
@@ -105,8 +104,7 @@ def _gelu16(x: str, y: str, x_enc: Encoding, y_enc: Encoding) -> Lowered:
     for segment, (c0, c1, c2, c3) in SEGMENT_FIT.items():
         q = f"{p}s{segment}_"
         chain += [
-            make("Mul", [p + "u", p + "inv14"], [q + "v"]),
-            make("Sub", [q + "v", constant(f"s{segment}_base", segment)], [q + "t"]),
+            make("Sub", [p + "seg_f", constant(f"s{segment}_base", segment)], [q + "t"]),
             make("Mul", [q + "t", constant(f"s{segment}_c3", c3)], [q + "h3"]),
             make("Add", [q + "h3", constant(f"s{segment}_c2", c2)], [q + "h2"]),
             make("Mul", [q + "h2", q + "t"], [q + "g2"]),
@@ -150,11 +148,6 @@ def _gelu16(x: str, y: str, x_enc: Encoding, y_enc: Encoding) -> Lowered:
     chain += [
         make("Neg", [p + "v"], [p + "v_neg"]),
         make("Where", [p + "negative", p + "v_neg", p + "v"], [p + "signed"]),
-        make("Add", [p + "signed", p + "y_zero"], [p + "code64"]),
-        make("Max", [p + "code64", p + "low"], [p + "code_low"]),
-        make("Min", [p + "code_low", p + "high"], [p + "code"]),
-        make("Sub", [p + "code", p + "y_zero"], [p + "centered"]),
-        make("Cast", [p + "centered"], [p + "centered32"], to=onnx.TensorProto.FLOAT),
-        make("Mul", [p + "centered32", p + "out_scale"], [y]),
+        make("Add", [p + "signed", p + "zero_point_half"], [p + "shifted"]),  # an integer: the floor keeps it
     ]
-    return chain, inits, set()
+    return with_output_codes(chain, inits, p, y_enc, p + "shifted", y)

@@ -1,7 +1,8 @@
 """The HTP's 8-bit LayerNormalization over its last axis (uint8 input, output and gamma, int32 beta).
 
 Decoded from a helper's emulator probes (tools/HTP.md finding 36: MiniLM-L6's 13 LayerNorms on 128
-rows each, 638,976 values, and 20 generated probes, every value on v68 and v73). Per row of ``N``
+rows each, 638,976 values on v68 and v73, and 20 generated probes on v68, some on v73 too: every
+value). Per row of ``N``
 centered input codes ``c`` (exact integers):
 
 - ``D = 64 c - floor(64 sum(c) / N)``: the mean is taken to 1/64 of a code, floored;
@@ -26,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding, quantize, round_half_away
+from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
 from .codes import SUFFIX, Context, Lowered, centered_codes, int8, output_encoding, reduction, with_output_codes
 
@@ -70,8 +72,8 @@ def lower_layer_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if gamma not in context.constants or beta not in context.constants:
         return None
     features = shape[-1]
-    g_values = numpy_helper.to_array(context.constants[gamma]).reshape(-1)
-    b_values = numpy_helper.to_array(context.constants[beta]).reshape(-1)
+    g_values = initializer_array(context.constants[gamma]).reshape(-1)
+    b_values = initializer_array(context.constants[beta]).reshape(-1)
     if g_values.size != features or b_values.size != features:
         return None
     s_x, s_gamma, s_beta, s_out = (float(np.float32(e.scale)) for e in (x_enc, g_enc, b_enc, y_enc))
