@@ -14,7 +14,8 @@ integer grids the simulation uses:
   asymmetric, signed with zero point 0 when symmetric (int32 biases among them).
 
 8-bit Q/DQ use the standard domain (opset >= 10; older models are upgraded to opset 13 with
-onnx.version_converter). 16-bit encodings need opset 21 and per-channel ones (DequantizeLinear's
+onnx.version_converter, and so are models before opset 12 with a MaxPool, which onnxruntime
+quantizes only from MaxPool-12). 16-bit encodings need opset 21 and per-channel ones (DequantizeLinear's
 ``axis``) opset 13, so when the model is older than what its encodings need, the Q/DQ nodes use
 onnxruntime's ``com.microsoft`` domain, which both onnxruntime and its QNN execution provider
 accept; the float graph is never rewritten for it. An op pattern SNPE fuses (graph/fusions.py) is
@@ -39,6 +40,7 @@ SUFFIX = "__onnxsnpe_qdq"
 
 
 MS_DOMAIN = "com.microsoft"
+QUANTIZED_MAXPOOL_OPSET = 12
 
 
 def build_qdq_model(
@@ -56,7 +58,7 @@ def build_qdq_model(
     """
     model = onnx.ModelProto()
     model.CopyFrom(deploy)
-    if _default_opset(model) < 10:
+    if _needs_upgrade(model):
         model = version_converter.convert_version(model, 13)
     with_fused_ops(model, targets.fusions)
     domain = quantization_domain(model, [*activations.values(), *params.values()])
@@ -155,6 +157,15 @@ def quantization_domain(model: onnx.ModelProto, encodings: list[Encoding | Param
     if domain and not any(op.domain == domain for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, 1))
     return domain
+
+
+def _needs_upgrade(model: onnx.ModelProto) -> bool:
+    """Whether the QDQ model must move to opset 13: standard Q/DQ need opset 10, and onnxruntime
+    (its QNN execution provider too) groups DQ -> MaxPool -> Q into a quantized op only from
+    MaxPool-12, the version that takes 8-bit integers; before it the HTP runs MaxPool in float
+    between the pair (tools/HTP.md, finding 40)."""
+    opset = _default_opset(model)
+    return opset < 10 or (opset < QUANTIZED_MAXPOOL_OPSET and any(n.op_type == "MaxPool" for n in model.graph.node))
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
