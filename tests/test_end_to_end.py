@@ -349,11 +349,13 @@ def test_htp_arithmetic_simulation_follows_the_htp_with_16_bit_activations(tmp_p
     assert exact["sqnr_db"] < 45 and exact["max_error_lsb"] > 10 * htp["max_error_lsb"]
 
 
-CLASSIFIER_MODES = {  # options, and the htp arithmetic's least SQNR against the emulator (4 samples)
-    "per channel, A8": ({"per_channel": True}, 30.0),  # 34.5 dB measured at b8ffc09
+CLASSIFIER_MODES = {  # options, and the htp arithmetic's least SQNR against the emulator (4 samples; None: bit for bit)
+    # bit for bit since the QDQ model of this opset-11 model moves to opset 13 for its MaxPool (finding 40)
+    "per tensor, A8": ({}, None),
+    "per channel, A8": ({"per_channel": True}, None),  # 34.5 dB before
     "per tensor, A16": ({"act_bitwidth": 16}, 50.0),  # 57.8
-    # 36.5 and 36.3 dB with every op at one bitwidth (b8ffc09; 7.4 and 8.0 before findings 30-32)
-    "per tensor, auto precision": ({"auto_precision": True, "target_sqnr": 25.0, "num_samples": None}, 30.0),
+    # bit for bit and 36.5 dB since finding 40 (36.5 and 36.3 dB before; 7.4 and 8.0 before findings 30-32)
+    "per tensor, auto precision": ({"auto_precision": True, "target_sqnr": 25.0, "num_samples": None}, 40.0),
     "per channel, auto precision": ({"per_channel": True, "auto_precision": True, "target_sqnr": 25.0,
                                      "num_samples": None}, 30.0),
 }
@@ -362,7 +364,7 @@ CLASSIFIER_MODES = {  # options, and the htp arithmetic's least SQNR against the
 @pytest.mark.parametrize("mode", list(CLASSIFIER_MODES))
 def test_the_htp_runs_and_the_simulation_follows_it_in_every_mode_on_the_classifier(tmp_path, mode):
     """The PP-OCR classifier (opset 11, hard-swish Divs, a depthwise Conv with strides [2, 1]) in the
-    modes EfficientNet-Lite0's tests leave out. The emulator refused the first (per-axis Dequantize
+    modes EfficientNet-Lite0's tests leave out. The emulator refused per channel A8 (per-axis Dequantize
     before opset 13) and the auto-precision ones (mixed 8/16-bit Div and strided depthwise Conv,
     tools/HTP.md finding 16); each floor is some dB under what tools/htp_agreement.py --matrix
     measured on 8 samples (README). Auto precision runs on v73 (its 16-bit weights need it), whose
@@ -370,7 +372,10 @@ def test_the_htp_runs_and_the_simulation_follows_it_in_every_mode_on_the_classif
     (finding 32): its floor guards that it runs and stays near, not bit-exactness."""
     options, floor = CLASSIFIER_MODES[mode]
     htp, _ = _against_the_htp(tmp_path / "out", "ch_ppocr_mobile_v2.0_cls_infer.onnx", **options)
-    assert htp["sqnr_db"] is None or htp["sqnr_db"] >= floor
+    if floor is None:
+        assert htp["max_error_lsb"] == 0 and htp["sqnr_db"] is None
+    else:
+        assert htp["sqnr_db"] is None or htp["sqnr_db"] >= floor
 
 
 def test_report_measures_on_the_first_calibration_samples_by_default(tmp_path, tiny_model, npy_folder, monkeypatch):

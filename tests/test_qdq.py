@@ -13,10 +13,13 @@ from onnxsnpe.graph.deploy import prepare_deploy_model
 from onnxsnpe.graph.load import load_model
 from onnxsnpe.graph.runtime import make_session
 from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason
 from onnxsnpe.simulate.fake_quant import build_simulation_model
 from onnxsnpe.simulate.qdq import MS_DOMAIN, SUFFIX, build_qdq_model
 
 from .conftest import minmax_encodings
+
+QNN_REASON = qnn_unavailable_reason()
 
 
 def _encodings(deploy, targets, bitwidth=8):
@@ -225,3 +228,38 @@ def test_constants_of_ops_with_16_bit_outputs_are_16_bit():
     # the Mul reads the 16-bit c: it runs at 16 bits, its 8-bit output converted after (encode/conversions.py)
     assert (found["shift"].bitwidth, found["factor"].bitwidth) == (16, 16)
     assert found["shift"] == asymmetric_encoding(-1.0, 2.0, 16)
+
+
+def _max_pool_model(opset: int) -> onnx.ModelProto:
+    """x -> Conv(3x3) -> MaxPool(2x2, stride 2) -> Conv(1x1) = y, at ``opset``."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize(("opset", "exported"), [(11, 13), (12, 12), (17, 17)])
+def test_a_max_pool_before_opset_12_moves_the_qdq_model_to_opset_13(opset, exported):
+    """onnxruntime and its QNN provider quantize DQ -> MaxPool -> Q only from MaxPool-12; before
+    it the HTP ran the PP-OCR classifier's (opset 11) MaxPool in float (tools/HTP.md finding 40)."""
+    deploy = _max_pool_model(opset)
+    targets = find_targets(deploy)
+    rng = np.random.default_rng(4)
+    _, _, acts, params = minmax_encodings(deploy, [{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)}
+                                                   for _ in range(3)], 8)
+    qdq = build_qdq_model(deploy, targets, acts, params)
+    assert qdq.opset_import[0].version == exported and deploy.opset_import[0].version == opset
+    x = fake_quantize(rng.normal(size=(1, 3, 16, 16)).astype(np.float32), acts["x"])
+    sim, output_map = build_simulation_model(deploy, targets, acts, params)
+    want = make_session(sim).run([output_map["y"]], {"x": x})[0]
+    assert np.abs(make_session(qdq).run(["y"], {"x": x})[0] - want).max() <= acts["y"].scale * 1.001
+    if QNN_REASON is None:
+        htp = HtpSession(qdq, {"x": acts["x"]})
+        assert htp.float_nodes == [] and not htp.cpu_nodes
