@@ -131,3 +131,14 @@ def test_a_16_bit_l2_normalization_below_its_range_comes_out_at_the_top_as_simul
     assert np.all(on_htp[below] == top)
     np.testing.assert_array_equal(simulated[below], on_htp[below])
     assert (np.abs(simulated - on_htp) / acts["y"].scale).max() <= 1.01
+
+
+def test_a_16_bit_l2_normalization_output_gets_the_range_minus_one_to_one() -> None:
+    """So that no value falls below it on the device (the top-code wrap above); 8 bits saturate
+    properly and keep the calibrated range, whose steps are finer."""
+    model = _l2_model()
+    _, eight, _ = _encoded(model, 8)
+    _, sixteen, _ = _encoded(model, 16)
+    assert (eight["y"].min, eight["y"].max) == pytest.approx((-0.25, 0.25), abs=0.002)
+    assert sixteen["y"].min <= -1.0 and sixteen["y"].max == pytest.approx(1.0, abs=1e-4)
+    assert sixteen["x"] == asymmetric_encoding(-4.0, 4.0, 16)

@@ -133,16 +133,26 @@ def with_htp_fixed_encodings(
     model: onnx.ModelProto, targets: QuantTargets, activations: dict[str, Encoding]
 ) -> dict[str, Encoding]:
     """``activations`` with each 16-bit output of an op in HTP_FIXED_16_BIT (and its aliases) given
-    the encoding the HTP computes it in. The HTP writes a 16-bit HardSigmoid on the grid 2^-16 from
-    0 whatever encoding its output has (every one of the 65,536 input codes, four input and output
-    ranges): with a calibrated range such as [0, 0.6] the device's values would be garbage, up to
-    26,213 steps off. With this encoding the overrides say what the HTP computes."""
+    the encoding the HTP computes it in, and each 16-bit output of a fused L2 normalization the
+    range [-1, 1].
+
+    The HTP writes a 16-bit HardSigmoid on the grid 2^-16 from 0 whatever encoding its output has
+    (every one of the 65,536 input codes, four input and output ranges): with a calibrated range
+    such as [0, 0.6] the device's values would be garbage, up to 26,213 steps off. With this
+    encoding the overrides say what the HTP computes. Its 16-bit L2Norm writes a value below its
+    output range at the top code (simulate/htp/l2_norm.py): a calibrated range, which new data can
+    leave, would turn such a value from about -0.2 into +0.2 on the device; [-1, 1] holds every
+    output and still has steps of 3e-5."""
     fixed = {}
     for node in model.graph.node:
         encoding = HTP_FIXED_16_BIT.get(node.op_type)
         output = node.output[0] if node.output else None
         if encoding is not None and output in activations and activations[output].bitwidth == 16:
             fixed[output] = encoding
+    for fusion in targets.fusions.values():
+        encoding = activations.get(fusion.output)
+        if fusion.op_type == "LpNormalization" and encoding is not None and encoding.bitwidth == 16:
+            fixed[fusion.output] = asymmetric_encoding(-1.0, 1.0, 16)
     if not fixed:
         return activations
     aliases = {alias: fixed[root] for alias, root in targets.aliases.items() if root in fixed}
