@@ -213,7 +213,9 @@ def test_demo_runs_and_writes_the_recorded_bytes(capsys, tmp_path):
     """The demo's SNPE files (overrides, deploy and QDQ models, raw inputs) are byte-identical to the
     recorded ones (tests/demo_outputs.sha256, written before the stage-subpackage layout, re-recorded when
     graph preparation began folding the classifier's 18 Conv bias Adds as SNPE's converter does: 18
-    activation and 18 param encodings fewer, every other entry unchanged): a change that moves a bit
+    activation and 18 param encodings fewer, every other entry unchanged; snpe_qdq.onnx again when
+    the QDQ export moved this opset-11 model to opset 13 for its MaxPool, tools/HTP.md finding 40,
+    the SNPE files unchanged): a change that moves a bit
     of them shows here. Recorded on the project's x86-64 machine; onnxruntime kernels on
     another CPU could round a calibration range differently."""
     out = tmp_path / "demo"
