@@ -163,34 +163,7 @@ def measure_minilm(weights_kind: str, act_bitwidth: int, samples: int, target_sq
         model = SHARED / "models" / "minilm_l6.onnx"
         data = (Path(tmp, "calib"), Path(tmp, "eval"), Path(tmp, "out"), samples, weights_kind, act_bitwidth,
                 target_sqnr)
-        try:
-            return pipeline_rows("minilm", model, *data)
-        except HtpRefused:
-            pass
-        body = Path(tmp, "minilm_body.onnx")
-        onnx.save(without_l2_normalization(onnx.load(model)), body)
-        return pipeline_rows("minilm before its L2 normalization, the whole refused", body, *data)
-
-
-def without_l2_normalization(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` ending at the input of its last ReduceL2 (a sentence encoder's final L2 normalization,
-    which the HTP emulator refuses at 16 bits: tools/HTP.md "Not done"), that tensor its only output."""
-    reduce_l2 = [node for node in model.graph.node if node.op_type == "ReduceL2"][-1]
-    pooled = reduce_l2.input[0]
-    producers = {name: index for index, node in enumerate(model.graph.node) for name in node.output}
-    needed, stack = set(), [pooled]
-    while stack:  # the nodes the pooled tensor is computed from
-        index = producers.get(stack.pop())
-        if index is not None and index not in needed:
-            needed.add(index)
-            stack.extend(model.graph.node[index].input)
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    del cut.graph.node[:], cut.graph.output[:]
-    cut.graph.node.extend(node for index, node in enumerate(model.graph.node) if index in needed)
-    typed = {info.name: info for info in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    cut.graph.output.append(typed[pooled])
-    return cut
+        return pipeline_rows("minilm", model, *data)
 
 
 def measure_auto_precision(key: str, crops: Path | None, weights_kind: str, target_sqnr: float) -> list[dict]:
