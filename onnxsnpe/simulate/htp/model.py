@@ -49,8 +49,9 @@ activations and weights:
   8 bits its Gelu is exact GELU then rounding, as the float chain computes).
 - An 8-bit LayerNormalization: its row statistics on the codes, a float32 reciprocal square root
   by the magic-constant method and an integer multiplier per row (layer_norm.py).
-- A fused L2 normalization with a 16-bit output: a value below the output's range comes out at its
-  top code (l2_norm.py).
+- A fused L2 normalization over the last axis: the sum of squared codes, the LayerNorm's reciprocal
+  square root, the output truncated (at 8 bits in some rows through float16), and at 16 bits a
+  value below the output's range at the top code (l2_norm.py).
 - A Relu or Clip squashed into a lowered op narrows the op's clamp of its output codes (squash.py),
   and a lowered op reads the codes its producer computed instead of deriving them from the
   dequantized tensor (code_passing.py): the same numbers in fewer passes.
@@ -79,7 +80,7 @@ from .codes import Context, Lowered, int8
 from .concat import lower_concat16
 from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .gelu import lower_gelu16
-from .l2_norm import lower_l2_norm16
+from .l2_norm import lower_l2_norm
 from .layer_norm import lower_layer_norm
 from .linear import lower_linear
 from .mul16 import lower_mul16
@@ -95,7 +96,7 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
-    "LayerNormalization": (lower_layer_norm,), "Div": (lower_l2_norm16,),
+    "LayerNormalization": (lower_layer_norm,), "Div": (lower_l2_norm,),
 }
 """The lowerings of each op type (model docstring)."""
 
