@@ -63,10 +63,11 @@ Requant = np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
-    """The A16W8 Conv or Gemm (``x W^T + b``) in the arithmetic of the module docstring, or None where
-    it does not apply. A ConvTranspose whose kernel equals its stride runs as at 8 bits: a 1x1 Conv
-    with ``C_out k k`` output channels in this arithmetic, then depth-to-space (tools/HTP.md finding 15)."""
-    if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 2 \
+    """The A16W8 Conv, Gemm (``x W^T + b``) or MatMul by a constant 2-D weight (as the Gemm ``x (W^T)^T``:
+    tools/HTP.md finding 42) in the arithmetic of the module docstring, or None where it does not
+    apply. A ConvTranspose whose kernel equals its stride runs as at 8 bits: a 1x1 Conv with ``C_out k
+    k`` output channels in this arithmetic, then depth-to-space (tools/HTP.md finding 15)."""
+    if node.op_type not in ("Conv", "Gemm", "ConvTranspose", "MatMul") or len(node.input) < 2 \
             or node.input[1] not in context.constants:
         return None
     gemm = (node_attributes(node).get(key, default) for key, default in
@@ -78,16 +79,21 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     w_enc = context.params.get(node.input[1])
     weight = initializer_array(context.constants[node.input[1]])
     blocks = transpose_blocks(node, weight.shape)
+    matmul = node.op_type == "MatMul"
     if (not of_bitwidth(16, x_enc, y_enc) or not of_bitwidth(8, w_enc)
-            or weight.ndim != (2 if node.op_type == "Gemm" else 4) or (node.op_type == "ConvTranspose" and not blocks)):
+            or weight.ndim != (2 if node.op_type in ("Gemm", "MatMul") else 4)
+            or (node.op_type == "ConvTranspose" and not blocks)):
         return None
-    axis = 1 if blocks else 0  # the output channels: a ConvTranspose's axis 1, a Conv's or transposed Gemm's 0
+    # the output channels: a ConvTranspose's or MatMul's axis 1, a Conv's or transposed Gemm's 0
+    axis = 1 if blocks or matmul else 0
     per_channel = isinstance(w_enc, ChannelEncodings)
     if per_channel and w_enc.axis != axis:
         return None
     w_scale = np.float32(w_enc.scales()) if per_channel else np.full(weight.shape[axis], np.float32(w_enc.scale))
     along = tuple(-1 if k == axis else 1 for k in range(weight.ndim))
     codes = np.round(fake_quantize(weight, w_enc).astype(np.float64) / w_scale.astype(np.float64).reshape(along))
+    if matmul:  # output channels first, as a transposed Gemm's (_stored puts them back for the MatMul)
+        codes = codes.T
     original = node
     if blocks:  # the 1x1 Conv, then depth-to-space
         codes = as_block_conv(codes)
@@ -229,11 +235,11 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
     with the Convs' sums and the carry exact float32 integers; the constants (``z_out / M`` passes
     2^24 when M is small) and the multiplication by ``m`` run in float64."""
     p = f"{node.output[0]}{SUFFIX}/"
-    channel = (1, -1) + (1,) * (codes.ndim - 2)
+    channel = _channel_shape(node, codes)
     whole, rest = np.divmod(zero_sum, 2.0**SHIFT)
     nodes, inits = centered_codes(node.input[0], x_enc, p + "x")
     inits += [
-        numpy_helper.from_array(codes.astype(np.float32), p + "w"),
+        numpy_helper.from_array(_stored(node, codes).astype(np.float32), p + "w"),
         numpy_helper.from_array(np.array(2.0**-SHIFT, dtype=np.float32), p + "down"),
         numpy_helper.from_array(np.array(2.0**SHIFT, dtype=np.float32), p + "up"),
         numpy_helper.from_array(rest.astype(np.float32).reshape(channel), p + "rest"),
@@ -273,10 +279,10 @@ def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
     p = f"{node.output[0]}{SUFFIX}/"
     parts = [(codes, 1.0)] if isinstance(codes, np.ndarray) else codes
     names = [p + "w"] if len(parts) == 1 else [f"{p}w{k}" for k in range(len(parts))]
-    channel = (1, -1) + (1,) * (parts[0][0].ndim - 2)
+    channel = _channel_shape(node, parts[0][0])
     nodes, inits = centered_codes(node.input[0], x_enc, p + "x")
-    inits += [numpy_helper.from_array(part.astype(np.float32), name) for (part, _), name in zip(parts, names,
-                                                                                                strict=True)]
+    inits += [numpy_helper.from_array(_stored(node, part).astype(np.float32), name)
+              for (part, _), name in zip(parts, names, strict=True)]
     inits += [
         numpy_helper.from_array(np.array(2.0**-digit_bits, dtype=np.float32), p + "digit_down"),
         numpy_helper.from_array(np.array(2.0**digit_bits, dtype=np.float32), p + "digit_up"),
@@ -318,6 +324,17 @@ def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
     chain, inits, _ = with_output_codes(nodes + tail, inits + tail_inits, p, y_enc, p + "real_half",
                                         node.output[0], centered)
     return chain, inits
+
+
+def _channel_shape(node: onnx.NodeProto, codes: np.ndarray) -> tuple[int, ...]:
+    """The shape that puts per-output-channel constants on the node's output channel axis: axis 1 of
+    a Conv's or Gemm's output, the last axis of a MatMul's (whatever its rank)."""
+    return (-1,) if node.op_type == "MatMul" else (1, -1) + (1,) * (codes.ndim - 2)
+
+
+def _stored(node: onnx.NodeProto, codes: np.ndarray) -> np.ndarray:
+    """Weight codes (output channels first) as ``node`` reads them: a MatMul's as [in, out]."""
+    return codes.T if node.op_type == "MatMul" else codes
 
 
 def _requantized(p: str, truncated: str, constant: np.ndarray, requant: Requant, y_enc: Encoding,
