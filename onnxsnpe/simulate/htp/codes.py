@@ -322,7 +322,7 @@ def centered_codes(tensor: str, enc: Encoding, codes: str) -> tuple[list[onnx.No
     return nodes, [scale]
 
 
-AXES_AS_INPUT = {"ReduceSum": 13, "ReduceMax": 18}
+AXES_AS_INPUT = {"ReduceSum": 13, "ReduceMax": 18, "ReduceMin": 18}
 """The opset from which each reduction takes its axes as an input instead of an attribute."""
 
 

@@ -49,6 +49,8 @@ activations and weights:
   8 bits its Gelu is exact GELU then rounding, as the float chain computes).
 - An 8-bit LayerNormalization: its row statistics on the codes, a float32 reciprocal square root
   by the magic-constant method and an integer multiplier per row (layer_norm.py).
+- A MatMul of two 16-bit activations on v73: the second operand narrowed to an 8-bit grid and
+  re-expressed per column, the sum truncated by 8 bits, a float32 multiplier (matmul16.py).
 - A fused L2 normalization over the last axis: the sum of squared codes, the LayerNorm's reciprocal
   square root, the output truncated (at 8 bits in some rows through float16), and at 16 bits a
   value below the output's range at the top code (l2_norm.py).
@@ -83,6 +85,7 @@ from .gelu import lower_gelu16
 from .l2_norm import lower_l2_norm
 from .layer_norm import lower_layer_norm
 from .linear import lower_linear
+from .matmul16 import lower_matmul16
 from .mul16 import lower_mul16
 from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
@@ -96,7 +99,7 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
-    "LayerNormalization": (lower_layer_norm,), "Div": (lower_l2_norm,),
+    "LayerNormalization": (lower_layer_norm,), "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS),
 }
 """The lowerings of each op type (model docstring)."""
 

@@ -1,0 +1,111 @@
+"""The HTP's MatMul of two 16-bit activations (attention scores and context), as a helper's probes on
+v73 decoded it (tools/HTP.md finding 44).
+
+With ``A`` [..., M, K] and ``B`` [..., K, N] (uint16 codes ``u_a``, ``u_b``), the HTP:
+
+- narrows ``B`` to an 8-bit grid: ``j = floor((255 u_b + 33279 - 512 Z) / 2^16)`` with ``Z =
+  ceil(255 z_b / 512)`` (the zero point converted with 7 fraction bits), clamped to ``[-z8, 255 - z8]``,
+  ``z8 = floor((Z + 64) / 128)``;
+- re-expresses each column of ``j`` (over ``K``) that leaves int8 with the step ``max(min / -128,
+  max / 127)`` rounded to 1/2048, its values rounded half away from zero (the 8-bit weights' rule);
+- multiplies the uncentered ``u_a`` by ``j``, drops the sum's 8 low bits and takes away ``round_half_away(
+  z_a sum(j) / 2^8)``: ``T``;
+- requantizes in float32: ``floor(T m_c + (z_out + 1/2))``, ``m_c = float32(m step_c)``, ``m =
+  float32(float32(s_a s_b) 257 2^8) / s_out``.
+
+The model's ``s_b`` stays the 16-bit step: the narrowed step is ``257 s_b``. On the helper's probes
+(scratch /work/scratch/s17/h_mm16, mm16rule.py, verify.py) the narrowing is exact on every code and
+the products bit for bit on most probes, up to 514 of 65,536 values one step off on others (not
+decoded further); on MiniLM-L6-like attention products the context exact, the scores a few in 1,000.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .codes import SUFFIX, Context, Lowered, centered_codes, of_bitwidth, output_encoding, reduction, with_output_codes
+
+NARROW_ROUNDING = 33279
+"""The HTP's 16- to 8-bit conversion adds this before dividing ``255 u`` by 2^16."""
+STEP_RESOLUTION = 2048
+"""A re-expressed column's step is a multiple of 1/2048."""
+
+
+def lower_matmul16(node: onnx.NodeProto, context: Context) -> Lowered | None:
+    """A MatMul of two asymmetric 16-bit activations with a 16-bit output, on v73 or later (where it
+    was probed), as the module docstring says; None otherwise."""
+    if node.op_type != "MatMul" or node.input[1] in context.constants or context.arch < 73:
+        return None
+    a_enc, b_enc = context.activations.get(node.input[0]), context.activations.get(node.input[1])
+    y_enc = output_encoding(node, context.targets, context.activations)
+    shape = context.shapes.get(node.input[1])
+    if (not of_bitwidth(16, a_enc, b_enc, y_enc) or any(e.is_symmetric for e in (a_enc, b_enc, y_enc))
+            or not shape or len(shape) < 2):
+        return None
+    p = f"{node.output[0]}{SUFFIX}/"
+    make = helper.make_node
+    double, single = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
+    z_a, z_b = -a_enc.offset, -b_enc.offset
+    converted = -((-255 * z_b) // 512)  # ceil(255 z_b / 512)
+    z8 = (converted + 64) // 128
+    f32 = np.float32
+    multiplier = f32(f32(f32(f32(a_enc.scale) * f32(b_enc.scale)) * f32(257 * 256)) / f32(y_enc.scale))
+    values = {"za": float(z_a), "zb": float(z_b), "k255": 255.0,
+              "narrow_offset": float(NARROW_ROUNDING - 512 * converted),
+              "inv65536": 2.0**-16, "j_low": float(-z8), "j_high": float(255 - z8), "int8_low": -128.0,
+              "int8_high": 127.0, "neg128": -1 / 128, "inv127": 1 / 127, "res": float(STEP_RESOLUTION),
+              "inv_res": 1 / STEP_RESOLUTION, "one": 1.0, "half": 0.5, "inv256": 2.0**-8}
+    inits = [numpy_helper.from_array(np.array(v), p + k) for k, v in values.items()]
+    inits += [numpy_helper.from_array(np.array(multiplier, dtype=np.float32), p + "m"),
+              numpy_helper.from_array(np.array(f32(-y_enc.offset + 0.5), dtype=np.float32), p + "zero_point_half")]
+    a_codes, a_inits = centered_codes(node.input[0], a_enc, p + "ca")
+    b_codes, b_inits = centered_codes(node.input[1], b_enc, p + "cb")
+    k_axis = len(shape) - 2
+    least, least_axes = reduction("ReduceMin", p + "j", p + "j_min", [k_axis], True, context.opset)
+    most, most_axes = reduction("ReduceMax", p + "j", p + "j_max", [k_axis], True, context.opset)
+    column_sum, sum_axes = reduction("ReduceSum", p + "jr", p + "j_sum", [k_axis], True, context.opset)
+    inits += [*a_inits, *b_inits, *least_axes, *most_axes, *sum_axes]
+
+    def half_away(x: str, out: str) -> list[onnx.NodeProto]:
+        return [make("Abs", [x], [out + "_abs"]), make("Add", [out + "_abs", p + "half"], [out + "_shift"]),
+                make("Floor", [out + "_shift"], [out + "_floor"]), make("Sign", [x], [out + "_sign"]),
+                make("Mul", [out + "_floor", out + "_sign"], [out])]
+
+    chain = [
+        *a_codes, *b_codes,
+        make("Cast", [p + "ca"], [p + "ca64"], to=double), make("Add", [p + "ca64", p + "za"], [p + "ua"]),
+        make("Cast", [p + "cb"], [p + "cb64"], to=double), make("Add", [p + "cb64", p + "zb"], [p + "ub"]),
+        # B narrowed to its 8-bit grid, centered, clamped
+        make("Mul", [p + "ub", p + "k255"], [p + "ub255"]),
+        make("Add", [p + "ub255", p + "narrow_offset"], [p + "nb"]),
+        make("Mul", [p + "nb", p + "inv65536"], [p + "nb_scaled"]), make("Floor", [p + "nb_scaled"], [p + "j_raw"]),
+        make("Clip", [p + "j_raw", p + "j_low", p + "j_high"], [p + "j"]),
+        # each column beyond int8 re-expressed with a step on 1/2048
+        least, most,
+        make("Less", [p + "j_min", p + "int8_low"], [p + "under"]),
+        make("Greater", [p + "j_max", p + "int8_high"], [p + "over"]),
+        make("Or", [p + "under", p + "over"], [p + "beyond"]),
+        make("Mul", [p + "j_min", p + "neg128"], [p + "step_low"]),
+        make("Mul", [p + "j_max", p + "inv127"], [p + "step_high"]),
+        make("Max", [p + "step_low", p + "step_high"], [p + "step_exact"]),
+        make("Mul", [p + "step_exact", p + "res"], [p + "step_units"]),
+        make("Round", [p + "step_units"], [p + "step_round"]),
+        make("Mul", [p + "step_round", p + "inv_res"], [p + "step_grid"]),
+        make("Where", [p + "beyond", p + "step_grid", p + "one"], [p + "step"]),
+        make("Div", [p + "j", p + "step"], [p + "j_steps"]), *half_away(p + "j_steps", p + "jr"),
+        # the product, its 8 low bits dropped, the input zero point's share apart
+        make("MatMul", [p + "ua", p + "jr"], [p + "acc"], name=p + "MatMul"),
+        make("Mul", [p + "acc", p + "inv256"], [p + "acc_down"]), make("Floor", [p + "acc_down"], [p + "acc_floor"]),
+        column_sum, make("Mul", [p + "j_sum", p + "za"], [p + "zero_share"]),
+        make("Mul", [p + "zero_share", p + "inv256"], [p + "zero_share_down"]),
+        *half_away(p + "zero_share_down", p + "zero_term"),
+        make("Sub", [p + "acc_floor", p + "zero_term"], [p + "t"]),
+        # float32 requantization, a multiplier per column
+        make("Cast", [p + "t"], [p + "t32"], to=single), make("Cast", [p + "step"], [p + "step32"], to=single),
+        make("Mul", [p + "step32", p + "m"], [p + "m_column"]), make("Mul", [p + "t32", p + "m_column"], [p + "y32"]),
+        make("Add", [p + "y32", p + "zero_point_half"], [p + "shifted32"]),
+        make("Cast", [p + "shifted32"], [p + "shifted"], to=double),
+    ]
+    return with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])

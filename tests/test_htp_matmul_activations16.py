@@ -1,0 +1,56 @@
+"""A MatMul of two 16-bit activations as HTP v73 computes it (simulate/htp/matmul16.py, tools/HTP.md finding 44)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxsnpe.encode.encoding import asymmetric_encoding, fake_quantize
+from onnxsnpe.graph.targets import find_targets
+from onnxsnpe.simulate.emulator import HtpSession, qnn_unavailable_reason, simulation_runner
+from onnxsnpe.simulate.fake_quant import build_simulation_model
+from onnxsnpe.simulate.htp.model import htp_simulation_model
+from onnxsnpe.simulate.qdq import build_qdq_model
+
+QNN_REASON = qnn_unavailable_reason()
+HEADS, TOKENS, DIMS = 2, 32, 16
+"""Attention's shapes: scores [h, t, d] x [h, d, t], context [h, t, t] x [h, t, d]."""
+
+
+def _model(k: int, n: int) -> onnx.ModelProto:
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "attention",
+                              [value("a", TensorProto.FLOAT, [1, HEADS, TOKENS, k]),
+                               value("b", TensorProto.FLOAT, [1, HEADS, k, n])],
+                              [value("y", TensorProto.FLOAT, [1, HEADS, TOKENS, n])])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+CASES = {  # (k, n, a range, b range, y range)
+    "scores": (DIMS, TOKENS, (-3.0, 2.5), (-2.0, 3.5), (-20.0, 24.0)),
+    "context": (TOKENS, DIMS, (0.0, 1.0), (-1.5, 1.2), (-1.3, 1.1)),
+}
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_htp_16_bit_matmul_of_two_activations_is_reproduced(case: str) -> None:
+    """The context product bit for bit; the scores within a step in a few values (the rule's residue,
+    as on the helper's probes: up to 514 of 65,536 one step off)."""
+    k, n, a_range, b_range, y_range = CASES[case]
+    model = _model(k, n)
+    targets = find_targets(model)
+    acts = {"a": asymmetric_encoding(*a_range, 16), "b": asymmetric_encoding(*b_range, 16),
+            "y": asymmetric_encoding(*y_range, 16)}
+    rng = np.random.default_rng(11)
+    shapes = {"a": (1, HEADS, TOKENS, k), "b": (1, HEADS, k, n)}
+    feed = {name: fake_quantize(rng.uniform(acts[name].min, acts[name].max, shapes[name]).astype(np.float32),
+                                acts[name]) for name in shapes}
+    on_htp = HtpSession(build_qdq_model(model, targets, acts, {}), {"a": acts["a"], "b": acts["b"]}, "73").run(feed)[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}, "73"), ["y"])(feed)[0]
+    exact = simulation_runner(*build_simulation_model(model, targets, acts, {}), ["y"])(feed)[0]
+    steps = np.abs(modeled - on_htp) / acts["y"].scale
+    assert steps.max() <= 1.01 and (steps > 0.5).mean() < 0.005  # scores: 4 of 2,048 one step off here
+    assert (np.abs(exact - on_htp) / acts["y"].scale > 0.5).mean() > 0.2  # exact rounding: 23% and 91%
