@@ -37,8 +37,8 @@ CASES = {  # (k, n, a range, b range, y range)
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_htp_16_bit_matmul_of_two_activations_is_reproduced(case: str) -> None:
-    """The context product bit for bit; the scores within a step in a few values (the rule's residue,
-    as on the helper's probes: up to 514 of 65,536 one step off)."""
+    """Within a step, off only near float32 ties of the requantization (the helper's probes: 9,049 of
+    14,409,856 codes), where exact float rounding misses a quarter to nine tenths of the codes."""
     k, n, a_range, b_range, y_range = CASES[case]
     model = _model(k, n)
     targets = find_targets(model)
@@ -52,5 +52,5 @@ def test_the_htp_16_bit_matmul_of_two_activations_is_reproduced(case: str) -> No
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}, "73"), ["y"])(feed)[0]
     exact = simulation_runner(*build_simulation_model(model, targets, acts, {}), ["y"])(feed)[0]
     steps = np.abs(modeled - on_htp) / acts["y"].scale
-    assert steps.max() <= 1.01 and (steps > 0.5).mean() < 0.005  # scores: 4 of 2,048 one step off here
+    assert steps.max() <= 1.01 and (steps > 0.5).mean() < 0.005  # near float32 ties only
     assert (np.abs(exact - on_htp) / acts["y"].scale > 0.5).mean() > 0.2  # exact rounding: 23% and 91%
