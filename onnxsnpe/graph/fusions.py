@@ -135,11 +135,11 @@ def _l2_norms(patterns: _Patterns) -> dict[str, Fusion]:
             continue
         x, chain = reduce.input[0], [reduce]
         step = patterns.only_reader(reduce.output[0])
-        if step is not None and step.op_type == "Add" and patterns.operand(step) == reduce.output[0]:
+        epsilon = step is not None and (
+            (step.op_type == "Add" and patterns.operand(step) == reduce.output[0])
+            or (step.op_type == "Clip" and _clip_is_a_floor(step, patterns)))
+        if epsilon:
             chain.append(step)
-        elif step is not None and step.op_type == "Clip" and _clip_is_a_floor(step, patterns):
-            chain.append(step)
-        if len(chain) == 2:
             step = patterns.only_reader(chain[-1].output[0])
             if step is not None and step.op_type == "Expand" and step.input[0] == chain[-1].output[0]:
                 chain.append(step)

@@ -82,6 +82,11 @@ def fake_quant_nodes(
     return nodes, inits
 
 
+NARROW_ROUNDING = 33279
+"""The HTP converts a 16-bit code ``q16`` to 8 bits as ``floor((255 q16 + NARROW_ROUNDING) / 2^16)``
+(tools/HTP.md finding 21)."""
+
+
 def narrowed_nodes(tensor: str, enc: Encoding, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """ONNX nodes quantizing ``tensor``, computed on the 16-bit grid of its 8-bit encoding ``enc``
     (encode.encoding.same_grid_wider), to ``enc`` as the HTP converts it: on raw codes,
@@ -89,8 +94,8 @@ def narrowed_nodes(tensor: str, enc: Encoding, output: str) -> tuple[list[onnx.N
     of the 65,536 codes, one step up). The 16-bit code is exact in float32 and so is every step."""
     p = f"{tensor}{SUFFIX}/"
     wide = same_grid_wider(enc, 16)
-    consts = {"scale16": wide.scale, "raw16": -wide.offset, "times": 255.0, "plus": 33279.0, "down": 2.0**-16,
-              "low": 0.0, "high": float(enc.levels), "offset": float(enc.offset), "scale": enc.scale}
+    consts = {"scale16": wide.scale, "raw16": -wide.offset, "times": 255.0, "plus": float(NARROW_ROUNDING),
+              "down": 2.0**-16, "low": 0.0, "high": float(enc.levels), "offset": float(enc.offset), "scale": enc.scale}
     inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), p + k) for k, v in consts.items()]
     n = helper.make_node
     nodes = [n("Div", [tensor, p + "scale16"], [p + "v16"]), n("Round", [p + "v16"], [p + "c16"]),

@@ -26,10 +26,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..fake_quant import NARROW_ROUNDING
 from .codes import SUFFIX, Context, Lowered, centered_codes, of_bitwidth, output_encoding, reduction, with_output_codes
 
-NARROW_ROUNDING = 33279
-"""The HTP's 16- to 8-bit conversion adds this before dividing ``255 u`` by 2^16."""
 STEP_RESOLUTION = 2048
 """A re-expressed column's step is a multiple of 1/2048."""
 
