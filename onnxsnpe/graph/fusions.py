@@ -27,7 +27,7 @@ import onnx
 from onnx import helper
 
 from .large import initializer_array
-from .ops import node_attributes
+from .ops import node_attributes, standard_opset
 
 GELU_OPSET = 20
 """The standard domain has Gelu from this opset; before it, onnxruntime's com.microsoft Gelu (same math)."""
@@ -184,7 +184,7 @@ def with_fused_ops(model: onnx.ModelProto, fusions: dict[str, Fusion]) -> None:
     if not fusions:
         return
     graph = model.graph
-    opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 1)
+    opset = standard_opset(model)
     gelu_domain = "" if opset >= GELU_OPSET else MS_DOMAIN
     if any(f.op_type == "Gelu" for f in fusions.values()) and gelu_domain and not any(
             op.domain == gelu_domain for op in model.opset_import):

@@ -22,7 +22,7 @@ import onnx
 
 from .large import initializer_array
 from .load import FLOAT_TYPES
-from .ops import DATA_MOVEMENT
+from .ops import DATA_MOVEMENT, standard_opset
 
 MASK_MAGNITUDE = 1e4
 """A constant with a value at least this large in magnitude (or infinite) makes its node a mask source."""
@@ -72,7 +72,7 @@ def find_masks(model: onnx.ModelProto) -> dict[str, MaskedTensor]:
             for tensor in _chain(node.output[0], consumers, constants):
                 floors[tensor] = max(floors.get(tensor, -np.inf), floor)
     shapes = _shapes(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = standard_opset(model)
     sinks: dict[str, list[MaskSink]] = {}
     for tensor in floors:
         for node in consumers.get(tensor, []):

@@ -26,6 +26,13 @@ WIDE_WEIGHT_OPS = LINEAR_OPS | {"LayerNormalization"}
 (SNPE.md section 4; tools/HTP.md finding 36 for LayerNorm: v68 refuses it)."""
 
 
+def standard_opset(model: onnx.ModelProto) -> int:
+    """The version of the standard (ai.onnx) domain a model imports, which decides the meaning of its
+    ops' attributes and which ops exist; 1 for a model that imports none (onnx's checker then lets it
+    hold no standard op, so no choice depends on it)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def node_attributes(node: onnx.NodeProto) -> dict:
     """A node's attributes by name, as Python values (strings stay bytes, as onnx gives them)."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}

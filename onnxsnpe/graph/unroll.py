@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .large import initializer_array
+from .ops import standard_opset
 
 MAX_ITERATIONS = 256
 """Loops longer than this are not unrolled (the graph would grow by that many bodies)."""
@@ -28,7 +29,7 @@ def unroll_loops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     unrolled.CopyFrom(model)
     graph = unrolled.graph
     constants = {init.name: init for init in graph.initializer}
-    opset = next((o.version for o in unrolled.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = standard_opset(unrolled)
     nodes, count = [], 0
     for node in graph.node:
         trips = unrollable_trips(node, constants)

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from ..encode.encoding import Encoding, ParamEncoding
+from ..graph.ops import standard_opset
 from ..graph.runtime import make_session
 from ..graph.targets import QuantTargets
 from ..simulate.arithmetic import simulation_model
@@ -70,7 +71,7 @@ class IsolatedModel:
         """One simulation in which each activation, and each weight in ``weights``, can be quantized
         alone; the activations' encodings are inputs where the opset allows (11 or later)."""
         outputs = [o.name for o in deploy.graph.output]
-        opset = next((o.version for o in deploy.opset_import if o.domain in ("", "ai.onnx")), 13)
+        opset = standard_opset(deploy)
         generic = opset >= 11
         model, output_map = build_simulation_model(deploy, targets, activations, weights, switchable=True,
                                                    switched_params=list(weights), encodings_as_inputs=generic)

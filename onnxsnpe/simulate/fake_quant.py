@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from ..encode.encoding import Encoding, ParamEncoding, fake_quantize, same_grid_wider
 from ..graph.large import initializer_array, is_large
+from ..graph.ops import standard_opset
 from ..graph.targets import QuantTargets
 from .qdq import dequantized_param, quantization_domain
 
@@ -166,7 +167,7 @@ def build_simulation_model(
     graph = sim.graph
     chosen = list(targets.activations if quantize_activations is None else quantize_activations)
     switched = set(switched_params) if switchable else set()
-    opset = next((o.version for o in sim.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = standard_opset(sim)
     if encodings_as_inputs and not (switchable and opset >= 11):
         raise ValueError("encodings as inputs need a switchable model of opset 11 or later")
     if switched:

@@ -34,6 +34,7 @@ from ..encode.conversions import widened_inputs, widened_outputs
 from ..encode.encoding import ChannelEncodings, Encoding, ParamEncoding, quantize
 from ..graph.fusions import with_fused_ops
 from ..graph.large import initializer_array, slabs
+from ..graph.ops import standard_opset
 from ..graph.targets import QuantTargets
 
 SUFFIX = "__onnxsnpe_qdq"
@@ -150,7 +151,7 @@ def _widening_converts(
 def quantization_domain(model: onnx.ModelProto, encodings: list[Encoding | ParamEncoding]) -> str:
     """The domain of ``model``'s Q/DQ nodes for ``encodings``, declared in the model: com.microsoft
     when some are 16-bit before opset 21 or per channel before opset 13, else the standard one."""
-    opset = _default_opset(model)
+    opset = standard_opset(model)
     wide = any(enc.bitwidth == 16 for enc in encodings)
     per_axis = any(isinstance(enc, ChannelEncodings) for enc in encodings)
     domain = MS_DOMAIN if (wide and opset < 21) or (per_axis and opset < 13) else ""
@@ -164,12 +165,8 @@ def _needs_upgrade(model: onnx.ModelProto) -> bool:
     (its QNN execution provider too) groups DQ -> MaxPool -> Q into a quantized op only from
     MaxPool-12, the version that takes 8-bit integers; before it the HTP runs MaxPool in float
     between the pair (tools/HTP.md, finding 40)."""
-    opset = _default_opset(model)
+    opset = standard_opset(model)
     return opset < 10 or (opset < QUANTIZED_MAXPOOL_OPSET and any(n.op_type == "MaxPool" for n in model.graph.node))
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 1)
 
 
 def _activation_plan(

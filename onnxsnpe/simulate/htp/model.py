@@ -72,7 +72,7 @@ import onnx
 
 from ...encode.conversions import widened_inputs, widened_outputs
 from ...encode.encoding import Encoding, ParamEncoding
-from ...graph.ops import WIDE_WEIGHT_OPS
+from ...graph.ops import WIDE_WEIGHT_OPS, standard_opset
 from ...graph.targets import QuantTargets
 from ..emulator import A16W16_ARCH
 from ..fake_quant import build_simulation_model
@@ -126,7 +126,7 @@ def htp_simulation_model(
     lowered_params: set[str] = set()
     on_grid: list[str] = []  # outputs the lowered ops requantize to their own encoding
     nodes: list[onnx.NodeProto] = []
-    opset = next((o.version for o in deploy.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = standard_opset(deploy)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*graph.input, *graph.value_info]}
     context = Context(targets, activations, params, constants, shapes, graph, opset,
