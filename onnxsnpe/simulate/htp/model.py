@@ -48,7 +48,8 @@ activations and weights:
 - A fused GELU (graph/fusions.py) at 16 bits: the HTP's fixed-point erf per segment (gelu.py; at
   8 bits its Gelu is exact GELU then rounding, as the float chain computes).
 - An 8-bit LayerNormalization: its row statistics on the codes, a float32 reciprocal square root
-  by the magic-constant method and an integer multiplier per row (layer_norm.py).
+  by the magic-constant method and an integer multiplier per row (layer_norm.py); a 16-bit one on
+  v73: a qf32 row mean on the raw codes and a 16-bit multiplier per row (layer_norm16.py).
 - A MatMul of two 16-bit activations on v73: the second operand narrowed to an 8-bit grid and
   re-expressed per column, the sum truncated by 8 bits, a float32 multiplier (matmul16.py).
 - A fused L2 normalization over the last axis: the sum of squared codes, the LayerNorm's reciprocal
@@ -84,6 +85,7 @@ from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .gelu import lower_gelu16
 from .l2_norm import lower_l2_norm
 from .layer_norm import lower_layer_norm
+from .layer_norm16 import lower_layer_norm16
 from .linear import lower_linear
 from .matmul16 import lower_matmul16
 from .mul16 import lower_mul16
@@ -99,7 +101,8 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
-    "LayerNormalization": (lower_layer_norm,), "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS),
+    "LayerNormalization": (lower_layer_norm, lower_layer_norm16),
+    "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS),
 }
 """The lowerings of each op type (model docstring)."""
 
