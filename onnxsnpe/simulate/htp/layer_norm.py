@@ -20,6 +20,7 @@ The 16-bit LayerNorm (v73, a signed symmetric gamma) is another kernel: layer_no
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -28,7 +29,7 @@ from onnx import helper, numpy_helper
 from ...encode.encoding import Encoding, quantize, round_half_away
 from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
-from .codes import SUFFIX, Context, Lowered, centered_codes, int8, output_encoding, reduction, with_output_codes
+from .codes import SUFFIX, Context, Lowered, centered_codes, of_bitwidth, output_encoding, reduction, with_output_codes
 
 MEAN_FRACTION = 64
 """The row mean is floored to 1/64 of an input code."""
@@ -53,19 +54,41 @@ def rsqrt_reference(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def lower_layer_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
-    """An 8-bit LayerNormalization over the last axis with constant per-feature gamma (uint8) and beta
-    (a 32-bit bias encoding) as the HTP computes it; None for anything else."""
+@dataclass(frozen=True)
+class LayerNormOperands:
+    """What a LayerNorm lowering reads: the encodings, the gamma codes and beta in output steps."""
+
+    x: Encoding
+    y: Encoding
+    features: int
+    gamma_codes: np.ndarray
+    """Centered (signed) gamma codes, float64."""
+    beta_steps: np.ndarray
+    """``round_half_away(beta_code s_beta / s_out)``: beta in whole output steps, float64."""
+    s_x: float
+    s_gamma: float
+    s_out: float
+    epsilon: float
+    consumed: set[str]
+    """The gamma and beta, which the lowering computes from their codes."""
+
+
+def layer_norm_operands(node: onnx.NodeProto, context: Context, bitwidth: int) -> LayerNormOperands | None:
+    """The operands of a LayerNormalization over the last axis at ``bitwidth`` (input and output) with
+    constant per-feature gamma (uint8 asymmetric at 8 bits, int16 symmetric at 16, as onnxruntime-qnn
+    takes them) and beta (a 32-bit bias encoding); None for anything else."""
     x_enc = context.activations.get(node.input[0])
     y_enc = output_encoding(node, context.targets, context.activations)
     shape = context.shapes.get(node.input[0]) or []
-    if len(node.input) < 3 or not int8(x_enc, y_enc) or not shape or not isinstance(shape[-1], int):
+    if len(node.input) < 3 or not of_bitwidth(bitwidth, x_enc, y_enc) or not shape or not isinstance(shape[-1], int):
+        return None
+    if bitwidth == 16 and (x_enc.is_symmetric or y_enc.is_symmetric):  # probed on uint16 codes only
         return None
     if node_attributes(node).get("axis", -1) % len(shape) != len(shape) - 1:
         return None
     gamma, beta = node.input[1], node.input[2]
     g_enc, b_enc = context.params.get(gamma), context.params.get(beta)
-    if not (isinstance(g_enc, Encoding) and g_enc.bitwidth == 8 and not g_enc.is_symmetric
+    if not (isinstance(g_enc, Encoding) and g_enc.bitwidth == bitwidth and g_enc.is_symmetric == (bitwidth == 16)
             and isinstance(b_enc, Encoding) and b_enc.bitwidth == 32):
         return None
     if gamma not in context.constants or beta not in context.constants:
@@ -76,20 +99,28 @@ def lower_layer_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
     if g_values.size != features or b_values.size != features:
         return None
     s_x, s_gamma, s_beta, s_out = (float(np.float32(e.scale)) for e in (x_enc, g_enc, b_enc, y_enc))
-    g_codes = (quantize(g_values, g_enc) + g_enc.offset).astype(np.float64)
-    b_steps = round_half_away((quantize(b_values, b_enc) + b_enc.offset).astype(np.float64) * s_beta / s_out)
-    epsilon = float(node_attributes(node).get("epsilon", 1e-5))
+    return LayerNormOperands(
+        x_enc, y_enc, features, (quantize(g_values, g_enc) + g_enc.offset).astype(np.float64),
+        round_half_away((quantize(b_values, b_enc) + b_enc.offset).astype(np.float64) * s_beta / s_out),
+        s_x, s_gamma, s_out, float(node_attributes(node).get("epsilon", 1e-5)), {gamma, beta})
+
+
+def lower_layer_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
+    """An 8-bit LayerNormalization (layer_norm_operands) as the HTP computes it; None for anything else."""
+    ln = layer_norm_operands(node, context, 8)
+    if ln is None:
+        return None
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
-    chain, inits = centered_codes(node.input[0], x_enc, p + "codes32")
+    chain, inits = centered_codes(node.input[0], ln.x, p + "codes32")
     inits += [
-        numpy_helper.from_array(np.array(float(features)), p + "features"),
+        numpy_helper.from_array(np.array(float(ln.features)), p + "features"),
         numpy_helper.from_array(np.array(float(MEAN_FRACTION)), p + "fraction"),
-        numpy_helper.from_array(np.array(epsilon / s_x**2), p + "epsilon"),
-        numpy_helper.from_array(np.array(2.0**MULTIPLIER_BITS * s_gamma / s_out), p + "multiplier"),
-        numpy_helper.from_array(g_codes, p + "gamma"),
+        numpy_helper.from_array(np.array(ln.epsilon / ln.s_x**2), p + "epsilon"),
+        numpy_helper.from_array(np.array(2.0**MULTIPLIER_BITS * ln.s_gamma / ln.s_out), p + "multiplier"),
+        numpy_helper.from_array(ln.gamma_codes, p + "gamma"),
         numpy_helper.from_array(np.array(2.0**-PRODUCT_SHIFT), p + "unit"),
-        numpy_helper.from_array(b_steps - y_enc.offset + 0.5, p + "beta_shifted"),  # B + z_out + 1/2
+        numpy_helper.from_array(ln.beta_steps - ln.y.offset + 0.5, p + "beta_shifted"),  # B + z_out + 1/2
     ]
     row_sum, sum_inits = reduction("ReduceSum", p + "codes", p + "sum", [-1], True, context.opset)
     square_sum, square_inits = reduction("ReduceSum", p + "squares", p + "square_sum", [-1], True, context.opset)
@@ -121,8 +152,8 @@ def lower_layer_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
         make("Mul", [p + "product", p + "unit"], [p + "normalized"]),
         make("Add", [p + "normalized", p + "beta_shifted"], [p + "shifted"]),
     ]
-    nodes, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
-    return nodes, inits, {gamma, beta}
+    nodes, inits, _ = with_output_codes(chain, inits, p, ln.y, p + "shifted", node.output[0])
+    return nodes, inits, ln.consumed
 
 
 def exponent_nodes(

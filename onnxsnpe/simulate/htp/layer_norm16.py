@@ -29,11 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...encode.encoding import Encoding, quantize, round_half_away
-from ...graph.large import initializer_array
-from ...graph.ops import node_attributes
-from .codes import SUFFIX, Context, Lowered, centered_codes, of_bitwidth, output_encoding, reduction, with_output_codes
-from .layer_norm import exponent_nodes
+from .codes import SUFFIX, Context, Lowered, centered_codes, reduction, with_output_codes
+from .layer_norm import exponent_nodes, layer_norm_operands
 
 QF32_FRACTION_BITS = 23
 """A qf32 significand's fraction bits at its exponent."""
@@ -158,47 +155,26 @@ def mean_nodes(row_sum: str, features: int, mean: str, p: str) -> tuple[list[onn
 
 
 def lower_layer_norm16(node: onnx.NodeProto, context: Context) -> Lowered | None:
-    """A 16-bit LayerNormalization over the last axis with a constant 16-bit symmetric gamma and a
-    32-bit beta, on v73 or later, as the module docstring says; None for anything else."""
-    x_enc = context.activations.get(node.input[0])
-    y_enc = output_encoding(node, context.targets, context.activations)
-    shape = context.shapes.get(node.input[0]) or []
-    if (context.arch < 73 or len(node.input) < 3 or not of_bitwidth(16, x_enc, y_enc) or not shape
-            or not isinstance(shape[-1], int) or x_enc.is_symmetric or y_enc.is_symmetric):
+    """A 16-bit LayerNormalization (layer_norm_operands) on v73 or later, as the module docstring says;
+    None for anything else."""
+    ln = layer_norm_operands(node, context, 16)
+    if ln is None or context.arch < 73:
         return None
-    if node_attributes(node).get("axis", -1) % len(shape) != len(shape) - 1:
-        return None
-    gamma, beta = node.input[1], node.input[2]
-    g_enc, b_enc = context.params.get(gamma), context.params.get(beta)
-    if not (isinstance(g_enc, Encoding) and g_enc.bitwidth == 16 and g_enc.is_symmetric
-            and isinstance(b_enc, Encoding) and b_enc.bitwidth == 32):
-        return None
-    if gamma not in context.constants or beta not in context.constants:
-        return None
-    features = shape[-1]
-    g_values = initializer_array(context.constants[gamma]).reshape(-1)
-    b_values = initializer_array(context.constants[beta]).reshape(-1)
-    if g_values.size != features or b_values.size != features:
-        return None
-    s_x, s_gamma, s_beta, s_out = (float(np.float32(e.scale)) for e in (x_enc, g_enc, b_enc, y_enc))
-    g_codes = (quantize(g_values, g_enc) + g_enc.offset).astype(np.float64)
-    b_steps = round_half_away((quantize(b_values, b_enc) + b_enc.offset).astype(np.float64) * s_beta / s_out)
-    epsilon = float(node_attributes(node).get("epsilon", 1e-5))
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
     double, single = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
-    chain, inits = centered_codes(node.input[0], x_enc, p + "codes32")
-    values = {"input_zero_point": float(-x_enc.offset), "features": float(features),
-              "features_squared": float(features)**2, "epsilon": epsilon / s_x**2, "one": 1.0, "zero": 0.0,
-              "ratio": float(np.float32(s_gamma / s_out)),
+    chain, inits = centered_codes(node.input[0], ln.x, p + "codes32")
+    values = {"input_zero_point": float(-ln.x.offset), "features": float(ln.features),
+              "features_squared": float(ln.features)**2, "epsilon": ln.epsilon / ln.s_x**2, "one": 1.0, "zero": 0.0,
+              "ratio": float(np.float32(ln.s_gamma / ln.s_out)),
               "two": 2.0, "multiplier_bits": float(MULTIPLIER_BITS), "lowest": 2.0**MULTIPLIER_BITS,
               "highest": 2.0 ** (MULTIPLIER_BITS + 1) - 1}
     inits += [numpy_helper.from_array(np.array(v), p + k) for k, v in values.items()]
-    inits += [numpy_helper.from_array(g_codes, p + "gamma"),
-              numpy_helper.from_array(b_steps - y_enc.offset + 0.5, p + "beta_shifted")]  # B + z_out + 1/2
+    inits += [numpy_helper.from_array(ln.gamma_codes, p + "gamma"),
+              numpy_helper.from_array(ln.beta_steps - ln.y.offset + 0.5, p + "beta_shifted")]  # B + z_out + 1/2
     row_sum, sum_inits = reduction("ReduceSum", p + "codes", p + "sum", [-1], True, context.opset)
     square_sum, square_inits = reduction("ReduceSum", p + "squares", p + "square_sum", [-1], True, context.opset)
-    mean, mean_inits = mean_nodes(p + "sum", features, p + "mean", p + "m_")
+    mean, mean_inits = mean_nodes(p + "sum", ln.features, p + "mean", p + "m_")
     exponent, exponent_inits = exponent_nodes(p + "gain", p + "gain_exponent", p + "gain_power", p + "g_")
     inits += sum_inits + square_inits + mean_inits + exponent_inits
     chain += [
@@ -239,5 +215,5 @@ def lower_layer_norm16(node: onnx.NodeProto, context: Context) -> Lowered | None
         make("Where", [p + "constant_row", p + "zero", p + "normalized_any"], [p + "normalized"]),
         make("Add", [p + "normalized", p + "beta_shifted"], [p + "shifted"]),
     ]
-    nodes, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
-    return nodes, inits, {gamma, beta}
+    nodes, inits, _ = with_output_codes(chain, inits, p, ln.y, p + "shifted", node.output[0])
+    return nodes, inits, ln.consumed
