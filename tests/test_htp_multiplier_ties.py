@@ -57,3 +57,46 @@ def test_the_htp_rounds_a_tied_per_channel_multiplier_upwards(bitwidth: int, tie
     for seed in range(3):
         x = (np.random.default_rng(seed).integers(0, levels, (1, channels, 16, 16)) * step).astype(np.float32)
         np.testing.assert_array_equal(simulate({"x": x})[0], htp.run({"x": x})[0])
+
+
+def _units(multiplier: float, arch: str | None) -> float:
+    """``M`` in units of its last kept bit: float16 after the ``2^k`` shift on v68, 15 fraction bits on v73."""
+    k = np.floor(-np.log2(multiplier)) - 3
+    if arch is None:
+        shifted = multiplier * 2.0**k
+        return shifted / 2.0 ** (np.floor(np.log2(shifted)) - 10)
+    return multiplier * 2.0 ** (k + 15)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize(("arch", "in_scale", "w_scale"), [(None, 0.017109634, 0.00332177),
+                                                          ("73", 0.017109634, 0.0033211699)])
+def test_the_htp_computes_the_multiplier_in_float32(arch: str | None, in_scale: float, w_scale: float) -> None:
+    """A 1x1 Conv (per-tensor symmetric weights) whose ``M = s_in s_w / s_out`` lies just below a tie
+    of its rounding in float64 (a few 1e-5 of a unit) and exactly on it as ``f32(f32(s_in s_w) /
+    s_out)``: the HTP rounds it up, as from the tie (PP-OCRv4 det's `p2o.Conv.23` channel 185 met it;
+    tools/HTP.md finding 46). Computing ``M`` in float64 missed 217 and 150 values of the two samples
+    on v68, 21 and 31 on v73; on v73 ``f32(s_in f32(s_w / s_out))`` lies below the tie and is not
+    what the HTP computes."""
+    in_scale, w_scale, out_scale = np.float32(in_scale), np.float32(w_scale), np.float32(0.0430755708731857)
+    exact = float(in_scale) * float(w_scale) / float(out_scale)
+    single = float(np.float32(np.float32(in_scale * w_scale) / out_scale))
+    assert _units(exact, arch) % 1 < 0.5 and _units(single, arch) % 1 == 0.5  # the probe is what it claims
+    inputs, outputs, size = 32, 8, 16
+    rng = np.random.default_rng(0)
+    weight = (rng.integers(-127, 128, (outputs, inputs, 1, 1)) * w_scale).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([node], "float32_multiplier", [value("x", TensorProto.FLOAT, [1, inputs, size, size])],
+                              [value("y", TensorProto.FLOAT, [1, outputs, size, size])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    targets = find_targets(model)
+    acts = {"x": Encoding(8, float(in_scale), -10), "y": Encoding(8, float(out_scale), -128)}
+    params = {"w": Encoding(8, float(w_scale), -128, True)}
+    htp = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, arch)
+    simulate = simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])
+    for seed in range(2):
+        codes = np.random.default_rng(seed).integers(0, 256, (1, inputs, size, size))
+        x = ((codes - 10) * in_scale).astype(np.float32)
+        np.testing.assert_array_equal(simulate({"x": x})[0], htp.run({"x": x})[0])

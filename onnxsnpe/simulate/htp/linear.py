@@ -117,17 +117,13 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
         w_int, steps = codes, np.ones(codes.shape[axis])
     else:
         w_int, steps = int8_weights(codes, axis, in_place=True)  # codes are this function's own
-    base = float(np.float32(x_enc.scale)) * np.float64(w_scale)
     bias_name = node.input[2] if len(node.input) > 2 else ""
     has_bias = bias_name in context.constants
     bias, bias_scale, bias_consumed = constant_bias(bias_name, context, max(blocks, 1) ** 2)
     consumed = {w} | bias_consumed
     rounding = None
     v73_rule = context.arch >= 73 and (node.op_type in ("Conv", "Gemm") or blocks) and not strided_depthwise
-    if v73_rule and per_channel:
-        multiplier = v73_channel_multipliers(x_enc.scale, w_scale, y_enc.scale) * steps
-    else:
-        multiplier = base * steps / float(np.float32(y_enc.scale))
+    multiplier = channel_multipliers(x_enc.scale, w_scale, y_enc.scale) * steps
     if v73_rule:
         factor, mantissa, offset, rounding = v73_conv_constants(multiplier, x_enc.scale, w_scale, steps, bias,
                                                                 bias_scale)
@@ -160,10 +156,13 @@ def lower_linear(node: onnx.NodeProto, context: Context) -> Lowered | None:
     return chain, inits + more, consumed
 
 
-def v73_channel_multipliers(in_scale: float, w_scales: np.ndarray, out_scale: float) -> np.ndarray:
-    """Per-channel multipliers as HTP v73 and later compute them, relative to the largest weight
-    scale: ``f32(f32(f32(s_in s_max) / s_out) f32(s_w / s_max))`` (tools/HTP.md finding 29)."""
+def channel_multipliers(in_scale: float, w_scales: float | np.ndarray, out_scale: float) -> np.ndarray:
+    """The requantization multipliers ``M`` as the HTP computes them, in float32 and per channel relative
+    to the largest weight scale: ``f32(f32(f32(s_in s_max) / s_out) f32(s_w / s_max))`` (tools/HTP.md
+    finding 29 on v73; finding 46: v68 too, and per tensor ``f32(f32(s_in s_w) / s_out)``, which a
+    float16 tie of ``M`` decides)."""
     f32 = np.float32
+    w_scales = np.asarray(w_scales, dtype=f32)
     largest = f32(np.max(w_scales))
     relative = (w_scales / largest).astype(f32)
     largest_m = f32(f32(f32(in_scale) * largest) / f32(out_scale))
