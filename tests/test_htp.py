@@ -305,6 +305,28 @@ def test_htp_model_follows_the_htp_table_softmax_far_closer_than_float(length, s
 
 
 @needs_qnn
+@pytest.mark.parametrize("length, scale, offset",
+                         [(40, 0.001709918447587495, -27376), (512, 0.0008792410073659054, -46111)])
+def test_htp_model_follows_the_htp_16_bit_table_softmax_far_closer_than_float(length, scale, offset):
+    """A 16-bit Softmax over 17 values or more runs the 8-bit kernel's exponential table with a finer
+    multiplier and a floored output (tools/HTP.md finding 47): within two steps and at most 4% of outputs
+    off, where float softmax then rounding misses ten times as many (the recogniser's attention Softmax
+    encoding, and its final Softmax's)."""
+    rows = 128
+    model, targets = _one_op(helper.make_node("Softmax", ["x"], ["y"], axis=-1), [1, rows, length])
+    acts = {"x": Encoding(16, scale, offset), "y": Encoding(16, 1 / 65535, 0)}
+    rng = np.random.default_rng(5)
+    spread = rng.uniform(0.5, 8, size=(1, rows, 1)) / scale
+    codes = np.clip(65535 - np.abs(rng.normal(0, 1, (1, rows, length))) * spread, 0, 65535).round()
+    x = ((codes + offset) * np.float32(scale)).astype(np.float32)
+    htp = HtpSession(build_qdq_model(model, targets, acts, {}), {}).run({"x": x})[0]
+    steps = {name: np.abs(simulation_runner(*build(model, targets, acts, {}), ["y"])({"x": x})[0] - htp) * 65535
+             for name, build in (("htp", htp_simulation_model), ("float", build_simulation_model))}
+    assert steps["htp"].max() < 2.01 and (steps["htp"] > 0.5).sum() <= htp.size // 25
+    assert (steps["float"] > 0.5).sum() >= 10 * max(1, (steps["htp"] > 0.5).sum())
+
+
+@needs_qnn
 @pytest.mark.parametrize("arch", [None, "73"])
 @pytest.mark.parametrize("kernel", [(3, 2), (3, 3)])
 def test_htp_model_reproduces_the_htp_average_pool_with_kernel_equal_to_stride(kernel, arch):

@@ -15,6 +15,13 @@ reciprocal that stays within 6e-5 of it. So this kernel is not bit-exact: on hel
 17 to 6,625 values, 8 encodings) 21 of 479,353 outputs differ, where float softmax then rounding
 differs in 3,067. Rows of 3 to 16 values run yet another kernel, not decoded: left to the float
 computation.
+
+A 16-bit Softmax with the output encoding [0, 1] in steps of 1/65535 (rows of 17 values or more) runs
+the same table kernel (tools/HTP.md finding 47): ``c'`` is a multiple of 2^-22 instead, the table is
+the same Q15 ``P(frac x) >> floor x`` over all 65,536 code distances, and the output is
+``min(65535, floor(65536 e / S))``: floored, and the sum not reduced by one. On held-out probes
+(rows of 24 to 6,625 values, 6 input encodings) 0.7% of outputs are off, by at most two steps, where
+float softmax then rounding misses 41%; the remaining steps are the fitted table's.
 """
 
 from __future__ import annotations
@@ -25,10 +32,26 @@ from onnx import helper, numpy_helper
 
 from ...encode.encoding import Encoding
 from ...graph.ops import node_attributes
-from .codes import SUFFIX, Context, Lowered, centered_codes, int8, output_encoding, reduction, with_output_codes
+from .codes import (
+    SUFFIX,
+    Context,
+    Lowered,
+    centered_codes,
+    int8,
+    of_bitwidth,
+    output_encoding,
+    reduction,
+    with_output_codes,
+)
 
 LEVELS = 255
 """The output codes of an 8-bit Softmax on [0, 1]."""
+
+WIDE_LEVELS = 65535
+"""The output codes of a 16-bit Softmax on [0, 1]."""
+
+WIDE_MULTIPLIER_BITS = 22
+"""A 16-bit Softmax's ``c'``: ``s / ln 2`` in float32 floored to a multiple of 2^-22 (tools/HTP.md finding 47)."""
 
 TABLE_ROWS = 17
 """The shortest row the HTP computes with its exponential table (rows of 3 to 16 run another kernel)."""
@@ -41,13 +64,16 @@ EXP_TABLE_FIT = np.array([[32767.517, -5663.136, 450.232],
 of ``2^15 2^-f`` as fitted to 431 measured values (tools/HTP.md finding 26; not an exact rule)."""
 
 
-def exp_table(in_scale: float) -> np.ndarray:
-    """The HTP's exponential for each code distance ``k`` = 0..255 below a row's largest code, as
-    EXP_TABLE_FIT models it (int64; 0 from ``k c' >= 15``)."""
+def exp_table(in_scale: float, levels: int = LEVELS) -> np.ndarray:
+    """The HTP's exponential for each code distance ``k`` = 0..``levels`` below a row's largest code, as
+    EXP_TABLE_FIT models it (int64; 0 from ``k c' >= 15``); ``levels`` 65535 for a 16-bit input."""
     multiplier = float(np.float32(np.float32(in_scale) * np.float32(1 / np.log(2))))
-    shift = min(13, 7 - int(np.floor(np.log2(multiplier))))
-    multiplier = np.floor(multiplier * 2.0**shift) / 2.0**shift  # 8 significant bits, a multiple of 2^-13
-    x = np.arange(LEVELS + 1) * multiplier
+    if levels == LEVELS:
+        shift = min(13, 7 - int(np.floor(np.log2(multiplier))))  # 8 significant bits, a multiple of 2^-13
+    else:
+        shift = WIDE_MULTIPLIER_BITS
+    multiplier = np.floor(multiplier * 2.0**shift) / 2.0**shift
+    x = np.arange(levels + 1) * multiplier
     whole = np.floor(x).astype(np.int64)
     fraction = x - whole
     quarter = np.minimum(np.floor(fraction * 4), 3).astype(np.int64)
@@ -59,13 +85,20 @@ def exp_table(in_scale: float) -> np.ndarray:
 
 
 def lower_softmax(node: onnx.NodeProto, context: Context) -> Lowered | None:
-    """An 8-bit Softmax over a last axis of two, or of TABLE_ROWS or more, with the [0, 1] output encoding,
-    as the HTP computes it (the module docstring); None for other rows, left to the float computation."""
+    """An 8-bit Softmax over a last axis of two, or of TABLE_ROWS or more, or a 16-bit one over TABLE_ROWS or
+    more, with the [0, 1] output encoding, as the HTP computes it (the module docstring); None for other
+    rows, left to the float computation."""
     x_enc = context.activations.get(node.input[0])
     y_enc = output_encoding(node, context.targets, context.activations)
     shape = context.shapes.get(node.input[0]) or []
     axis = node_attributes(node).get("axis", -1 if context.opset >= 13 else 1)
-    if not int8(x_enc, y_enc) or not shape or axis % len(shape) != len(shape) - 1 or not isinstance(shape[-1], int):
+    if not shape or axis % len(shape) != len(shape) - 1 or not isinstance(shape[-1], int):
+        return None
+    if of_bitwidth(16, x_enc, y_enc):
+        if y_enc.offset != 0 or not np.isclose(y_enc.scale, 1 / WIDE_LEVELS, rtol=1e-6) or shape[-1] < TABLE_ROWS:
+            return None
+        return _table_softmax(node, context, x_enc, y_enc, wide=True)
+    if not int8(x_enc, y_enc):
         return None
     if y_enc.offset != 0 or not np.isclose(y_enc.scale, 1 / LEVELS, rtol=1e-6):
         return None
@@ -97,18 +130,22 @@ def lower_softmax(node: onnx.NodeProto, context: Context) -> Lowered | None:
     return with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
 
 
-def _table_softmax(node: onnx.NodeProto, context: Context, x_enc: Encoding, y_enc: Encoding) -> Lowered:
+def _table_softmax(node: onnx.NodeProto, context: Context, x_enc: Encoding, y_enc: Encoding,
+                   wide: bool = False) -> Lowered:
     """The table kernel (module docstring) in float64: distances from the row's largest code, the table
-    gathered, the row sum, ``255 e / (S - 1) + 1/2`` floored and clamped by with_output_codes."""
+    gathered, the row sum, ``255 e / (S - 1) + 1/2`` floored and clamped by with_output_codes; with
+    ``wide`` (16 bits) ``65536 e / S`` floored."""
     p = f"{node.output[0]}{SUFFIX}/"
     make = helper.make_node
     chain, inits = centered_codes(node.input[0], x_enc, p + "codes32")
+    levels = WIDE_LEVELS if wide else LEVELS
     inits += [
-        numpy_helper.from_array(exp_table(x_enc.scale).astype(np.float64), p + "table"),
-        numpy_helper.from_array(np.array(float(LEVELS)), p + "levels"),
-        numpy_helper.from_array(np.array(1.0), p + "one"),
-        numpy_helper.from_array(np.array(0.5), p + "half"),
+        numpy_helper.from_array(exp_table(x_enc.scale, levels).astype(np.float64), p + "table"),
+        # the output's numerator: 2^16 at 16 bits, 255 at 8
+        numpy_helper.from_array(np.array(float(levels + 1 if wide else levels)), p + "numerator"),
     ]
+    if not wide:
+        inits += [numpy_helper.from_array(np.array(1.0), p + "one"), numpy_helper.from_array(np.array(0.5), p + "half")]
     largest, largest_inits = reduction("ReduceMax", p + "codes32", p + "largest", [-1], True, context.opset)
     total, total_inits = reduction("ReduceSum", p + "exp", p + "sum", [-1], True, context.opset)
     inits += largest_inits + total_inits
@@ -118,9 +155,17 @@ def _table_softmax(node: onnx.NodeProto, context: Context, x_enc: Encoding, y_en
         make("Cast", [p + "distance32"], [p + "distance"], to=onnx.TensorProto.INT64),
         make("Gather", [p + "table", p + "distance"], [p + "exp"], axis=0),
         total,
-        make("Sub", [p + "sum", p + "one"], [p + "divisor"]),
-        make("Div", [p + "exp", p + "divisor"], [p + "share"]),
-        make("Mul", [p + "share", p + "levels"], [p + "scaled"]),
-        make("Add", [p + "scaled", p + "half"], [p + "shifted"]),
     ]
+    if wide:  # 65536 e / S, floored by with_output_codes
+        chain += [
+            make("Div", [p + "exp", p + "sum"], [p + "share"]),
+            make("Mul", [p + "share", p + "numerator"], [p + "shifted"]),
+        ]
+    else:
+        chain += [
+            make("Sub", [p + "sum", p + "one"], [p + "divisor"]),
+            make("Div", [p + "exp", p + "divisor"], [p + "share"]),
+            make("Mul", [p + "share", p + "numerator"], [p + "scaled"]),
+            make("Add", [p + "scaled", p + "half"], [p + "shifted"]),
+        ]
     return with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
