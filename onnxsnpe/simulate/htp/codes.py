@@ -79,6 +79,7 @@ def requant_offset(
     steps: np.ndarray,
     bias_codes: np.ndarray | None = None,
     bias_scale: float | np.ndarray = 1.0,
+    scale_first: bool = False,
 ) -> np.ndarray:
     """The integer the HTP adds to each channel's accumulator: bias and output zero point in one.
 
@@ -93,6 +94,12 @@ def requant_offset(
     ``r = s_w / s_max`` in float32 (tools/HTP.md, "Per-channel weights"): ``base = s_in * s_max``,
     zero-point term ``z / ((base / s_out) * r) / step``, and the bias as gridded_bias gives it,
     added in float32 (finding 25). With one scale ``r`` is 1 and this is the per-tensor rule above.
+
+    ``scale_first``: a bias whose codes are on another step than the accumulator's (a 16-bit Conv
+    reading a converted 8-bit input keeps the 8-bit bias step, 257 times its own) enters as
+    recoded_bias gives it, and the zero-point term is rounded apart (half away from zero) and added (the
+    precise doubly strided depthwise kernel; scratch s18/h51: 4,164 channels of the window with z_out 0,
+    850 with z_out 20,000, 8 generated probes with random scales and zero points, 0 off).
     """
     f32 = np.float32
     steps = np.asarray(steps, dtype=f32)
@@ -103,9 +110,27 @@ def requant_offset(
     total = (f32(zero_point) / ((base / f32(out_scale)) * ratio)) / steps
     if bias_codes is not None and gridded(in_scale, w_scale, steps, bias_scale):
         total = (total + gridded_bias(bias_codes, in_scale, w_scale)).astype(f32)
+    elif bias_codes is not None and scale_first:  # each rounded apart
+        step = (base * ratio * steps).astype(f32)
+        return round_half_away(total.astype(np.float64)) + recoded_bias(bias_codes, bias_scale, step).astype(np.float64)
     elif bias_codes is not None:
         total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
     return round_half_away(total.astype(np.float64))
+
+
+def recoded_bias(bias_codes: np.ndarray, bias_scale: float | np.ndarray, step: np.ndarray) -> np.ndarray:
+    """A bias encoded at another step than the accumulator's ``step`` (float32), in accumulator steps as the
+    HTP takes it: its float32 value ``float32(b s_b)`` requantized to ``step`` exactly (the quotient in
+    float64, rounded to nearest), then that int32 code read back through float32, ``float32(float32(c step)
+    float32(1 / step))`` rounded half to even (an integer, float32). Fits every one of 2,393 bias codes
+    pinned on the emulator (v73, EfficientNet-Lite0's block-11 depthwise window, biases of 2^21 to 7e6
+    steps; scratch s18/h51 compose.py), where the float32 quotient rounded once misses 106 to 283."""
+    f32 = np.float32
+    step = np.asarray(step, dtype=f32)
+    real = (np.asarray(bias_codes, dtype=f32) * np.asarray(bias_scale, dtype=f32)).astype(f32)
+    code = np.rint(real.astype(np.float64) / step.astype(np.float64))
+    held = ((code.astype(f32) * step).astype(f32) * (f32(1) / step).astype(f32)).astype(f32)
+    return np.rint(held.astype(np.float64)).astype(f32)
 
 
 def gridded(in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray, bias_scale: float | np.ndarray) -> bool:
