@@ -882,11 +882,11 @@ def test_the_htp_16_bit_concat_of_converted_inputs_is_reproduced_bit_for_bit(see
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
 def test_the_htp_recodes_a_bias_kept_at_the_8_bit_step() -> None:
     """A doubly strided 16-bit depthwise Conv reading an 8-bit tensor converted to 16 bits keeps its bias
-    at the 8-bit step ``s8 s_w``, 257 times its accumulator's: the HTP requantizes the bias to the
-    accumulator step, reads the code back through float32, and adds the zero point's share rounded
-    apart (codes.recoded_bias; EfficientNet-Lite0's block 11 under auto precision; tools/HTP.md
+    at the 8-bit step ``s8 s_w``, 257 times its accumulator's: the HTP recodes the bias at the
+    accumulator step, brings it back through a float32 reciprocal and adds the zero point's share
+    rounded apart (codes.precise_offset; EfficientNet-Lite0's block 11 under auto precision; tools/HTP.md
     finding 48). Folding both in one float32 sum, as for an ordinary bias, missed 384 of 445 pinned
-    channels of the helper's probe with these scales."""
+    channels of a helper's probe with these scales."""
     channels, s8 = 64, 0.01971
     rng = np.random.default_rng(8)
     weight = rng.uniform(-1, 1.5, (channels, 1, 5, 5)).astype(np.float32)

@@ -48,13 +48,14 @@ def requant_constants(
     """HTP's requantization of real multipliers ``M``: the factor ``2^-k``, ``m`` and the added offset.
 
     The offset here is ``round(z / M)`` without a bias; requant_offset computes it as the HTP does.
-    ``precise`` is the strided depthwise kernel's variant: no truncation, 15 significant bits.
+    ``precise`` is the strided depthwise kernel's variant: no truncation, 15 significant bits, an exact
+    tie rounded up (a 16-bit probe channel at 20460.5 units, tools/HTP.md finding 48).
     """
     multiplier = np.asarray(multiplier, dtype=np.float64)
     offset = round_half_away(zero_point / multiplier)
     if precise:
         exponent = 2.0 ** np.floor(np.log2(multiplier))
-        return np.ones_like(multiplier), np.round(multiplier / exponent * 2.0**14) / 2.0**14 * exponent, offset
+        return np.ones_like(multiplier), np.floor(multiplier / exponent * 2.0**14 + 0.5) / 2.0**14 * exponent, offset
     shift = np.maximum(0.0, np.floor(-np.log2(multiplier)) - 3)
     return 2.0**-shift, float16_ties_up(multiplier * 2.0**shift), offset
 
@@ -79,7 +80,6 @@ def requant_offset(
     steps: np.ndarray,
     bias_codes: np.ndarray | None = None,
     bias_scale: float | np.ndarray = 1.0,
-    scale_first: bool = False,
 ) -> np.ndarray:
     """The integer the HTP adds to each channel's accumulator: bias and output zero point in one.
 
@@ -94,12 +94,6 @@ def requant_offset(
     ``r = s_w / s_max`` in float32 (tools/HTP.md, "Per-channel weights"): ``base = s_in * s_max``,
     zero-point term ``z / ((base / s_out) * r) / step``, and the bias as gridded_bias gives it,
     added in float32 (finding 25). With one scale ``r`` is 1 and this is the per-tensor rule above.
-
-    ``scale_first``: a bias whose codes are on another step than the accumulator's (a 16-bit Conv
-    reading a converted 8-bit input keeps the 8-bit bias step, 257 times its own) enters as
-    recoded_bias gives it, and the zero-point term is rounded apart (half away from zero) and added (the
-    precise doubly strided depthwise kernel; scratch s18/h51: 4,164 channels of the window with z_out 0,
-    850 with z_out 20,000, 8 generated probes with random scales and zero points, 0 off).
     """
     f32 = np.float32
     steps = np.asarray(steps, dtype=f32)
@@ -110,27 +104,48 @@ def requant_offset(
     total = (f32(zero_point) / ((base / f32(out_scale)) * ratio)) / steps
     if bias_codes is not None and gridded(in_scale, w_scale, steps, bias_scale):
         total = (total + gridded_bias(bias_codes, in_scale, w_scale)).astype(f32)
-    elif bias_codes is not None and scale_first:  # each rounded apart
-        step = (base * ratio * steps).astype(f32)
-        return round_half_away(total.astype(np.float64)) + recoded_bias(bias_codes, bias_scale, step).astype(np.float64)
     elif bias_codes is not None:
         total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
     return round_half_away(total.astype(np.float64))
 
 
-def recoded_bias(bias_codes: np.ndarray, bias_scale: float | np.ndarray, step: np.ndarray) -> np.ndarray:
-    """A bias encoded at another step than the accumulator's ``step`` (float32), in accumulator steps as the
-    HTP takes it: its float32 value ``float32(b s_b)`` requantized to ``step`` exactly (the quotient in
-    float64, rounded to nearest), then that int32 code read back through float32, ``float32(float32(c step)
-    float32(1 / step))`` rounded half to even (an integer, float32). Fits every one of 2,393 bias codes
-    pinned on the emulator (v73, EfficientNet-Lite0's block-11 depthwise window, biases of 2^21 to 7e6
-    steps; scratch s18/h51 compose.py), where the float32 quotient rounded once misses 106 to 283."""
+def precise_offset(in_scale: float, w_scale: np.ndarray, out_scale: float, zero_point: int, per_channel: bool,
+                   bias_codes: np.ndarray | None = None, bias_scale: float | np.ndarray = 1.0) -> np.ndarray:
+    """The integer offset of the precise doubly strided depthwise kernel (16-bit activations), bias and
+    output zero point, per output channel.
+
+    A bias whose scale is not ``s_in s_w`` is first re-coded at it (``f32(code s_b)`` over
+    ``f32(s_in s_w)`` in float64, rounded half away). With per-channel weights the bias is then taken
+    as finding 25 takes it, ``a = f32(code base)`` with ``base = f32(s_in s_max)``, on the tensor's
+    grid ``S = f32(max |a| 2^-28)``; per tensor it is its own value ``a = f32(code s_b)``. Either is brought back
+    by multiplying by the float32 reciprocal ``f32(1 / base)``, where the other kernels divide by
+    ``base``, and rounded to the nearest integer.
+    The output zero point's share (requant_offset's float32 ``z / ((base / s_out) r)``) is rounded
+    apart and added: the best of the orders tried, not decoded (tools/HTP.md).
+    """
     f32 = np.float32
-    step = np.asarray(step, dtype=f32)
-    real = (np.asarray(bias_codes, dtype=f32) * np.asarray(bias_scale, dtype=f32)).astype(f32)
-    code = np.rint(real.astype(np.float64) / step.astype(np.float64))
-    held = ((code.astype(f32) * step).astype(f32) * (f32(1) / step).astype(f32)).astype(f32)
-    return np.rint(held.astype(np.float64)).astype(f32)
+    w_scale = np.asarray(w_scale, dtype=f32)
+    largest = w_scale.max()
+    base = f32(f32(in_scale) * largest)
+    zero = (f32(zero_point) / ((base / f32(out_scale)) * (w_scale / largest))).astype(f32)
+    total = round_half_away(zero.astype(np.float64))
+    if bias_codes is None:
+        return total
+    codes = np.asarray(bias_codes, dtype=np.float64)
+    step = (f32(in_scale) * w_scale).astype(f32)
+    scale = np.asarray(bias_scale, dtype=f32)
+    if not np.allclose(bias_scale, step, rtol=1e-5):  # re-coded at s_in s_w first
+        real = (codes.astype(f32) * scale).astype(f32)
+        codes, scale = round_half_away(real.astype(np.float64) / step.astype(np.float64)), step
+    if per_channel and w_scale.size > 1:  # finding 25: the codes at base, on the tensor's grid
+        values = (codes.astype(f32) * base).astype(f32)
+        largest_value = np.abs(values).max(initial=0)
+        if largest_value > 0:
+            grid = f32(largest_value * f32(2.0**-28))
+            values = (np.rint((values * (f32(1) / grid)).astype(f32)).astype(f32) * grid).astype(f32)
+    else:  # per tensor: the bias's own value, code s_b (no grid)
+        values = (codes.astype(f32) * scale).astype(f32)
+    return total + np.rint((values * (f32(1) / base)).astype(f32).astype(np.float64))
 
 
 def gridded(in_scale: float, w_scale: float | np.ndarray, steps: np.ndarray, bias_scale: float | np.ndarray) -> bool:

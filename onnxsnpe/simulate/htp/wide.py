@@ -49,6 +49,7 @@ from .codes import (
     float16_ties_up,
     of_bitwidth,
     output_encoding,
+    precise_offset,
     requant_constants,
     requant_offset,
     with_output_codes,
@@ -137,9 +138,12 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         # docstring); an int32 bias code of step s_in * s_w at most, whatever wider scale the bias
         # encoding has: the HTP saturates there (measured: a channel of near-zero weights with a bias
         # of 7), those channels in float64 as before
-        recoded = strided_depthwise and _bias_off_step(x_enc, w_scale, bias_codes, bias_scale)
-        folded = requant_offset(x_enc.scale, w_scale, y_enc.scale, out_zero_point, steps, bias_codes, bias_scale,
-                                scale_first=recoded)
+        if strided_depthwise:  # the precise kernel's own offset (codes.precise_offset)
+            folded = precise_offset(x_enc.scale, w_scale, y_enc.scale, out_zero_point, per_channel, bias_codes,
+                                    bias_scale)
+        else:
+            folded = requant_offset(x_enc.scale, w_scale, y_enc.scale, out_zero_point, steps, bias_codes,
+                                    bias_scale)
         saturated = np.abs(bias * steps) > INT32_HIGH
         if saturated.any():
             clipped = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
@@ -202,16 +206,6 @@ def register_shifts(multiplier: np.ndarray) -> np.ndarray:
         group = slice(start, start + REGISTER_GROUP)
         shifts[group] = exponent[group] - exponent[group].min()
     return shifts
-
-
-def _bias_off_step(x_enc: Encoding, w_scale: np.ndarray, bias_codes: np.ndarray | None,
-                   bias_scale: float | np.ndarray) -> bool:
-    """Whether a bias in int32 codes has another step than the accumulator's ``s_in s_w`` (the 8-bit step
-    of a Conv computed on a converted 16-bit input: 257 times it)."""
-    if bias_codes is None:
-        return False
-    step = np.float32(x_enc.scale) * np.asarray(w_scale, dtype=np.float32)
-    return not np.allclose(np.asarray(bias_scale, dtype=np.float64), step.astype(np.float64), rtol=1e-5)
 
 
 PRECISE_EXPONENT_SPREAD = 8
