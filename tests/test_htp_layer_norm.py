@@ -212,7 +212,7 @@ def _layer_norm16(features: int, rows: int, seed: int) -> tuple[onnx.ModelProto,
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
 def test_the_htp_16_bit_layer_norm_is_reproduced() -> None:
     """On 2 x 32 rows of 384 features (v73) the simulation is the HTP's but for rows whose multiplier
-    lies within a float32 step of a rounding tie (1.5e-4 of the values on the helper's 2.75 M probe
+    lies within a float32 step of a rounding tie (5.5e-4 of the values on the helper's 2.75 M probe
     outputs); exact float then rounding misses thousands."""
     misses, rounding_misses, total = 0, 0, 0
     for seed in range(2):

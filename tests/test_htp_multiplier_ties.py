@@ -75,9 +75,9 @@ def test_the_htp_computes_the_multiplier_in_float32(arch: str | None, in_scale: 
     """A 1x1 Conv (per-tensor symmetric weights) whose ``M = s_in s_w / s_out`` lies just below a tie
     of its rounding in float64 (a few 1e-5 of a unit) and exactly on it as ``f32(f32(s_in s_w) /
     s_out)``: the HTP rounds it up, as from the tie (PP-OCRv4 det's `p2o.Conv.23` channel 185 met it;
-    tools/HTP.md finding 46). Computing ``M`` in float64 missed 217 and 150 values of the two samples
-    on v68, 21 and 31 on v73; on v73 ``f32(s_in f32(s_w / s_out))`` lies below the tie and is not
-    what the HTP computes."""
+    tools/HTP.md finding 46). On scratch probes with these scales (other random codes) computing ``M``
+    in float64 missed 217 and 150 values of two samples on v68, 21 and 31 on v73; on v73 ``f32(s_in
+    f32(s_w / s_out))`` lies below the tie and is not what the HTP computes."""
     in_scale, w_scale, out_scale = np.float32(in_scale), np.float32(w_scale), np.float32(0.0430755708731857)
     exact = float(in_scale) * float(w_scale) / float(out_scale)
     single = float(np.float32(np.float32(in_scale * w_scale) / out_scale))

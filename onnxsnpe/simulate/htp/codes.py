@@ -101,12 +101,21 @@ def requant_offset(
     largest = w_scale.max()
     ratio = w_scale / largest
     base = f32(in_scale) * largest
-    total = (f32(zero_point) / ((base / f32(out_scale)) * ratio)) / steps
+    total = zero_point_share(in_scale, w_scale, out_scale, zero_point) / steps
     if bias_codes is not None and gridded(in_scale, w_scale, steps, bias_scale):
         total = (total + gridded_bias(bias_codes, in_scale, w_scale)).astype(f32)
     elif bias_codes is not None:
         total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
     return round_half_away(total.astype(np.float64))
+
+
+def zero_point_share(in_scale: float, w_scale: float | np.ndarray, out_scale: float, zero_point: int) -> np.ndarray:
+    """The output zero point in accumulator steps, ``z / M`` per channel in float32 as the HTP takes it:
+    ``z / ((base / s_out) r)`` with ``base = s_in s_max`` and ``r = s_w / s_max`` (requant_offset)."""
+    f32 = np.float32
+    w_scale = np.asarray(w_scale, dtype=f32)
+    largest = w_scale.max()
+    return (f32(zero_point) / ((f32(f32(in_scale) * largest) / f32(out_scale)) * (w_scale / largest))).astype(f32)
 
 
 def precise_offset(in_scale: float, w_scale: np.ndarray, out_scale: float, zero_point: int, per_channel: bool,
@@ -121,14 +130,13 @@ def precise_offset(in_scale: float, w_scale: np.ndarray, out_scale: float, zero_
     by multiplying by the float32 reciprocal ``f32(1 / base)``, where the other kernels divide by
     ``base``, and rounded to the nearest integer.
     The output zero point's share (requant_offset's float32 ``z / ((base / s_out) r)``) is rounded
-    apart and added: the best of the orders tried, not decoded (tools/HTP.md).
+    apart and added: decoded per tensor, per channel the best of the orders tried (tools/HTP.md
+    finding 48).
     """
     f32 = np.float32
     w_scale = np.asarray(w_scale, dtype=f32)
-    largest = w_scale.max()
-    base = f32(f32(in_scale) * largest)
-    zero = (f32(zero_point) / ((base / f32(out_scale)) * (w_scale / largest))).astype(f32)
-    total = round_half_away(zero.astype(np.float64))
+    base = f32(f32(in_scale) * w_scale.max())
+    total = round_half_away(zero_point_share(in_scale, w_scale, out_scale, zero_point).astype(np.float64))
     if bias_codes is None:
         return total
     codes = np.asarray(bias_codes, dtype=np.float64)
@@ -138,11 +146,7 @@ def precise_offset(in_scale: float, w_scale: np.ndarray, out_scale: float, zero_
         real = (codes.astype(f32) * scale).astype(f32)
         codes, scale = round_half_away(real.astype(np.float64) / step.astype(np.float64)), step
     if per_channel and w_scale.size > 1:  # finding 25: the codes at base, on the tensor's grid
-        values = (codes.astype(f32) * base).astype(f32)
-        largest_value = np.abs(values).max(initial=0)
-        if largest_value > 0:
-            grid = f32(largest_value * f32(2.0**-28))
-            values = (np.rint((values * (f32(1) / grid)).astype(f32)).astype(f32) * grid).astype(f32)
+        values = bias_on_grid(codes, base)
     else:  # per tensor: the bias's own value, code s_b (no grid)
         values = (codes.astype(f32) * scale).astype(f32)
     return total + np.rint((values * (f32(1) / base)).astype(f32).astype(np.float64))
@@ -169,13 +173,19 @@ def gridded_bias(bias_codes: np.ndarray, in_scale: float, w_scale: np.ndarray) -
     """
     f32 = np.float32
     base = f32(f32(in_scale) * np.asarray(w_scale, dtype=f32).max())
+    return (bias_on_grid(bias_codes, base) / base).astype(f32)
+
+
+def bias_on_grid(bias_codes: np.ndarray, base: np.float32) -> np.ndarray:
+    """Bias codes taken at ``base`` and rounded half to even to a multiple of ``max |a| 2^-28``, in float32
+    (gridded_bias's tensor-wide grid; all zeros stay zeros)."""
+    f32 = np.float32
     values = (np.asarray(bias_codes).astype(f32) * base).astype(f32)
-    largest = np.abs(values).max()
+    largest = np.abs(values).max(initial=0)
     if largest == 0:
-        return np.zeros(values.shape, dtype=f32)
+        return values
     grid = f32(largest * f32(2.0**-28))
-    on_grid = np.rint((values * (f32(1) / grid)).astype(f32)).astype(f32)
-    return ((on_grid * grid).astype(f32) / base).astype(f32)
+    return (np.rint((values * (f32(1) / grid)).astype(f32)).astype(f32) * grid).astype(f32)
 
 
 def constant_bias(name: str, context: Context,
