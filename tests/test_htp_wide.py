@@ -908,3 +908,64 @@ def test_the_htp_recodes_a_bias_kept_at_the_8_bit_step() -> None:
         codes = 257 * np.random.default_rng(seed).integers(0, 30, (1, channels, 16, 16))
         x = (codes * np.float32(x_enc.scale)).astype(np.float32)
         np.testing.assert_array_equal(simulate({"x": x})[0], htp.run({"x": x})[0])
+
+
+def _unpadded_conv(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    """A 1x1 Conv without padding over a [1, C, 12, 12] input."""
+    model = _model("Conv", weight, bias, [1, weight.shape[1], 12, 12])
+    pads = next(a for a in model.graph.node[0].attribute if a.name == "pads")
+    del pads.ints[:]
+    pads.ints.extend([0, 0, 0, 0])
+    return model
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_the_htp_rounds_an_a16w16_bias_tie_away_from_zero() -> None:
+    """A16W16 on v73: the bias's share ``B / 2^16`` rounds half away from zero (PP-OCRv4 rec's
+    conv2d_170 under auto precision, channel 217 at -4223.5, every value 3-4 steps off; tools/HTP.md
+    finding 49). Biases at 32 exact ties from -15.5 to 15.5: ties up missed every negative one."""
+    rng = np.random.default_rng(0)
+    channels = 32
+    x_enc, y_enc = asymmetric_encoding(-1.0, 2.0, 16), asymmetric_encoding(-0.12, 0.15, 16)
+    model = _unpadded_conv(rng.normal(0, 0.01, (channels, 8, 1, 1)), np.zeros(channels))
+    targets = find_targets(model)
+    weights = weight_encodings(model, targets, 8, raised=["w"])
+    step = x_enc.scale * weights["w"].scale
+    w_scale, ties = np.full(channels, np.float32(weights["w"].scale)), (np.arange(-16, 16) + 0.5) * 2.0**16
+    codes = [next(c for c in t + np.arange(-6, 7) if v73_bias(x_enc.scale, w_scale[:1], np.ones(1), np.array([c]),
+                                                               step)[0] == t) for t in ties]
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array((np.array(codes) * step).astype(np.float32), "b"))
+    acts = {"x": x_enc, "y": y_enc}
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    bias_codes = quantize(numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64), params["b"])
+    np.testing.assert_array_equal(v73_bias(x_enc.scale, w_scale, np.ones(channels), bias_codes + params["b"].offset,
+                                           params["b"].scale), ties)  # the case is what it says
+    x = _on_grid(rng, x_enc, [1, 8, 12, 12])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc}, "73").run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params, "73"), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("arch", ["68", "73"])
+def test_the_htp_rounds_an_a16w8_zero_point_share_tie_up(arch: str) -> None:
+    """A16W8: the input zero point's share ``z sum(w) / 2^8`` rounds exact ties up, on v68 as on v73
+    (tools/HTP.md finding 49). With ``z = 384`` every odd weight sum is a tie: half away from zero
+    missed the negative ones on v68 (11 of 32 channels, 1,053 values 1-2 steps)."""
+    rng = np.random.default_rng(0)
+    channels = 32
+    model = _unpadded_conv(rng.normal(0, 0.01, (channels, 8, 1, 1)), rng.normal(0, 0.001, channels))
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(-384e-4, (65535 - 384) * 1e-4, 16), "y": asymmetric_encoding(-0.12, 0.15, 16)}
+    assert acts["x"].offset == -384
+    weights = weight_encodings(model, targets, 8)
+    params = {**weights, **bias_encodings(model, targets, acts, weights, 32)}
+    codes = np.round(fake_quantize(numpy_helper.to_array(model.graph.initializer[0]), weights["w"])
+                     / np.float32(weights["w"].scale))
+    codes, _ = int8_weights(codes, 0)
+    sums = codes.reshape(channels, -1).sum(axis=1)
+    assert np.count_nonzero((sums % 2 == 1) & (sums < 0)) >= 8  # negative ties to tell the roundings apart
+    x = _on_grid(rng, acts["x"], [1, 8, 12, 12])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, arch).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)

@@ -8,9 +8,10 @@ output code is
     clamp(floor(t * m + 1/2)),  t = floor(sum(u w) / 2^8) + floor(C / 2^8) - round(z sum(w) / 2^8),
     m = float16(M 2^8),  C = round(B + z_out / M),
 
-``B`` the bias in accumulator steps, rounding half away from zero: the input sum loses its low 8
-bits, the bias and the output zero point are folded into one integer as at 8 bits and truncated the
-same way, and the input zero point's share is rounded apart. ``C`` is computed in float32 in the
+``B`` the bias in accumulator steps, ``C`` rounding half away from zero: the input sum loses its
+low 8 bits, the bias and the output zero point are folded into one integer as at 8 bits and
+truncated the same way, and the input zero point's share is rounded apart, exact ties up (tools/HTP.md
+finding 49: half away from zero missed negative ties on v68). ``C`` is computed in float32 in the
 8-bit rule's order (codes.requant_offset), which at 16 bits (``z_out / M`` up to 2^27, float32 steps
 of 1 to 8) decides ``floor(C / 2^8)`` in the channels whose ``C`` lies a step or two below a
 multiple of 2^8: on the four models' A16W8 Convs it fits the emulator where float64 does not, and it
@@ -148,7 +149,7 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         if saturated.any():
             clipped = np.clip(bias * steps, INT32_LOW, INT32_HIGH) / steps
             folded = np.where(saturated, round_half_away(clipped + out_zero_point / multiplier), folded)
-        constant = np.floor(folded / 2.0**shift) - round_half_away(zero_sum / 2.0**shift)
+        constant = np.floor(folded / 2.0**shift) - np.floor(zero_sum / 2.0**shift + 0.5)  # ties up (finding 49)
     largest_sum = float(np.abs(codes).reshape(codes.shape[0], -1).sum(axis=1).max())  # of |w| over a filter
     if shift == SHIFT and largest_sum <= BYTE_SPLIT_LIMIT:
         chain, inits = _byte_chain(node, x_enc, y_enc, codes, zero_sum, constant, requant)

@@ -5,7 +5,9 @@ Only v73 and later run 16-bit weights (the emulator refuses them below). Probed 
 ``z``), the symmetric int16 weight codes ``w`` after the HTP's cap (capped_codes), ``S = sum(u w)``
 and ``B`` the bias in accumulator steps (linear.v73_bias),
 
-    t = floor(S / 2^16) + floor(B / 2^16 + 1/2) - floor(z sum(w) / 2^16 + 1/2),
+    t = floor(S / 2^16) + round(B / 2^16) - floor(z sum(w) / 2^16 + 1/2),
+
+``round`` half away from zero (a negative tie rounds down: tools/HTP.md finding 49),
 
 then requantized as the v73 A16W8 Conv with the point 23 (wide.v73_wide_requant): the output
 zero point after the product, a 22-bit multiplier from float32. Bit for bit on 30 sweeps and 128
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ...encode.encoding import ChannelEncodings, fake_quantize
+from ...encode.encoding import ChannelEncodings, fake_quantize, round_half_away
 from ...encode.precision import INT16_WEIGHT_CAP, int16_weight_cap
 from ...graph.large import initializer_array
 from ...graph.ops import node_attributes
@@ -70,7 +72,8 @@ def lower_a16w16_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     steps = np.ones(codes.shape[0])
     bias = np.clip(v73_bias(x_enc.scale, w_scale, steps, bias_codes, bias_scale), INT32_LOW, INT32_HIGH)
     zero_sum = -x_enc.offset * codes.sum(axis=tuple(range(1, codes.ndim)))
-    constant = np.floor(bias / 2.0**A16W16_SHIFT + 0.5) - np.floor(zero_sum / 2.0**A16W16_SHIFT + 0.5)
+    # the bias's share rounds half away from zero, the input zero point's ties up (finding 49)
+    constant = round_half_away(bias / 2.0**A16W16_SHIFT) - np.floor(zero_sum / 2.0**A16W16_SHIFT + 0.5)
     requant = v73_wide_requant(x_enc.scale, w_scale, y_enc.scale, steps, point=23)
     high = np.floor(codes / 2.0**8)
     parts = [(high, 2.0**8), (codes - high * 2.0**8, 1.0)]  # int16 codes in two bytes
