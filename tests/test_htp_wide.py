@@ -969,3 +969,28 @@ def test_the_htp_rounds_an_a16w8_zero_point_share_tie_up(arch: str) -> None:
     reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": acts["x"]}, arch).run({"x": x})[0]
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params, arch), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(modeled, reference)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("alpha, x_range, y_range, most", [(1 / 6, (-6.0, 4.0), (0.0, 0.7145), 0),
+                                                            (0.2, (-3.0, 5.0), (-0.3, 0.8), 0),
+                                                            (1 / 6, (-6.0, 4.0), (0.0, 0.5), 1)])
+def test_a_hard_sigmoid_on_its_fixed_grid_converts_to_8_bits_as_the_htp(alpha, x_range, y_range, most) -> None:
+    """A HardSigmoid with a 16-bit input and an 8-bit output computes on 2^-16 (finding 17) and converts
+    with a 14-bit reciprocal of the output scale (finding 50; PP-OCRv4 rec's SE gates under auto
+    precision): every input code within ``most`` of the emulator (where the 16-bit code itself is off),
+    where narrowing as from the output's own 16-bit grid missed 345, 38 and 193 of them."""
+    from onnxsnpe.encode.conversions import widened_outputs
+
+    graph = helper.make_graph([helper.make_node("HardSigmoid", ["x"], ["y"], alpha=alpha, beta=0.5)], "hs",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 65536])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 65536])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    targets = find_targets(model)
+    acts = {"x": asymmetric_encoding(*x_range, 16), "y": asymmetric_encoding(*y_range, 8)}
+    assert widened_outputs(model.graph, targets, acts)["y"].scale == 2.0**-16  # the fixed grid, converted after
+    x = ((np.arange(65536.0) + acts["x"].offset) * np.float32(acts["x"].scale)).astype(np.float32).reshape(1, -1)
+    reference = HtpSession(build_qdq_model(model, targets, acts, {}), {"x": acts["x"]}).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}), ["y"])({"x": x})[0]
+    assert np.count_nonzero(modeled != reference) <= most

@@ -8,7 +8,7 @@ whole simulation; tests check the two agree bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -88,11 +88,15 @@ NARROW_ROUNDING = 33279
 (tools/HTP.md finding 21)."""
 
 
-def narrowed_nodes(tensor: str, enc: Encoding, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """ONNX nodes quantizing ``tensor``, computed on the 16-bit grid of its 8-bit encoding ``enc``
-    (encode.encoding.same_grid_wider), to ``enc`` as the HTP converts it: on raw codes,
-    ``q8 = floor((255 q16 + 33279) / 2^16)`` (tools/HTP.md finding 21; exact rounding differs in 384
-    of the 65,536 codes, one step up). The 16-bit code is exact in float32 and so is every step."""
+def narrowed_nodes(tensor: str, enc: Encoding, output: str,
+                   wide: Encoding | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """ONNX nodes quantizing ``tensor``, computed on the 16-bit grid ``wide`` (by default that of its
+    8-bit encoding ``enc``, encode.encoding.same_grid_wider), to ``enc`` as the HTP converts it: from
+    the same grid, on raw codes, ``q8 = floor((255 q16 + 33279) / 2^16)`` (tools/HTP.md finding 21;
+    exact rounding differs in 384 of the 65,536 codes, one step up), every step exact in float32; from
+    an op's fixed grid (a HardSigmoid's 2^-16), fixed_grid_narrowed_nodes."""
+    if wide is not None and wide != same_grid_wider(enc, 16):
+        return fixed_grid_narrowed_nodes(tensor, enc, output, wide)
     p = f"{tensor}{SUFFIX}/"
     wide = same_grid_wider(enc, 16)
     consts = {"scale16": wide.scale, "raw16": -wide.offset, "times": 255.0, "plus": float(NARROW_ROUNDING),
@@ -103,6 +107,44 @@ def narrowed_nodes(tensor: str, enc: Encoding, output: str) -> tuple[list[onnx.N
              n("Add", [p + "c16", p + "raw16"], [p + "q16"]), n("Mul", [p + "q16", p + "times"], [p + "t"]),
              n("Add", [p + "t", p + "plus"], [p + "t_plus"]), n("Mul", [p + "t_plus", p + "down"], [p + "t_down"]),
              n("Floor", [p + "t_down"], [p + "q8"]), n("Clip", [p + "q8", p + "low", p + "high"], [p + "q8_clipped"]),
+             n("Add", [p + "q8_clipped", p + "offset"], [p + "c8"]), n("Mul", [p + "c8", p + "scale"], [output])]
+    return nodes, inits
+
+
+def fixed_grid_narrowed_nodes(tensor: str, enc: Encoding, output: str,
+                              wide: Encoding) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """ONNX nodes quantizing ``tensor`` to the 8-bit ``enc`` as the HTP converts a value it computed on a
+    fixed 16-bit grid ``wide`` of zero point 0 (a HardSigmoid's 2^-16: encode.conversions.HTP_FIXED_16_BIT)
+    to a graph's 8-bit encoding: the 16-bit code ``c = floor(v / s16 + 1/2)``, then
+
+        q8 = floor((c + 1) s16 R + 1/2 + s16 2^-E) + z8,
+
+    ``R`` the reciprocal ``1 / s8`` rounded to 14 significant bits, ``E = floor(log2 s8)``. Probed with
+    s16 = 2^-16 only (tools/HTP.md finding 50: every input code of 20 probes, output ranges [0, 0.25]
+    to [0, 1] and zero points 0 to 70; 6 of 1.3 M codes off, where the 16-bit code itself is). The
+    product reaches 31 bits: it runs in float64."""
+    p = f"{tensor}{SUFFIX}/"
+    s8 = float(np.float32(enc.scale))
+    reciprocal = 1.0 / s8
+    unit = 2.0 ** (np.floor(np.log2(reciprocal)) - 13)
+    multiplier = float(np.floor(reciprocal / unit + 0.5) * unit * wide.scale)
+    constant = 0.5 + wide.scale * 2.0 ** -np.floor(np.log2(s8))
+    float32_consts = {"inverse16": 1.0 / wide.scale, "half": 0.5, "low16": 0.0, "high16": float(wide.levels),
+                      "zero_point": float(-enc.offset), "low": 0.0, "high": float(enc.levels),
+                      "offset": float(enc.offset), "scale": enc.scale}
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), p + k) for k, v in float32_consts.items()]
+    inits += [numpy_helper.from_array(np.array(v), p + k) for k, v in
+              (("one", 1.0), ("multiplier", multiplier), ("constant", constant))]
+    n = helper.make_node
+    nodes = [n("Mul", [tensor, p + "inverse16"], [p + "v16"]), n("Add", [p + "v16", p + "half"], [p + "v16_half"]),
+             n("Floor", [p + "v16_half"], [p + "c16_raw"]), n("Clip", [p + "c16_raw", p + "low16", p + "high16"],
+                                                              [p + "c16"]),
+             n("Cast", [p + "c16"], [p + "c16_64"], to=onnx.TensorProto.DOUBLE),
+             n("Add", [p + "c16_64", p + "one"], [p + "c16_next"]),
+             n("Mul", [p + "c16_next", p + "multiplier"], [p + "t"]), n("Add", [p + "t", p + "constant"], [p + "t_k"]),
+             n("Floor", [p + "t_k"], [p + "q64"]), n("Cast", [p + "q64"], [p + "q"], to=onnx.TensorProto.FLOAT),
+             n("Add", [p + "q", p + "zero_point"], [p + "q8"]), n("Clip", [p + "q8", p + "low", p + "high"],
+                                                                  [p + "q8_clipped"]),
              n("Add", [p + "q8_clipped", p + "offset"], [p + "c8"]), n("Mul", [p + "c8", p + "scale"], [output])]
     return nodes, inits
 
@@ -139,7 +181,7 @@ def build_simulation_model(
     on_grid: Iterable[str] = (),
     encodings_as_inputs: bool = False,
     float16_rounded: Iterable[str] = (),
-    narrowed: Iterable[str] = (),
+    narrowed: Mapping[str, Encoding] | None = None,
     half_even: Iterable[str] = (),
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """The deploy model with quantized params and fake-quant after each chosen activation.
@@ -158,9 +200,9 @@ def build_simulation_model(
     ``activations`` then only needs their bitwidths right), for models of opset 11 or later (Clip's
     bounds as inputs). Without ``switchable``, the activations in ``float16_rounded`` round as
     ROUNDINGS' "float16", those in ``half_even`` round ties to even, and those in ``narrowed``
-    (computed on their 16-bit grid) as narrowed_nodes.
+    (computed in the 16-bit encoding it maps them to) as narrowed_nodes.
     """
-    half_up, exact, float16, narrow = set(round_half_up), set(on_grid), set(float16_rounded), set(narrowed)
+    half_up, exact, float16, narrow = set(round_half_up), set(on_grid), set(float16_rounded), dict(narrowed or {})
     even = set(half_even)
     sim = onnx.ModelProto()
     sim.CopyFrom(model)
@@ -197,7 +239,7 @@ def build_simulation_model(
         if name in exact and not switchable:
             nodes, inits = [helper.make_node("Identity", [name], [renamed[name]])], []
         elif name in narrow and not switchable:
-            nodes, inits = narrowed_nodes(name, activations[name], renamed[name])
+            nodes, inits = narrowed_nodes(name, activations[name], renamed[name], narrow[name])
         elif switchable:
             nodes, inits = _switched_fake_quant(name, activations[name], renamed[name], index, opset, rounding,
                                                 encodings_as_inputs)

@@ -195,7 +195,7 @@ def htp_simulation_model(
                                   round_half_up=[name for name in targets.activations if name not in inputs],
                                   on_grid=on_grid, float16_rounded=_float16_rounded(deploy, targets, activations,
                                                                                     wide_outputs),
-                                  narrowed=list(wide_outputs), half_even=half_even)
+                                  narrowed=wide_outputs, half_even=half_even)
 
 
 def _float16_rounded(deploy: onnx.ModelProto, targets: QuantTargets, activations: dict[str, Encoding],
