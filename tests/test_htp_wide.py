@@ -994,3 +994,53 @@ def test_a_hard_sigmoid_on_its_fixed_grid_converts_to_8_bits_as_the_htp(alpha, x
     reference = HtpSession(build_qdq_model(model, targets, acts, {}), {"x": acts["x"]}).run({"x": x})[0]
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, {}), ["y"])({"x": x})[0]
     assert np.count_nonzero(modeled != reference) <= most
+
+
+def test_the_folded_offset_adds_its_half_in_float32() -> None:
+    """From 2^23 float32 holds no half: an odd offset rounds to the even integer above it (finding 51)."""
+    from onnxsnpe.simulate.htp.codes import float32_round_half_away
+
+    values = np.array([2.0**23 + 1, 2.0**23 + 2, 14_341_631.0, 255.5, -2.5, 2.4999, -(2.0**23 + 1)], dtype=np.float32)
+    np.testing.assert_array_equal(float32_round_half_away(values),
+                                  [2.0**23 + 2, 2.0**23 + 2, 14_341_632.0, 256.0, -3.0, 2.0, -(2.0**23 + 2)])
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_the_htp_rounds_an_a16w8_offset_beyond_2_to_the_23_in_float32() -> None:
+    """An A16W8 Conv whose folded offset ``C`` is an odd float32 integer past 2^23 at 255 modulo 256: the
+    HTP's ``floor(C / 2^8)`` is one block higher, as float32's ``C + 1/2`` rounds to the even integer
+    (finding 51: EfficientNet-Lite0's block-0 projection channels 2 and 4, ``C`` = 14,341,631 and
+    8,711,167). Rounding ``C`` half away exactly missed every such channel."""
+    from onnxsnpe.simulate.htp.codes import zero_point_share
+
+    rng = np.random.default_rng(2)
+    channels = 16
+    weight = rng.normal(0, 1, (channels, 8, 1, 1))
+    model = _unpadded_conv(weight, np.zeros(channels))
+    targets = find_targets(model)
+    x_enc = asymmetric_encoding(-1.0, 2.0, 16)
+    weights = weight_encodings(model, targets, 8)
+    step = float(np.float32(x_enc.scale) * np.float32(weights["w"].scale))
+    y_enc = Encoding(16, float(np.float32(step / 2e-3)), -30_000)  # M = 2e-3: z / M = 1.5e7, past 2^23
+    w_scale = np.float32(weights["w"].scale)
+    share = float(zero_point_share(x_enc.scale, np.array([w_scale]), y_enc.scale, 30_000)[0])
+    codes = [next(c for c in np.round(target - share) + np.arange(-8, 9)
+                  if _float32_total(x_enc, w_scale, y_enc, c, step) == target)
+             for target in 256.0 * (58_600 + 3 * np.arange(channels)) - 1]  # odd, at 255 modulo 256
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array((np.array(codes) * step).astype(np.float32), "b"))
+    acts = {"x": x_enc, "y": y_enc}
+    params = {**weights, "b": Encoding(32, step, -(1 << 31), True)}
+    x = _on_grid(rng, x_enc, [1, 8, 12, 12])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc}).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)
+
+
+def _float32_total(x_enc, w_scale, y_enc, code, step) -> float:
+    """The folded offset's float32 sum before its rounding (codes.requant_offset's ``total``)."""
+    from onnxsnpe.simulate.htp.codes import zero_point_share
+
+    f32 = np.float32
+    share = zero_point_share(x_enc.scale, np.array([w_scale]), y_enc.scale, -y_enc.offset)[0]
+    base = f32(f32(x_enc.scale) * f32(w_scale))
+    return float(f32(share + f32(f32(f32(code) * f32(step)) / base)))

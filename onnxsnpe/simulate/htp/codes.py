@@ -83,7 +83,8 @@ def requant_offset(
 ) -> np.ndarray:
     """The integer the HTP adds to each channel's accumulator: bias and output zero point in one.
 
-    ``round(b * s_b / (s_in * s_w * step) + z / M)``, rounded half away from zero once for the sum
+    ``round(b * s_b / (s_in * s_w * step) + z / M)``, rounded half away from zero once for the sum (the half
+    added in float32: float32_round_half_away)
     (a re-expressed channel's bias is a fraction of its step), every operation in float32:
     ``base = s_in * s_w``, bias term ``(b * s_b) / (base * step)``, zero-point term
     ``z / (base / s_out) / step``. Bit-exact on 7,680 probed channels with int8 weights; on
@@ -106,7 +107,18 @@ def requant_offset(
         total = (total + gridded_bias(bias_codes, in_scale, w_scale)).astype(f32)
     elif bias_codes is not None:
         total = total + (np.asarray(bias_codes, dtype=f32) * f32(bias_scale)) / (base * steps) / ratio
-    return round_half_away(total.astype(np.float64))
+    return float32_round_half_away(total)
+
+
+def float32_round_half_away(value: np.ndarray) -> np.ndarray:
+    """``value`` (float32) rounded half away from zero as the HTP rounds its folded offset: the half added
+    in float32, ``sign(v) floor(float32(|v| + 1/2))``. From 2^23 float32 has no half, so an odd integer
+    rounds to the even one above it (16-bit activations, where the offset passes 2^23: 17 channels of
+    EfficientNet-Lite0, PP-OCRv4 det, rec and cls at 255 modulo 256, each a block of 2^8 off before;
+    tools/HTP.md finding 51). Below 2^23 it is round_half_away."""
+    value = np.asarray(value, dtype=np.float32)
+    return np.sign(value).astype(np.float64) * np.floor((np.abs(value) + np.float32(0.5)).astype(np.float32)
+                                                        .astype(np.float64))
 
 
 def zero_point_share(in_scale: float, w_scale: float | np.ndarray, out_scale: float, zero_point: int) -> np.ndarray:

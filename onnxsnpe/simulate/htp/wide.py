@@ -15,7 +15,9 @@ finding 49: half away from zero missed negative ties on v68). ``C`` is computed 
 8-bit rule's order (codes.requant_offset), which at 16 bits (``z_out / M`` up to 2^27, float32 steps
 of 1 to 8) decides ``floor(C / 2^8)`` in the channels whose ``C`` lies a step or two below a
 multiple of 2^8: on the four models' A16W8 Convs it fits the emulator where float64 does not, and it
-brought four probes to bit for bit (tools/HTP.md "The A16W8 offset in float32"). A bias beyond int32
+brought four probes to bit for bit (tools/HTP.md "The A16W8 offset in float32"); its rounding adds the
+half in float32, which past 2^23 takes an odd ``C`` to the even integer above (finding 51: every
+channel of the four models then fits, 38,534). A bias beyond int32
 at the step ``s_in * s_w`` saturates there, whatever wider scale its encoding was given. A depthwise
 Conv strided in both directions keeps its weight codes as they are, drops no bits and has a 15-bit
 multiplier, as at 8 bits; with per-channel weights its accumulator (bias and output zero point
