@@ -57,7 +57,7 @@ from .codes import (
     requant_offset,
     with_output_codes,
 )
-from .linear import as_block_conv, int8_weights, transpose_blocks, v73_bias
+from .linear import as_block_conv, channel_multipliers, int8_weights, transpose_blocks, v73_bias
 
 SHIFT = 8
 """Bits the HTP drops from the A16W8 accumulator."""
@@ -118,8 +118,8 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
     multiplier = step / float(np.float32(y_enc.scale))
     if strided_depthwise:
         _, mantissa, _ = requant_constants(multiplier, 0, precise=True)
-    else:
-        mantissa = float16_ties_up(multiplier * 2.0**shift)
+    else:  # M in float32 as at 8 bits (finding 46), which a float16 tie decides (finding 52)
+        mantissa = float16_ties_up(channel_multipliers(x_enc.scale, w_scale, y_enc.scale) * steps * 2.0**shift)
     if not np.all(np.isfinite(mantissa)) or mantissa.min() <= 0:
         return None
     register = register_shifts(multiplier) if strided_depthwise else None
