@@ -1079,3 +1079,35 @@ def test_the_htp_a16w8_multiplier_is_float32_before_its_float16_rounding() -> No
     reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc}).run({"x": x})[0]
     modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
     np.testing.assert_array_equal(modeled, reference)
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+def test_a_16_bit_5x5_depthwise_strided_by_2_reads_two_pads_as_its_zero_points_high_byte() -> None:
+    """One weight per channel, at each kernel position in turn, so that each output is one input: the
+    HTP reads the left padding of kernel row 3 in odd output rows as ``257 (z >> 8)`` (finding 53;
+    pad_bytes.py), which the simulation now does too; without it those 10 outputs were 47 steps off."""
+    from onnxsnpe.encode.encoding import ChannelEncodings, symmetric_encoding
+    from onnxsnpe.simulate.htp.pad_bytes import padding_correction
+
+    kernel, channels, size = 5, 25, 20
+    weight = np.zeros((channels, 1, kernel, kernel))
+    for c in range(channels):
+        weight[c, 0, c // kernel, c % kernel] = 127 * 2.0**-7
+    model = _model("Conv", weight, np.zeros(channels), [1, channels, size, size], group=channels, stride=2)
+    pads = next(a for a in model.graph.node[0].attribute if a.name == "pads")
+    del pads.ints[:]
+    pads.ints.extend([2] * 4)
+    model = onnx.shape_inference.infer_shapes(model)
+    targets = find_targets(model)
+    x_enc = asymmetric_encoding(-0.3, 3.0, 16)
+    assert (-x_enc.offset) >> 8 != (-x_enc.offset) & 0xFF  # the zero point's bytes differ
+    w_enc = ChannelEncodings(0, tuple(symmetric_encoding(127 * 2.0**-7, 8) for _ in range(channels)))
+    acts = {"x": x_enc, "y": Encoding(16, float(np.float32(x_enc.scale) * np.float32(127 * 2.0**-7)), x_enc.offset)}
+    params = {"w": w_enc, **bias_encodings(model, targets, acts, {"w": w_enc}, 32)}
+    codes = np.round(weight / (127 * 2.0**-7)) * 127
+    correction = padding_correction(model.graph.node[0], codes, -x_enc.offset, [1, channels, size, size])
+    assert np.count_nonzero(correction) == 10  # kernel (3, 0) and (3, 1), odd rows 1 to 9
+    x = _on_grid(np.random.default_rng(0), x_enc, [1, channels, size, size])
+    reference = HtpSession(build_qdq_model(model, targets, acts, params), {"x": x_enc}).run({"x": x})[0]
+    modeled = simulation_runner(*htp_simulation_model(model, targets, acts, params), ["y"])({"x": x})[0]
+    np.testing.assert_array_equal(modeled, reference)

@@ -58,6 +58,7 @@ from .codes import (
     with_output_codes,
 )
 from .linear import as_block_conv, channel_multipliers, int8_weights, transpose_blocks, v73_bias
+from .pad_bytes import padding_correction
 
 SHIFT = 8
 """Bits the HTP drops from the A16W8 accumulator."""
@@ -159,7 +160,10 @@ def lower_a16w8_conv(node: onnx.NodeProto, context: Context) -> Lowered | None:
         bits = digit_bits(int(np.prod(codes.shape[1:])), float(np.abs(codes).max()))
         if bits is None:
             return None
-        chain, inits = digit_chain(node, x_enc, y_enc, codes, bits, zero_sum, constant, requant, shift, register)
+        correction = padding_correction(node, codes, zero_point, context.shapes.get(node.input[0])) \
+            if strided_depthwise else None
+        chain, inits = digit_chain(node, x_enc, y_enc, codes, bits, zero_sum, constant, requant, shift, register,
+                                   correction)
     if blocks:  # each block of k x k output pixels comes from one input pixel
         chain.append(helper.make_node("DepthToSpace", [node.output[0]], [original.output[0]], blocksize=blocks,
                                       mode="CRD"))
@@ -280,11 +284,12 @@ def _byte_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding, codes: n
 def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
                 codes: np.ndarray | list[tuple[np.ndarray, float]], digit_bits: int, zero_sum: np.ndarray,
                 constant: np.ndarray, requant: Requant, shift: int, register: np.ndarray | None = None,
-                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+                correction: np.ndarray | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes: the codes split in digits, a Conv per digit (and per weight part: ``codes`` may be
     a list of (part, factor) whose weighted sum is the weights, each part small enough for
     ``digit_bits``), their sum, the truncation and the requantization, in float64 from the sums on;
-    ``register``: the channels' register_shifts, where the accumulator wraps."""
+    ``register``: the channels' register_shifts, where the accumulator wraps; ``correction``: an
+    addition to the accumulator per output position (pad_bytes.padding_correction)."""
     p = f"{node.output[0]}{SUFFIX}/"
     parts = [(codes, 1.0)] if isinstance(codes, np.ndarray) else codes
     names = [p + "w"] if len(parts) == 1 else [f"{p}w{k}" for k in range(len(parts))]
@@ -295,7 +300,7 @@ def digit_chain(node: onnx.NodeProto, x_enc: Encoding, y_enc: Encoding,
     inits += [
         numpy_helper.from_array(np.array(2.0**-digit_bits, dtype=np.float32), p + "digit_down"),
         numpy_helper.from_array(np.array(2.0**digit_bits, dtype=np.float32), p + "digit_up"),
-        numpy_helper.from_array(zero_sum.reshape(channel), p + "zero_sum"),
+        numpy_helper.from_array(zero_sum.reshape(channel) + (0 if correction is None else correction), p + "zero_sum"),
         numpy_helper.from_array(np.array(2.0**-shift), p + "shift"),
     ]
     make = helper.make_node
