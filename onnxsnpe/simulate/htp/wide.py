@@ -8,6 +8,7 @@ output code is
     clamp(floor(t * m + 1/2)),  t = floor(sum(u w) / 2^8) + floor(C / 2^8) - round(z sum(w) / 2^8),
     m = float16(M 2^8),  C = round(B + z_out / M),
 
+``M`` in float32 as at 8 bits (linear.channel_multipliers; finding 52), its float16 ties up,
 ``B`` the bias in accumulator steps, ``C`` rounding half away from zero: the input sum loses its
 low 8 bits, the bias and the output zero point are folded into one integer as at 8 bits and
 truncated the same way, and the input zero point's share is rounded apart, exact ties up (tools/HTP.md
