@@ -83,6 +83,7 @@ from .codes import Context, Lowered, int8
 from .concat import lower_concat16
 from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .gelu import lower_gelu16
+from .hard_sigmoid import lower_hard_sigmoid16
 from .l2_norm import lower_l2_norm
 from .layer_norm import lower_layer_norm
 from .layer_norm16 import lower_layer_norm16
@@ -102,7 +103,7 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
     "LayerNormalization": (lower_layer_norm, lower_layer_norm16),
-    "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS),
+    "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS), "HardSigmoid": (lower_hard_sigmoid16,),
 }
 """The lowerings of each op type (model docstring)."""
 
