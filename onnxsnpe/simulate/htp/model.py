@@ -79,7 +79,7 @@ from ..emulator import A16W16_ARCH
 from ..fake_quant import build_simulation_model
 from .channelwise import lower_average_pool, lower_batch_norm, lower_global_average_pool, lower_reduce_mean
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
-from .codes import Context, Lowered, int8
+from .codes import Context, Lowered
 from .concat import lower_concat16
 from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .gelu import lower_gelu16
@@ -90,6 +90,7 @@ from .layer_norm16 import lower_layer_norm16
 from .linear import lower_linear
 from .matmul16 import lower_matmul16
 from .mul16 import lower_mul16
+from .resize16 import lower_resize16
 from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
@@ -104,6 +105,7 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
     "LayerNormalization": (lower_layer_norm, lower_layer_norm16),
     "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS), "HardSigmoid": (lower_hard_sigmoid16,),
+    "Resize": (lower_resize16,),
 }
 """The lowerings of each op type (model docstring)."""
 
@@ -227,12 +229,14 @@ def default_arch(deploy: onnx.ModelProto, params: dict[str, ParamEncoding]) -> i
 
 
 def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -> dict[str, Encoding]:
-    """``activations`` with each Concat input that only the Concat reads given the Concat's 8-bit encoding.
+    """``activations`` with each Concat input that only the Concat reads given the Concat's encoding (8 or 16
+    bits, the input's own bitwidth).
 
     The HTP writes such a producer's output straight into the concatenation, requantized once to
     the Concat's encoding: PP-OCR det's ``p2o.Add.277`` (scale 8.37) feeding ``p2o.Concat.1``
     (scale 17.25) is exactly an Add with the Concat's output encoding, and 2% of its values differ
-    from requantizing the Add's own codes.
+    from requantizing the Add's own codes. At 16 bits the same holds for its upsampling Resizes and that
+    Add (resize16.py; tools/HTP.md finding 56: 20,713 of the Concat's 614,400 values off before).
     """
     readers: dict[str, int] = {}
     for node in graph.node:
@@ -243,10 +247,11 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
     updated = dict(activations)
     for node in graph.node:
         enc = activations.get(node.output[0]) if node.op_type == "Concat" else None
-        if not int8(enc):
+        if enc is None:
             continue
         for name in node.input:
             own = activations.get(name)
-            if name in produced and name not in outputs and readers.get(name) == 1 and int8(own):
+            if name in produced and name not in outputs and readers.get(name) == 1 and own is not None \
+                    and own.bitwidth == enc.bitwidth:
                 updated[name] = enc
     return updated
