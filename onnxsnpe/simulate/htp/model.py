@@ -90,7 +90,6 @@ from .layer_norm16 import lower_layer_norm16
 from .linear import lower_linear
 from .matmul16 import lower_matmul16
 from .mul16 import lower_mul16
-from .resize16 import lower_resize16
 from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
@@ -105,7 +104,6 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
     "LayerNormalization": (lower_layer_norm, lower_layer_norm16),
     "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS), "HardSigmoid": (lower_hard_sigmoid16,),
-    "Resize": (lower_resize16,),
 }
 """The lowerings of each op type (model docstring)."""
 
@@ -235,8 +233,11 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
     The HTP writes such a producer's output straight into the concatenation, requantized once to
     the Concat's encoding: PP-OCR det's ``p2o.Add.277`` (scale 8.37) feeding ``p2o.Concat.1``
     (scale 17.25) is exactly an Add with the Concat's output encoding, and 2% of its values differ
-    from requantizing the Add's own codes. At 16 bits the same holds for its upsampling Resizes and that
-    Add (resize16.py; tools/HTP.md finding 56: 20,713 of the Concat's 614,400 values off before).
+    from requantizing the Add's own codes. At 16 bits too, and through a nearest Resize: a tensor only a
+    Resize reads, which only the Concat reads, is computed in the Concat's encoding as well (det's neck
+    Adds, upsampled into ``p2o.Concat.1``: det at A16 40.4 -> 66.5 dB; tools/HTP.md finding 56). Where
+    the upsampled tensor has other readers (every tensor exposed) the HTP was seen requantizing the
+    Resize's codes with a 15-bit multiplier instead; not modelled.
     """
     readers: dict[str, int] = {}
     for node in graph.node:
@@ -244,6 +245,7 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
             readers[name] = readers.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
     produced = {name for node in graph.node for name in node.output}
+    producers = {name: node for node in graph.node for name in node.output}
     updated = dict(activations)
     for node in graph.node:
         enc = activations.get(node.output[0]) if node.op_type == "Concat" else None
@@ -254,4 +256,9 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
             if name in produced and name not in outputs and readers.get(name) == 1 and own is not None \
                     and own.bitwidth == enc.bitwidth:
                 updated[name] = enc
+                source = producers.get(name)
+                if source is not None and source.op_type == "Resize":  # and through an upsampling
+                    upsampled = source.input[0]
+                    if upsampled in produced and upsampled not in outputs and readers.get(upsampled) == 1:
+                        updated[upsampled] = enc
     return updated
