@@ -235,7 +235,8 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
     (scale 17.25) is exactly an Add with the Concat's output encoding, and 2% of its values differ
     from requantizing the Add's own codes. At 16 bits too, and through a nearest Resize: a tensor only a
     Resize reads, which only the Concat reads, is computed in the Concat's encoding as well (det's neck
-    Adds, upsampled into ``p2o.Concat.1``: det at A16 40.4 -> 66.5 dB; tools/HTP.md finding 56). Where
+    Adds, upsampled into ``p2o.Concat.1``: det at A16 40.4 -> 66.5 dB; tools/HTP.md finding 56; not at
+    8 bits, where det is bit for bit with the Adds on their own grids). Where
     the upsampled tensor has other readers (every tensor exposed) the HTP was seen requantizing the
     Resize's codes with a 15-bit multiplier instead; not modelled.
     """
@@ -257,7 +258,7 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
                     and own.bitwidth == enc.bitwidth:
                 updated[name] = enc
                 source = producers.get(name)
-                if source is not None and source.op_type == "Resize":  # and through an upsampling
+                if source is not None and source.op_type == "Resize" and enc.bitwidth == 16:  # through an upsampling
                     upsampled = source.input[0]
                     if upsampled in produced and upsampled not in outputs and readers.get(upsampled) == 1:
                         updated[upsampled] = enc
