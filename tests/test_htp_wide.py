@@ -971,6 +971,16 @@ def test_the_htp_rounds_an_a16w8_zero_point_share_tie_up(arch: str) -> None:
     np.testing.assert_array_equal(modeled, reference)
 
 
+def _hard_sigmoid_model(alpha: float) -> onnx.ModelProto:
+    """``y = HardSigmoid(x)`` (beta 1/2) over a row of 65,536 values: one per 16-bit input code."""
+    graph = helper.make_graph([helper.make_node("HardSigmoid", ["x"], ["y"], alpha=alpha, beta=0.5)], "hs",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 65536])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 65536])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
 @pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
 @pytest.mark.parametrize("alpha, x_range, y_range", [(1 / 6, (-6.0, 4.0), (0.0, 0.7145)),
                                                       (0.2, (-3.0, 5.0), (-0.3, 0.8)),
@@ -982,11 +992,7 @@ def test_a_hard_sigmoid_on_its_fixed_grid_converts_to_8_bits_as_the_htp(alpha, x
     missed 345, 38 and 193 of them."""
     from onnxsnpe.encode.conversions import widened_outputs
 
-    graph = helper.make_graph([helper.make_node("HardSigmoid", ["x"], ["y"], alpha=alpha, beta=0.5)], "hs",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 65536])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 65536])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = _hard_sigmoid_model(alpha)
     targets = find_targets(model)
     acts = {"x": asymmetric_encoding(*x_range, 16), "y": asymmetric_encoding(*y_range, 8)}
     assert widened_outputs(model.graph, targets, acts)["y"].scale == 2.0**-16  # the fixed grid, converted after
@@ -1003,11 +1009,7 @@ def test_the_htp_16_bit_hard_sigmoid_is_reproduced_on_every_code(alpha, x_range)
     where rounding onnxruntime's float32 ``alpha x + 1/2`` (the simulation before) missed 98 and 118 of them."""
     from onnxsnpe.encode.conversions import HTP_FIXED_16_BIT
 
-    graph = helper.make_graph([helper.make_node("HardSigmoid", ["x"], ["y"], alpha=alpha, beta=0.5)], "hs",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 65536])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 65536])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = _hard_sigmoid_model(alpha)
     targets = find_targets(model)
     acts = {"x": asymmetric_encoding(*x_range, 16), "y": HTP_FIXED_16_BIT["HardSigmoid"]}
     x = ((np.arange(65536.0) + acts["x"].offset) * np.float32(acts["x"].scale)).astype(np.float32).reshape(1, -1)
