@@ -60,7 +60,7 @@ def test_the_htp_16_bit_matmul_of_two_activations_is_reproduced(case: str) -> No
 def test_the_htp_16_bit_scores_matmul_of_converted_8_bit_inputs_is_bit_for_bit() -> None:
     """MiniLM-L6's first attention scores under automatic mixed precision: two 8-bit activations converted
     to 16 bits (same grid), a 16-bit output. Requantized as if the truncated sum kept one dropped bit
-    (finding 54), every value; the float32 rounding before missed about 47 of 49,152 near ties."""
+    (finding 54), every value; the float32 rounding before missed 54 of these 49,152 near ties."""
     value = helper.make_tensor_value_info
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "scores",
                               [value("a", TensorProto.FLOAT, [1, 12, 64, 32]),

@@ -83,9 +83,9 @@ def requant_offset(
 ) -> np.ndarray:
     """The integer the HTP adds to each channel's accumulator: bias and output zero point in one.
 
-    ``round(b * s_b / (s_in * s_w * step) + z / M)``, rounded half away from zero once for the sum (the half
-    added in float32: float32_round_half_away)
-    (a re-expressed channel's bias is a fraction of its step), every operation in float32:
+    ``round(b * s_b / (s_in * s_w * step) + z / M)``, rounded half away from zero once for the sum (a
+    re-expressed channel's bias is a fraction of its step; the half added in float32:
+    float32_round_half_away), every operation in float32:
     ``base = s_in * s_w``, bias term ``(b * s_b) / (base * step)``, zero-point term
     ``z / (base / s_out) / step``. Bit-exact on 7,680 probed channels with int8 weights; on
     re-expressed channels 21 of 3,838 probes with biases of 10^5 to 10^6 steps differ by one

@@ -245,7 +245,6 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
-    produced = {name for node in graph.node for name in node.output}
     producers = {name: node for node in graph.node for name in node.output}
     updated = dict(activations)
     for node in graph.node:
@@ -254,12 +253,12 @@ def concat_encodings(graph: onnx.GraphProto, activations: dict[str, Encoding]) -
             continue
         for name in node.input:
             own = activations.get(name)
-            if name in produced and name not in outputs and readers.get(name) == 1 and own is not None \
+            if name in producers and name not in outputs and readers.get(name) == 1 and own is not None \
                     and own.bitwidth == enc.bitwidth:
                 updated[name] = enc
-                source = producers.get(name)
-                if source is not None and source.op_type == "Resize" and enc.bitwidth == 16:  # through an upsampling
+                source = producers[name]
+                if source.op_type == "Resize" and enc.bitwidth == 16:  # and through an upsampling
                     upsampled = source.input[0]
-                    if upsampled in produced and upsampled not in outputs and readers.get(upsampled) == 1:
+                    if upsampled in producers and upsampled not in outputs and readers.get(upsampled) == 1:
                         updated[upsampled] = enc
     return updated
