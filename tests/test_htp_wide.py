@@ -236,6 +236,54 @@ def test_a_16_bit_global_average_pool_sums_its_codes_exactly() -> None:
     assert np.abs(codes).max() > 2**24
 
 
+def _boundary_sums(multiplier: float, z_in: int, z_out: int, count: int, channels: int) -> np.ndarray:
+    """Per channel ``count`` 16-bit codes whose centered sum ``S`` puts ``S m + z_out + 1/2`` within a
+    few multiplier steps below or above an integer: the sums that tell rounding constants apart."""
+    sums = np.arange(-z_in * count, (65535 - z_in) * count + 1, dtype=np.int64)
+    value = sums * multiplier + z_out + 0.5
+    inside = (value > 3) & (value < 65532)
+    sums, value = sums[inside], value[inside]
+    nearest = np.minimum(np.ceil(value) - value, value - np.floor(value))
+    chosen = sums[np.argsort(nearest, kind="stable")[:channels]]
+    totals = chosen + z_in * count  # sums of raw codes, spread evenly over the channel
+    codes = np.repeat((totals // count)[:, None], count, axis=1)
+    codes[np.arange(count)[None, :] < (totals % count)[:, None]] += 1
+    return codes
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("log2_multiplier", [-7.5, -10.5, -0.5])
+def test_a_16_bit_global_average_pool_adds_what_its_multiplier_says(log2_multiplier: float) -> None:
+    """7 x 7 values a channel whose sums sit at rounding boundaries: the emulator adds 2^5 multiplier
+    steps (m = 2^-7.5), a whole half (m = 2^-10.5) or nothing (m = 2^-0.5) to ``z_out + 1/2``
+    (global_average_pool16_extra); the simulation matches it bit for bit, ``floor(S m + z_out + 1/2)``
+    alone does not where something is added."""
+    from onnxsnpe.simulate.htp.channelwise import global_average_pool16_extra
+    from onnxsnpe.simulate.htp.codes import requant_constants
+
+    channels, count = 512, 49
+    x_enc = Encoding(16, float(np.float32(2.0**-12)), -7000)
+    y_enc = Encoding(16, float(np.float32(x_enc.scale / count / 2.0**log2_multiplier)), -30000)
+    ratio = float(np.float32(x_enc.scale)) / float(np.float32(y_enc.scale)) / count
+    multiplier = float(requant_constants(np.array(ratio), 0, precise=True)[1])
+    codes = _boundary_sums(multiplier, -x_enc.offset, -y_enc.offset, count, channels)
+    shape = [1, channels, 7, 7]
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "gap",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    targets, acts = find_targets(model), {"x": x_enc, "y": y_enc}
+    x = ((codes + x_enc.offset) * np.float32(x_enc.scale)).astype(np.float32).reshape(shape)
+    reference = HtpSession(build_qdq_model(model, targets, acts, {}), {"x": x_enc}).run({"x": x})[0].reshape(-1)
+    got = simulation_runner(*htp_simulation_model(model, targets, acts, {}), ["y"])({"x": x})[0].reshape(-1)
+    np.testing.assert_array_equal(got, reference)
+    sums = (codes - (-x_enc.offset)).sum(axis=1)
+    plain = (np.floor(sums * multiplier - y_enc.offset + 0.5) + y_enc.offset) * np.float32(y_enc.scale)
+    extra = global_average_pool16_extra(multiplier, 7, 7)
+    assert extra == {-7.5: 2.0**-17, -10.5: 0.5, -0.5: 0.0}[log2_multiplier]
+    assert (np.abs(plain - reference) > y_enc.scale / 2).any() == (extra > 0)
+
+
 def test_a_doubly_strided_16_bit_depthwise_conv_drops_no_bits() -> None:
     """Strided in both directions, a depthwise Conv keeps its weight codes as they are (no
     re-expression), drops no accumulator bits and has a 15-bit multiplier, as at 8 bits: against an

@@ -25,7 +25,8 @@ activations and weights:
   a ConvTranspose whose kernel equals its stride: it runs as a 1x1 Conv with ``C_out * k * k``
   output channels and depth-to-space, re-expressed per (output channel, kernel position).
 - GlobalAveragePool sums the centered codes and multiplies by ``s_in / (s_out * n)`` rounded to 15
-  significant bits; an 8-bit ReduceMean likewise, its 15-bit multiplier mostly scaled by 32767/32768
+  significant bits (at 16 bits adding a little before the floor: global_average_pool16_extra); an
+  8-bit ReduceMean likewise, its 15-bit multiplier mostly scaled by 32767/32768
   (channelwise.reduce_mean_multiplier).
 - Add and Sub run in fixed point on raw codes: see add_constants.
 - Mul of two 8-bit tensors (activations or quantized constants) multiplies the centered codes and
