@@ -217,8 +217,9 @@ def test_the_htp_16_bit_add_is_reproduced_bit_for_bit(out_range: tuple[float, fl
 
 
 def test_a_16_bit_global_average_pool_sums_its_codes_exactly() -> None:
-    """``floor(S m + z_out + 1/2)`` with S the sum of 16-bit centered codes over 56 x 56 values (up to
-    2^27, past float32's exact integers) and m rounded to 15 significant bits, against int64 sums."""
+    """``floor(S m + z_out + 1/2 + extra)`` with S the sum of 16-bit centered codes over 56 x 56 values
+    (up to 2^27, past float32's exact integers), m rounded to 15 significant bits and extra
+    2^(11 - 12 - 14) (global_average_pool16_extra), against int64 sums."""
     shape = [1, 64, 56, 56]
     graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "gap",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
@@ -231,7 +232,8 @@ def test_a_16_bit_global_average_pool_sums_its_codes_exactly() -> None:
     ratio = float(np.float32(acts["x"].scale)) / float(np.float32(acts["y"].scale)) / (56 * 56)
     exponent = 2.0 ** np.floor(np.log2(ratio))
     multiplier = np.round(ratio / exponent * 2.0**14) / 2.0**14 * exponent
-    want = np.clip(np.floor(codes * multiplier - acts["y"].offset + 0.5), 0, 65535) + acts["y"].offset
+    assert np.floor(np.log2(multiplier)) == -12
+    want = np.clip(np.floor(codes * multiplier - acts["y"].offset + 0.5 + 2.0**-15), 0, 65535) + acts["y"].offset
     np.testing.assert_array_equal(np.round(got.reshape(1, 64) / np.float32(acts["y"].scale)), want)
     assert np.abs(codes).max() > 2**24
 
@@ -279,7 +281,7 @@ def test_a_16_bit_global_average_pool_adds_what_its_multiplier_says(log2_multipl
     np.testing.assert_array_equal(got, reference)
     sums = (codes - (-x_enc.offset)).sum(axis=1)
     plain = (np.floor(sums * multiplier - y_enc.offset + 0.5) + y_enc.offset) * np.float32(y_enc.scale)
-    extra = global_average_pool16_extra(multiplier, 7, 7)
+    extra = global_average_pool16_extra(multiplier, count)
     assert extra == {-7.5: 2.0**-17, -10.5: 0.5, -0.5: 0.0}[log2_multiplier]
     assert (np.abs(plain - reference) > y_enc.scale / 2).any() == (extra > 0)
 
