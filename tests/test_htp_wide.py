@@ -216,15 +216,20 @@ def test_the_htp_16_bit_add_is_reproduced_bit_for_bit(out_range: tuple[float, fl
     assert not np.array_equal(exact, reference)
 
 
+def _global_average_pool_model(shape: list[int]) -> onnx.ModelProto:
+    """``y = GlobalAveragePool(x)`` over ``shape``, shapes inferred."""
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "gap",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
 def test_a_16_bit_global_average_pool_sums_its_codes_exactly() -> None:
     """``floor(S m + z_out + 1/2 + extra)`` with S the sum of 16-bit centered codes over 56 x 56 values
     (up to 2^27, past float32's exact integers), m rounded to 15 significant bits and extra
     2^(11 - 12 - 14) (global_average_pool16_extra), against int64 sums."""
     shape = [1, 64, 56, 56]
-    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "gap",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model = _global_average_pool_model(shape)
     acts = {"x": asymmetric_encoding(-1.0, 30.0, 16), "y": asymmetric_encoding(-0.5, 29.0, 16)}
     x = _on_grid(np.random.default_rng(6), acts["x"], shape, low=50_000)
     got = simulation_runner(*htp_simulation_model(model, find_targets(model), acts, {}), ["y"])({"x": x})[0]
@@ -270,10 +275,7 @@ def test_a_16_bit_global_average_pool_adds_what_its_multiplier_says(log2_multipl
     multiplier = float(requant_constants(np.array(ratio), 0, precise=True)[1])
     codes = _boundary_sums(multiplier, -x_enc.offset, -y_enc.offset, count, channels)
     shape = [1, channels, 7, 7]
-    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "gap",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model = _global_average_pool_model(shape)
     targets, acts = find_targets(model), {"x": x_enc, "y": y_enc}
     x = ((codes + x_enc.offset) * np.float32(x_enc.scale)).astype(np.float32).reshape(shape)
     reference = HtpSession(build_qdq_model(model, targets, acts, {}), {"x": x_enc}).run({"x": x})[0].reshape(-1)
