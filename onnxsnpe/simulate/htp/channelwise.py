@@ -46,22 +46,34 @@ def batch_norm_constants(
     """HTP's 8-bit BatchNormalization: per-channel weight codes, offsets ``C``, multiplier ``m`` and constant.
 
     ``values`` are scale, B, mean and var with their 8-bit ``encodings``. They are dequantized
-    (float64), folded to ``a = scale / sqrt(var + eps)`` and ``b = B - mean * a``, and ``a`` and ``b``
-    are quantized again, each per tensor with a min-max encoding (_minmax_codes): codes ``w`` and
-    ``c``, steps ``s_a`` and ``s_b``. The output code is ``floor((x * w + C) * m + 0.5 + 2^(9 - s))``
-    for the centered input code ``x``, ``M = s_in * s_a / s_out``, ``m = M`` rounded to 15
-    significant bits (``s = 14 - floor(log2 M)`` fraction bits) and ``C = round(c * s_b / (s_in *
-    s_a)) + round(z_out / M)`` (each rounded half away from zero). The ``2^(9 - s)`` is the
-    product rounded to a multiple of ``2^(10 - s)`` first. Bit-exact on every code of 133 probes
-    (2,128 channels) with ``2^-10.7 <= M <= 2^-1.2``. Outside ``2^-11 <= M < 2^-1`` (``s`` from 16
-    to 25) the rule fails (saturated channels below, a smaller constant above; not decoded): None.
+    (float64) and folded to ``a = scale / sqrt(var + eps)`` and ``b = B - mean * a``, which
+    scale_shift_constants applies.
     """
     real = [(quantize(v, e) + e.offset).astype(np.float64) * float(np.float32(e.scale))
             for v, e in zip(values, encodings, strict=True)]
     gamma, beta, mean, var = real
     folded_scale = gamma / np.sqrt(var + float(np.float32(epsilon)))
-    weights, w_step = _minmax_codes(folded_scale)
-    bias, b_step = _minmax_codes(beta - mean * folded_scale)
+    return scale_shift_constants(folded_scale, beta - mean * folded_scale, in_scale, out_scale, out_zero_point)
+
+
+def scale_shift_constants(
+    scale: np.ndarray, shift: np.ndarray, in_scale: float, out_scale: float, out_zero_point: int,
+) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+    """The HTP's 8-bit per-channel ``x * a + b`` (a BatchNormalization, or a Mul and Add it fuses:
+    scale_shift.py): weight codes, offsets ``C``, multiplier ``m`` and constant.
+
+    ``a`` (``scale``) and ``b`` (``shift``) are quantized again, each per tensor with a min-max
+    encoding (_minmax_codes): codes ``w`` and ``c``, steps ``s_a`` and ``s_b``. The output code is
+    ``floor((x * w + C) * m + 0.5 + 2^(9 - s))`` for the centered input code ``x``, ``M = s_in *
+    s_a / s_out``, ``m = M`` rounded to 15 significant bits (``s = 14 - floor(log2 M)`` fraction
+    bits) and ``C = round(c * s_b / (s_in * s_a)) + round(z_out / M)`` (each rounded half away from
+    zero). The ``2^(9 - s)`` is the product rounded to a multiple of ``2^(10 - s)`` first. Bit-exact
+    on every code of 133 probes (2,128 channels) with ``2^-10.7 <= M <= 2^-1.2``. Outside ``2^-11
+    <= M < 2^-1`` (``s`` from 16 to 25) the rule fails (saturated channels below, a smaller
+    constant above; not decoded): None.
+    """
+    weights, w_step = _minmax_codes(scale)
+    bias, b_step = _minmax_codes(shift)
     base = float(np.float32(in_scale)) * w_step
     ratio = base / float(np.float32(out_scale))
     bits = 14 - int(np.floor(np.log2(ratio)))
@@ -70,6 +82,31 @@ def batch_norm_constants(
     multiplier = float(np.round(ratio * 2.0**bits)) * 2.0**-bits
     offsets = round_half_away(bias * b_step / base) + round_half_away(np.array(out_zero_point / ratio))
     return weights, offsets, multiplier, 0.5 + 2.0 ** (9 - bits)
+
+
+def scale_shift_codes(
+    x_name: str, x_enc: Encoding, y_enc: Encoding, constants: tuple[np.ndarray, np.ndarray, float, float],
+    channel_shape: tuple[int, ...], p: str, output: str,
+) -> Lowered:
+    """The nodes applying scale_shift_constants to the codes of ``x_name``, its weight codes and offsets
+    shaped ``channel_shape`` to broadcast against it, ending in ``output``."""
+    weights, offsets, multiplier, constant = constants
+    make = helper.make_node
+    chain, inits = centered_codes(x_name, x_enc, p + "codes")
+    inits += [
+        numpy_helper.from_array(weights.astype(np.float32).reshape(channel_shape), p + "w"),
+        numpy_helper.from_array(offsets.astype(np.float64).reshape(channel_shape), p + "offset"),
+        numpy_helper.from_array(np.array(multiplier), p + "multiplier"),
+        numpy_helper.from_array(np.array(constant), p + "constant"),
+    ]
+    chain += [
+        make("Mul", [p + "codes", p + "w"], [p + "acc"]),  # |acc| <= 255^2: exact
+        make("Cast", [p + "acc"], [p + "acc64"], to=onnx.TensorProto.DOUBLE),
+        make("Add", [p + "acc64", p + "offset"], [p + "sum"]),
+        make("Mul", [p + "sum", p + "multiplier"], [p + "product"]),  # exact in float64
+        make("Add", [p + "product", p + "constant"], [p + "shifted"]),
+    ]
+    return with_output_codes(chain, inits, p, y_enc, p + "shifted", output)
 
 
 def lower_batch_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
@@ -91,25 +128,9 @@ def lower_batch_norm(node: onnx.NodeProto, context: Context) -> Lowered | None:
     )
     if constants_ is None:
         return None
-    weights, offsets, multiplier, constant = constants_
-    tail = (1,) * (rank - 2)
     p = f"{node.output[0]}{SUFFIX}/"
-    make = helper.make_node
-    chain, inits = centered_codes(node.input[0], x_enc, p + "codes")
-    inits += [
-        numpy_helper.from_array(weights.astype(np.float32).reshape((-1, *tail)), p + "w"),
-        numpy_helper.from_array(offsets.astype(np.float64).reshape((-1, *tail)), p + "offset"),
-        numpy_helper.from_array(np.array(multiplier), p + "multiplier"),
-        numpy_helper.from_array(np.array(constant), p + "constant"),
-    ]
-    chain += [
-        make("Mul", [p + "codes", p + "w"], [p + "acc"]),  # |acc| <= 255^2: exact
-        make("Cast", [p + "acc"], [p + "acc64"], to=onnx.TensorProto.DOUBLE),
-        make("Add", [p + "acc64", p + "offset"], [p + "sum"]),
-        make("Mul", [p + "sum", p + "multiplier"], [p + "product"]),  # exact in float64
-        make("Add", [p + "product", p + "constant"], [p + "shifted"]),
-    ]
-    chain, inits, _ = with_output_codes(chain, inits, p, y_enc, p + "shifted", node.output[0])
+    chain, inits, _ = scale_shift_codes(node.input[0], x_enc, y_enc, constants_, (-1, *(1,) * (rank - 2)), p,
+                                        node.output[0])
     used = [name for other in context.graph.node if other is not node for name in other.input]
     return chain, inits, {name for name in names if name not in used}
 

@@ -34,6 +34,8 @@ activations and weights:
   mul_constants.
 - BatchNormalization (left standalone by the graph preparation) is folded into a per-channel scale
   and bias that are quantized again to 8 bits, then applied to the codes: see batch_norm_constants.
+  A Mul by a constant vector over the last axis followed by an Add of one is computed the same way
+  from the Mul's input codes (the HTP fuses the pair: scale_shift.py).
 - An op that reads an 8-bit input converted to 16 bits (encode/conversions.py) is computed with
   the 16-bit encoding (the same grid, so the values do not change); one whose 8-bit output is
   computed on the 16-bit grid is lowered onto that grid and then quantized to its own encoding
@@ -91,6 +93,7 @@ from .layer_norm16 import lower_layer_norm16
 from .linear import lower_linear
 from .matmul16 import lower_matmul16
 from .mul16 import lower_mul16
+from .scale_shift import lower_scale_shift
 from .softmax import lower_softmax
 from .squash import absorb, activation_bounds, code_bounds
 from .wide import lower_a16w8_conv
@@ -99,7 +102,7 @@ from .wide_weights import lower_a16w16_conv
 LINEAR_LOWERINGS = (lower_linear, lower_a16w8_conv, lower_a16w16_conv)
 """Tried in turn for any other op: each returns None for a node it does not lower."""
 LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], ...]] = {
-    "Add": (lower_add,), "Sub": (lower_add,), "Mul": (lower_gelu16, lower_mul, lower_mul16),
+    "Add": (lower_scale_shift, lower_add), "Sub": (lower_add,), "Mul": (lower_gelu16, lower_mul, lower_mul16),
     "GlobalAveragePool": (lower_global_average_pool,), "BatchNormalization": (lower_batch_norm,),
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
