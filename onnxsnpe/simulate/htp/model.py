@@ -32,6 +32,9 @@ activations and weights:
 - Mul of two 8-bit tensors (activations or quantized constants) multiplies the centered codes and
   requantizes with a 15-bit multiplier and a constant that depends on the zero points: see
   mul_constants.
+- Div of two 8-bit activations: the numerator's code times a measured reciprocal of the divisor's
+  code, rounded to 13 significant bits before the zero point (div.py; approximate: a fifth of float
+  division's misses).
 - BatchNormalization (left standalone by the graph preparation) is folded into a per-channel scale
   and bias that are quantized again to 8 bits, then applied to the codes: see batch_norm_constants.
   A Mul by a constant vector over the last axis followed by an Add of one is computed the same way
@@ -84,6 +87,7 @@ from .channelwise import lower_average_pool, lower_batch_norm, lower_global_aver
 from .code_passing import Codes, pad_codes, produced_codes, reuse_codes
 from .codes import Context, Lowered
 from .concat import lower_concat16
+from .div import lower_div
 from .elementwise import is_scalar_sum, lower_add, lower_mul
 from .gelu import lower_gelu16
 from .hard_sigmoid import lower_hard_sigmoid16
@@ -107,7 +111,8 @@ LOWERINGS: dict[str, tuple[Callable[[onnx.NodeProto, Context], Lowered | None], 
     "AveragePool": (lower_average_pool,),
     "ReduceMean": (lower_reduce_mean,), "Softmax": (lower_softmax,), "Concat": (lower_concat16,),
     "LayerNormalization": (lower_layer_norm, lower_layer_norm16),
-    "Div": (lower_l2_norm,), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS), "HardSigmoid": (lower_hard_sigmoid16,),
+    "Div": (lower_l2_norm, lower_div), "MatMul": (lower_matmul16, *LINEAR_LOWERINGS),
+    "HardSigmoid": (lower_hard_sigmoid16,),
 }
 """The lowerings of each op type (model docstring)."""
 
