@@ -1,4 +1,4 @@
-"""The 16-bit Mul of two activations in the HTP simulation (simulate/htp/mul16.py)."""
+"""The 16-bit Mul of two activations, or of one and a constant, in the HTP simulation (simulate/htp/mul16.py)."""
 
 from __future__ import annotations
 
@@ -92,3 +92,27 @@ def test_the_htp_16_bit_mul_is_reproduced_bit_for_bit(arch: str | None) -> None:
         model = _mul_model()
         htp = HtpSession(build_qdq_model(model, find_targets(model), acts, {}), {"a": acts["a"], "b": acts["b"]}, arch)
         np.testing.assert_array_equal(_simulated(acts, feed, arch), htp.run(feed)[0])
+
+
+@pytest.mark.skipif(QNN_REASON is not None, reason=f"HTP emulator unavailable: {QNN_REASON}")
+@pytest.mark.parametrize("constant_shape, constant_first", [([64], False), ([1, 4, 1, 1], True), ([4, 64, 64], False)])
+def test_the_htp_16_bit_mul_by_a_16_bit_constant_is_reproduced_bit_for_bit(constant_shape, constant_first) -> None:
+    """The same recipe with the constant's codes (tools/HTP.md finding 60; the float computation was
+    10-232 of 4,800 codes off on such probes)."""
+    rng = np.random.default_rng(9)
+    constant = (rng.uniform(0.3, 1.6, constant_shape) * rng.choice([-1.0, 1.0], constant_shape)).astype(np.float32)
+    inputs = ["c", "a"] if constant_first else ["a", "c"]
+    graph = helper.make_graph([helper.make_node("Mul", inputs, ["y"])], "mul16c",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
+                              [onnx.numpy_helper.from_array(constant, "c")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    ea = asymmetric_encoding(-2.5, 3.0, 16)
+    ec = asymmetric_encoding(min(float(constant.min()), 0.0), max(float(constant.max()), 0.0), 16)
+    acts = {"a": ea, "y": asymmetric_encoding(-4.0, 4.5, 16)}
+    a = ((rng.integers(0, 65536, size=SHAPE) + ea.offset) * np.float32(ea.scale)).astype(np.float32)
+    targets = find_targets(model)
+    simulation, outputs = htp_simulation_model(model, targets, acts, {"c": ec})
+    htp = HtpSession(build_qdq_model(model, targets, acts, {"c": ec}), {"a": ea})
+    np.testing.assert_array_equal(make_session(simulation, [outputs["y"]]).run([outputs["y"]], {"a": a})[0],
+                                  htp.run({"a": a})[0])

@@ -46,8 +46,8 @@ activations and weights:
 - A Concat input that only the Concat reads is computed with the Concat's encoding (concat_encodings).
   A 16-bit Concat of 8-bit inputs converted to it requantizes each from its 8-bit code (concat.py).
 - With 16-bit activations: Conv and Gemm with 8-bit weights (wide.py), the Add of two activations
-  (elementwise.add16_constants), the Mul of two activations (mul16.py) and GlobalAveragePool, as
-  probed (tools/HTP.md, "16-bit activations", finding 31).
+  (elementwise.add16_constants), the Mul of two activations or of one and a constant (mul16.py) and
+  GlobalAveragePool, as probed (tools/HTP.md, "16-bit activations", findings 31 and 60).
 - HTP v73 and later (``arch``): 8-bit Conv and Gemm (linear.v73_conv_constants), A16W8 Conv and Gemm
   (wide.v73_wide_requant) and A16W16 Conv (wide_weights.py) requantize otherwise (tools/HTP.md
   findings 19 and 20).

@@ -1,4 +1,5 @@
-"""The 16-bit Mul of two activations as the HTP computes it (tools/HTP.md finding 31).
+"""The 16-bit Mul of two activations, or of one and a constant, as the HTP computes it (tools/HTP.md
+findings 31 and 60).
 
 A helper's emulator probes (329 generated Muls, 105 M output codes, every one equal) fit one
 integer recipe. With ``M = f32(f32(s_a s_b) / s_y)``, ``k = max(0, floor(log2 M) + 4)`` (0 unless
@@ -25,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...encode.encoding import Encoding, quantize
+from ...graph.large import initializer_array
 from .codes import SUFFIX, Context, Lowered, binary_operands, centered_codes, with_output_codes
 
 INT64_SAFE = 2**62
@@ -52,10 +55,11 @@ def mul16_constants(scales: tuple[float, float], zero_points: tuple[int, int], o
 
 
 def lower_mul16(node: onnx.NodeProto, context: Context) -> Lowered | None:
-    """A Mul of two 16-bit activations into a 16-bit output, in the HTP's integer recipe (module
-    docstring), or None."""
+    """A Mul of two 16-bit tensors (activations, or one a constant with a 16-bit per-tensor encoding)
+    into a 16-bit output, in the HTP's integer recipe (module docstring), or None."""
     operands = binary_operands(node, context.targets, context.activations, context.params, bitwidth=16)
-    if operands is None or any(name in context.constants for name in node.input):
+    constant = [name in context.constants for name in node.input]
+    if operands is None or all(constant) or not all(isinstance(enc, Encoding) for enc in operands[0]):
         return None
     encs, y_enc = operands
     constants = mul16_constants((encs[0].scale, encs[1].scale), (-encs[0].offset, -encs[1].offset), y_enc.scale)
@@ -68,9 +72,13 @@ def lower_mul16(node: onnx.NodeProto, context: Context) -> Lowered | None:
     inits: list[onnx.TensorProto] = []
     wide = []
     for index, (name, enc) in enumerate(zip(node.input, encs, strict=True)):
-        nodes, code_inits = centered_codes(name, enc, f"{p}{index}/centered")
-        chain += [*nodes, make("Cast", [f"{p}{index}/centered"], [f"{p}{index}/wide"], to=onnx.TensorProto.INT64)]
-        inits += code_inits
+        if constant[index]:  # its codes, as the QDQ model quantizes it
+            codes = quantize(initializer_array(context.constants[name]), enc) + enc.offset
+            inits.append(numpy_helper.from_array(codes.astype(np.int64), f"{p}{index}/wide"))
+        else:
+            nodes, code_inits = centered_codes(name, enc, f"{p}{index}/centered")
+            chain += [*nodes, make("Cast", [f"{p}{index}/centered"], [f"{p}{index}/wide"], to=onnx.TensorProto.INT64)]
+            inits += code_inits
         wide.append(f"{p}{index}/wide")
     inits += [
         numpy_helper.from_array(np.array(n, dtype=np.int64), p + "n"),
