@@ -39,6 +39,11 @@ def _minmax_codes(values: np.ndarray) -> tuple[np.ndarray, float]:
     return codes - zero_point, float(step)
 
 
+def quantized_values(values: np.ndarray, enc: Encoding) -> np.ndarray:
+    """A constant as its 8-bit codes stand for it: ``(code + offset)`` times the float32 scale, in float64."""
+    return (quantize(values, enc) + enc.offset).astype(np.float64) * float(np.float32(enc.scale))
+
+
 def batch_norm_constants(
     values: list[np.ndarray], encodings: list[Encoding], epsilon: float, in_scale: float, out_scale: float,
     out_zero_point: int,
@@ -49,9 +54,7 @@ def batch_norm_constants(
     (float64) and folded to ``a = scale / sqrt(var + eps)`` and ``b = B - mean * a``, which
     scale_shift_constants applies.
     """
-    real = [(quantize(v, e) + e.offset).astype(np.float64) * float(np.float32(e.scale))
-            for v, e in zip(values, encodings, strict=True)]
-    gamma, beta, mean, var = real
+    gamma, beta, mean, var = (quantized_values(v, e) for v, e in zip(values, encodings, strict=True))
     folded_scale = gamma / np.sqrt(var + float(np.float32(epsilon)))
     return scale_shift_constants(folded_scale, beta - mean * folded_scale, in_scale, out_scale, out_zero_point)
 

@@ -13,12 +13,11 @@ the two ops apart. The PP-OCRv4 recogniser's layer norms end in such pairs (thei
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 
-from ...encode.encoding import Encoding, quantize
+from ...encode.encoding import Encoding
 from ...graph.large import initializer_array
-from .channelwise import scale_shift_codes, scale_shift_constants
+from .channelwise import quantized_values, scale_shift_codes, scale_shift_constants
 from .codes import SUFFIX, Context, Lowered, int8, output_encoding
 
 
@@ -47,8 +46,7 @@ def lower_scale_shift(node: onnx.NodeProto, context: Context) -> Lowered | None:
     per_tensor = isinstance(scale_enc, Encoding) and isinstance(shift_enc, Encoding)
     if not (per_tensor and int8(x_enc, y_enc, scale_enc, shift_enc)):
         return None
-    scale, shift = ((quantize(initializer_array(context.constants[name]).reshape(-1), enc) + enc.offset)
-                    .astype(np.float64) * float(np.float32(enc.scale))
+    scale, shift = (quantized_values(initializer_array(context.constants[name]).reshape(-1), enc)
                     for name, enc in ((scale_name, scale_enc), (shift_name, shift_enc)))
     constants = scale_shift_constants(scale, shift, x_enc.scale, y_enc.scale, -y_enc.offset)
     if constants is None:
